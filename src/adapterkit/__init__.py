@@ -1,0 +1,34 @@
+"""adapterkit: parameter-efficient transfer learning with adapters.
+
+The core API::
+
+    import adapterkit
+    model = adapterkit.add_adapters(model, {"method": "houlsby", "reduction_factor": 8,
+                                            "tasks": ["vqa", "gqa"], "sharing": "shared"})
+    with adapterkit.route(["vqa", "gqa", "vqa"]):   # one task per example
+        out = model(**batch)
+    adapterkit.save_adapters(model, "out/")
+"""
+
+from adapterkit.core.base import (
+    add_adapters,
+    apply_freeze_policy,
+    merge_adapters,
+    remove_adapters,
+    trainable_report,
+    unmerge_adapters,
+)
+from adapterkit.core.config import config_from_dict, registered_methods
+from adapterkit.core.io import load_adapters, save_adapters
+from adapterkit.core.peft_interop import export_peft, import_peft
+from adapterkit.core.routing import route
+from adapterkit.errors import AdapterKitError, CheckpointError, ConfigError, DataError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterKitError", "CheckpointError", "ConfigError", "DataError",
+    "add_adapters", "apply_freeze_policy", "config_from_dict", "export_peft", "import_peft",
+    "load_adapters", "merge_adapters", "registered_methods", "remove_adapters", "route",
+    "save_adapters", "trainable_report", "unmerge_adapters", "__version__",
+]

@@ -1,0 +1,203 @@
+"""Method configs: dataclasses validated before any work starts.
+
+Every method registers a config dataclass (a subclass of :class:`AdapterConfig`).
+``config_from_dict`` turns a plain dict (from YAML/JSON) into the right dataclass,
+rejecting unknown keys (with a "did you mean"), wrong types and out-of-range values
+with one :class:`~adapterkit.errors.ConfigError` each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapterkit.errors import ConfigError, did_you_mean
+
+SHARING = ("shared", "per_task", "half_shared_up", "half_shared_down")
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "swish", "silu", "tanh", "identity")
+
+
+def choice(*options, default=dataclasses.MISSING, **kw):
+    return field(default=default, metadata={"choices": options}, **kw)
+
+
+def bounded(default, lo=None, hi=None, lo_open=False):
+    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open})
+
+
+@dataclass
+class AdapterConfig:
+    """Options every method shares.
+
+    - ``tasks``: the task names this model serves (default: one task, "default").
+    - ``sharing``: ``shared`` (one module for all tasks), ``per_task``, ``half_shared_up``
+      (up-projection shared, down per task) or ``half_shared_down``.
+    - Freeze policy: with ``freeze_base`` the base model is frozen, then
+      ``train_layernorms`` unfreezes every LayerNorm (weight and bias), ``train_biases``
+      every bias (BitFit), and ``trainable_modules`` any module path regex (heads,
+      visual embeddings...).
+    - ``profile``: architecture profile name (auto-detected from ``config.model_type``).
+    - ``layers``: restrict to these layer indices (None = all).
+    """
+
+    method: str = ""
+    tasks: list[str] = field(default_factory=lambda: ["default"])
+    sharing: str = choice(*SHARING, default="shared")
+    freeze_base: bool = True
+    train_layernorms: bool = False
+    train_biases: bool = False
+    trainable_modules: list[str] = field(default_factory=list)
+    profile: str | None = None
+    layers: list[int] | None = None
+
+    # -- helpers -------------------------------------------------------------
+    def copies(self, part: str) -> int:
+        """How many weight copies a part ("down"/"up"/"all") has under the sharing mode."""
+        n = len(self.tasks)
+        if self.sharing == "shared":
+            return 1
+        if self.sharing == "per_task":
+            return n
+        if self.sharing == "half_shared_up":
+            return 1 if part == "up" else n
+        return 1 if part == "down" else n  # half_shared_down
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Method-specific checks beyond types and ranges (override)."""
+        if not self.tasks:
+            raise ConfigError("tasks must list at least one task name")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks has duplicates: {self.tasks}")
+        for t in self.tasks:
+            if not isinstance(t, str) or not t:
+                raise ConfigError(f"task names must be non-empty strings, got {t!r}")
+
+
+_REGISTRY: dict[str, tuple[type[AdapterConfig], Any]] = {}
+
+
+def register_method(name: str, config_cls: type[AdapterConfig], builder) -> None:
+    _REGISTRY[name] = (config_cls, builder)
+
+
+def registered_methods() -> list[str]:
+    _ensure_methods_loaded()
+    return sorted(_REGISTRY)
+
+
+def method_entry(name: str):
+    _ensure_methods_loaded()
+    if name not in _REGISTRY:
+        raise ConfigError(f'unknown method "{name}"{did_you_mean(name, _REGISTRY)}; known methods: {sorted(_REGISTRY)}')
+    return _REGISTRY[name]
+
+
+def _ensure_methods_loaded() -> None:
+    import adapterkit.methods  # noqa: F401  (registers every method)
+
+
+def config_from_dict(d: dict | AdapterConfig) -> AdapterConfig:
+    """Build and validate a method config from a dict (or validate a dataclass)."""
+    if isinstance(d, AdapterConfig):
+        cfg = d
+        if not cfg.method:
+            raise ConfigError(f"{type(cfg).__name__} has no method name")
+        _check_fields(cfg)
+        cfg.validate()
+        return cfg
+    if not isinstance(d, dict):
+        raise ConfigError(f"an adapter config must be a dict or config dataclass, got {type(d).__name__}")
+    if "method" not in d:
+        raise ConfigError('adapter config is missing "method"; known methods: ' + ", ".join(registered_methods()))
+    method = d["method"]
+    if not isinstance(method, str):
+        raise ConfigError(f'"method" must be a string, got {method!r}')
+    cls, _ = method_entry(method)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            raise ConfigError(f'unknown key "{k}" for method "{method}"{did_you_mean(k, names)}')
+    kwargs = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in d:
+            kwargs[f.name] = _coerce(f.name, d[f.name], hints[f.name])
+    cfg = cls(**kwargs)
+    _check_fields(cfg)
+    cfg.validate()
+    return cfg
+
+
+def _coerce(name: str, value, tp):
+    """Check ``value`` against a simple type annotation; allow int->float and tuple->list."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(name, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f'"{name}" has an invalid value {value!r}')
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f'"{name}" must be a list, got {type(value).__name__} {value!r}')
+        (inner,) = args or (Any,)
+        return [_coerce(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f'"{name}" must be a mapping, got {type(value).__name__}')
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f'"{name}" must be true or false, got {value!r}')
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f'"{name}" must be an integer, got {value!r}')
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f'"{name}" must be a number, got {value!r}')
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f'"{name}" must be a string, got {value!r}')
+        return value
+    return value
+
+
+def _check_fields(cfg: AdapterConfig) -> None:
+    import math
+
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        md = f.metadata
+        if "choices" in md and v not in md["choices"]:
+            raise ConfigError(
+                f'"{f.name}" must be one of {list(md["choices"])}, got {v!r}{did_you_mean(v, md["choices"])}'
+            )
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f'"{f.name}" must be finite, got {v}')
+        lo, hi = md.get("lo"), md.get("hi")
+        if lo is not None and (v < lo or (md.get("lo_open") and v == lo)):
+            raise ConfigError(f'"{f.name}" must be {">" if md.get("lo_open") else ">="} {lo}, got {v}')
+        if hi is not None and v > hi:
+            raise ConfigError(f'"{f.name}" must be <= {hi}, got {v}')

@@ -1,0 +1,147 @@
+"""Saving and loading adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Only the trained weights are written: every adapter set's parameters plus the base
+parameters its freeze policy unfroze (LayerNorms, biases, heads...). Stacked per-task
+tensors mean a module shared by several tasks is stored once. Never pickle: loading
+reads safetensors (legacy ``.bin``/``.pt`` only through ``torch.load(weights_only=True)``).
+Each file is written atomically; the config records the weights file's SHA-256, so a
+half-replaced pair or a corrupt weights file is detected on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adapterkit.core.base import add_adapters, get_container
+from adapterkit.errors import CheckpointError, ConfigError
+from adapterkit.safeio import atomic_write_json, load_weights, save_safetensors_atomic, sha256_file
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+FORMAT = "adapterkit"
+FORMAT_VERSION = 1
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``save_adapters`` writes, keyed by their model parameter names."""
+    container = get_container(model)
+    if container is None:
+        raise ConfigError("the model has no adapters attached (call adapterkit.add_adapters first)")
+    keep = set(container.base_trainable)
+    out = {}
+    for n, p in model.named_parameters():
+        if n.startswith("adapterkit.") or n in keep:
+            out[n] = p.detach()
+    return out
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write the adapters of ``model`` to ``directory`` (created if needed)."""
+    directory = Path(directory)
+    container = get_container(model)
+    if container is None:
+        raise ConfigError("the model has no adapters attached (call adapterkit.add_adapters first)")
+    if any(s.merged for s in container.sets.values()):
+        raise ConfigError("unmerge the adapters before saving (adapterkit.unmerge_adapters(model))")
+    tensors = adapter_state_dict(model)
+    weights = save_safetensors_atomic(tensors, directory / WEIGHTS_NAME, metadata={"format": FORMAT})
+    cfg = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "adapters": container.configs(),
+        "base_trainable": list(container.base_trainable),
+        "base_model": _base_info(model),
+        "weights_sha256": sha256_file(weights),
+        "shapes": {k: list(v.shape) for k, v in tensors.items()},
+        "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()},
+    }
+    if extra:
+        cfg["extra"] = extra
+    atomic_write_json(directory / CONFIG_NAME, cfg)
+    return directory
+
+
+def _base_info(model: nn.Module) -> dict:
+    cfg = getattr(model, "config", None)
+    return {"class": type(model).__name__, "model_type": getattr(cfg, "model_type", None)}
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not path.exists():
+        raise CheckpointError(f"no {CONFIG_NAME} in {directory}: not an adapterkit adapter directory")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or not isinstance(cfg.get("adapters"), dict):
+        hint = " (it looks like an HF PEFT adapter: use adapterkit.import_peft)" if isinstance(cfg, dict) and "peft_type" in cfg else ""
+        raise CheckpointError(f"{path} is not an adapterkit adapter config{hint}")
+    if cfg.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer adapterkit (format {cfg['format_version']})")
+    return cfg
+
+
+def _weights_file(directory: Path) -> Path:
+    p = directory / WEIGHTS_NAME
+    if p.exists():
+        return p
+    for name in LEGACY_NAMES:
+        if (directory / name).exists():
+            return directory / name
+    raise CheckpointError(f"no {WEIGHTS_NAME} in {directory}")
+
+
+def load_adapters(model: nn.Module, directory: str | os.PathLike, strict_dtype: bool = True) -> nn.Module:
+    """Load adapters saved by :func:`save_adapters` into ``model``.
+
+    Adapter sets named in the config that the model lacks are attached first (the
+    base model must be the same architecture). Every key, shape and dtype is checked;
+    a mismatch raises one :class:`CheckpointError` naming the key.
+    """
+    directory = Path(directory)
+    cfg = read_adapter_config(directory)
+    wfile = _weights_file(directory)
+    if wfile.suffix == ".safetensors" and cfg.get("weights_sha256") and sha256_file(wfile) != cfg["weights_sha256"]:
+        raise CheckpointError(f"{wfile} is corrupt or does not belong to {directory / CONFIG_NAME} (checksum mismatch)")
+    tensors = load_weights(wfile)
+    container = get_container(model)
+    for name, acfg in cfg["adapters"].items():
+        if container is None or name not in container.sets:
+            try:
+                add_adapters(model, dict(acfg), name=name)
+            except ConfigError as e:
+                raise CheckpointError(f"cannot rebuild adapter \"{name}\" from {directory / CONFIG_NAME}: {e}") from None
+            container = get_container(model)
+        elif container.sets[name].config.to_dict() != acfg:
+            diff = {k for k in acfg if container.sets[name].config.to_dict().get(k) != acfg[k]}
+            raise CheckpointError(f'adapter "{name}" on the model differs from the saved config in {sorted(diff)}')
+    for n in cfg.get("base_trainable", []):
+        if n not in container.base_trainable:
+            container.base_trainable.append(n)
+    params = dict(model.named_parameters())
+    expected = adapter_state_dict(model)
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{wfile} is missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = [k for k in tensors if k not in params]
+    if unexpected:
+        raise CheckpointError(f"{wfile} has key {unexpected[0]!r}, which the model does not have")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            p = params[k]
+            if tuple(t.shape) != tuple(p.shape):
+                raise CheckpointError(f"shape mismatch for {k!r}: file has {tuple(t.shape)}, model has {tuple(p.shape)}")
+            if t.dtype != p.dtype and (strict_dtype or not (t.is_floating_point() and p.is_floating_point())):
+                raise CheckpointError(f"dtype mismatch for {k!r}: file has {t.dtype}, model has {p.dtype} "
+                                      "(pass strict_dtype=False to cast floating types)")
+            p.copy_(t)
+            if k in container.base_trainable:
+                p.requires_grad_(True)
+    return model

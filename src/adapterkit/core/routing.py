@@ -1,0 +1,115 @@
+"""Task routing: which task's adapter weights each example of a batch uses.
+
+One small explicit state object, set with ``with adapterkit.route(tasks):`` and read
+by every attached module. ``tasks`` is a task name, a task id, or a per-example list
+or LongTensor of names/ids. A batch that uses a single task resolves to a plain int
+(fast path: ordinary matmuls); a mixed batch resolves to a LongTensor of ids that
+modules serve with gathered/batched matmuls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from contextvars import ContextVar
+from typing import Union
+
+import torch
+
+from adapterkit.errors import ConfigError, did_you_mean
+
+TaskSpec = Union[str, int, Sequence[Union[str, int]], torch.Tensor]
+Resolved = Union[int, torch.Tensor]
+
+_CURRENT: ContextVar[Route | None] = ContextVar("adapterkit_route", default=None)
+
+
+class Route:
+    """The active routing request; resolves lazily against each model's task list."""
+
+    __slots__ = ("spec", "_cache")
+
+    def __init__(self, spec: TaskSpec):
+        self.spec = spec
+        self._cache: dict = {}
+
+    def resolve(self, tasks: tuple[str, ...], device: torch.device) -> Resolved:
+        key = (tasks, device)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = _resolve(self.spec, tasks, device)
+            self._cache[key] = hit
+        return hit
+
+
+def _task_index(t, tasks: tuple[str, ...]) -> int:
+    if isinstance(t, str):
+        try:
+            return tasks.index(t)
+        except ValueError:
+            raise ConfigError(
+                f'unknown task "{t}": this model declares tasks {list(tasks)}{did_you_mean(t, tasks)}'
+            ) from None
+    i = int(t)
+    if not 0 <= i < len(tasks):
+        raise ConfigError(f"task id {i} out of range: this model declares {len(tasks)} tasks {list(tasks)}")
+    return i
+
+
+def _resolve(spec: TaskSpec, tasks: tuple[str, ...], device) -> Resolved:
+    if isinstance(spec, torch.Tensor):
+        if spec.dim() == 0:
+            return _task_index(int(spec), tasks)
+        if spec.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise ConfigError(f"a task tensor must hold integer task ids, got dtype {spec.dtype}")
+        return spec.to(device=device, dtype=torch.long, non_blocking=True)
+    if isinstance(spec, (str, int)):
+        return _task_index(spec, tasks)
+    ids = [_task_index(t, tasks) for t in spec]
+    if not ids:
+        raise ConfigError("route() got an empty task list")
+    if all(i == ids[0] for i in ids):
+        return ids[0]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+@contextlib.contextmanager
+def route(tasks: TaskSpec):
+    """Route the forward passes inside the block to ``tasks`` (one name/id, or one per example)."""
+    token = _CURRENT.set(Route(tasks))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_route() -> Route | None:
+    return _CURRENT.get()
+
+
+class TaskRouter:
+    """Per-adapter-set view of the routing state (holds the declared task names)."""
+
+    def __init__(self, tasks: Sequence[str]):
+        self.tasks = tuple(tasks)
+
+    def resolve(self, device: torch.device) -> Resolved:
+        r = _CURRENT.get()
+        if r is None:
+            if len(self.tasks) == 1:
+                return 0
+            raise ConfigError(
+                f"no task is routed and this adapter has per-task weights for {list(self.tasks)}: "
+                "wrap the forward in `with adapterkit.route(task_or_tasks):`"
+            )
+        return r.resolve(self.tasks, device)
+
+
+def expand_to_batch(task: Resolved, batch: int) -> Resolved:
+    """Match a per-example task tensor to a batch expanded by beams/repeats (B*k rows)."""
+    if isinstance(task, int) or task.shape[0] == batch:
+        return task
+    n = task.shape[0]
+    if batch % n:
+        raise ConfigError(f"routed {n} per-example tasks but the batch has {batch} rows")
+    return task.repeat_interleave(batch // n)

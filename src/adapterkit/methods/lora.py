@@ -1,0 +1,150 @@
+"""LoRA (Hu et al.): h = W0 x + (alpha/r) B A dropout(x) on chosen linear layers.
+
+A is Kaiming-uniform, B zero (so the model starts unchanged). Works on nn.Linear and
+GPT-2's Conv1D (weights stored (in, out)). Shared LoRAs merge into the base weights
+(no inference cost); per-task LoRAs merge one chosen task at a time. Mixed-task
+batches use gathered batched matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapterkit.core.base import AdapterSet, places_for
+from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
+from adapterkit.core.task_linear import TaskLinear, init_weight
+from adapterkit.errors import ConfigError
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA options. ``targets`` are profile places (q, k, v, o, ...); ``target_modules``
+    overrides them with module names/regexes (PEFT-style)."""
+
+    method: str = "lora"
+    r: int = bounded(8, lo=1)
+    alpha: float = bounded(16.0, lo=0.0, lo_open=True)
+    dropout: float = bounded(0.0, lo=0.0, hi=0.99)
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    target_modules: list[str] | None = None
+    use_rslora: bool = False
+    init: str = choice("kaiming", "gaussian", "swapped", default="kaiming")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a Linear or Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.shape[0], module.nf, True
+    raise ConfigError(
+        f"LoRA targets linear layers, but {type(module).__name__} is not one "
+        "(conv layers: use method \"conv_lora\")"
+    )
+
+
+class LoraLayer(nn.Module):
+    def __init__(self, target: nn.Module, cfg: LoraConfig):
+        super().__init__()
+        self.in_features, self.out_features, self.fan_in_fan_out = _linear_shape(target)
+        self.A = TaskLinear(self.in_features, cfg.r, cfg.copies("down"), bias=False,
+                            init="zeros" if cfg.init == "swapped" else "kaiming")
+        self.B = TaskLinear(cfg.r, self.out_features, cfg.copies("up"), bias=False,
+                            init="kaiming" if cfg.init == "swapped" else "zeros")
+        if cfg.init == "gaussian":
+            init_weight(self.A.weight, f"normal:{1.0 / cfg.r}")
+        self.scaling = cfg.scaling
+        self.p = cfg.dropout
+        self.target = [target]  # not a submodule: the base layer belongs to the model
+
+    def delta(self, task: int | None) -> torch.Tensor:
+        """The weight update (out, in) for one task (or the shared copy)."""
+        a = self.A.weight[0 if self.A.n == 1 or task is None else task]
+        b = self.B.weight[0 if self.B.n == 1 or task is None else task]
+        return (b @ a) * self.scaling
+
+    def forward(self, x: torch.Tensor, task) -> torch.Tensor:
+        if self.p and self.training:
+            x = F.dropout(x, self.p, True)
+        return self.B(self.A(x, task), task) * self.scaling
+
+
+class LoraSet(AdapterSet):
+    can_merge = True
+
+    def __init__(self, cfg: LoraConfig):
+        super().__init__(cfg)
+        self.layers = nn.ModuleDict()
+        self.per_task = cfg.copies("down") > 1 or cfg.copies("up") > 1
+        self._merged_task = None
+
+    def attach(self, model, profile):
+        cfg: LoraConfig = self.config
+        found, seen = [], set()
+        if cfg.target_modules:
+            found = places_for(model, profile, "lora", cfg, cfg.target_modules)
+        else:
+            for kind in cfg.targets:
+                for p in places_for(model, profile, kind, cfg):
+                    if p.path not in seen:
+                        seen.add(p.path)
+                        found.append(p)
+        for place in found:
+            layer = LoraLayer(place.module, cfg)
+            self.layers[place.key] = layer
+            self.add_forward_hook(place.module, self._hook(layer))
+        self.paths = [p.path for p in found]
+
+    def _hook(self, layer: LoraLayer):
+        def hook(module, args, out):
+            if self.merged:
+                return out
+            x = args[0]
+            task = self.router.resolve(x.device) if self.per_task else None
+            return out + layer(x, task)
+        return hook
+
+    def _resolve_merge_task(self, task):
+        if not self.per_task:
+            return None
+        if task is None:
+            raise ConfigError(
+                f"this LoRA has per-task weights for {list(self.config.tasks)}: merge_adapters(model, task=...) "
+                "must name the task to merge"
+            )
+        return self.router.tasks.index(task) if isinstance(task, str) else int(task)
+
+    @torch.no_grad()
+    def merge(self, task=None) -> None:
+        if self.merged:
+            raise ConfigError("LoRA weights are already merged; unmerge first")
+        t = self._resolve_merge_task(task)
+        for layer in self.layers.values():
+            base = layer.target[0]
+            d = layer.delta(t).to(base.weight.dtype)
+            base.weight += d.T if layer.fan_in_fan_out else d
+        self._merged_task = t
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        for layer in self.layers.values():
+            base = layer.target[0]
+            d = layer.delta(self._merged_task).to(base.weight.dtype)
+            base.weight -= d.T if layer.fan_in_fan_out else d
+        self.merged = False
+        self._merged_task = None
+
+
+register_method("lora", LoraConfig, LoraSet)
