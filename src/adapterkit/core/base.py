@@ -68,6 +68,10 @@ class AdapterContainer(nn.Module):
         self.sets = nn.ModuleDict()
         self.base_trainable: list[str] = []  # base parameter names unfrozen by policy
 
+    def forward(self, x, *args, **kwargs):
+        """Identity: lets containers such as nn.Sequential, which call every child, pass through."""
+        return x
+
     def configs(self) -> dict[str, dict]:
         return {name: s.config.to_dict() for name, s in self.sets.items()}
 

@@ -1,0 +1,218 @@
+"""Save/load, merge/unmerge, mixed-task batches and config errors of the core engine."""
+
+import json
+
+import pytest
+import torch
+
+import adapterkit
+from adapterkit.testing.tiny import main_output, tiny_inputs, tiny_model
+
+TASKS = ["vqa", "gqa", "nlvr"]
+
+
+def _randomise(model):
+    """Give every adapter parameter non-trivial values (zero-init parts would hide bugs)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.startswith("adapterkit."):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"method": "houlsby", "reduction_factor": 4, "tasks": TASKS, "sharing": "per_task", "train_layernorms": True},
+    {"method": "lora", "r": 4, "tasks": TASKS, "sharing": "half_shared_up"},
+    {"method": "compacter", "phm_dim": 2, "reduction_factor": 8, "tasks": TASKS, "sharing": "per_task"},
+    {"method": "hyperformer", "task_embedding_dim": 8, "hidden_dim": 8, "projected_dim": 4, "tasks": TASKS},
+    {"method": "prompt", "num_tokens": 3, "reparam_dim": 8, "tasks": TASKS, "sharing": "per_task"},
+])
+def test_save_load_round_trip(tmp_path, cfg):
+    model = tiny_model("bart")
+    adapterkit.add_adapters(model, cfg)
+    _randomise(model)
+    inputs = tiny_inputs("bart")
+    with adapterkit.route(["vqa", "nlvr", "gqa"]), torch.no_grad():
+        ref = main_output(model(**inputs))
+    adapterkit.save_adapters(model, tmp_path / "ad")
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = tiny_model("bart")
+    adapterkit.load_adapters(fresh, tmp_path / "ad")
+    with adapterkit.route(["vqa", "nlvr", "gqa"]), torch.no_grad():
+        got = main_output(fresh(**inputs))
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    assert adapterkit.trainable_report(fresh) == adapterkit.trainable_report(model)
+
+
+def _saved(tmp_path):
+    model = tiny_model("bert")
+    adapterkit.add_adapters(model, {"method": "houlsby", "reduction_factor": 4})
+    adapterkit.save_adapters(model, tmp_path / "ad")
+    return tmp_path / "ad"
+
+
+def test_load_missing_key_is_one_clear_error(tmp_path):
+    d = _saved(tmp_path)
+    from safetensors.torch import load_file, save_file
+    t = load_file(d / "adapter_model.safetensors")
+    t.pop(sorted(t)[0])
+    save_file(t, d / "adapter_model.safetensors")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.pop("weights_sha256")
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(adapterkit.CheckpointError, match="missing key"):
+        adapterkit.load_adapters(tiny_model("bert"), d)
+
+
+def test_load_wrong_shape_names_the_key(tmp_path):
+    d = _saved(tmp_path)
+    from safetensors.torch import load_file, save_file
+    t = load_file(d / "adapter_model.safetensors")
+    k = sorted(t)[0]
+    t[k] = torch.zeros(*t[k].shape[:-1], t[k].shape[-1] + 1)
+    save_file(t, d / "adapter_model.safetensors")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.pop("weights_sha256")
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(adapterkit.CheckpointError, match="shape mismatch for .*" + k.split(".")[-1]):
+        adapterkit.load_adapters(tiny_model("bert"), d)
+
+
+def test_load_corrupt_bytes(tmp_path):
+    d = _saved(tmp_path)
+    f = d / "adapter_model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(adapterkit.CheckpointError, match="corrupt"):
+        adapterkit.load_adapters(tiny_model("bert"), d)
+    f.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(adapterkit.CheckpointError):
+        adapterkit.load_adapters(tiny_model("bert"), d)
+
+
+def test_load_wrong_architecture(tmp_path):
+    d = _saved(tmp_path)
+    with pytest.raises(adapterkit.CheckpointError):
+        adapterkit.load_adapters(tiny_model("llama"), d)
+
+
+@pytest.mark.parametrize("family", ["bart", "gpt2", "llama"])
+def test_merge_unmerge(family):
+    model = tiny_model(family)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapterkit.add_adapters(model, {"method": "lora", "r": 4, "alpha": 8})
+    _randomise(model)
+    inputs = tiny_inputs(family)
+    with torch.no_grad():
+        ref = main_output(model(**inputs)).clone()
+        adapterkit.merge_adapters(model)
+        merged = main_output(model(**inputs))
+        torch.testing.assert_close(merged, ref, atol=1e-5, rtol=0)
+        changed = [n for n, p in model.named_parameters() if n in base and not torch.equal(p, base[n])]
+        assert changed, "merge did not touch the base weights"
+        adapterkit.unmerge_adapters(model)
+        for n, p in model.named_parameters():
+            if n in base:
+                torch.testing.assert_close(p, base[n], atol=1e-6, rtol=0)
+
+
+def test_per_task_lora_merges_one_task():
+    model = tiny_model("llama")
+    adapterkit.add_adapters(model, {"method": "lora", "r": 4, "tasks": TASKS, "sharing": "per_task"})
+    _randomise(model)
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        with adapterkit.route("gqa"):
+            ref = main_output(model(**inputs)).clone()
+        with pytest.raises(adapterkit.ConfigError, match="task"):
+            adapterkit.merge_adapters(model)
+        adapterkit.merge_adapters(model, task="gqa")
+        torch.testing.assert_close(main_output(model(**inputs)), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["houlsby", "pfeiffer", "compacter", "hyperformer", "prompt"])
+def test_unmergeable_methods_say_so(method):
+    model = tiny_model("bart")
+    cfg = {"method": method}
+    if method == "compacter":
+        cfg.update(phm_dim=2, reduction_factor=8)
+    adapterkit.add_adapters(model, cfg)
+    with pytest.raises(adapterkit.ConfigError, match="cannot be merged"):
+        adapterkit.merge_adapters(model)
+
+
+@pytest.mark.parametrize("family", ["bart", "llama", "vit"])
+@pytest.mark.parametrize("cfg", [
+    {"method": "houlsby", "reduction_factor": 4, "sharing": "per_task"},
+    {"method": "houlsby", "reduction_factor": 4, "sharing": "half_shared_up", "learned_scale": True,
+     "adapter_layernorm": "before"},
+    {"method": "parallel", "reduction_factor": 4, "sharing": "per_task"},
+    {"method": "lora", "r": 4, "sharing": "per_task"},
+    {"method": "compacter", "phm_dim": 2, "reduction_factor": 8, "sharing": "per_task"},
+    {"method": "hyperformer", "task_embedding_dim": 8, "hidden_dim": 8, "projected_dim": 4},
+    {"method": "prompt", "num_tokens": 2, "reparam_dim": 8, "sharing": "per_task"},
+])
+def test_mixed_task_batch_equals_per_example(family, cfg):
+    if family == "vit" and cfg["method"] == "prompt":
+        pytest.skip("token prompts do not apply to ViT")
+    model = tiny_model(family)
+    adapterkit.add_adapters(model, dict(cfg, tasks=TASKS))
+    _randomise(model)
+    inputs = tiny_inputs(family, batch=3)
+    order = ["gqa", "vqa", "nlvr"]
+    with torch.no_grad():
+        with adapterkit.route(order):
+            mixed = main_output(model(**inputs))
+        with adapterkit.route(torch.tensor([TASKS.index(t) for t in order])):
+            mixed_ids = main_output(model(**inputs))
+        for i, t in enumerate(order):
+            single = {k: v[i:i + 1] for k, v in inputs.items()}
+            with adapterkit.route(t):
+                alone = main_output(model(**single))
+            torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed_ids, mixed, atol=1e-6, rtol=0)
+    # the tasks really differ
+    with torch.no_grad(), adapterkit.route("vqa"):
+        all_vqa = main_output(model(**inputs))
+    assert (all_vqa[0] - mixed[0]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"method": "housby"}, 'did you mean "houlsby"'),
+    ({"reduction_factor": 8}, 'missing "method"'),
+    ({"method": "houlsby", "reduction_factr": 8}, 'did you mean "reduction_factor"'),
+    ({"method": "houlsby", "reduction_factor": 7}, "does not divide"),
+    ({"method": "houlsby", "reduction_factor": -1}, "reduction_factor"),
+    ({"method": "houlsby", "sharing": "sometimes"}, "sharing"),
+    ({"method": "lora", "r": 0}, '"r" must be >= 1'),
+    ({"method": "lora", "r": "eight"}, "integer"),
+    ({"method": "lora", "target_modules": ["no_such_module"]}, "no module"),
+    ({"method": "houlsby", "places": {"ffn_out": ["nothing\\.here$"]}, "positions": ["ffn_out"]}, "no module"),
+    ({"method": "houlsby", "tasks": []}, "at least one task"),
+    ({"method": "houlsby", "positions": ["ffn_output"]}, "unknown position"),
+])
+def test_bad_configs_get_one_clear_error(cfg, match):
+    with pytest.raises(adapterkit.ConfigError, match=match):
+        adapterkit.add_adapters(tiny_model("bart"), cfg)
+
+
+def test_undeclared_task_is_a_clear_error():
+    model = tiny_model("bart")
+    adapterkit.add_adapters(model, {"method": "houlsby", "tasks": ["vqa", "gqa"], "sharing": "per_task"})
+    with pytest.raises(adapterkit.ConfigError, match='unknown task "vga".*did you mean "vqa"'):
+        with adapterkit.route("vga"):
+            model(**tiny_inputs("bart"))
+    with pytest.raises(adapterkit.ConfigError, match="no task is routed"):
+        model(**tiny_inputs("bart"))
+
+
+def test_explicit_module_paths_on_plain_module():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    adapterkit.add_adapters(net, {"method": "lora", "r": 2, "target_modules": ["0", "2"]})
+    adapterkit.add_adapters(net, {"method": "houlsby", "reduction_factor": 4, "positions": ["ffn_out"],
+                                  "places": {"ffn_out": ["^2$"]}})
+    y = net(torch.randn(4, 8))
+    y.sum().backward()
+    assert net[0].weight.grad is None
+    assert adapterkit.trainable_report(net)["trainable"] > 0
