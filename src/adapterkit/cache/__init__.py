@@ -1,0 +1,10 @@
+"""Training-free CLIP cache adapters: Tip-Adapter(-F), TIP-X (SuS-X), CapS-Adapter, DualAdapter.
+
+Entry point: :func:`adapterkit.cache.pipeline.run_cache_adapter` (and the
+``adapterkit cache`` CLI). Each method lives in its own module; shared pieces
+(cache building, prototypes, validation-only grid search) are in ``common``.
+"""
+
+from adapterkit.cache.pipeline import METHODS, run_cache_adapter
+
+__all__ = ["METHODS", "run_cache_adapter"]

@@ -24,7 +24,13 @@ from __future__ import annotations
 import torch
 
 from adapterkit.cache.common import cache_logits, clip_logits, grid_search, resolve_grid
-from adapterkit.cache.tipx import DEFAULT_TIPX_GRID, kl_affinity
+from adapterkit.cache.tipx import (
+    DEFAULT_TIPX_GRID,
+    kl_affinity,
+    kl_divergence_matrix,
+    minmax_rescale,
+    signatures,
+)
 from adapterkit.errors import DataError
 
 __all__ = ["DEFAULT_CAPS_GRID", "caps_affinity", "caps_logits", "search_caps"]
@@ -89,15 +95,16 @@ def search_caps(
     base = clip_logits(val_features, text_weights)
     aff_img = val_features @ image_keys.T
     aff_cap = val_features @ caption_keys.T
+    kl = kl_divergence_matrix(
+        signatures(val_features, text_weights, temperature, signature),
+        signatures(image_keys, text_weights, temperature, signature),
+    )  # computed once; only the rescale target depends on δ
     kl_terms: dict[float, torch.Tensor] = {}
 
     def terms(delta: float, beta: float):
         aff = (1.0 - delta) * aff_img + delta * aff_cap
         if delta not in kl_terms:
-            kl_terms[delta] = (
-                kl_affinity(val_features, image_keys, text_weights, aff, temperature, signature, rescale)
-                @ values
-            )
+            kl_terms[delta] = -minmax_rescale(kl, aff, rescale) @ values
         return base, {"alpha": cache_logits(aff, values, beta), "gamma": kl_terms[delta]}
 
     return grid_search(

@@ -240,7 +240,9 @@ def grid_search(
     ``build_terms(**outer)`` returns ``(base, {name: term})`` with (B, C) tensors for the
     validation queries. For each outer combination (a small Python loop over
     hyperparameters) every combination of the linear grid is scored at once with one
-    batched tensor op. Ties keep the first combination in iteration order.
+    batched tensor op. A query counts as correct when its true class scores strictly
+    above every other class (an exact tie counts as an error). Ties between
+    combinations keep the first one in iteration order.
     """
     val_labels = torch.as_tensor(val_labels).long()
     lin_names = list(linear_grid_)
@@ -262,10 +264,15 @@ def grid_search(
         b, c = base.shape
         stack = torch.stack([terms[n].float() for n in lin_names]) if lin_names else base.new_zeros(0, b, c)
         cf = coefs.to(base.device)
+        flat_base, flat_terms = base.float().reshape(1, -1), stack.reshape(len(lin_names), -1)
         chunk = max(1, max_elements // max(1, b * c))
         for start in range(0, cf.shape[0], chunk):
-            logits = base.float().unsqueeze(0) + torch.einsum("gk,kbc->gbc", cf[start : start + chunk], stack)
-            correct = (logits.argmax(-1) == labels).sum(-1)
+            part = cf[start : start + chunk]
+            logits = torch.addmm(flat_base, part, flat_terms).view(part.shape[0], b, c)
+            idx = labels.view(1, b, 1).expand(part.shape[0], b, 1)
+            true = logits.gather(2, idx)
+            logits.scatter_(2, idx, float("-inf"))  # max over the other classes
+            correct = (true > logits.amax(-1, keepdim=True)).sum((1, 2))
             g = int(torch.argmax(correct))  # first maximum
             acc = int(correct[g]) * 100.0 / n_val
             if acc > best_acc:

@@ -128,9 +128,13 @@ def run_cache_adapter(
 
     if method == "dual" and not shots:
         raise ConfigError("method 'dual' needs a fixed number of shots per class (shots > 0)")
+    w = (
+        None
+        if text_weights is None
+        else normalize_text_weights(_tensor(text_weights, "text_weights", dev), d, c)
+    )
     cache = build_cache(tr_x, tr_y, c, shots, seed)
-    if text_weights is not None:
-        w = normalize_text_weights(_tensor(text_weights, "text_weights", dev), d, c)
+    if w is not None:
         mode, baseline = "text", "zero-shot"
     else:
         w = class_prototypes(cache.keys, cache.labels, c)
@@ -246,45 +250,64 @@ def run_cache_adapter(
 # ----------------------------------------------------------------------------- feature store I/O
 
 
-def _read_store_direct(path: Path) -> tuple[list[str], np.ndarray]:
-    index_path, feat_path = path / "index.json", path / "features.npy"
-    for p in (index_path, feat_path):
-        if not p.is_file():
-            raise DataError(f"feature store file not found: {p}")
+_STORE_SCHEMA = ("ids", "num_boxes", "dim", "dtype", "complete")
+
+
+def _read_index(path: Path) -> dict:
+    index_path = path / "index.json"
+    if not index_path.is_file():
+        raise DataError(f"feature store file not found: {index_path}")
     try:
         index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"feature store index {index_path} is not valid JSON: {e}") from e
     if not isinstance(index, dict) or not isinstance(index.get("ids"), list):
         raise DataError(f"feature store index {index_path} must be an object with an 'ids' list")
+    return index
+
+
+def _read_store_direct(path: Path, index: dict) -> np.ndarray:
+    feat_path = path / "features.npy"
+    if not feat_path.is_file():
+        raise DataError(f"feature store file not found: {feat_path}")
     try:
-        arr = np.load(feat_path, mmap_mode="r")
+        return np.load(feat_path, mmap_mode="r")
     except ValueError:  # raw memmap without an .npy header: shape/dtype come from the index
         if "shape" not in index:
-            raise DataError(f"{feat_path} has no .npy header and {index_path} gives no 'shape'") from None
-        arr = np.memmap(feat_path, dtype=index.get("dtype", "float32"), mode="r", shape=tuple(index["shape"]))
-    return [str(i) for i in index["ids"]], arr
+            raise DataError(
+                f"{feat_path} has no .npy header and {path / 'index.json'} gives no 'shape'"
+            ) from None
+        try:
+            return np.memmap(
+                feat_path, dtype=index.get("dtype", "float32"), mode="r", shape=tuple(index["shape"])
+            )
+        except (ValueError, TypeError, OSError) as e:
+            raise DataError(f"cannot map {feat_path} with shape {index['shape']}: {e}") from None
 
 
 def load_feature_store(path) -> tuple[list[str], np.ndarray]:
     """Return (ids, features array (N, K, D) or (N, D)) of a feature store directory.
 
-    Uses ``adapterkit.vl.features.FeatureStore`` when it is importable and exposes
-    ``ids`` and ``features``; otherwise reads the documented layout directly.
+    A store written by ``adapterkit.vl.features`` (its index.json carries ids,
+    num_boxes, dim, dtype, complete) is opened through ``FeatureStore.open``, which
+    validates it. A minimal store (``features.npy`` + an index with just ``ids``, and
+    ``shape``/``dtype`` when features.npy is a raw memmap) is read directly.
     """
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"feature store directory not found: {path}")
-    try:
-        from adapterkit.vl.features import FeatureStore  # type: ignore[import-not-found]
-
-        opener = getattr(FeatureStore, "open", FeatureStore)
-        store = opener(path)
+    index = _read_index(path)
+    store_cls = None
+    if all(k in index for k in _STORE_SCHEMA):
+        try:
+            from adapterkit.vl.features import FeatureStore as store_cls
+        except ImportError:
+            store_cls = None
+    if store_cls is not None:
+        store = store_cls.open(path)
         ids, arr = [str(i) for i in store.ids], store.features
-        if not hasattr(arr, "shape") or len(ids) != arr.shape[0]:
-            raise TypeError("unexpected FeatureStore interface")
-    except (ImportError, AttributeError, TypeError):
-        ids, arr = _read_store_direct(path)
+    else:
+        ids, arr = [str(i) for i in index["ids"]], _read_store_direct(path, index)
     if len(ids) != arr.shape[0]:
         raise DataError(
             f"feature store {path}: index has {len(ids)} ids but features have {arr.shape[0]} rows"

@@ -201,3 +201,35 @@ def _check_fields(cfg: AdapterConfig) -> None:
             raise ConfigError(f'"{f.name}" must be {">" if md.get("lo_open") else ">="} {lo}, got {v}')
         if hi is not None and v > hi:
             raise ConfigError(f'"{f.name}" must be <= {hi}, got {v}')
+
+
+def dataclass_from_dict(cls, d, where: str = ""):
+    """Build any (nested) config dataclass from a dict with the same checks as method configs:
+    unknown keys with "did you mean", types, choices and ranges, each one ConfigError."""
+    prefix = f"{where}." if where else ""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f'"{where or "config"}" must be a mapping, got {type(d).__name__}')
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if not isinstance(k, str) or k not in names:
+            raise ConfigError(f'unknown key "{prefix}{k}"{did_you_mean(k, names)}')
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = dataclass_from_dict(tp, d[f.name], prefix + f.name)
+        else:
+            kwargs[f.name] = _coerce(prefix + f.name, d[f.name], tp)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+    _check_fields(obj)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj

@@ -194,7 +194,9 @@ def _load_cached(split: str, folder: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def load_fashion_mnist(split: str = "train", source: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(
+    split: str = "train", source: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST images (n, 28, 28) uint8 and labels (n,) uint8 of "train" or "test"."""
     if split not in _IDX_FILES:
         raise ConfigError(f"Fashion-MNIST split must be train or test, got {split!r}")
@@ -275,7 +277,15 @@ def _vqa_question(kind: str, label: int, bright: float, rng: np.random.Generator
 
 
 VQA_KINDS = ("class", "category", "is_class", "is_category", "sleeves", "dark")
-GQA_KINDS = ("what_at", "category_at", "relate", "exist_region", "count_class", "count_category", "same_category")
+GQA_KINDS = (
+    "what_at",
+    "category_at",
+    "relate",
+    "exist_region",
+    "count_class",
+    "count_category",
+    "same_category",
+)
 
 
 def _gen_vqa(pool: _Pool, split: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str], list]:
@@ -290,10 +300,17 @@ def _gen_vqa(pool: _Pool, split: str, n: int, rng: np.random.Generator) -> tuple
         k_take = min(QUESTIONS_PER_IMAGE, n - len(examples))
         for kind in rng.choice(kinds, size=k_take, replace=False):
             text, answer, args = _vqa_question(str(kind), int(labels[i]), float(bright[i]), rng)
-            extra = {"photos": pool.photo_ids(idx[i : i + 1]), "labels": [int(labels[i])], "qtype": str(kind), "args": args}
+            extra = {
+                "photos": pool.photo_ids(idx[i : i + 1]),
+                "labels": [int(labels[i])],
+                "qtype": str(kind),
+                "args": args,
+            }
             if kind == "dark":
                 extra["brightness"] = round(float(bright[i]), 3)
-            examples.append(_example("vqa", f"vqa-{split}-q{len(examples):06d}", [image_ids[i]], text, answer, extra))
+            examples.append(
+                _example("vqa", f"vqa-{split}-q{len(examples):06d}", [image_ids[i]], text, answer, extra)
+            )
     return _singles(pool.images, idx), image_ids, examples
 
 
@@ -371,7 +388,9 @@ def _gen_gqa(pool: _Pool, split: str, n: int, rng: np.random.Generator) -> tuple
                 continue
             text, answer, args = q
             extra = {"photos": pool.photo_ids(idx[i]), "labels": labs, "qtype": str(kind), "args": args}
-            examples.append(_example("gqa", f"gqa-{split}-q{len(examples):06d}", [image_ids[i]], text, answer, extra))
+            examples.append(
+                _example("gqa", f"gqa-{split}-q{len(examples):06d}", [image_ids[i]], text, answer, extra)
+            )
             asked += 1
     return _grids(pool.images, idx), image_ids, examples
 
@@ -379,7 +398,9 @@ def _gen_gqa(pool: _Pool, split: str, n: int, rng: np.random.Generator) -> tuple
 NLVR_KINDS = ("exactly", "both", "neither", "more", "same_count_category", "at_position", "only_one")
 
 
-def _nlvr_statement(kind: str, left: list[int], right: list[int], rng: np.random.Generator) -> tuple[str, bool, dict]:
+def _nlvr_statement(
+    kind: str, left: list[int], right: list[int], rng: np.random.Generator
+) -> tuple[str, bool, dict]:
     sides = {"left": left, "right": right}
     present = sorted(set(left) | set(right))
     c = present[int(rng.integers(len(present)))] if rng.random() < 0.7 else int(rng.integers(10))
@@ -426,7 +447,9 @@ def _nlvr_statement(kind: str, left: list[int], right: list[int], rng: np.random
     raise AssertionError(kind)
 
 
-def _gen_nlvr(pool: _Pool, split: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str], list]:
+def _gen_nlvr(
+    pool: _Pool, split: str, n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, list[str], list]:
     from adapterkit.vl.datasets.base import VLExample
 
     n_images = max(2, n)
@@ -461,8 +484,14 @@ def _gen_nlvr(pool: _Pool, split: str, n: int, rng: np.random.Generator) -> tupl
         }
         examples.append(
             VLExample(
-                uid=f"nlvr-{split}-q{e:06d}", task="nlvr", image_ids=[image_ids[a], image_ids[b]], text=text,
-                targets=[answer], target_scores={answer: 1.0}, label=int(want), extra=extra,
+                uid=f"nlvr-{split}-q{e:06d}",
+                task="nlvr",
+                image_ids=[image_ids[a], image_ids[b]],
+                text=text,
+                targets=[answer],
+                target_scores={answer: 1.0},
+                label=int(want),
+                extra=extra,
             )  # fmt: skip
         )
     return _grids(pool.images, idx), image_ids, examples
@@ -477,7 +506,10 @@ def caption_references(labels: Sequence[int]) -> list[str]:
     names = [_a(CLASS_NAMES[c]) for c in labels]
     counts = Counter(labels)
     order = list(dict.fromkeys(labels))
-    grouped = [_a(CLASS_NAMES[c]) if counts[c] == 1 else f"{NUMBER_WORDS[counts[c]]} {CLASS_PLURALS[c]}" for c in order]
+    grouped = [
+        _a(CLASS_NAMES[c]) if counts[c] == 1 else f"{NUMBER_WORDS[counts[c]]} {CLASS_PLURALS[c]}"
+        for c in order
+    ]
     return [
         _join(names),
         ", ".join(f"{POSITIONS[p]} {names[p]}" for p in range(4)),
@@ -486,7 +518,9 @@ def caption_references(labels: Sequence[int]) -> list[str]:
     ]
 
 
-def _gen_caption(pool: _Pool, split: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str], list]:
+def _gen_caption(
+    pool: _Pool, split: str, n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, list[str], list]:
     from adapterkit.vl.datasets.base import VLExample
 
     idx = pool.sample(rng, (n, 4))
@@ -498,8 +532,12 @@ def _gen_caption(pool: _Pool, split: str, n: int, rng: np.random.Generator) -> t
         extra = {"photos": pool.photo_ids(idx[i]), "labels": labs}
         examples.append(
             VLExample(
-                uid=f"caption-{split}-q{i:06d}", task="caption", image_ids=[image_ids[i]], text="",
-                targets=caption_references(labs), extra=extra,
+                uid=f"caption-{split}-q{i:06d}",
+                task="caption",
+                image_ids=[image_ids[i]],
+                text="",
+                targets=caption_references(labs),
+                extra=extra,
             )  # fmt: skip
         )
     return _grids(pool.images, idx), image_ids, examples
@@ -513,19 +551,27 @@ NATIVE_SIZE = {"vqa": 28, "gqa": 56, "nlvr": 56, "caption": 56}
 
 
 def _resolve_sizes(
-    n_train: int | dict | None, n_val: int | dict | None, n_test: int | dict | None, tiny: bool, tasks: Sequence[str]
+    n_train: int | dict | None,
+    n_val: int | dict | None,
+    n_test: int | dict | None,
+    tiny: bool,
+    tasks: Sequence[str],
 ) -> dict[str, dict[str, int]]:
     base = TINY_SIZES if tiny else DEFAULT_SIZES
     sizes: dict[str, dict[str, int]] = {}
     for task in tasks:
         if task not in TASKS:
-            raise ConfigError(f"unknown FashionVL task {task!r}{did_you_mean(task, TASKS)}; choose from {', '.join(TASKS)}")
+            raise ConfigError(
+                f"unknown FashionVL task {task!r}{did_you_mean(task, TASKS)}; choose from {', '.join(TASKS)}"
+            )
         sizes[task] = {}
         for s, (split, given) in enumerate(zip(SPLITS, (n_train, n_val, n_test))):
             value = given.get(task, base[task][s]) if isinstance(given, dict) else given
             value = base[task][s] if value is None else value
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"FashionVL size of {task}/{split} must be a positive integer, got {value!r}")
+                raise ConfigError(
+                    f"FashionVL size of {task}/{split} must be a positive integer, got {value!r}"
+                )
             if task == "nlvr" and value < 2:
                 raise ConfigError(f"FashionVL nlvr/{split} needs at least 2 examples, got {value}")
             sizes[task][split] = int(value)
@@ -553,7 +599,8 @@ def _is_built(out: Path, config: dict) -> bool:
         return False
     files = meta.get("files", {})
     return bool(files) and all(
-        (out / name).is_file() and (out / name).stat().st_size == info.get("bytes") for name, info in files.items()
+        (out / name).is_file() and (out / name).stat().st_size == info.get("bytes")
+        for name, info in files.items()
     )
 
 
@@ -625,7 +672,9 @@ def build_fashionvl(
     files = {}
     for rel in ["images.npy", "images_index.json", *example_files]:
         files[rel] = {"sha256": _sha256(out / rel), "bytes": (out / rel).stat().st_size}
-    content_hash = hashlib.sha256("".join(f"{k}:{v['sha256']}\n" for k, v in files.items()).encode()).hexdigest()
+    content_hash = hashlib.sha256(
+        "".join(f"{k}:{v['sha256']}\n" for k, v in files.items()).encode()
+    ).hexdigest()
     meta = {
         **config,
         "tasks": [t for t in TASKS if t in sizes],
@@ -638,7 +687,9 @@ def build_fashionvl(
         "dark_below": DARK_BELOW,
         "light_above": LIGHT_ABOVE,
         "questions_per_image": QUESTIONS_PER_IMAGE,
-        "photo_pools": {k: {"fashion_mnist_split": v[0], "start": v[1], "stop": v[2]} for k, v in PHOTO_POOLS.items()},
+        "photo_pools": {
+            k: {"fashion_mnist_split": v[0], "start": v[1], "stop": v[2]} for k, v in PHOTO_POOLS.items()
+        },
         "image_shape": [56, 56],
         "native_size": NATIVE_SIZE,
         "num_images": total,
@@ -656,7 +707,9 @@ def build_fashionvl(
 def _read_meta(out_dir: str | os.PathLike) -> dict:
     path = Path(out_dir) / "meta.json"
     if not path.is_file():
-        raise DataError(f"FashionVL not found: {path} is missing (run `adapterkit fashionvl build --out {out_dir}`)")
+        raise DataError(
+            f"FashionVL not found: {path} is missing (run `adapterkit fashionvl build --out {out_dir}`)"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
@@ -734,8 +787,11 @@ def fashionvl_stats(out_dir: str | os.PathLike, top_k: int = 10) -> dict:
             if task == "nlvr":
                 info["true_fraction"] = round(sum(ex.label == 1 for ex in exs) / max(len(exs), 1), 4)
             if split == "train":
-                answers = Counter(t for ex in exs for t in (ex.targets if task == "caption" else ex.targets[:1]))
-                entry["top_answers"] = [[a, c] for a, c in answers.most_common(top_k)]
+                answers = Counter(
+                    t for ex in exs for t in (ex.targets if task == "caption" else ex.targets[:1])
+                )
+                ranked = sorted(answers.items(), key=lambda kv: (-kv[1], kv[0]))  # ties: alphabetical
+                entry["top_answers"] = [[a, c] for a, c in ranked[:top_k]]
                 entry["distinct_answers"] = len(answers)
             entry[split] = info
         stats["tasks"][task] = entry
@@ -780,10 +836,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="benchmark folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny sizes (for tests and smoke runs)")
-    p.add_argument("--n-train", type=int, default=None, help="train examples per task (default: per-task defaults)")
+    p.add_argument(
+        "--n-train", type=int, default=None, help="train examples per task (default: per-task defaults)"
+    )
     p.add_argument("--n-val", type=int, default=None, help="val examples per task")
     p.add_argument("--n-test", type=int, default=None, help="test examples per task")
-    p.add_argument("--source", default=None, help=f"Fashion-MNIST folder (default ${SOURCE_ENV} or {DEFAULT_SOURCE})")
+    p.add_argument(
+        "--source", default=None, help=f"Fashion-MNIST folder (default ${SOURCE_ENV} or {DEFAULT_SOURCE})"
+    )
     p.add_argument("--force", action="store_true", help="rebuild even when the folder matches")
     p.add_argument("--json", action="store_true", help="stats: print JSON")
     return p
@@ -810,7 +870,9 @@ def run(args: argparse.Namespace) -> int:
         counts = " / ".join(f"{entry[s]['examples']} ex, {entry[s]['images']} img" for s in SPLITS)
         base = baseline[task]
         print(f"  {task:8s} train / val / test: {counts}")
-        print(f"           majority baseline ({base['metric']}): {base['score']:.4f} predicting {base['prediction']!r}")
+        print(
+            f"           majority baseline ({base['metric']}): {base['score']:.4f} predicting {base['prediction']!r}"
+        )
         top = ", ".join(f"{a} ({c})" for a, c in entry["top_answers"][:5])
         print(f"           top train answers: {top}")
     return 0

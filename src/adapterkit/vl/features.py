@@ -99,7 +99,9 @@ class FeatureStore:
                 f"feature store {path} is incomplete ({done}/{n} images extracted); "
                 "rerun extract-features with the same arguments to resume it"
             )
-        features = cls._load_array(path / "features.npy", (n, index["num_boxes"], index["dim"]), index["dtype"])
+        features = cls._load_array(
+            path / "features.npy", (n, index["num_boxes"], index["dim"]), index["dtype"]
+        )
         boxes = cls._load_array(path / "boxes.npy", (n, index["num_boxes"], 4), "float32")
         return cls(path, index, features, boxes)
 
@@ -317,7 +319,9 @@ class FeatureStoreWriter:
                 f"expected ({self.num_boxes}, {self.dim})"
             )
         if boxes.shape != (n, self.num_boxes, 4):
-            raise DataError(f"feature store {self.path}: boxes have shape {boxes.shape}, expected ({n}, {self.num_boxes}, 4)")
+            raise DataError(
+                f"feature store {self.path}: boxes have shape {boxes.shape}, expected ({n}, {self.num_boxes}, 4)"
+            )
         if self.done + n > len(self.ids):
             raise DataError(f"feature store {self.path}: more rows written than its {len(self.ids)} ids")
         if self.dtype == "float16":
@@ -503,7 +507,9 @@ def _grid_arg(value: str) -> int | None:
     try:
         g = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--grid must be a positive integer or 'none', got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--grid must be a positive integer or 'none', got {value!r}"
+        ) from None
     if g < 1:
         raise argparse.ArgumentTypeError(f"--grid must be a positive integer or 'none', got {value!r}")
     return g
@@ -519,13 +525,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="FOLDER", help="a folder of jpg/png/jpeg/bmp/webp images")
-    src.add_argument("--fashionvl", metavar="DIR", help="a FashionVL benchmark folder (adapterkit fashionvl build)")
-    p.add_argument("--backend", default="efficientnet-lite0", help="efficientnet-lite0 | hf-clip-vision | hf-vision | clip-rn101")
+    src.add_argument(
+        "--fashionvl", metavar="DIR", help="a FashionVL benchmark folder (adapterkit fashionvl build)"
+    )
+    p.add_argument(
+        "--backend",
+        default="efficientnet-lite0",
+        help="efficientnet-lite0 | hf-clip-vision | hf-vision | clip-rn101",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output feature store folder")
-    p.add_argument("--grid", type=_grid_arg, default=6, help="pool to GRIDxGRID tokens, or 'none' for one pooled vector (default 6)")
+    p.add_argument(
+        "--grid",
+        type=_grid_arg,
+        default=6,
+        help="pool to GRIDxGRID tokens, or 'none' for one pooled vector (default 6)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--resolution", type=int, default=None, help="backend input resolution in pixels (e.g. 112 or 224)")
-    p.add_argument("--model", default=None, help="hub id or local path of the vision model (hf-* backends; RN101 for clip-rn101)")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="backend input resolution in pixels (e.g. 112 or 224)"
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="hub id or local path of the vision model (hf-* backends; RN101 for clip-rn101)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

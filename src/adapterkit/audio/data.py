@@ -1,0 +1,194 @@
+"""Audio data: WAV reading (stdlib ``wave``, scipy fallback), resampling, augmentation, and
+readers for the ESC-50, Speech Commands, generic folder-per-label and Asterisk-prompt layouts.
+
+Readers return lists of ``(path, label_index)`` plus the class names.
+"""
+
+from __future__ import annotations
+
+import csv
+import wave
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+
+from adapterkit.errors import DataError
+
+ASTERISK_DIR = "/usr/share/asterisk/sounds/en"
+DIGIT_WORDS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """Mono float32 samples in [-1, 1] and the sample rate (channels are averaged)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"audio file not found: {p}")
+    try:
+        with wave.open(str(p), "rb") as w:
+            sr, ch, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+            raw = w.readframes(n)
+        x = _pcm_to_float(raw, width, p)
+    except wave.Error:
+        x, sr, ch = _read_scipy(p)  # e.g. IEEE-float WAV, which the wave module rejects
+    if ch > 1:
+        x = x[: len(x) // ch * ch].reshape(-1, ch).mean(1)
+    return x.astype(np.float32), int(sr)
+
+
+def _pcm_to_float(raw: bytes, width: int, p: Path) -> np.ndarray:
+    if width == 1:
+        return (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    if width == 2:
+        return np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    if width == 3:
+        b = np.frombuffer(raw, dtype=np.uint8)
+        b = b[: len(b) // 3 * 3].reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        v = np.where(v >= 1 << 23, v - (1 << 24), v)
+        return v.astype(np.float32) / float(1 << 23)
+    if width == 4:
+        return np.frombuffer(raw, dtype="<i4").astype(np.float32) / float(1 << 31)
+    raise DataError(f"{p}: unsupported PCM sample width {width} bytes")
+
+
+def _read_scipy(p: Path) -> tuple[np.ndarray, int, int]:
+    from scipy.io import wavfile
+
+    try:
+        sr, data = wavfile.read(str(p))
+    except (ValueError, OSError) as e:
+        raise DataError(f"cannot read WAV file {p}: {e}") from None
+    if data.dtype.kind == "i":
+        data = data.astype(np.float32) / float(np.iinfo(data.dtype).max + 1)
+    elif data.dtype.kind == "u":
+        data = (data.astype(np.float32) - 128.0) / 128.0
+    ch = 1 if data.ndim == 1 else data.shape[1]
+    return data.reshape(-1).astype(np.float32), int(sr), ch
+
+
+def resample(x: np.ndarray, sr: int, target: int) -> np.ndarray:
+    """Polyphase resampling (scipy) from ``sr`` to ``target`` Hz."""
+    if sr == target:
+        return x
+    from scipy.signal import resample_poly
+
+    g = gcd(int(sr), int(target))
+    return resample_poly(x, target // g, sr // g).astype(np.float32)
+
+
+def fix_length(x: np.ndarray, n: int) -> np.ndarray:
+    return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
+
+
+def load_clip(path: str | Path, sample_rate: int, num_samples: int) -> np.ndarray:
+    x, sr = read_wav(path)
+    return fix_length(resample(x, sr, sample_rate), num_samples)
+
+
+def augment(x: np.ndarray, rng: np.random.Generator, num_samples: int, snr_db: tuple[float, float] | None,
+            speed: tuple[float, float] | None, shift: int, gain_db: tuple[float, float] | None) -> np.ndarray:
+    """Speed change (resampling by linear interpolation), random shift, gain and white noise at a random SNR."""
+    y = x.astype(np.float64)
+    if speed is not None:
+        f = rng.uniform(*speed)
+        pos = np.arange(0.0, len(y) - 1, f)
+        y = np.interp(pos, np.arange(len(y)), y)
+    if shift:
+        s = int(rng.integers(-shift, shift + 1))
+        y = np.roll(np.pad(y, (abs(s), abs(s))), s)[abs(s): abs(s) + len(y)] if s else y
+    y = fix_length(y, num_samples)
+    if gain_db is not None:
+        y = y * 10 ** (rng.uniform(*gain_db) / 20.0)
+    if snr_db is not None:
+        p = float(np.mean(y ** 2)) + 1e-12
+        noise_p = p / 10 ** (rng.uniform(*snr_db) / 10.0)
+        y = y + rng.standard_normal(len(y)) * np.sqrt(noise_p)
+    return y.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def load_esc50(root: str | Path, test_folds: list[int] = (5,)) -> tuple[list, list, list[str]]:
+    """ESC-50: ``meta/esc50.csv`` (filename, fold, target, category, ...) + ``audio/*.wav``."""
+    root = Path(root)
+    meta = root / "meta" / "esc50.csv"
+    if not meta.is_file():
+        raise DataError(f"ESC-50 metadata not found: {meta}")
+    rows = []
+    with meta.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        need = {"filename", "fold", "target", "category"}
+        if not need <= set(reader.fieldnames or []):
+            raise DataError(f"{meta} must have the columns {sorted(need)}, has {reader.fieldnames}")
+        for i, r in enumerate(reader, start=2):
+            try:
+                rows.append((r["filename"], int(r["fold"]), int(r["target"]), r["category"]))
+            except ValueError:
+                raise DataError(f"{meta}:{i}: fold and target must be integers, got {r['fold']!r}, {r['target']!r}") from None
+    if not rows:
+        raise DataError(f"{meta} lists no clips")
+    names: dict[int, str] = {}
+    for _, _, t, c in rows:
+        names.setdefault(t, c)
+    targets = sorted(names)
+    if targets != list(range(len(targets))):
+        raise DataError(f"{meta}: targets must be 0..K-1, got {targets[:5]}...")
+    test_folds = set(test_folds)
+    train, test = [], []
+    for fn, fold, t, _ in rows:
+        (test if fold in test_folds else train).append((root / "audio" / fn, t))
+    return train, test, [names[t] for t in targets]
+
+
+def _read_list(path: Path) -> set[str]:
+    if not path.is_file():
+        raise DataError(f"Speech Commands split list not found: {path}")
+    return {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+
+def load_speech_commands(root: str | Path, words: list[str] | None = None) -> tuple[list, list, list, list[str]]:
+    """Google Speech Commands: ``<word>/*.wav``, ``validation_list.txt`` and ``testing_list.txt``
+    (paths relative to root). Returns train, validation, test and the word list."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"Speech Commands folder not found: {root}")
+    val, test = _read_list(root / "validation_list.txt"), _read_list(root / "testing_list.txt")
+    words = list(words) if words else sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("_"))
+    if not words:
+        raise DataError(f"{root} has no word folders")
+    splits: tuple[list, list, list] = ([], [], [])
+    for i, w in enumerate(words):
+        folder = root / w
+        if not folder.is_dir():
+            raise DataError(f"word folder not found: {folder}")
+        for f in sorted(folder.glob("*.wav")):
+            rel = f"{w}/{f.name}"
+            splits[2 if rel in test else 1 if rel in val else 0].append((f, i))
+    return splits[0], splits[1], splits[2], words
+
+
+def load_label_folders(root: str | Path, labels: list[str] | None = None) -> tuple[list, list[str]]:
+    """Generic ``root/<label>/*.wav``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"audio folder not found: {root}")
+    labels = list(labels) if labels else sorted(d.name for d in root.iterdir() if d.is_dir())
+    items = [(f, i) for i, lab in enumerate(labels) for f in sorted((root / lab).glob("*.wav"))]
+    if not items:
+        raise DataError(f"no .wav files under {root}/<label>/")
+    return items, labels
+
+
+def asterisk_words(root: str | Path = ASTERISK_DIR, words: list[str] = DIGIT_WORDS,
+                   subdir: str = "digits") -> tuple[list, list[str]]:
+    """Asterisk prompt recordings (``asterisk-core-sounds-en-wav``): the file name is the word."""
+    folder = Path(root) / subdir
+    items = []
+    for i, w in enumerate(words):
+        f = folder / f"{w}.wav"
+        if not f.is_file():
+            raise DataError(f"{f} not found (install the Debian package asterisk-core-sounds-en-wav)")
+        items.append((f, i))
+    return items, list(words)

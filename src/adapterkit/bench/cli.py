@@ -1,0 +1,148 @@
+"""``adapterkit bench``: time training steps and inference of adapter methods and peers.
+
+Examples::
+
+    adapterkit bench                                   # GPU: BART-base shape; CPU: tiny shape
+    adapterkit bench --cases "single_*,hyperformer" --steps 10 --out r.json --markdown r.md
+    adapterkit bench --shape custom --d-model 256 --layers 3 --ffn 1024 --heads 4 --vocab 8000
+    adapterkit bench --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from adapterkit.errors import AdapterKitError
+
+GPU_DEFAULTS = {"shape": "bart-base", "batch": 64, "src": 128, "tgt": 16, "dtype": "bf16", "steps": 20, "warmup": 5}
+CPU_DEFAULTS = {"shape": "tiny", "batch": 8, "src": 32, "tgt": 8, "dtype": "fp32", "steps": 5, "warmup": 2}
+
+
+def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--shape", default=None, help="bart-base | t5-base | tiny | custom (default: bart-base on GPU, tiny on CPU)")
+    p.add_argument("--family", choices=["bart", "t5"], default=None, help="custom shape: model family")
+    p.add_argument("--d-model", type=int, default=None, help="custom shape: hidden width")
+    p.add_argument("--layers", type=int, default=None, help="custom shape: encoder and decoder layers each")
+    p.add_argument("--encoder-layers", type=int, default=None)
+    p.add_argument("--decoder-layers", type=int, default=None)
+    p.add_argument("--ffn", type=int, default=None, help="custom shape: FFN width")
+    p.add_argument("--heads", type=int, default=None, help="custom shape: attention heads")
+    p.add_argument("--vocab", type=int, default=None, help="custom shape: vocabulary size")
+    p.add_argument("--batch", type=int, default=None, help="batch size (GPU 64, CPU 8)")
+    p.add_argument("--src", type=int, default=None, help="source tokens (GPU 128, CPU 32)")
+    p.add_argument("--tgt", type=int, default=None, help="target tokens (GPU 16, CPU 8)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="autocast dtype (GPU bf16, CPU fp32)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per case (GPU 20, CPU 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per case (GPU 5, CPU 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--cases", default=None,
+                   help="comma list of case names, globs (single_*), groups (adapterkit, peft, adapterhub, "
+                        "baseline) or kinds (train, infer); references are added automatically")
+    p.add_argument("--interleave", action="store_true",
+                   help="build all cases first and time them round-robin (steadier on a busy CPU; no memory)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model (failures reported per case)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--markdown", default=None, help="write the markdown table here")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, print the top N ops (torch.profiler) of each adapterkit case")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    return p
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``bench`` on an argparse subparsers object."""
+    p = subparsers.add_parser("bench", help="benchmark training steps and inference of adapter methods",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _resolve(args) -> tuple:
+    from adapterkit.bench.runner import Settings
+    from adapterkit.bench.shapes import get_shape
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    d = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+
+    def pick(name):
+        v = getattr(args, name)
+        return d[name] if v is None else v
+
+    custom = {}
+    if pick("shape") == "custom":
+        enc = args.encoder_layers if args.encoder_layers is not None else args.layers
+        dec = args.decoder_layers if args.decoder_layers is not None else args.layers
+        custom = {"family": args.family, "d_model": args.d_model, "encoder_layers": enc, "decoder_layers": dec,
+                  "ffn_dim": args.ffn, "heads": args.heads, "vocab_size": args.vocab}
+    shape = get_shape(pick("shape"), **custom)
+    settings = Settings(device=device, dtype=pick("dtype"), batch=pick("batch"), src=pick("src"), tgt=pick("tgt"),
+                        steps=pick("steps"), warmup=pick("warmup"), seed=args.seed, compile=args.compile)
+    settings.validate()
+    return shape, settings
+
+
+def run(args) -> int:
+    """Run the benchmark; prints the markdown table; returns the exit status."""
+    from adapterkit.bench.cases import CASES, select_cases
+    from adapterkit.bench.report import to_markdown, write_outputs
+    from adapterkit.bench.runner import run_bench
+
+    if args.list:
+        for c in CASES:
+            print(f"{c.name:<32} {c.kind:<6} {c.group:<11} {c.title}")
+        return 0
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise AdapterKitError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        shape, settings = _resolve(args)
+        cases = select_cases(args.cases)
+        print(f"adapterkit bench: {len(cases)} cases, shape {shape.name}, {settings.device}, {settings.dtype}",
+              file=sys.stderr)
+        report = run_bench(shape, settings, cases, log=lambda s: print(s, file=sys.stderr, flush=True),
+                           interleave=args.interleave)
+        md = to_markdown(report)
+        write_outputs(report, args.out, args.markdown, md)
+        print(md)
+        if args.profile:
+            _profile(cases, shape, settings, args.profile)
+    except AdapterKitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = [r["case"] for r in report["results"] if r["status"] == "error"]
+    if failed:
+        print(f"{len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed and len(failed) == len(report["results"]) else 0
+
+
+def _profile(cases, shape, settings, top: int) -> None:
+    from adapterkit.bench.profile import profile_case
+    from adapterkit.bench.shapes import make_batch
+
+    batch = make_batch(shape, settings.batch, settings.src, settings.tgt, settings.device, seed=settings.seed)
+    for c in cases:
+        if c.group not in ("adapterkit", "baseline"):
+            continue
+        print(f"\n#### profile: {c.name}\n")
+        try:
+            print(profile_case(c, shape, settings, batch, row_limit=top))
+        except Exception as e:  # profiling is diagnostic: report and go on
+            print(f"profile failed: {type(e).__name__}: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _configure(argparse.ArgumentParser(prog="adapterkit bench", description=__doc__,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter))
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Ratios, issue-5 target checks, environment info and the markdown/JSON outputs."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from adapterkit.safeio import atomic_write_json, atomic_write_text
+
+# Issue 5's targets (defined for the GPU run: BART-base shape, batch 64, 128/16 tokens, bf16).
+FAST_METHODS = ("single_adapter", "single_lora", "single_compacter", "hyperformer", "single_prompt")
+PEER_PAIRS = (  # (adapterkit case, peer case): the adapterkit step must be faster
+    ("single_lora", "peft_lora"),
+    ("single_lora_do0", "peft_lora_do0"),
+    ("single_prompt", "peft_prompt"),
+    ("single_adapter", "adapterhub_houlsby"),
+    ("pfeiffer", "adapterhub_pfeiffer"),
+    ("single_compacter", "adapterhub_compacter"),
+)
+MIXED_CASES = ("multiple_adapters_mixed", "multiple_lora_mixed")
+MIXED_VS_PEFT = (("multiple_lora_mixed", "peft_multi_lora_mixed"),
+                 ("infer_multiple_lora_mixed", "infer_peft_multi_lora_mixed"))
+
+
+def _version(mod: str) -> str:
+    try:
+        m = __import__(mod)
+    except ImportError:
+        return "not installed"
+    except Exception as e:  # a broken install is reported, not fatal
+        return f"import failed ({type(e).__name__})"
+    return str(getattr(m, "__version__", "unknown"))
+
+
+def environment(device: str) -> dict:
+    """Library versions and the machine, for the report header."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        machine = torch.cuda.get_device_name(dev)
+    else:
+        machine = f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
+    return {
+        "device": str(dev), "machine": machine, "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": _version("transformers"), "peft": _version("peft"), "adapters": _version("adapters"),
+    }
+
+
+def _ok(by: dict, name: str) -> dict | None:
+    r = by.get(name)
+    return r if r is not None and r.get("status") == "ok" else None
+
+
+def add_ratios(results: list[dict], cases: dict) -> dict:
+    """Add ``time_vs_ref``/``mem_vs_ref`` (and ``mixed_over_single``) to the records in place."""
+    by = {r["case"]: r for r in results}
+    mixed = {}
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        case = cases[r["case"]]
+        ref = _ok(by, case.ref)
+        if ref is not None:
+            r["time_vs_ref"] = r["median_ms"] / ref["median_ms"]
+            if r.get("peak_gib") is not None and ref.get("peak_gib"):
+                r["mem_vs_ref"] = r["peak_gib"] / ref["peak_gib"]
+        if case.pair:
+            single = _ok(by, case.pair)
+            if single is not None:
+                r["mixed_over_single"] = r["median_ms"] / single["median_ms"]
+                mixed[r["case"]] = {"single": case.pair, "ratio": r["mixed_over_single"]}
+    return {"mixed_over_single": mixed}
+
+
+def _target(tid: str, text: str, value: float | None, limit: float, op: str, why: str = "") -> dict:
+    ok = None if value is None else (value <= limit if op == "<=" else value >= limit)
+    return {"id": tid, "target": text, "value": value, "limit": limit, "op": op, "pass": ok,
+            "why": why if value is None else ""}
+
+
+def check_targets(results: list[dict], meta: dict) -> list[dict]:
+    """Evaluate issue 5's targets on this run (None where a case is missing or failed)."""
+    by = {r["case"]: r for r in results}
+
+    def ratio(a: str, b: str, key: str = "median_ms"):
+        ra, rb = _ok(by, a), _ok(by, b)
+        if ra is None or rb is None or ra.get(key) is None or not rb.get(key):
+            missing = [n for n, r in ((a, ra), (b, rb)) if r is None or r.get(key) is None]
+            return None, f"no {key} for {', '.join(missing)}" if missing else "reference is zero"
+        return ra[key] / rb[key], ""
+
+    out = []
+    for m in FAST_METHODS:
+        v, why = ratio(m, "full_ft")
+        out.append(_target(f"step:{m}", f"{m} training step <= 0.70x full FT", v, 0.70, "<=", why))
+    for m in FAST_METHODS:
+        v, why = ratio(m, "full_ft", "peak_gib")
+        if v is None and meta.get("device", "").startswith("cpu"):
+            why = "peak memory is measured on GPU only"
+        out.append(_target(f"mem:{m}", f"{m} peak memory <= 0.70x full FT", v, 0.70, "<=", why))
+    for mine, peer in PEER_PAIRS:
+        v, why = ratio(mine, peer)
+        out.append(_target(f"peer:{mine}", f"{mine} step faster than {peer}", v, 1.0, "<=", why))
+    for m in MIXED_CASES:
+        single = m.replace("_mixed", "_single")
+        v, why = ratio(m, single)
+        out.append(_target(f"mixed:{m}", f"{m} <= 1.15x {single}", v, 1.15, "<=", why))
+    for mine, peer in MIXED_VS_PEFT:
+        v, why = ratio(peer, mine)
+        out.append(_target(f"mixedpeer:{mine}", f"{mine} >= 2x faster than {peer} (value: peer/ours)",
+                           v, 2.0, ">=", why))
+    v, why = ratio("infer_single_lora_merged", "infer_base")
+    out.append(_target("infer:merged_lora", "merged LoRA inference = base (<= 1.03x, noise)", v, 1.03, "<=", why))
+    v, why = ratio("infer_single_adapter", "infer_base")
+    out.append(_target("infer:bottleneck", "unmerged single adapter inference <= 1.10x base", v, 1.10, "<=", why))
+    return out
+
+
+# --- formatting -------------------------------------------------------------------------
+
+def _f(v, fmt: str = ".2f", none: str = "n/a") -> str:
+    if v is None:
+        return none
+    return format(v, fmt)
+
+
+def _pct(v) -> str:
+    if v is None:
+        return "n/a"
+    if v == 0:
+        return "0"
+    return f"{v:.3g}"
+
+
+def to_markdown(report: dict) -> str:
+    """The results as markdown tables (training, inference, mixed batches, targets)."""
+    meta, results = report["meta"], report["results"]
+    s, st = meta["shape"], meta["settings"]
+    on_gpu = meta["device"].startswith("cuda")
+    mem_col = "peak GiB" if on_gpu else "RSS Δ MiB"
+    if meta.get("mode") == "interleaved":
+        mem_col = "memory"
+    lines = [
+        f"Shape `{s['name']}` ({s['family']}, d {s['d_model']}, {s['encoder_layers']}+{s['decoder_layers']} layers, "
+        f"FFN {s['ffn_dim']}, {s['heads']} heads, vocab {s['vocab_size']}); batch {st['batch']}, "
+        f"{st['src']}/{st['tgt']} tokens, {st['dtype']}{' autocast' if st['dtype'] != 'fp32' else ''}, "
+        f"{st['warmup']} warm-up + {st['steps']} timed steps{', torch.compile' if st['compile'] else ''}"
+        f"{', cases interleaved round-robin' if meta.get('mode') == 'interleaved' else ''}.",
+        f"Machine: {meta['machine']} ({meta['torch_threads']} torch threads); torch {meta['torch']}, "
+        f"transformers {meta['transformers']}, peft {meta['peft']}, adapters {meta['adapters']}.",
+        "",
+    ]
+    for kind, title, ref in (("train", "Training step (forward + backward + AdamW)", "full FT"),
+                             ("infer", "Inference (forward only, no grad, eval mode)", "base")):
+        rows = [r for r in results if r["kind"] == kind]
+        if not rows:
+            continue
+        lines += [f"### {title}", "",
+                  f"| case | what | median ms | mean ms | vs {ref} | {mem_col} | mem vs {ref} | trainable % | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["status"] != "ok":
+                msg = r.get("error") or r.get("note") or ""
+                lines.append(f"| {r['case']} | {r['title']} | {r['status']} | | | | | | {_cell(msg)} |")
+                continue
+            mem = r.get("peak_gib") if on_gpu else r.get("rss_delta_mib")
+            tp = r.get("trainable_pct") if kind == "train" else None
+            lines.append(
+                f"| {r['case']} | {r['title']} | {_f(r['median_ms'])} | {_f(r['mean_ms'])} | "
+                f"{_f(r.get('time_vs_ref'))} | {_f(mem, '.2f' if on_gpu else '.1f')} | {_f(r.get('mem_vs_ref'))} | "
+                f"{_pct(tp) if kind == 'train' else '-'} | {_cell(r.get('note', ''))} |")
+        lines.append("")
+    mixed = report.get("ratios", {}).get("mixed_over_single", {})
+    if mixed:
+        lines += ["### Mixed-task batches (4 tasks interleaved vs one task)", "",
+                  "| mixed case | single-task case | mixed / single |", "|---|---|---|"]
+        lines += [f"| {k} | {v['single']} | {v['ratio']:.2f} |" for k, v in mixed.items()]
+        lines.append("")
+    targets = report.get("targets", [])
+    if targets:
+        lines += ["### Issue 5 targets" + ("" if on_gpu else " (defined for the GPU run; indicative only here)"),
+                  "", "| target | value | limit | result |", "|---|---|---|---|"]
+        for t in targets:
+            res = "n/a" if t["pass"] is None else ("pass" if t["pass"] else "FAIL")
+            val = _f(t["value"]) if t["value"] is not None else f"n/a ({t['why']})"
+            lines.append(f"| {t['target']} | {val} | {t['op']} {t['limit']:g} | {res} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "/").replace("\n", " ")
+
+
+def write_outputs(report: dict, json_path: str | None, md_path: str | None, markdown: str) -> list[Path]:
+    """Write the JSON and markdown atomically; returns the paths written."""
+    written = []
+    if json_path:
+        written.append(atomic_write_json(json_path, report))
+    if md_path:
+        written.append(atomic_write_text(md_path, markdown + "\n"))
+    return written

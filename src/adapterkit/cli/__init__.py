@@ -1,0 +1,69 @@
+"""The ``adapterkit`` command line: one verb per job, each defined next to its code."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from adapterkit.errors import AdapterKitError
+
+# (module, help) — each module defines add_parser(subparsers) and run(args) -> int
+COMMANDS = [
+    "adapterkit.cli.params",
+    "adapterkit.cli.train",
+    "adapterkit.cli.demo",
+    "adapterkit.vl.features",
+    "adapterkit.data.fashionvl",
+    "adapterkit.bench.cli",
+    "adapterkit.cache.pipeline",
+    "adapterkit.sft.cli",
+    "adapterkit.merging.cli",
+    "adapterkit.pruning.cli",
+    "adapterkit.vision.cli",
+    "adapterkit.audio.cli",
+    "adapterkit.rec.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adapterkit", description="Parameter-efficient transfer learning with adapters.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod_name in COMMANDS:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("adapterkit"):
+                continue  # an optional part that is not in this build
+            raise
+        result = mod.add_parser(sub)
+        for p in result if isinstance(result, (list, tuple)) else [result]:
+            if p is not None and p.get_default("_run") is None:
+                p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        import adapterkit
+
+        print(adapterkit.__version__)
+        return 0
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args._run(args) or 0)
+    except AdapterKitError as e:
+        print(f"adapterkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Diffusion-model adapters (ResAdapter on diffusers UNets)."""

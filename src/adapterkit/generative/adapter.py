@@ -1,0 +1,330 @@
+"""GenerativeAdapter (Chen et al.): a LoRA generated on the fly from a context.
+
+For each target linear W (d_in -> d_out) in layer l, with context hidden states H (the
+layer's input residual stream, width d, captured with a pre-hook):
+
+    Ĥ = RMSNorm(H);  K = Ĥ A2ᵀ (L x r1);  V = Ĥ A3ᵀ (L x r2);  S = Σ_segments Σ_tokens Kᵀ V (r1 x r2)
+    S̃ = U Vᵀ from torch.svd_lowrank(S, q, niter)    ("svd": orthogonalisation; or
+          "frobenius": S/||S||_F, "spectral": S/σ_max, "none")
+    ΔW x = (α/r1) B S̃ᵀ A1 x       (lora_A = S̃ᵀ A1, lora_B = B)
+
+Learned (static) parameters: A1 (r1 x d_in), A2 (r1 x d), A3 (r2 x d) Kaiming-normal,
+B (d_out x r2) zero, and the RMSNorm weight. Contexts are absorbed in segments; each
+segment runs with the adapter generated from the previous segments (as in the
+reference's training), and padding tokens (``attention_mask`` 0) are left out of S.
+S is kept per example (batch of contexts): a later forward either broadcasts one
+context to every row or pairs context b with row b. For inference the generated
+update is merged into the frozen weights (one context) and unmerged after.
+
+[reference quirk] while training, an example whose singular values of S are nearly
+degenerate (unstable SVD gradients) gets a zero adapter, as the reference does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from adapterkit.core.base import AdapterSet, get_container, places_for
+from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
+from adapterkit.errors import ConfigError
+
+NORMS = ("svd", "frobenius", "spectral", "none")
+
+
+@dataclass
+class GenerativeAdapterConfig(AdapterConfig):
+    """GenerativeAdapter options. ``targets`` are profile places (default ``o``, i.e.
+    o_proj); ``target_modules`` overrides them with names/regexes."""
+
+    method: str = "generative_adapter"
+    sharing: str = choice("shared", default="shared")
+    r1: int = bounded(64, lo=1)
+    r2: int = bounded(64, lo=1)
+    max_rank: int = bounded(16, lo=1)
+    alpha: float = bounded(16.0, lo=0.0, lo_open=True)
+    norm: str = choice(*NORMS, default="svd")
+    svd_niter: int = bounded(1, lo=0)
+    segment_len: int = bounded(1024, lo=1)
+    rms_eps: float = bounded(1e-6, lo=0.0, lo_open=True)
+    degenerate_tol: float = bounded(1e-6, lo=0.0)
+    targets: list[str] = field(default_factory=lambda: ["o"])
+    target_modules: list[str] | None = None
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r1
+
+    @property
+    def rank(self) -> int:
+        return min(self.max_rank, self.r1, self.r2)
+
+
+class GenLoraLayer(nn.Module):
+    """Static parameters of one generated LoRA (A1, A2, A3, B, RMSNorm weight)."""
+
+    def __init__(self, d_in: int, d_out: int, d_ctx: int, cfg: GenerativeAdapterConfig):
+        super().__init__()
+        self.A1 = nn.Parameter(torch.empty(cfg.r1, d_in))
+        self.A2 = nn.Parameter(torch.empty(cfg.r1, d_ctx))
+        self.A3 = nn.Parameter(torch.empty(cfg.r2, d_ctx))
+        self.B = nn.Parameter(torch.zeros(d_out, cfg.r2))
+        self.norm_weight = nn.Parameter(torch.ones(d_ctx))
+        for a in (self.A1, self.A2, self.A3):
+            nn.init.kaiming_normal_(a, a=math.sqrt(5))
+        self.eps = cfg.rms_eps
+        self.scaling = cfg.scaling
+        self.target: list[nn.Linear] = []
+
+    def kv(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Σ_tokens Kᵀ V for context states h (B, L, d): (B, r1, r2)."""
+        hf = h.float()
+        hn = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float()
+        k = hn @ self.A2.float().T
+        v = hn @ self.A3.float().T
+        if mask is not None:
+            v = v * mask.to(v.dtype).unsqueeze(-1)
+        return k.transpose(1, 2) @ v
+
+    def delta_weight(self, s_tilde: torch.Tensor) -> torch.Tensor:
+        """(α/r1) B S̃ᵀ A1 for one context (s_tilde (r1, r2)): (d_out, d_in)."""
+        return (self.B @ s_tilde.to(self.B.dtype).T @ self.A1) * self.scaling
+
+    def lora_forward(self, x: torch.Tensor, s_tilde: torch.Tensor) -> torch.Tensor:
+        """ΔW x for x (B, ..., d_in) and S̃ (1 or B, r1, r2)."""
+        b = x.shape[0]
+        z = (x.reshape(b, -1, x.shape[-1]) @ self.A1.T.to(x.dtype))              # (B, N, r1)
+        st = s_tilde.to(x.dtype)
+        if st.shape[0] == 1:
+            z = z @ st[0]
+        elif st.shape[0] == b:
+            z = torch.bmm(z, st)
+        else:
+            raise ConfigError(f"the absorbed context has {st.shape[0]} examples but the batch has {b} rows")
+        y = z @ self.B.T.to(x.dtype) * self.scaling
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def normalize_state(S: torch.Tensor, norm: str, q: int, niter: int, training: bool = False,
+                    tol: float = 0.0) -> torch.Tensor:
+    """S̃ for S (B, r1, r2) under the chosen normalisation."""
+    if norm == "none":
+        return S
+    if norm == "frobenius":
+        return S / S.flatten(1).norm(dim=-1).clamp_min(1e-12).view(-1, 1, 1)
+    if norm == "spectral":
+        return S / torch.linalg.matrix_norm(S, ord=2).clamp_min(1e-12).view(-1, 1, 1)
+    U, sv, V = torch.svd_lowrank(S, q=q, niter=niter)
+    out = U @ V.transpose(-1, -2)
+    if training and tol > 0 and sv.shape[-1] > 1:
+        gaps = (sv[..., :-1] - sv[..., 1:]).abs().min(-1).values / sv[..., :1].squeeze(-1).clamp_min(1e-12)
+        ok = (gaps > tol).to(out.dtype).view(-1, 1, 1)
+        out = out * ok
+    return out
+
+
+class GenerativeAdapterSet(AdapterSet):
+    can_merge = True
+
+    def __init__(self, cfg: GenerativeAdapterConfig):
+        super().__init__(cfg)
+        self.layers = nn.ModuleDict()
+        self.by_layer: dict[int, list[str]] = {}
+        self.paths: list[str] = []
+        self.state: dict[str, torch.Tensor] = {}      # accumulated S per target
+        self.generated: dict[str, torch.Tensor] = {}  # S̃ per target (the active adapter)
+        self._capturing = False
+        self._ctx_mask: torch.Tensor | None = None
+        self._merged_delta: dict[str, torch.Tensor] = {}
+
+    # -- construction ------------------------------------------------------------
+    def attach(self, model, profile):
+        cfg: GenerativeAdapterConfig = self.config
+        if cfg.target_modules:
+            found = places_for(model, profile, "generative", cfg, cfg.target_modules)
+        else:
+            found, seen = [], set()
+            for kind in cfg.targets:
+                for p in places_for(model, profile, kind, cfg):
+                    if p.path not in seen:
+                        seen.add(p.path)
+                        found.append(p)
+        streams = {p.layer: p for p in places_for(model, profile, "attn_stream", cfg)} if profile and \
+            "attn_stream" in profile["places"] else {}
+        d_ctx = _model_width(model)
+        for p in found:
+            if not isinstance(p.module, nn.Linear):
+                raise ConfigError(f"GenerativeAdapter targets nn.Linear layers; {p.path} is a {type(p.module).__name__}")
+            if p.layer < 0:
+                raise ConfigError(f"cannot tell the layer index of {p.path}")
+            layer = GenLoraLayer(p.module.in_features, p.module.out_features, d_ctx, cfg)
+            layer.target.append(p.module)
+            self.layers[p.key] = layer
+            self.by_layer.setdefault(p.layer, []).append(p.key)
+            self.add_forward_hook(p.module, self._target_hook(p.key))
+            self.paths.append(p.path)
+        for li, keys in self.by_layer.items():
+            stream = streams.get(li)
+            mod = stream.module if stream is not None else _layer_module(model, found, li)
+            self.add_pre_hook(mod, self._capture_hook(keys), with_kwargs=True)
+
+    # -- hooks ------------------------------------------------------------------
+    def _capture_hook(self, keys: list[str]):
+        def hook(module, args, kwargs):
+            if not self._capturing:
+                return None
+            h = args[0] if args else kwargs.get("hidden_states")
+            mask = self._ctx_mask
+            if mask is not None and mask.shape[:2] != h.shape[:2]:
+                raise ConfigError(f"context attention_mask {tuple(mask.shape)} does not match the hidden states "
+                                  f"{tuple(h.shape[:2])}")
+            for k in keys:
+                s = self.layers[k].kv(h, mask)
+                self.state[k] = s if k not in self.state else self.state[k] + s
+            return None
+        return hook
+
+    def _target_hook(self, key: str):
+        def hook(module, args, out):
+            st = self.generated.get(key)
+            if st is None or self.merged:
+                return out
+            return out + self.layers[key].lora_forward(args[0], st).to(out.dtype)
+        return hook
+
+    # -- context handling -------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the absorbed context (the model behaves as the base model again)."""
+        if self.merged:
+            self.unmerge()
+        self.state.clear()
+        self.generated.clear()
+
+    def refresh(self) -> None:
+        """Recompute every S̃ from the accumulated S."""
+        cfg: GenerativeAdapterConfig = self.config
+        self.generated = {k: normalize_state(S, cfg.norm, cfg.rank, cfg.svd_niter, self.training,
+                                             cfg.degenerate_tol) for k, S in self.state.items()}
+
+    def absorb(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               reset: bool = True) -> None:
+        """Run the context through ``model`` in ``segment_len`` windows and generate the adapter.
+
+        Each window runs with the adapter generated from the windows before it. Gradients
+        flow when called with grad enabled (training)."""
+        if reset:
+            self.reset()
+        elif self.merged:
+            raise ConfigError("unmerge the generated adapter before absorbing more context")
+        if input_ids.dim() != 2:
+            raise ConfigError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        seg = self.config.segment_len
+        for start in range(0, input_ids.shape[1], seg):
+            ids = input_ids[:, start:start + seg]
+            m = attention_mask[:, start:start + seg] if attention_mask is not None else None
+            self._ctx_mask, self._capturing = m, True
+            try:
+                model(input_ids=ids, attention_mask=m)
+            finally:
+                self._capturing, self._ctx_mask = False, None
+            self.refresh()
+
+    def lora_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per target path: (lora_A = S̃ᵀ A1 (B, r2, d_in), lora_B = B (d_out, r2)) of the generated adapter."""
+        out = {}
+        for path, (k, layer) in zip(self.paths, self.layers.items()):
+            st = self.generated.get(k)
+            if st is not None:
+                out[path] = (st.transpose(-1, -2).to(layer.A1.dtype) @ layer.A1, layer.B)
+        return out
+
+    # -- merging -------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, task=None) -> None:
+        if self.merged:
+            raise ConfigError("the generated adapter is already merged; unmerge first")
+        if not self.generated:
+            raise ConfigError("no context has been absorbed: call absorb(...) before merging")
+        for k, st in self.generated.items():
+            if st.shape[0] != 1:
+                raise ConfigError(f"cannot merge adapters generated from {st.shape[0]} contexts into one weight; "
+                                  "absorb a single context to merge")
+            layer = self.layers[k]
+            w = layer.target[0].weight
+            d = layer.delta_weight(st[0]).to(w.dtype)
+            w += d
+            self._merged_delta[k] = d
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        for k, d in self._merged_delta.items():
+            self.layers[k].target[0].weight -= d
+        self._merged_delta.clear()
+        self.merged = False
+
+
+def _model_width(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    for n in ("hidden_size", "d_model", "n_embd"):
+        v = getattr(cfg, n, None)
+        if isinstance(v, int):
+            return v
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        return emb.weight.shape[1]
+    raise ConfigError(f"cannot tell the hidden width of {type(model).__name__}")
+
+
+def _layer_module(model: nn.Module, found, layer: int) -> nn.Module:
+    """The transformer block holding layer ``layer`` (its input is the residual stream)."""
+    path = next(p.path for p in found if p.layer == layer)
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] == str(layer):
+            return model.get_submodule(".".join(parts[: i + 1]))
+    raise ConfigError(f"cannot find the block of layer {layer} above {path}")
+
+
+def generative_set(model: nn.Module, name: str | None = None) -> GenerativeAdapterSet:
+    """The attached GenerativeAdapter set (the only one, or the one named)."""
+    c = get_container(model)
+    sets = [(n, s) for n, s in (c.sets.items() if c is not None else []) if isinstance(s, GenerativeAdapterSet)]
+    if name is not None:
+        sets = [(n, s) for n, s in sets if n == name]
+    if len(sets) != 1:
+        raise ConfigError("the model has " + ("no" if not sets else "several") + " GenerativeAdapter sets"
+                          + (f' named "{name}"' if name else "; pass name="))
+    return sets[0][1]
+
+
+def absorb_context(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   name: str | None = None, reset: bool = True) -> GenerativeAdapterSet:
+    """Generate the adapter of ``model`` from a context (see :meth:`GenerativeAdapterSet.absorb`)."""
+    s = generative_set(model, name)
+    s.absorb(model, input_ids, attention_mask, reset=reset)
+    return s
+
+
+@contextlib.contextmanager
+def merged_context(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   name: str | None = None):
+    """``with merged_context(model, ctx_ids): model.generate(...)`` — absorb, merge, then unmerge and reset."""
+    s = generative_set(model, name)
+    with torch.no_grad():
+        s.absorb(model, input_ids, attention_mask)
+    s.merge()
+    try:
+        yield s
+    finally:
+        s.unmerge()
+        s.reset()
+
+
+register_method("generative_adapter", GenerativeAdapterConfig, GenerativeAdapterSet)

@@ -1,0 +1,11 @@
+"""Merging saved adapters: plain and permutation-aligned averages (MerA-style) for
+bottleneck adapters, and task arithmetic / TIES / DARE for LoRA. The result is an
+ordinary adapterkit adapter directory (loads with :func:`adapterkit.load_adapters`)."""
+
+from adapterkit.merging.adapter_dir import AdapterDir, read_adapter_dir, write_adapter_dir
+from adapterkit.merging.align import align_to, hungarian_permutation, permute_hidden
+from adapterkit.merging.lora_merge import combine, svd_factor
+from adapterkit.merging.merge import METHODS, merge_adapter_dirs
+
+__all__ = ["AdapterDir", "METHODS", "align_to", "combine", "hungarian_permutation", "merge_adapter_dirs",
+           "permute_hidden", "read_adapter_dir", "svd_factor", "write_adapter_dir"]

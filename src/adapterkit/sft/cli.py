@@ -1,0 +1,205 @@
+"""``adapterkit sft apply|remove|diff|train``: sparse fine-tuning differences on HF models.
+
+- ``apply  --model DIR --sft SFT_DIR [SFT_DIR ...] --out DIR``: compose the SFTs, add
+  them to the model's weights and save the patched model (tokenizer files copied).
+- ``remove --model DIR --sft SFT_DIR [...] --out DIR``: subtract them again.
+- ``diff   --base DIR --tuned DIR --k K --out SFT_DIR``: the K largest differences
+  between two fine-tuned checkpoints of one architecture.
+- ``train  --model DIR --data FILE --k K --out SFT_DIR``: LT-SFT of a text classifier
+  (mean-pooled encoder + linear head) on a JSONL or CSV file with text and label
+  columns; the head is stored densely as ``head.weight`` / ``head.bias``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adapterkit.errors import ConfigError, DataError
+from adapterkit.safeio import atomic_dir
+from adapterkit.sft.diff import SparseDiff, apply_sft, compose, remove_sft
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("sft", help="composable sparse fine-tuning (LT-SFT) differences",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="sft_command", required=True)
+    for name, helptext in (("apply", "add SFT differences to a model"), ("remove", "subtract SFT differences")):
+        q = sub.add_parser(name, help=helptext)
+        q.add_argument("--model", required=True, help="HF model directory")
+        q.add_argument("--sft", required=True, nargs="+", help="SFT directories (composed when several)")
+        q.add_argument("--scale", type=float, default=1.0, help="multiply the differences by this factor")
+        q.add_argument("--out", required=True, help="output model directory")
+    q = sub.add_parser("diff", help="extract the K largest differences between two checkpoints")
+    q.add_argument("--base", required=True)
+    q.add_argument("--tuned", required=True)
+    q.add_argument("--k", type=int, required=True)
+    q.add_argument("--out", required=True)
+    q = sub.add_parser("train", help="LT-SFT of a text classifier on a JSONL/CSV file")
+    q.add_argument("--model", required=True, help="HF encoder directory (with tokenizer)")
+    q.add_argument("--data", required=True, help="JSONL or CSV file with text and label fields")
+    q.add_argument("--text-field", default="text")
+    q.add_argument("--label-field", default="label")
+    q.add_argument("--k", type=int, required=True, help="number of entries in the difference")
+    q.add_argument("--iterations", type=int, default=1, help="LT-SFT iterations (K/n entries each)")
+    q.add_argument("--epochs", type=float, default=1.0, help="epochs per phase")
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--lr", type=float, default=5e-5)
+    q.add_argument("--l1", type=float, default=0.0, help="weight of the L1 pull towards the base weights")
+    q.add_argument("--max-length", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="output SFT directory")
+    p.set_defaults(func=run)
+    return p
+
+
+def _load_model(path: str):
+    from transformers import AutoModel
+
+    if not Path(path).is_dir():
+        raise ConfigError(f"--model {path} is not a directory (give a local HF model directory)")
+    return AutoModel.from_pretrained(path)
+
+
+def _save_model(model, src: str, out: str) -> None:
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for f in Path(src).iterdir():  # tokenizer / processor files travel with the weights
+            if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES and f.name != "config.json" \
+                    and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
+
+
+def _only_model_dense(diff: SparseDiff, model: nn.Module) -> list[str]:
+    names = dict(model.named_parameters())
+    skipped = [n for n in diff.dense if n not in names]
+    for n in skipped:
+        diff.dense.pop(n)
+        diff.shapes.pop(n, None)
+    return skipped
+
+
+def read_labelled_text(path: str, text_field: str, label_field: str) -> tuple[list[str], list[str]]:
+    """(texts, labels) from a JSONL file (one object per line) or a CSV file with a header."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {path}")
+    rows = []
+    if p.suffix.lower() in (".jsonl", ".json"):
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    raise DataError(f"{path}:{i} is not valid JSON") from None
+    elif p.suffix.lower() in (".csv", ".tsv"):
+        with open(p, newline="", encoding="utf-8", errors="replace") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t" if p.suffix.lower() == ".tsv" else ","))
+    else:
+        raise DataError(f"{path}: expected a .jsonl or .csv file")
+    if not rows:
+        raise DataError(f"{path} holds no examples")
+    for f in (text_field, label_field):
+        if f not in rows[0]:
+            raise DataError(f'{path} has no field "{f}"; fields: {sorted(rows[0])}')
+    return [str(r[text_field]) for r in rows], [str(r[label_field]) for r in rows]
+
+
+class MeanPoolClassifier(nn.Module):
+    """Encoder + mean pooling over the attention mask + linear head."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, n_classes)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1).clamp(min=1.0))
+
+
+def _train(args) -> int:
+    from transformers import AutoTokenizer
+
+    from adapterkit.sft.lottery import LotteryTicketSFT
+
+    torch.manual_seed(args.seed)
+    texts, labels = read_labelled_text(args.data, args.text_field, args.label_field)
+    classes = sorted(set(labels))
+    y = torch.tensor([classes.index(lab) for lab in labels])
+    tok = AutoTokenizer.from_pretrained(args.model)
+    enc = tok(texts, padding="max_length", truncation=True, max_length=args.max_length, return_tensors="pt")
+    model = MeanPoolClassifier(_load_model(args.model), len(classes))
+    tuner = LotteryTicketSFT(model, args.k, include=[r"^encoder\."], dense=[r"^head\."], n_iterations=args.iterations)
+    n = len(texts)
+    steps = max(1, int(args.epochs * ((n + args.batch_size - 1) // args.batch_size)))
+
+    def train_fn(m: nn.Module, phase: str) -> None:
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+        m.train()
+        g = torch.Generator().manual_seed(args.seed + tuner.iteration)
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(int(args.epochs) + 1)])
+        for s in range(steps):
+            b = order[s * args.batch_size:(s + 1) * args.batch_size]
+            if b.numel() == 0:
+                break
+            logits = m(enc["input_ids"][b], enc["attention_mask"][b])
+            loss = nn.functional.cross_entropy(logits, y[b])
+            if args.l1:
+                loss = loss + args.l1 * tuner.l1_penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            print(f"[{phase} {tuner.iteration}] step {s + 1}/{steps} loss {loss.item():.4f}", flush=True)
+        m.eval()
+
+    diff = tuner.run(train_fn)
+    prefix = "encoder."
+    renamed = SparseDiff(meta={**diff.meta, "labels": classes, "base_model": str(args.model)})
+    for name in diff.indices:
+        short = name[len(prefix):]
+        renamed.indices[short], renamed.values[short], renamed.shapes[short] = \
+            diff.indices[name], diff.values[name], diff.shapes[name]
+    renamed.dense, renamed.shapes = dict(diff.dense), {**renamed.shapes, **{k: diff.shapes[k] for k in diff.dense}}
+    renamed.save(args.out)
+    print(f"saved LT-SFT with {renamed.nnz} entries (+ head) to {args.out}")
+    return 0
+
+
+def run(args) -> int:
+    cmd = args.sft_command
+    if cmd in ("apply", "remove"):
+        diff = compose([SparseDiff.load(d) for d in args.sft])
+        model = _load_model(args.model)
+        skipped = _only_model_dense(diff, model)
+        if cmd == "apply":
+            apply_sft(model, diff, scale=args.scale)
+        else:
+            if diff.dense:
+                raise ConfigError(f"cannot remove dense tensors {sorted(diff.dense)} from a saved model "
+                                  "(their base values are not stored)")
+            remove_sft(model, diff, scale=args.scale)
+        _save_model(model, args.model, args.out)
+        note = f" (dense tensors not in the model, left out: {skipped})" if skipped else ""
+        print(f"{'applied' if cmd == 'apply' else 'removed'} {diff.nnz} entries from {len(args.sft)} SFT(s); "
+              f"saved to {args.out}{note}")
+        return 0
+    if cmd == "diff":
+        base, tuned = _load_model(args.base), _load_model(args.tuned)
+        d = SparseDiff.from_states(dict(base.named_parameters()), dict(tuned.named_parameters()), k=args.k,
+                                   meta={"method": "diff", "base": str(args.base), "tuned": str(args.tuned)})
+        d.save(args.out)
+        print(f"saved {d.nnz} entries to {args.out}")
+        return 0
+    if cmd == "train":
+        return _train(args)
+    raise ConfigError(f"unknown sft command {cmd!r}")  # pragma: no cover - argparse enforces the choices

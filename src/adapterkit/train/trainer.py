@@ -1,0 +1,467 @@
+"""Multi-task VL trainer: one task per batch, the epoch-seeded proportional schedule,
+per-task batch sizes, score-weighted VQA loss, AdamW with linear warm-up, grad clip,
+crash-safe checkpoints with exact resume, best-validation selection, results JSON.
+
+Distributed: runs unchanged under ``torchrun`` / ``accelerate launch`` (torch.distributed
+with gloo on CPU, NCCL on GPU). Every rank builds the same schedule; rank r takes rows
+r::world of each global batch; gradients are averaged with one all-reduce per step
+(robust to per-task adapters that a batch does not use); rank 0 writes checkpoints and
+all ranks resume from them; evaluation is sharded and gathered.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import adapterkit
+from adapterkit.errors import AdapterKitError, ConfigError, DataError
+from adapterkit.safeio import atomic_write_json, write_probe
+from adapterkit.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from adapterkit.train.config import RunConfig, load_config
+from adapterkit.vl.data import BINARY_TASKS, CAPTION_TASKS, TaskData, TextSpec, _seed, task_schedule
+from adapterkit.vl.datasets.base import read_examples_jsonl
+
+
+class TrainingError(AdapterKitError):
+    """Training stopped (non-finite loss, out of memory) with a message naming the cause."""
+
+
+def _progress(iterable=None, **kw):
+    from tqdm.auto import tqdm
+
+    kw.setdefault("disable", not _is_main() or os.environ.get("ADAPTERKIT_NO_PROGRESS") == "1")
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kw)
+
+
+# --- distributed ----------------------------------------------------------------------------
+
+def _dist():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank():
+    return torch.distributed.get_rank() if _dist() else 0
+
+
+def _world():
+    return torch.distributed.get_world_size() if _dist() else 1
+
+
+def _is_main():
+    return _rank() == 0
+
+
+def init_distributed() -> None:
+    """Join the process group torchrun / accelerate launch describe in the environment."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _dist():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _barrier():
+    if _dist():
+        torch.distributed.barrier()
+
+
+# --- the trainer ----------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, config, output_dir: str | os.PathLike, max_steps: int | None = None,
+                 model=None, tokenizer=None):
+        self.cfg: RunConfig = config if isinstance(config, RunConfig) else load_config(config)
+        if max_steps is not None:
+            self.cfg.train.max_steps = max_steps
+        self.out = Path(output_dir)
+        init_distributed()
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() \
+            else torch.device("cpu")
+        if self.cfg.data.generate == "tiny_fixture" and not Path(self.cfg.data.root).exists():
+            if _is_main():
+                from adapterkit.testing.fixtures import make_vl_fixture
+
+                make_vl_fixture(self.cfg.data.root, feat_dim=self.cfg.model.feat_dim)
+            _barrier()
+        self.cfg.check_paths(("train",) + (("val",) if self.cfg.eval.select_on == "val" else ()))
+        if _is_main():
+            write_probe(self.out)  # read-only / full disk: fail before any work
+        self._seed_all(self.cfg.train.seed)
+        from adapterkit.vl.build import build_vl_model
+        from adapterkit.vl.features import FeatureStore
+
+        self.store = FeatureStore.open(self.cfg.data.features)
+        if self.store.dim != self.cfg.model.feat_dim:
+            raise ConfigError(f"the feature store {self.cfg.data.features} has {self.store.dim}-d features but "
+                              f"model.feat_dim is {self.cfg.model.feat_dim}")
+        self.preset = self.cfg.preset_dict()
+        tasks = self.cfg.data.tasks
+        if model is None:
+            spec = {"backbone": self.cfg.model.backbone, "feat_dim": self.cfg.model.feat_dim,
+                    "n_images": self.cfg.model.n_images, "random_init": self.cfg.model.random_init,
+                    "init_seed": self.cfg.model.init_seed, "corpus": self._corpus(), "device": "cpu"}
+            if self.cfg.model.lm:
+                spec["lm"] = self.cfg.model.lm
+            model, tokenizer = build_vl_model(spec, self.preset, tasks)
+        self.model, self.tok = model.to(self.device), tokenizer
+        spec = TextSpec(kind=self.model.kind, max_text_len=self.cfg.train.max_text_len,
+                        max_target_len=self.cfg.train.max_target_len)
+        self.train_data = {t: self._task_data(t, self.cfg.data.train_split, spec, True) for t in tasks}
+        self.spec = spec
+        self._eval_cache: dict = {}
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.named_trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.batch_sizes = {t: max(1, round(self.cfg.train.batch_size * self.cfg.train.task_batch_scale.get(t, 1.0)))
+                            * _world() for t in tasks}
+        self.num_batches = {t: d.num_batches(self.batch_sizes[t]) for t, d in self.train_data.items()}
+        self.steps_per_epoch = sum(self.num_batches.values())
+        total = self.steps_per_epoch * self.cfg.train.epochs
+        if self.cfg.train.max_steps:
+            total = min(total, self.cfg.train.max_steps)
+        self.total_steps = total
+        lr = self.cfg.train.lr or (self.preset.get("video_lr") if self.cfg.train.video else self.preset.get("lr")) or 1e-3
+        self.lr = lr
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=lr, eps=self.cfg.train.adam_eps)
+        warm = int(self.cfg.train.warmup_ratio * total)
+
+        def schedule(step):
+            if step < warm:
+                return (step + 1) / max(1, warm)
+            return max(0.0, (total - step) / max(1, total - warm))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.ckpt = CheckpointManager(self.out, keep_last=self.cfg.train.keep_last, probe=_is_main())
+        self.state = {"epoch": 0, "pos": 0, "step": 0, "best": None, "best_step": None, "history": []}
+
+    # --- setup helpers ----------------------------------------------------------------------
+    @staticmethod
+    def _seed_all(seed):
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)
+
+    def _split_file(self, task, split):
+        return Path(self.cfg.data.root) / task / f"{split}.jsonl"
+
+    def _corpus(self) -> list[str]:
+        """Text of the training data (for tiny word-level tokenizers)."""
+        lines = []
+        for t in self.cfg.data.tasks:
+            for s in {self.cfg.data.train_split, self.cfg.data.val_split, self.cfg.data.test_split}:
+                f = self._split_file(t, s)
+                if f.exists():
+                    for ex in read_examples_jsonl(f):
+                        lines.append(ex.text)
+                        lines.extend(ex.targets)
+                        lines.extend(ex.choices or [])
+        from adapterkit.vl.data import PREFIXES
+        lines += list(PREFIXES.values()) + ["answer :", "true", "false"]
+        return lines
+
+    def _task_data(self, task, split, spec, train):
+        exs = read_examples_jsonl(self._split_file(task, split))
+        limit = self.cfg.data.max_train_examples if train else self.cfg.data.max_eval_examples
+        if limit:
+            exs = exs[:limit]
+        if self.model.kind and task == "vqa":
+            for e in exs:  # single-answer VQA-style data: score by soft score, not leave-one-out
+                if e.target_scores and len(e.targets) < 10:
+                    e.extra.setdefault("raw_answers", False)
+        return TaskData(task, exs, self.store, self.tok, spec, self.cfg.model.n_images, train)
+
+    def _param_groups(self):
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            leaf = n.rsplit(".", 1)[-1]
+            is_norm = "norm" in n.lower() or "ln_" in n.lower() or n.endswith("ln_weight") or n.endswith("ln_bias")
+            (no_decay if leaf == "bias" or (is_norm and leaf == "weight") or p.dim() == 1 else decay).append(p)
+        return [{"params": decay, "weight_decay": self.cfg.train.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def _save_checkpoint(self):
+        if _is_main():
+            state = {
+                "adapter": {n: p.detach() for n, p in self.named_trainable.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": capture_rng_state(),
+                "trainer": dict(self.state),
+            }
+            self.ckpt.save(self.state["step"], state)
+        _barrier()
+
+    def _resume(self) -> bool:
+        found = self.ckpt.load_latest()
+        if found is None:
+            return False
+        state, step = found
+        with torch.no_grad():
+            for n, t in state["adapter"].items():
+                if n not in self.named_trainable:
+                    raise ConfigError(f"the checkpoint in {self.ckpt.root} does not match this config (key {n!r});"
+                                      " use a new --output directory")
+                self.named_trainable[n].copy_(t.to(self.named_trainable[n].device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        self.state.update(state["trainer"])
+        if _is_main():
+            print(f"resumed from step {step} (epoch {self.state['epoch']}, position {self.state['pos']})")
+        return True
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _move(self, batch):
+        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def _all_reduce_grads(self):
+        if not _dist():
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+        torch.distributed.all_reduce(flat)
+        flat /= _world()
+        i = 0
+        for p in self.params:
+            n = p.numel()
+            g = flat[i:i + n].view_as(p)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+            i += n
+
+    def train_step(self, task, rows, seed):
+        self.model.train()
+        tid = self.cfg.data.tasks.index(task)
+        batch = self._move(self.train_data[task].train_batch(rows, seed, _rank(), _world()))
+        try:
+            loss = self.model(**batch, task_ids=tid)
+        except torch.OutOfMemoryError:
+            bs = batch["input_ids"].shape[0]
+            raise TrainingError(f"out of memory at step {self.state['step']} (task {task!r}, {bs} examples per "
+                                f"device); try train.batch_size {max(1, self.cfg.train.batch_size // 2)}") from None
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the loss is {loss.item()} at step {self.state['step'] + 1} (task {task!r}); the run "
+                                f"stopped and the last good checkpoint in {self.ckpt.root} is kept")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._all_reduce_grads()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        val = loss.detach()
+        if _dist():
+            torch.distributed.all_reduce(val)
+            val /= _world()
+        return float(val)
+
+    def fit(self) -> dict:
+        t0 = time.time()
+        self._resume()
+        cfg = self.cfg.train
+        log_path = self.out / "train_log.csv"
+        new_log = not log_path.exists() or self.state["step"] == 0
+        logf = open(log_path, "w" if new_log else "a", newline="") if _is_main() else None
+        writer = csv.writer(logf) if logf else None
+        if writer and new_log:
+            writer.writerow(["step", "epoch", "task", "loss", "lr"])
+        bar = _progress(total=self.total_steps, initial=self.state["step"], desc="train")
+        done = self.state["step"] >= self.total_steps
+        try:
+            while not done and self.state["epoch"] < cfg.epochs:
+                ep = self.state["epoch"]
+                sched = task_schedule(self.num_batches, cfg.seed, ep)
+                orders = {t: d.epoch_order(cfg.seed, ep) for t, d in self.train_data.items()}
+                while self.state["pos"] < len(sched):
+                    task, b = sched[self.state["pos"]]
+                    bs = self.batch_sizes[task]
+                    rows = orders[task][b * bs:(b + 1) * bs]
+                    loss = self.train_step(task, rows, _seed(cfg.seed, ep, task, b))
+                    self.state["pos"] += 1
+                    self.state["step"] += 1
+                    step = self.state["step"]
+                    if writer:
+                        writer.writerow([step, ep, task, f"{loss:.6f}", f"{self.scheduler.get_last_lr()[0]:.3e}"])
+                    bar.update(1)
+                    bar.set_postfix(task=task, loss=f"{loss:.3f}")
+                    if step % cfg.checkpoint_every == 0:
+                        if logf:
+                            logf.flush()
+                        self._save_checkpoint()
+                    if step >= self.total_steps:
+                        done = True
+                        break
+                if self.state["pos"] >= len(sched):
+                    self.state["epoch"] += 1
+                    self.state["pos"] = 0
+                if cfg.eval_every_epoch or done:
+                    self._validate()
+                self._save_checkpoint()
+        finally:
+            bar.close()
+            if logf:
+                logf.close()
+        results = self.test()
+        results["wall_time_s"] = time.time() - t0
+        if _is_main():
+            atomic_write_json(self.out / "results.json", results)
+        _barrier()
+        return results
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def _eval_data(self, task, split):
+        key = (task, split)
+        if key not in self._eval_cache:
+            self._eval_cache[key] = self._task_data(task, split, self.spec, False)
+        return self._eval_cache[key]
+
+    @torch.no_grad()
+    def predict(self, task, split, desc=None) -> dict[str, str]:
+        data = self._eval_data(task, split)
+        self.model.eval()
+        tid = self.cfg.data.tasks.index(task)
+        rows = np.arange(len(data))[_rank()::_world()]
+        bs = self.cfg.eval.batch_size
+        preds = {}
+        eos = self.tok.eos_token_id
+        pad = self.tok.pad_token_id
+        for i in _progress(range(0, len(rows), bs), desc=desc or f"eval {task}/{split}", leave=False):
+            batch = data.eval_batch(rows[i:i + bs])
+            uids = batch.pop("uids")
+            batch = self._move(batch)
+            if task in BINARY_TASKS:
+                cand = [self.tok(" true" if self.model.kind == "causal" else "true", add_special_tokens=False).input_ids[0],
+                        self.tok(" false" if self.model.kind == "causal" else "false", add_special_tokens=False).input_ids[0]]
+                scores = self.model.first_token_scores(**batch, candidate_ids=cand, task_ids=tid)
+                texts = ["true" if s[0] >= s[1] else "false" for s in scores.tolist()]
+            else:
+                cap = task in CAPTION_TASKS
+                out = self.model.generate(**batch, task_ids=tid, pad_token_id=pad, eos_token_id=eos,
+                                          max_new_tokens=self.cfg.eval.caption_max_new_tokens if cap
+                                          else self.cfg.eval.max_new_tokens,
+                                          num_beams=self.cfg.eval.caption_beams if cap else 1)
+                texts = [t.strip() for t in self.tok.batch_decode(out, skip_special_tokens=True)]
+            preds.update(zip(uids, texts))
+        if _dist():
+            gathered = [None] * _world()
+            torch.distributed.all_gather_object(gathered, preds)
+            preds = {k: v for g in gathered for k, v in g.items()}
+        return preds
+
+    def evaluate(self, split) -> dict:
+        from adapterkit.vl.metrics import TASK_METRICS
+
+        out = {}
+        for t in self.cfg.data.tasks:
+            data = self._eval_data(t, split)
+            preds = self.predict(t, split)
+            exs = {e.uid: e for e in data.examples}
+            metric = TASK_METRICS.get(t, TASK_METRICS["gqa"])
+            try:
+                out[t] = metric(preds, exs)
+            except DataError as e:
+                raise DataError(f"evaluating {t}/{split}: {e}") from None
+            out[t]["_predictions"] = preds
+        return out
+
+    @staticmethod
+    def main_score(task_metrics: dict) -> float:
+        for k in ("accuracy", "CIDEr"):
+            if k in task_metrics:
+                return float(task_metrics[k])
+        return float(next(v for k, v in task_metrics.items() if not k.startswith("_")))
+
+    def _validate(self):
+        if self.cfg.eval.select_on != "val":
+            return
+        m = self.evaluate(self.cfg.data.val_split)
+        avg = float(np.mean([self.main_score(v) for v in m.values()]))
+        entry = {"step": self.state["step"], "epoch": self.state["epoch"], "val_avg": avg,
+                 **{t: self.main_score(v) for t, v in m.items()}}
+        self.state["history"].append(entry)
+        if _is_main():
+            print("val", json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in entry.items()}))
+        if self.state["best"] is None or avg > self.state["best"]:
+            self.state["best"], self.state["best_step"] = avg, self.state["step"]
+            if _is_main():
+                self._save_best()
+        _barrier()
+
+    def _save_best(self):
+        from adapterkit.core.base import get_container
+        from adapterkit.safeio import save_safetensors_atomic
+
+        best = self.out / "best"
+        if get_container(self.model) is not None:
+            adapterkit.save_adapters(self.model, best)
+        # the visual embedding / full weights of full fine-tuning: everything trainable
+        save_safetensors_atomic({n: p.detach() for n, p in self.named_trainable.items()}, best / "trainable.safetensors")
+
+    def _load_best(self):
+        from adapterkit.safeio import load_safetensors_checked
+
+        f = self.out / "best" / "trainable.safetensors"
+        if not f.exists():
+            return False
+        t = load_safetensors_checked(f)
+        with torch.no_grad():
+            for n, v in t.items():
+                self.named_trainable[n].copy_(v.to(self.named_trainable[n].device))
+        return True
+
+    def test(self) -> dict:
+        _barrier()
+        used_best = self.cfg.eval.select_on == "val" and self._load_best()
+        m = self.evaluate(self.cfg.data.test_split)
+        preds = {t: v.pop("_predictions") for t, v in m.items()}
+        rep = adapterkit.trainable_report(self.model)
+        res = {
+            "name": self.cfg.name,
+            "preset": self.preset.get("name"),
+            "config": _jsonable(self.cfg),
+            "versions": versions(),
+            "steps": self.state["step"],
+            "checkpoint": f"best (step {self.state['best_step']}, val avg {self.state['best']:.2f})"
+            if used_best and self.state["best"] is not None else "last",
+            "test": m,
+            "test_avg": float(np.mean([self.main_score(v) for v in m.values()])),
+            "val_history": self.state["history"],
+            "trainable": rep["trainable"], "total": rep["total"], "percent": rep["percent"],
+        }
+        if _is_main():
+            atomic_write_json(self.out / "predictions.json", preds)
+        return res
+
+
+def _jsonable(cfg):
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"adapterkit": adapterkit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+            else platform.processor() or "cpu"}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+

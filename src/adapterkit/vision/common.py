@@ -1,0 +1,219 @@
+"""Pieces shared by the vision, audio and rec pipelines: config sections with defaults,
+optimiser/schedule construction, a classification training loop, result writing."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapterkit.core.base import get_container, trainable_report
+from adapterkit.errors import ConfigError, did_you_mean
+from adapterkit.safeio import atomic_write_json, save_safetensors_atomic
+
+# ----------------------------------------------------------------------------- config
+
+
+def section(user: dict | None, defaults: dict, where: str) -> dict:
+    """``defaults`` updated with ``user``; unknown keys and wrong value types raise ConfigError."""
+    if user is None:
+        user = {}
+    if not isinstance(user, dict):
+        raise ConfigError(f'"{where}" must be a mapping, got {type(user).__name__}')
+    out = dict(defaults)
+    for k, v in user.items():
+        if k not in defaults:
+            raise ConfigError(f'unknown key "{where}.{k}"{did_you_mean(k, defaults)}; allowed: {sorted(defaults)}')
+        d = defaults[k]
+        if d is not None and v is not None:
+            ok = (isinstance(v, bool) == isinstance(d, bool)) and (
+                isinstance(v, type(d)) or (isinstance(d, float) and isinstance(v, int) and not isinstance(v, bool))
+            )
+            if not ok:
+                raise ConfigError(f'"{where}.{k}" must be a {type(d).__name__}, got {v!r}')
+            if isinstance(d, float):
+                v = float(v)
+        out[k] = v
+    return out
+
+
+def top_level(cfg: dict, allowed: tuple[str, ...], where: str) -> None:
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"the {where} config must be a mapping, got {type(cfg).__name__}")
+    for k in cfg:
+        if k not in allowed:
+            raise ConfigError(f'unknown key "{k}" in the {where} config{did_you_mean(k, allowed)}; allowed: {list(allowed)}')
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping at the top level")
+    return data
+
+
+# ----------------------------------------------------------------------------- training
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": 10,
+    "batch_size": 64,
+    "optimizer": "sgd",          # sgd (AdaptFormer/MAE) or adamw (PETL-AST)
+    "blr": 0.1,                  # sgd: lr = blr * batch_size / 256
+    "lr": None,                  # explicit lr (overrides blr)
+    "momentum": 0.9,
+    "betas": [0.9, 0.999],
+    "weight_decay": 0.0,
+    "warmup_epochs": 1.0,
+    "min_lr": 0.0,
+    "grad_clip": None,
+    "eval_batch_size": 256,
+    "seed": 0,
+    "label_smoothing": 0.0,
+}
+
+
+def learning_rate(t: dict) -> float:
+    if t["lr"] is not None:
+        return float(t["lr"])
+    return float(t["blr"]) * t["batch_size"] / 256.0
+
+
+def make_optimizer(params: list[nn.Parameter], t: dict) -> torch.optim.Optimizer:
+    lr = learning_rate(t)
+    if not params:
+        raise ConfigError("nothing to train: the method leaves no trainable parameter")
+    if t["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=t["momentum"], weight_decay=t["weight_decay"])
+    if t["optimizer"] == "adamw":
+        b1, b2 = t["betas"]
+        return torch.optim.AdamW(params, lr=lr, betas=(b1, b2), weight_decay=t["weight_decay"])
+    raise ConfigError(f'"train.optimizer" must be "sgd" or "adamw", got "{t["optimizer"]}"{did_you_mean(t["optimizer"], ["sgd", "adamw"])}')
+
+
+def lr_at(step: float, total: float, warmup: float, base: float, floor: float) -> float:
+    """Linear warmup, then a half-cycle cosine from ``base`` to ``floor`` (MAE / AdaptFormer schedule)."""
+    if warmup > 0 and step < warmup:
+        return base * step / warmup
+    if total <= warmup:
+        return base
+    frac = (step - warmup) / (total - warmup)
+    return floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+
+def set_train_mode(model: nn.Module, backbone: nn.Module, full: bool) -> None:
+    """Train mode for what trains; a frozen backbone stays in eval mode (BatchNorm statistics and
+    dropout of the pretrained network untouched) while its adapters run in train mode."""
+    model.train()
+    if not full:
+        backbone.eval()
+        c = get_container(backbone)
+        if c is not None:
+            c.train()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch: int, prepare: Callable) -> torch.Tensor:
+    model.eval()
+    outs = [model(prepare(x[i:i + batch], False)) for i in range(0, len(x), batch)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def train_classifier(model: nn.Module, backbone: nn.Module, full: bool, train: tuple[torch.Tensor, torch.Tensor],
+                     test: tuple[torch.Tensor, torch.Tensor], t: dict, prepare: Callable,
+                     log: Callable[[str], None] = print) -> dict:
+    """Train ``model`` (logits = model(prepare(x, training))) with cross-entropy; return metrics."""
+    torch.manual_seed(t["seed"])
+    gen = torch.Generator().manual_seed(t["seed"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, t)
+    base_lr = learning_rate(t)
+    x, y = train
+    n, bs = len(x), t["batch_size"]
+    if n == 0:
+        raise ConfigError("the training set is empty")
+    steps_per_epoch = max(1, math.ceil(n / bs))
+    total = steps_per_epoch * t["epochs"]
+    warm = steps_per_epoch * t["warmup_epochs"]
+    step, t0, history = 0, time.time(), []
+    for epoch in range(t["epochs"]):
+        set_train_mode(model, backbone, full)
+        perm = torch.randperm(n, generator=gen)
+        run_loss = 0.0
+        for i in range(0, n, bs):
+            idx = perm[i:i + bs]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, warm, base_lr, t["min_lr"])
+            logits = model(prepare(x[idx], True))
+            loss = F.cross_entropy(logits, y[idx], label_smoothing=t["label_smoothing"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
+            opt.step()
+            run_loss += loss.item() * len(idx)
+            step += 1
+        acc = accuracy(predict(model, test[0], t["eval_batch_size"], prepare), test[1])
+        history.append({"epoch": epoch + 1, "train_loss": run_loss / n, "test_acc": acc})
+        log(f"epoch {epoch + 1}/{t['epochs']}  loss {run_loss / n:.4f}  test acc {acc:.2f}")
+    rep = trainable_report(model)
+    return {"test_acc": history[-1]["test_acc"] if history else
+            accuracy(predict(model, test[0], t["eval_batch_size"], prepare), test[1]),
+            "history": history, "train_seconds": round(time.time() - t0, 2),
+            "trainable_params": rep["trainable"], "total_params": rep["total"],
+            "trainable_percent": rep["percent"], "lr": base_lr}
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    if len(y) == 0:
+        return float("nan")
+    return float((logits.argmax(-1) == y).float().mean().item() * 100.0)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters plus every tensor of the attached adapter sets (e.g. BN statistics)."""
+    out = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    for n, b in model.state_dict().items():
+        if ".adapterkit." in f".{n}" and n not in out:
+            out[n] = b.detach().contiguous()
+    return out
+
+
+def write_outputs(output_dir: str | None, model: nn.Module, results: dict, config: dict) -> None:
+    if not output_dir:
+        return
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(trainable_state(model), out / "trainable.safetensors", metadata={"format": "adapterkit"})
+    atomic_write_json(out / "results.json", {"config": config, "results": _jsonable(results),
+                                             "versions": {"torch": torch.__version__}})
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
