@@ -8,7 +8,7 @@ the script prints the continuation loss of the base model, with the adapter gene
 from the document's own context, and with one generated from another document's
 context (a control: the gap to "own" is what the context itself contributes).
 
-    python examples/generative_adapter_smollm2.py --steps 40
+    python examples/generative_adapter_smollm2.py --steps 30
 """
 
 from __future__ import annotations
@@ -52,15 +52,15 @@ def bbc_documents() -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--ctx-len", type=int, default=96)
+    ap.add_argument("--ctx-len", type=int, default=64)
     ap.add_argument("--tgt-len", type=int, default=32)
-    ap.add_argument("--layers", type=int, nargs="+", default=[24, 25, 26, 27, 28, 29])
+    ap.add_argument("--layers", type=int, nargs="+", default=[25, 26, 27, 28, 29])
     ap.add_argument("--rank", type=int, default=32, help="r1 = r2")
     ap.add_argument("--max-rank", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--eval-docs", type=int, default=32)
+    ap.add_argument("--eval-docs", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 

@@ -216,3 +216,26 @@ def test_explicit_module_paths_on_plain_module():
     y.sum().backward()
     assert net[0].weight.grad is None
     assert adapterkit.trainable_report(net)["trainable"] > 0
+
+
+def test_task_aware_adamw_leaves_unrouted_tasks_untouched():
+    from adapterkit.core.optim import TaskAwareAdamW
+
+    model = tiny_model("bert")
+    adapterkit.add_adapters(model, {"method": "houlsby", "reduction_factor": 4, "tasks": TASKS, "sharing": "per_task"})
+    _randomise(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = TaskAwareAdamW(params, lr=1e-2, weight_decay=0.1)
+    inputs = tiny_inputs("bert")
+    for task in ("vqa", "gqa", "vqa"):
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        with adapterkit.route(task):
+            main_output(model(**inputs)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        t = TASKS.index(task)
+        for n, p in model.named_parameters():
+            if n in before and p.dim() >= 2 and ".down." in n:
+                for i in range(len(TASKS)):
+                    same = torch.equal(p[i], before[n][i])
+                    assert same == (i != t), (n, i, task)

@@ -226,7 +226,8 @@ def run_case(case: Case, shape: Shape, settings: Settings, batch: Batch) -> dict
         del stepper
         if settings.compile:
             torch._dynamo.reset()
-        _cleanup(dev_type)
+        if dev_type == "cuda":
+            _cleanup(dev_type)
     return rec
 
 
@@ -284,18 +285,24 @@ def run_bench(shape: Shape, settings: Settings, cases: list[Case], log=None, int
 
     settings.validate()
     batch = make_batch(shape, settings.batch, settings.src, settings.tgt, settings.device, seed=settings.seed)
-    if interleave:
-        results = run_interleaved(cases, shape, settings, batch)
-        if log is not None:
-            for rec in results:
-                log(_one_line(rec))
-    else:
-        results = []
-        for case in cases:
-            rec = run_case(case, shape, settings, batch)
-            results.append(rec)
+    # objects alive now outlive the run: keep them out of the per-case full collections
+    gc.collect()
+    gc.freeze()
+    try:
+        if interleave:
+            results = run_interleaved(cases, shape, settings, batch)
             if log is not None:
-                log(_one_line(rec))
+                for rec in results:
+                    log(_one_line(rec))
+        else:
+            results = []
+            for case in cases:
+                rec = run_case(case, shape, settings, batch)
+                results.append(rec)
+                if log is not None:
+                    log(_one_line(rec))
+    finally:
+        gc.unfreeze()
     meta = {**environment(settings.device), "shape": shape.to_dict(), "settings": settings.to_dict(),
             "mode": "interleaved" if interleave else "sequential"}
     out = {"meta": meta,
@@ -308,4 +315,5 @@ def run_bench(shape: Shape, settings: Settings, cases: list[Case], log=None, int
 def _one_line(rec: dict) -> str:
     if rec["status"] != "ok":
         return f"{rec['case']:<32} {rec['status']}: {rec.get('error') or rec.get('note', '')}"
-    return f"{rec['case']:<32} {rec['median_ms']:9.2f} ms  trainable {rec['trainable_pct']:.3g}%"
+    extra = f"  trainable {rec['trainable_pct']:.3g}%" if rec["kind"] == "train" else ""
+    return f"{rec['case']:<32} {rec['median_ms']:9.2f} ms{extra}"

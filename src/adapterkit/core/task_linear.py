@@ -13,13 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.routing import Resolved, expand_to_batch
 
 
 def task_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, task: Resolved | None):
     """y = x W_t^T + b_t. ``weight`` (n, out, in); ``bias`` (n, out) or None; x (B, ..., in)."""
     if weight.shape[0] == 1 or task is None:
-        return F.linear(x, weight[0], None if bias is None else bias[0])
+        # squeeze (a view) rather than weight[0]: select's backward would allocate a zero tensor and copy
+        return F.linear(x, weight.squeeze(0) if weight.shape[0] == 1 else weight[0],
+                        None if bias is None else (bias.squeeze(0) if bias.shape[0] == 1 else bias[0]))
     if isinstance(task, int):
         return F.linear(x, weight[task], None if bias is None else bias[task])
     task = expand_to_batch(task, x.shape[0])
@@ -63,6 +66,10 @@ class TaskLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(n, out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(n, out_features)) if bias else None
         init_weight(self.weight, init)
+        if n > 1:
+            for p in (self.weight, self.bias):
+                if p is not None:
+                    mark_task_stacked(p)
 
     def forward(self, x: torch.Tensor, task: Resolved | None = None) -> torch.Tensor:
         return task_linear(x, self.weight, self.bias, task)

@@ -36,6 +36,10 @@ from adapterkit.errors import ConfigError
 NORMS = ("svd", "frobenius", "spectral", "none")
 
 
+class _ContextCaptured(Exception):
+    """Raised by the last capture hook to stop a context forward early (later layers are not needed)."""
+
+
 @dataclass
 class GenerativeAdapterConfig(AdapterConfig):
     """GenerativeAdapter options. ``targets`` are profile places (default ``o``, i.e.
@@ -138,6 +142,7 @@ class GenerativeAdapterSet(AdapterSet):
         self.state: dict[str, torch.Tensor] = {}      # accumulated S per target
         self.generated: dict[str, torch.Tensor] = {}  # S̃ per target (the active adapter)
         self._capturing = False
+        self._grad = False
         self._ctx_mask: torch.Tensor | None = None
         self._merged_delta: dict[str, torch.Tensor] = {}
 
@@ -167,13 +172,14 @@ class GenerativeAdapterSet(AdapterSet):
             self.by_layer.setdefault(p.layer, []).append(p.key)
             self.add_forward_hook(p.module, self._target_hook(p.key))
             self.paths.append(p.path)
+        last = max(self.by_layer)
         for li, keys in self.by_layer.items():
             stream = streams.get(li)
             mod = stream.module if stream is not None else _layer_module(model, found, li)
-            self.add_pre_hook(mod, self._capture_hook(keys), with_kwargs=True)
+            self.add_pre_hook(mod, self._capture_hook(keys, stop=li == last), with_kwargs=True)
 
     # -- hooks ------------------------------------------------------------------
-    def _capture_hook(self, keys: list[str]):
+    def _capture_hook(self, keys: list[str], stop: bool):
         def hook(module, args, kwargs):
             if not self._capturing:
                 return None
@@ -183,8 +189,11 @@ class GenerativeAdapterSet(AdapterSet):
                 raise ConfigError(f"context attention_mask {tuple(mask.shape)} does not match the hidden states "
                                   f"{tuple(h.shape[:2])}")
             for k in keys:
-                s = self.layers[k].kv(h, mask)
+                with torch.enable_grad() if self._grad else contextlib.nullcontext():
+                    s = self.layers[k].kv(h, mask)
                 self.state[k] = s if k not in self.state else self.state[k] + s
+            if stop:
+                raise _ContextCaptured
             return None
         return hook
 
@@ -214,8 +223,9 @@ class GenerativeAdapterSet(AdapterSet):
                reset: bool = True) -> None:
         """Run the context through ``model`` in ``segment_len`` windows and generate the adapter.
 
-        Each window runs with the adapter generated from the windows before it. Gradients
-        flow when called with grad enabled (training)."""
+        Each window runs with the adapter generated from the windows before it; the forward
+        runs the base transformer (no LM head) and stops after the last target layer.
+        Gradients flow when called with grad enabled (training)."""
         if reset:
             self.reset()
         elif self.merged:
@@ -223,12 +233,20 @@ class GenerativeAdapterSet(AdapterSet):
         if input_ids.dim() != 2:
             raise ConfigError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         seg = self.config.segment_len
+        body = getattr(model, "base_model", model)
         for start in range(0, input_ids.shape[1], seg):
             ids = input_ids[:, start:start + seg]
             m = attention_mask[:, start:start + seg] if attention_mask is not None else None
             self._ctx_mask, self._capturing = m, True
+            self._grad = torch.is_grad_enabled()
+            # before any adapter is generated the context states do not depend on trained
+            # parameters: run the frozen body without autograd (the capture re-enables it)
+            body_grad = self._grad and bool(self.generated)
             try:
-                model(input_ids=ids, attention_mask=m)
+                with torch.set_grad_enabled(body_grad):
+                    body(input_ids=ids, attention_mask=m, use_cache=False)
+            except _ContextCaptured:
+                pass
             finally:
                 self._capturing, self._ctx_mask = False, None
             self.refresh()

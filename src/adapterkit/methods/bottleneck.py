@@ -20,6 +20,7 @@ from torch import nn
 from adapterkit.core.activations import get_activation
 from adapterkit.core.base import AdapterSet, places_for
 from adapterkit.core.config import ACTIVATIONS, AdapterConfig, bounded, choice, register_method
+from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.task_linear import TaskLinear
 from adapterkit.errors import ConfigError
 
@@ -77,12 +78,13 @@ class Bottleneck(nn.Module):
         self.act = get_activation(cfg.activation)
         self.p = cfg.dropout
         self.fixed_scale = cfg.scale
-        self.scale = nn.Parameter(torch.full((cfg.copies("up"),), float(cfg.scale))) if cfg.learned_scale else None
+        self.scale = mark_task_stacked(nn.Parameter(torch.full((cfg.copies("up"),), float(cfg.scale)))) \
+            if cfg.learned_scale else None
         self.ln_mode = cfg.adapter_layernorm
         if self.ln_mode != "none":
             n = cfg.copies("down" if self.ln_mode == "before" else "up")
-            self.ln_weight = nn.Parameter(torch.ones(n, d))
-            self.ln_bias = nn.Parameter(torch.zeros(n, d))
+            self.ln_weight = mark_task_stacked(nn.Parameter(torch.ones(n, d)))
+            self.ln_bias = mark_task_stacked(nn.Parameter(torch.zeros(n, d)))
 
     def _ln(self, x, task):
         y = F.layer_norm(x, x.shape[-1:])

@@ -21,6 +21,7 @@ from torch import nn
 from adapterkit.core.activations import get_activation
 from adapterkit.core.base import AdapterSet, places_for
 from adapterkit.core.config import ACTIVATIONS, AdapterConfig, bounded, choice, register_method
+from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.task_linear import task_linear
 from adapterkit.errors import ConfigError
 from adapterkit.methods.bottleneck import _first, _out_width, _replace_first
@@ -81,6 +82,10 @@ class PHMLinear(nn.Module):
                     nn.init.xavier_uniform_(self.W.view(-1, p, q)[idx], gain=gain)
             self.W_left = self.W_right = None
         self.bias = nn.Parameter(torch.zeros(copies, d_out))
+        if copies > 1:
+            for p in (self.W, self.W_left, self.W_right, self.bias):
+                if p is not None:
+                    mark_task_stacked(p)
 
     def weight(self, rule: torch.Tensor) -> torch.Tensor:
         """Stacked (copies, d_out, d_in) weight, i.e. H^T, for y = x H + b."""

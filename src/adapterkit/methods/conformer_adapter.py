@@ -35,6 +35,7 @@ from torch import nn
 
 from adapterkit.core.base import AdapterSet, places_for
 from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
+from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.routing import expand_to_batch
 from adapterkit.core.task_linear import TaskLinear
 from adapterkit.errors import ConfigError
@@ -96,8 +97,8 @@ class TaskBatchNorm1d(nn.Module):
     def __init__(self, channels: int, n: int = 1, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         self.eps, self.momentum, self.n = eps, momentum, n
-        self.weight = nn.Parameter(torch.ones(n, channels))
-        self.bias = nn.Parameter(torch.zeros(n, channels))
+        self.weight = mark_task_stacked(nn.Parameter(torch.ones(n, channels)))
+        self.bias = mark_task_stacked(nn.Parameter(torch.zeros(n, channels)))
         self.running_mean = nn.Parameter(torch.zeros(n, channels), requires_grad=False)
         self.running_var = nn.Parameter(torch.ones(n, channels), requires_grad=False)
 
@@ -137,11 +138,11 @@ class ConformerBlock(nn.Module):
         self.k = cfg.kernel_size
         self.use_ln = cfg.input_layernorm
         if self.use_ln:
-            self.ln_weight = nn.Parameter(torch.ones(n, d))
-            self.ln_bias = nn.Parameter(torch.zeros(n, d))
+            self.ln_weight = mark_task_stacked(nn.Parameter(torch.ones(n, d)))
+            self.ln_bias = mark_task_stacked(nn.Parameter(torch.zeros(n, d)))
         self.pointwise_in = TaskLinear(d, 2 * m, n)
-        self.depthwise_weight = nn.Parameter(torch.empty(n, m, self.k))
-        self.depthwise_bias = nn.Parameter(torch.zeros(n, m))
+        self.depthwise_weight = mark_task_stacked(nn.Parameter(torch.empty(n, m, self.k)))
+        self.depthwise_bias = mark_task_stacked(nn.Parameter(torch.zeros(n, m)))
         bound = 1.0 / self.k ** 0.5  # nn.Conv1d's default for fan_in = kernel size (depthwise)
         nn.init.uniform_(self.depthwise_weight, -bound, bound)
         self.norm = TaskBatchNorm1d(m, n, momentum=cfg.bn_momentum)

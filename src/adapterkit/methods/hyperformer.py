@@ -23,6 +23,7 @@ from torch import nn
 from adapterkit.core.activations import get_activation
 from adapterkit.core.base import AdapterSet, places_for
 from adapterkit.core.config import ACTIVATIONS, AdapterConfig, bounded, choice, register_method
+from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.task_linear import task_linear
 from adapterkit.errors import ConfigError
 from adapterkit.methods.bottleneck import _first, _out_width, _replace_first
@@ -80,21 +81,25 @@ class StackHypernet(nn.Module):
         self.generators = nn.ModuleDict({b: Generator(cfg.projected_dim, d, m, cfg.generator_init_std) for b in gen_blocks})
         self.use_block_emb = cfg.block_embedding
 
-    def weights(self, task_emb: torch.Tensor, layer: int, block: str):
-        t = task_emb.shape[0]
-        parts = [task_emb, self.layer_emb.weight[layer].expand(t, -1)]
+    def weights(self, task_emb: torch.Tensor, block: str):
+        """Weights of every layer of this stack for one block type, in one batched pass:
+        (W_down (L*t, m, d), b_down (L*t, m), W_up (L*t, d, m), b_up (L*t, d)), row l*t + task."""
+        t, n_layers = task_emb.shape[0], self.layer_emb.num_embeddings
+        parts = [task_emb.unsqueeze(0).expand(n_layers, -1, -1),
+                 self.layer_emb.weight.unsqueeze(1).expand(-1, t, -1)]
         if self.use_block_emb:
-            parts.append(self.block_emb.weight[self.block_ids[block]].expand(t, -1))
-        emb = self.proj(torch.cat(parts, dim=-1))
+            parts.append(self.block_emb.weight[self.block_ids[block]].expand(n_layers, t, -1))
+        emb = self.proj(torch.cat(parts, dim=-1)).reshape(n_layers * t, -1)
         return self.generators["all" if self.use_block_emb else block](emb)
 
 
 class HyperformerSet(AdapterSet):
     def __init__(self, cfg: HyperformerConfig):
         super().__init__(cfg)
-        self.task_embedding = nn.Parameter(torch.randn(len(cfg.tasks), cfg.task_embedding_dim))
+        self.task_embedding = mark_task_stacked(nn.Parameter(torch.randn(len(cfg.tasks), cfg.task_embedding_dim)))
         self.stacks = nn.ModuleDict()
         self.act = get_activation(cfg.activation)
+        self._forward_id, self._cache_key, self._cache = 0, None, {}
 
     def attach(self, model, profile):
         cfg: HyperformerConfig = self.config
@@ -120,17 +125,35 @@ class HyperformerSet(AdapterSet):
             self.stacks[stack] = StackHypernet(n_layers, blocks, d, m, cfg)
             for p in places:
                 self.add_forward_hook(p.module, self._hook(stack, p.layer, p.kind))
+        self.add_pre_hook(model, self._new_forward)
+
+    # Generated weights are computed once per forward for all layers of a (stack, block) pair
+    # and reused by every place; the cache key changes with each top-level forward, each
+    # routing context and any in-place update of the hypernetwork's parameters.
+    def _new_forward(self, module, args):
+        self._forward_id += 1
+
+    def _generated(self, stack: str, block: str):
+        from adapterkit.core.routing import current_route
+
+        r = current_route()
+        key = (self._forward_id, id(r), tuple(p._version for p in self.parameters()))
+        if key != self._cache_key:
+            self._cache, self._cache_key = {}, key
+        hit = self._cache.get((stack, block))
+        if hit is None:
+            hit = self._cache[(stack, block)] = self.stacks[stack].weights(self.task_embedding, block)
+        return hit
 
     def _hook(self, stack: str, layer: int, block: str):
-        net = self.stacks[stack]
+        n_tasks = len(self.config.tasks)
 
         def hook(module, args, out):
             h = _first(out)
             task = self.router.resolve(h.device)
-            emb = self.task_embedding
-            if isinstance(task, int):  # generate only the routed task's weights
-                emb, task = emb[task:task + 1], 0
-            wd, bd, wu, bu = net.weights(emb, layer, block)
+            wd, bd, wu, bu = self._generated(stack, block)
+            sl = slice(layer * n_tasks, (layer + 1) * n_tasks)
+            wd, bd, wu, bu = wd[sl], bd[sl], wu[sl], bu[sl]
             z = self.act(task_linear(h, wd, bd, task))
             return _replace_first(out, h + task_linear(z, wu, bu, task))
         return hook

@@ -108,6 +108,9 @@ def explicit_mask(module: nn.Module, query: torch.Tensor, key: torch.Tensor, mas
             j = torch.arange(k_len, device=query.device).unsqueeze(0)
             return (j <= i + (k_len - q_len)).view(1, 1, q_len, k_len)
         return None
+    if not isinstance(mask, torch.Tensor):
+        raise ConfigError(f"adapterkit's attention interceptor needs a tensor mask, got {type(mask).__name__} "
+                          "(flex-attention block masks are not supported: use attn_implementation eager or sdpa)")
     if mask.dim() == 4 and mask.shape[-1] > k_len:
         mask = mask[..., :k_len]
     return mask
@@ -208,12 +211,43 @@ def intercept_attention(module: nn.Module, owner: object, *, extender: Extender 
     return remove
 
 
-def attention_modules(model: nn.Module, profile: dict | None, cfg: AdapterConfig, kinds: list[str],
-                      stacks: list[str] | None = None) -> list[tuple[str, str, int, str, nn.Module]]:
-    """(path, kind, layer, stack, module) of the attention modules of ``kinds`` (self_attn / cross_attn).
+@dataclass(frozen=True)
+class AttnPlace:
+    """An attention module (the one that calls the AttentionInterface) and its output projection."""
 
-    The attention module is the parent of the profile's ``attn_out`` / ``cross_attn_out`` projection.
-    """
+    path: str
+    kind: str        # self_attn / cross_attn
+    layer: int
+    stack: str
+    module: nn.Module
+    out_path: str
+    out_proj: nn.Module
+
+
+def _dispatches(mod: nn.Module) -> bool:
+    return hasattr(getattr(mod, "config", None), "_attn_implementation")
+
+
+def find_attention_module(model: nn.Module, out_path: str) -> tuple[str, nn.Module]:
+    """The attention module owning the output projection at ``out_path``: its parent (BART, T5,
+    Llama, GPT-2, CLIP...) or a sibling of the parent (BERT/ViT: ``attention.self`` next to
+    ``attention.output``)."""
+    parent = out_path.rpartition(".")[0]
+    mod = model.get_submodule(parent)
+    if _dispatches(mod):
+        return parent, mod
+    grand = parent.rpartition(".")[0]
+    for name, child in model.get_submodule(grand).named_children():
+        if _dispatches(child):
+            return f"{grand}.{name}" if grand else name, child
+    raise ConfigError(f"cannot find the attention module that owns {out_path} (a module with "
+                      ".config._attn_implementation next to it)")
+
+
+def attention_modules(model: nn.Module, profile: dict | None, cfg: AdapterConfig, kinds: list[str],
+                      stacks: list[str] | None = None) -> list[AttnPlace]:
+    """The attention modules of ``kinds`` (self_attn / cross_attn), found from the profile's
+    ``attn_out`` / ``cross_attn_out`` output projections."""
     out = []
     for kind in kinds:
         place = {"self_attn": "attn_out", "cross_attn": "cross_attn_out"}[kind]
@@ -222,9 +256,43 @@ def attention_modules(model: nn.Module, profile: dict | None, cfg: AdapterConfig
         for p in places_for(model, profile, place, cfg, required=kind == "self_attn"):
             if stacks is not None and p.stack not in stacks:
                 continue
-            parent = p.path.rpartition(".")[0]
-            out.append((parent, kind, p.layer, p.stack, model.get_submodule(parent)))
+            path, mod = find_attention_module(model, p.path)
+            out.append(AttnPlace(path, kind, p.layer, p.stack, mod, p.path, p.module))
     return out
+
+
+def _int_attr(obj, names) -> int | None:
+    for n in names:
+        v = getattr(obj, n, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def num_heads(attn: nn.Module) -> int:
+    """Query heads of an attention module."""
+    h = _int_attr(attn, ("num_heads", "num_attention_heads", "n_heads")) or \
+        _int_attr(getattr(attn, "config", None), ("num_attention_heads", "num_heads", "n_head"))
+    if h is None:
+        raise ConfigError(f"cannot tell the number of heads of {type(attn).__name__}")
+    return h
+
+
+def kv_shape(attn: nn.Module) -> tuple[int, int]:
+    """(key/value heads, head dim) of an attention module."""
+    hd = _int_attr(attn, ("head_dim", "attention_head_size", "key_value_proj_dim"))
+    heads = num_heads(attn)
+    if hd is None:
+        width = _int_attr(getattr(attn, "config", None), ("hidden_size", "d_model", "n_embd"))
+        if width is None:
+            raise ConfigError(f"cannot tell the head size of {type(attn).__name__}")
+        hd = width // heads
+    kproj = next((getattr(attn, n) for n in ("k_proj", "k", "key") if isinstance(getattr(attn, n, None), nn.Linear)),
+                 None)
+    if kproj is not None:
+        return kproj.out_features // hd, hd
+    kv = _int_attr(getattr(attn, "config", None), ("num_key_value_heads",))
+    return kv or heads, hd
 
 
 # ----------------------------------------------------------------------------- HyperPELT
@@ -301,20 +369,6 @@ class PrefixGenerator(nn.Module):
         return kv[:, 0], kv[:, 1]
 
 
-def _kv_shape(attn: nn.Module) -> tuple[int, int]:
-    """(key/value heads, head dim) of an attention module."""
-    kproj = next((getattr(attn, n) for n in ("k_proj", "k", "key") if isinstance(getattr(attn, n, None), nn.Linear)), None)
-    if kproj is None:
-        raise ConfigError(f"cannot find the key projection of {type(attn).__name__} (looked for k_proj, k, key)")
-    hd = getattr(attn, "head_dim", None) or getattr(attn, "key_value_proj_dim", None)
-    if hd is None:
-        heads = getattr(attn, "num_heads", None) or getattr(attn, "n_heads", None)
-        if heads is None:
-            raise ConfigError(f"cannot tell the head size of {type(attn).__name__}")
-        hd = kproj.out_features // heads
-    return kproj.out_features // hd, hd
-
-
 class HyperPELTSet(AdapterSet):
     merge_note = "its adapters are non-linear and its prefixes are extra attention keys"
 
@@ -331,6 +385,7 @@ class HyperPELTSet(AdapterSet):
         self.paths: dict[str, list[str]] = {"adapters": [], "prefixes": []}
         self._visual: torch.Tensor | None = None
         self._removers: list = []
+        self._places: dict[str, tuple[int, int, str | None]] = {}  # path -> (layer id, block id, prefix gen)
 
     # -- construction ------------------------------------------------------------
     def attach(self, model, profile):
@@ -342,9 +397,9 @@ class HyperPELTSet(AdapterSet):
                 continue
             adapters += places_for(model, profile, pos, cfg, required=not optional)
         attns = attention_modules(model, profile, cfg, cfg.prefix_positions) if cfg.prefix_length else []
-        keys = sorted({(p.stack, p.layer) for p in adapters} | {(a[3], a[2]) for a in attns})
+        keys = sorted({(p.stack, p.layer) for p in adapters} | {(a.stack, a.layer) for a in attns})
         self.layer_ids = {k: i for i, k in enumerate(keys)}
-        blocks = sorted({p.kind for p in adapters} | {a[1] for a in attns})
+        blocks = sorted({p.kind for p in adapters} | {a.kind for a in attns})
         self.block_ids = {b: i for i, b in enumerate(blocks)}
         e = cfg.task_embedding_dim
         self.layer_emb = nn.Embedding(len(keys), e)
@@ -362,17 +417,20 @@ class HyperPELTSet(AdapterSet):
             self.adapter_gen = AdapterGenerator(cfg.projected_dim, d, int(d // cfg.reduction_factor),
                                                 cfg.generator_init_std, cfg.zero_init_up)
             for p in adapters:
-                self.add_forward_hook(p.module, self._adapter_hook(self.layer_ids[(p.stack, p.layer)], self.block_ids[p.kind]))
+                lid, bid = self.layer_ids[(p.stack, p.layer)], self.block_ids[p.kind]
+                self.add_forward_hook(p.module, self._adapter_hook(lid, bid))
                 self.paths["adapters"].append(p.path)
-        for path, kind, layer, stack, mod in attns:
-            heads, hd = _kv_shape(mod)
+                self._places[p.path] = (lid, bid, None)
+        for a in attns:
+            heads, hd = kv_shape(a.module)
             gk = f"{heads}x{hd}"
             if gk not in self.prefix_gens:
                 self.prefix_gens[gk] = PrefixGenerator(cfg.projected_dim, heads, hd, cfg.prefix_length,
                                                        cfg.generator_init_std)
-            ext = self._prefix_extender(self.layer_ids[(stack, layer)], self.block_ids[kind], gk)
-            self._removers.append(intercept_attention(mod, self, extender=ext))
-            self.paths["prefixes"].append(path)
+            lid, bid = self.layer_ids[(a.stack, a.layer)], self.block_ids[a.kind]
+            self._removers.append(intercept_attention(a.module, self, extender=self._prefix_extender(lid, bid, gk)))
+            self.paths["prefixes"].append(a.path)
+            self._places[a.path] = (lid, bid, gk)
 
     def detach(self) -> None:
         super().detach()
@@ -443,25 +501,35 @@ class HyperPELTSet(AdapterSet):
         return ext
 
     def generated(self, task: str | int = 0) -> dict[str, dict[str, tuple[int, ...]]]:
-        """Shapes of everything the hypernetwork generates for ``task``, per place (for inspection)."""
+        """Shapes of what the hypernetwork generates for ``task`` at every attached place
+        (keyed by module path; adapters: W_down, b_down, W_up, b_up; prefixes: P_k, P_v)."""
         from adapterkit.core.routing import route
 
         out: dict[str, dict[str, tuple[int, ...]]] = {}
         dev = self.task_embedding.device
         with route(task), torch.no_grad():
-            for (stack, layer), lid in sorted(self.layer_ids.items(), key=lambda kv: kv[1]):
-                for block, bid in self.block_ids.items():
-                    name = f"{stack or 'main'}.{layer}.{block}"
-                    emb, _ = self.embeddings(lid, bid, dev)
-                    if block in PREFIX_POSITIONS:
-                        for gk, gen in self.prefix_gens.items():
-                            pk, pv = gen(emb)
-                            out[f"{name}.{gk}"] = {"P_k": tuple(pk.shape[1:]), "P_v": tuple(pv.shape[1:])}
-                    elif self.adapter_gen is not None:
-                        wd, bd, wu, bu = self.adapter_gen(emb)
-                        out[name] = {"W_down": tuple(wd.shape[1:]), "b_down": tuple(bd.shape[1:]),
-                                     "W_up": tuple(wu.shape[1:]), "b_up": tuple(bu.shape[1:])}
+            for path, (lid, bid, gen_key) in self._places.items():
+                emb, _ = self.embeddings(lid, bid, dev)
+                if gen_key is None:
+                    wd, bd, wu, bu = self.adapter_gen(emb)
+                    out[path] = {"W_down": tuple(wd.shape[1:]), "b_down": tuple(bd.shape[1:]),
+                                 "W_up": tuple(wu.shape[1:]), "b_up": tuple(bu.shape[1:])}
+                else:
+                    pk, pv = self.prefix_gens[gen_key](emb)
+                    out[path] = {"P_k": tuple(pk.shape[1:]), "P_v": tuple(pv.shape[1:])}
         return out
+
+    def prefixes(self, path: str, task: str | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_k, P_v), each (kv_heads, prefix_length, head_dim), of the attention module at ``path``."""
+        from adapterkit.core.routing import route
+
+        if path not in self._places or self._places[path][2] is None:
+            raise ConfigError(f"no hyperpelt prefix at {path!r}; prefixed modules: {self.paths['prefixes']}")
+        lid, bid, gk = self._places[path]
+        with route(task):
+            emb, _ = self.embeddings(lid, bid, self.task_embedding.device)
+            pk, pv = self.prefix_gens[gk](emb)
+        return pk[0], pv[0]
 
 
 def _hyperpelt_sets(model: nn.Module, name: str | None) -> list[HyperPELTSet]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from adapterkit.core.base import AdapterSet
 from adapterkit.core.config import AdapterConfig, bounded, register_method
+from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.routing import expand_to_batch
 from adapterkit.core.task_linear import TaskLinear
 from adapterkit.errors import ConfigError
@@ -66,8 +67,8 @@ def _gather_rows(p: torch.Tensor, task, batch: int) -> torch.Tensor:
 class TaskLayerNorm(nn.Module):
     def __init__(self, d: int, n: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(n, d))
-        self.bias = nn.Parameter(torch.zeros(n, d))
+        self.weight = mark_task_stacked(nn.Parameter(torch.ones(n, d)))
+        self.bias = mark_task_stacked(nn.Parameter(torch.zeros(n, d)))
 
     def forward(self, x, task):
         y = F.layer_norm(x, x.shape[-1:])

@@ -75,7 +75,7 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, task) -> torch.Tensor:
         if self.p and self.training:
             x = F.dropout(x, self.p, True)
-        return self.B(self.A(x, task), task) * self.scaling
+        return self.B(self.A(x, task) * self.scaling, task)  # scale the rank-r intermediate: r/out times less work
 
 
 class LoraSet(AdapterSet):

@@ -14,7 +14,8 @@ a query's neighbours are the values, so Σ_j Ã_ij and (ÃF)_i only involve the 
 The self term β_i F_i is kept for every query, also in cross-attention where
 N_q ≠ N_k (the reference code slices β off the diagonal there and loses it).
 Output: W_o(GELU(W_g·h) ⊙ F'_q), h the attention output, added to it before the
-residual. p is learnable (init ``p_init``), μ = 2μ₀ + μ₀·tanh(m) with m learnable (init 0).
+residual (a forward hook on the profile's attention-output projection: out_proj, o_proj,
+T5's o, BERT's attention.output.dense, GPT-2's c_proj). p is learnable (init ``p_init``), μ = 2μ₀ + μ₀·tanh(m) with m learnable (init 0).
 
 The projected query/key/value and the mask are read through adapterkit's attention
 interceptor (see :mod:`adapterkit.methods.hyperpelt`), so A is recomputed from the
@@ -39,8 +40,8 @@ from adapterkit.core.config import AdapterConfig, bounded, choice, register_meth
 from adapterkit.core.routing import expand_to_batch
 from adapterkit.core.task_linear import TaskLinear
 from adapterkit.errors import ConfigError
-from adapterkit.methods.bottleneck import _first, _replace_first
-from adapterkit.methods.hyperpelt import attention_modules, intercept_attention
+from adapterkit.methods.bottleneck import _first, _out_width, _replace_first
+from adapterkit.methods.hyperpelt import attention_modules, intercept_attention, num_heads
 
 
 @dataclass
@@ -106,9 +107,9 @@ def _pool_tokens(x: torch.Tensor, valid: torch.Tensor | None, n: int) -> tuple[t
 class PAdapterLayer(nn.Module):
     """W_i, W_g, W_o and the learnable p, m of one attention module."""
 
-    def __init__(self, attn: nn.Module, out_proj: nn.Linear, heads: int, cross: bool, cfg: PAdapterConfig):
+    def __init__(self, out_proj: nn.Module, heads: int, cross: bool, cfg: PAdapterConfig):
         super().__init__()
-        d = out_proj.out_features
+        d = _out_width(out_proj)
         if d % cfg.reduction_factor:
             raise ConfigError(f"reduction_factor {cfg.reduction_factor:g} does not divide the hidden width {d}")
         m = int(d // cfg.reduction_factor)
@@ -123,7 +124,7 @@ class PAdapterLayer(nn.Module):
         self.m = nn.Parameter(torch.zeros(n))
         self.mu0, self.eps = cfg.mu0, cfg.eps
         self.sample_len = cfg.image_sample_len if cross else None
-        self.dense = [out_proj]  # frozen base projection (not a submodule)
+        self.dense = [out_proj]  # the frozen attention-output projection (not a submodule)
         self.pending: torch.Tensor | None = None
 
     def mu(self) -> torch.Tensor:
@@ -152,9 +153,8 @@ class PAdapterLayer(nn.Module):
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
                     else scores + mask
         A = scores.float().softmax(-1).to(query.dtype)
-        dense = self.dense[0]
-        xq = dense(query.transpose(1, 2).reshape(b, nq, h * hd))
-        xv = dense(value.transpose(1, 2).reshape(b, value.shape[-2], h * hd))
+        xq = _frozen_dense(self.dense[0], query.transpose(1, 2).reshape(b, nq, h * hd))
+        xv = _frozen_dense(self.dense[0], value.transpose(1, 2).reshape(b, value.shape[-2], h * hd))
         fq, fv = self.w_i(xq, task), self.w_i(xv, task)
         f = fq.shape[-1] // h
         fq = fq.view(b, nq, h, f).transpose(1, 2)
@@ -172,6 +172,16 @@ class PAdapterLayer(nn.Module):
         return self.w_o(F.gelu(self.w_g(h, task)) * fq.to(h.dtype), task)
 
 
+def _frozen_dense(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The base output projection applied without its hooks (Linear, or GPT-2 Conv1D)."""
+    if isinstance(mod, nn.Linear):
+        return F.linear(x, mod.weight, mod.bias)
+    if type(mod).__name__ == "Conv1D":
+        y = x @ mod.weight
+        return y + mod.bias if mod.bias is not None else y
+    raise ConfigError(f"p_adapter needs a linear attention-output projection, got {type(mod).__name__}")
+
+
 def _valid_keys(mask: torch.Tensor | None, b: int) -> torch.Tensor | None:
     """(B, Nk) validity of the key tokens from a key-padding mask (cross-attention), or None."""
     if mask is None:
@@ -179,29 +189,6 @@ def _valid_keys(mask: torch.Tensor | None, b: int) -> torch.Tensor | None:
     row = mask if mask.dim() == 2 else mask[:, 0, 0, :]
     valid = row.bool() if mask.dim() == 2 else (row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2)
     return valid.expand(b, -1)
-
-
-def _out_proj(attn: nn.Module) -> nn.Linear:
-    for n in ("out_proj", "o_proj", "o", "dense"):
-        m = getattr(attn, n, None)
-        if isinstance(m, nn.Linear):
-            return m
-    raise ConfigError(f"cannot find the output projection of {type(attn).__name__} (looked for out_proj, o_proj, o)")
-
-
-def _num_heads(attn: nn.Module, out_proj: nn.Linear) -> int:
-    for n in ("num_heads", "n_heads", "num_attention_heads"):
-        v = getattr(attn, n, None)
-        if isinstance(v, int):
-            return v
-    cfg = getattr(attn, "config", None)
-    v = getattr(cfg, "num_attention_heads", None)
-    if isinstance(v, int):
-        return v
-    hd = getattr(attn, "head_dim", None)
-    if isinstance(hd, int):
-        return out_proj.in_features // hd
-    raise ConfigError(f"cannot tell the number of heads of {type(attn).__name__}")
 
 
 class PAdapterSet(AdapterSet):
@@ -219,13 +206,12 @@ class PAdapterSet(AdapterSet):
         attns = attention_modules(model, profile, cfg, cfg.positions, cfg.stacks)
         if not attns:
             raise ConfigError(f"p_adapter found no attention module of {type(model).__name__} in stacks {cfg.stacks}")
-        for path, kind, _layer, _stack, mod in attns:
-            dense = _out_proj(mod)
-            layer = PAdapterLayer(mod, dense, _num_heads(mod, dense), kind == "cross_attn", cfg)
-            self.layers[path.replace(".", "__")] = layer
-            self._removers.append(intercept_attention(mod, self, observer=self._observer(layer)))
-            self.add_forward_hook(mod, self._out_hook(layer))
-            self.paths.append(path)
+        for a in attns:
+            layer = PAdapterLayer(a.out_proj, num_heads(a.module), a.kind == "cross_attn", cfg)
+            self.layers[a.path.replace(".", "__")] = layer
+            self._removers.append(intercept_attention(a.module, self, observer=self._observer(layer)))
+            self.add_forward_hook(a.out_proj, self._out_hook(layer))  # output: attention output before residual
+            self.paths.append(a.path)
 
     def detach(self) -> None:
         super().detach()

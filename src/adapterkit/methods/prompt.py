@@ -18,6 +18,7 @@ from torch import nn
 
 from adapterkit.core.base import AdapterSet
 from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
+from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.routing import expand_to_batch
 from adapterkit.core.task_linear import TaskLinear
 from adapterkit.errors import ConfigError
@@ -56,7 +57,7 @@ class PromptSet(AdapterSet):
             )
         d = emb.weight.shape[1]
         n = cfg.copies("all")
-        self.embedding = nn.Parameter(torch.empty(n, cfg.num_tokens, d))
+        self.embedding = mark_task_stacked(nn.Parameter(torch.empty(n, cfg.num_tokens, d)))
         with torch.no_grad():
             if cfg.init == "vocab":  # the first L_p vocabulary rows (Adapter4Rec / Lester "vocab" init)
                 self.embedding.copy_(emb.weight[: cfg.num_tokens].detach().unsqueeze(0).expand(n, -1, -1))

@@ -29,6 +29,7 @@ from torch import nn
 
 from adapterkit.core.base import CONTAINER, AdapterSet, places_for
 from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
+from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.routing import expand_to_batch
 from adapterkit.errors import ConfigError
 
@@ -146,7 +147,7 @@ class VptSet(AdapterSet):
         if cfg.deep and cfg.layers is not None:
             deep_layers = [i for i in deep_layers if i in set(cfg.layers)]
         n_sets = 1 + len(deep_layers)
-        self.prompts = nn.Parameter(torch.empty(cfg.copies("all"), n_sets, cfg.num_tokens, d))
+        self.prompts = mark_task_stacked(nn.Parameter(torch.empty(cfg.copies("all"), n_sets, cfg.num_tokens, d)))
         with torch.no_grad():
             if cfg.init == "uniform":
                 v = math.sqrt(6.0 / (3 * _patch_area(model) + d))
@@ -156,6 +157,7 @@ class VptSet(AdapterSet):
         emb = self._embeddings(model, layers[0][0])
         if emb is not None:
             self.add_forward_hook(emb, self._insert_out)
+            self.add_pre_hook(layers[0][1], self._mask_guard, with_kwargs=True)
         else:
             self.add_pre_hook(layers[0][1], self._insert_pre, with_kwargs=True)
         for slot, i in enumerate(deep_layers, start=1):
@@ -214,6 +216,9 @@ class VptSet(AdapterSet):
         if isinstance(mask, torch.Tensor):
             raise ConfigError("VPT cannot extend an attention mask passed to the layers; "
                               'use method "prompt" for text models')
+
+    def _mask_guard(self, module, args, kwargs):
+        self._check_mask(kwargs, args)
 
     def _insert_pre(self, module, args, kwargs):
         self._check_mask(kwargs, args)

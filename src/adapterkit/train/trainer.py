@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import adapterkit
+from adapterkit.core.optim import TaskAwareAdamW
 from adapterkit.errors import AdapterKitError, ConfigError, DataError
 from adapterkit.safeio import atomic_write_json, write_probe
 from adapterkit.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
@@ -132,7 +133,7 @@ class Trainer:
         self.total_steps = total
         lr = self.cfg.train.lr or (self.preset.get("video_lr") if self.cfg.train.video else self.preset.get("lr")) or 1e-3
         self.lr = lr
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=lr, eps=self.cfg.train.adam_eps)
+        self.optimizer = TaskAwareAdamW(self._param_groups(), lr=lr, eps=self.cfg.train.adam_eps)
         warm = int(self.cfg.train.warmup_ratio * total)
 
         def schedule(step):

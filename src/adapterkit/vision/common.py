@@ -85,6 +85,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_batch_size": 256,
     "seed": 0,
     "label_smoothing": 0.0,
+    "eval_each_epoch": True,     # False: evaluate once, after the last epoch
 }
 
 
@@ -168,7 +169,9 @@ def train_classifier(model: nn.Module, backbone: nn.Module, full: bool, train: t
             opt.step()
             run_loss += loss.item() * len(idx)
             step += 1
-        acc = accuracy(predict(model, test[0], t["eval_batch_size"], prepare), test[1])
+        acc = float("nan")
+        if t["eval_each_epoch"] or epoch == t["epochs"] - 1:
+            acc = accuracy(predict(model, test[0], t["eval_batch_size"], prepare), test[1])
         history.append({"epoch": epoch + 1, "train_loss": run_loss / n, "test_acc": acc})
         log(f"epoch {epoch + 1}/{t['epochs']}  loss {run_loss / n:.4f}  test acc {acc:.2f}")
     rep = trainable_report(model)

@@ -1,0 +1,180 @@
+"""Crash-safe training: SIGKILL + resume is exact, corrupt checkpoints are skipped,
+configs are validated (property-based), and 2-process DDP matches 1 process."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import adapterkit
+from adapterkit.core.config import config_from_dict
+from adapterkit.testing.fixtures import make_vl_fixture
+from adapterkit.train.config import load_config
+
+ENV = {**os.environ, "ADAPTERKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _write_cfg(tmp, root, **train):
+    t = {"epochs": 2, "batch_size": 4, "task_batch_scale": {"vqa": 1, "gqa": 1, "nlvr": 1, "caption": 1},
+         "checkpoint_every": 2, "keep_last": 2, "max_text_len": 12, "max_target_len": 6, "lr": 5e-3, "seed": 1}
+    t.update(train)
+    cfg = {"model": {"backbone": "tiny-bart", "feat_dim": 16}, "preset": "single_lora",
+           "data": {"root": str(root), "features": str(root / "features")}, "train": t,
+           "eval": {"batch_size": 16, "max_new_tokens": 2, "caption_max_new_tokens": 3, "caption_beams": 1,
+                    "select_on": "last"}}
+    p = tmp / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _train_cmd(cfg, out):
+    return [sys.executable, "-m", "adapterkit.cli", "train", str(cfg), "--output", str(out)]
+
+
+def _final_weights(out: Path):
+    from safetensors.torch import load_file
+
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    return ckpts[-1].name, load_file(ckpts[-1] / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_vl_fixture(tmp_path_factory.mktemp("rel") / "data", n_images=20)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
+    cfg = _write_cfg(tmp_path, data)
+    subprocess.run(_train_cmd(cfg, tmp_path / "clean"), check=True, env=ENV, capture_output=True)
+    # a second run, killed with SIGKILL after its second checkpoint appears, at whatever step it is then
+    proc = subprocess.Popen(_train_cmd(cfg, tmp_path / "crash"), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((tmp_path / "crash" / "checkpoints").glob("step-*"))) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "crash" / "results.json").exists()
+    done = subprocess.run(_train_cmd(cfg, tmp_path / "crash"), check=True, env=ENV, capture_output=True, text=True)
+    assert "resumed from step" in done.stdout
+    n1, w1 = _final_weights(tmp_path / "clean")
+    n2, w2 = _final_weights(tmp_path / "crash")
+    assert n1 == n2 and w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-6, rtol=0)
+
+
+def test_corrupt_latest_checkpoint_falls_back(data, tmp_path):
+    from adapterkit.train.checkpoint import CheckpointManager
+
+    cfg = _write_cfg(tmp_path, data, epochs=1)
+    subprocess.run(_train_cmd(cfg, tmp_path / "run"), check=True, env=ENV, capture_output=True)
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 2  # keep_last
+    f = ckpts[-1] / "adapter_model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    f.write_bytes(bytes(raw))
+    with pytest.warns(RuntimeWarning, match=ckpts[-1].name):
+        path, _ = CheckpointManager(tmp_path / "run").latest_valid()
+    assert path == ckpts[-2]
+    f.write_bytes(bytes(raw[: len(raw) // 3]))  # truncated
+    with pytest.warns(RuntimeWarning):
+        assert CheckpointManager(tmp_path / "run").latest_valid()[0] == ckpts[-2]
+
+
+def test_nonfinite_loss_stops_with_step_and_task(data, tmp_path):
+    from adapterkit.train.trainer import Trainer, TrainingError
+
+    tr = Trainer(load_config(yaml.safe_load(_write_cfg(tmp_path, data).read_text())), tmp_path / "run")
+    with torch.no_grad():
+        tr.model.visual.feat_embedding[0].weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"loss is nan at step 1 \(task '(vqa|gqa|nlvr|caption)'\)"):
+        tr.fit()
+
+
+def test_readonly_output_is_refused_before_training(data, tmp_path, monkeypatch):
+    import errno
+
+    from adapterkit.train.trainer import Trainer
+
+    real_open = os.open
+
+    def fake_open(path, flags, *a, **k):
+        if "probe" in str(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    with pytest.raises(adapterkit.CheckpointError, match="read-only"):
+        Trainer(load_config(yaml.safe_load(_write_cfg(tmp_path, data).read_text())), tmp_path / "ro")
+
+
+def test_two_process_ddp_matches_one_process_with_double_batch(data, tmp_path):
+    one = _write_cfg(tmp_path, data, batch_size=4, epochs=1, checkpoint_every=100)
+    two_dir = tmp_path / "two"
+    two_dir.mkdir()
+    two = _write_cfg(two_dir, data, batch_size=2, epochs=1, checkpoint_every=100)
+    for p in (one, two):  # no dropout: the ranks' RNG streams must not matter
+        c = yaml.safe_load(p.read_text())
+        c["preset"] = "single_adapter"
+        p.write_text(yaml.safe_dump(c))
+    subprocess.run(_train_cmd(one, tmp_path / "out1"), check=True, env=ENV, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29533", "-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "out2")],
+                       env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def losses(d):
+        rows = (d / "train_log.csv").read_text().splitlines()[1:]
+        return [(r.split(",")[2], float(r.split(",")[3])) for r in rows]
+
+    l1, l2 = losses(tmp_path / "out1"), losses(tmp_path / "out2")
+    assert [t for t, _ in l1] == [t for t, _ in l2]
+    for (_, a), (_, b) in zip(l1, l2):
+        assert abs(a - b) < 2e-3 * max(1.0, abs(a))
+
+
+# --- property-based config validation -------------------------------------------------------
+
+KEYS = ["model", "preset", "adapters", "data", "train", "eval", "name", "trian", "dataa", 3, None]
+SUB = ["backbone", "feat_dim", "n_images", "root", "features", "tasks", "epochs", "batch_size", "lr", "seed",
+       "warmup_ratio", "grad_clip", "max_steps", "task_batch_scale", "select_on", "caption_beams", "methd",
+       "method", "reduction_factor", "sharing", "r", "alpha", "dropout"]
+leaf = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+                 st.text(max_size=8), st.sampled_from(["single_adapter", "houlsby", "lora", "shared", "per_task",
+                                                       "vqa", "val", "tiny-bart"]))
+values = st.recursive(leaf, lambda ch: st.one_of(st.lists(ch, max_size=4),
+                                                  st.dictionaries(st.sampled_from(SUB), ch, max_size=5)),
+                      max_leaves=12)
+configs = st.dictionaries(st.sampled_from(KEYS), values, max_size=6)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(configs)
+def test_random_malformed_run_configs_get_our_error(cfg):
+    try:
+        load_config(cfg)
+    except adapterkit.ConfigError as e:
+        assert str(e)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.dictionaries(st.sampled_from(SUB + ["tasks", "positions", "targets", "init", "activation"]), values,
+                       max_size=6))
+def test_random_method_configs_get_our_error(d):
+    try:
+        config_from_dict(d)
+    except adapterkit.ConfigError as e:
+        assert str(e)
