@@ -110,3 +110,27 @@ def test_params_cli_matches_the_paper():
     out = subprocess.run([sys.executable, "-m", "adapterkit.cli", "params", "--model", "vl-bart", "--preset",
                           "single_adapter", "--setting", "video", "--json"], capture_output=True, text=True, check=True)
     assert round(json.loads(out.stdout)["percent"], 2) == 3.39  # 3.39% in the video setting
+
+
+def test_trains_from_official_style_files(fixture_dir, tmp_path):
+    """data.sources reads VL-T5-layout VQA files (karpathy_*.json) instead of converted jsonl."""
+    from adapterkit.vl.datasets.base import read_examples_jsonl
+
+    vqa_dir = tmp_path / "vqa"
+    vqa_dir.mkdir()
+    for split, name in (("train", "karpathy_train"), ("val", "karpathy_val"), ("test", "karpathy_test")):
+        recs = [{"img_id": e.image_ids[0], "label": e.target_scores, "question_id": int(e.uid[1:]), "sent": e.text,
+                 "answer_type": "other", "question_type": "what"}
+                for e in read_examples_jsonl(fixture_dir / "vqa" / f"{split}.jsonl")]
+        (vqa_dir / f"{name}.json").write_text(json.dumps(recs))
+    cfg = _cfg(fixture_dir, max_steps=2)
+    cfg["data"]["sources"] = {"vqa": {"format": "vqa", "path": str(vqa_dir),
+                                      "splits": {"train": "karpathy_train", "val": "karpathy_val",
+                                                 "test": "karpathy_test"}}}
+    tr = Trainer(load_config(cfg), tmp_path / "run")
+    assert len(tr.train_data["vqa"]) == len(read_examples_jsonl(fixture_dir / "vqa" / "train.jsonl"))
+    res = tr.fit()
+    assert "accuracy" in res["test"]["vqa"]
+    cfg["data"]["sources"]["vqa"]["path"] = str(tmp_path / "nope")
+    with pytest.raises(adapterkit.ConfigError, match="missing dataset file"):
+        Trainer(load_config(cfg), tmp_path / "run2")

@@ -45,6 +45,9 @@ class DataConfig:
     max_train_examples: int | None = bounded(None, lo=1)
     max_eval_examples: int | None = bounded(None, lo=1)
     generate: str | None = choice(None, "tiny_fixture", default=None)  # build this data set if root is missing
+    # Official / VL-T5 files instead of root/<task>/<split>.jsonl, per task:
+    #   {vqa: {format: vqa, path: DIR_OR_FILE, splits: {train: karpathy_train, val: karpathy_val, test: karpathy_test}}}
+    sources: dict = field(default_factory=dict)
 
     def validate(self):
         if not self.tasks:
@@ -125,12 +128,19 @@ class RunConfig:
     def check_paths(self, need_splits=("train",)) -> None:
         """Missing data files: one clear error before any work starts."""
         root = Path(self.data.root)
-        if not root.is_dir():
+        if not root.is_dir() and not all(t in self.data.sources for t in self.data.tasks):
             raise ConfigError(f"data.root {str(root)!r} is not a directory")
         if not Path(self.data.features).is_dir():
             raise ConfigError(f"data.features {self.data.features!r} is not a directory (run adapterkit extract-features)")
         split_names = {"train": self.data.train_split, "val": self.data.val_split, "test": self.data.test_split}
         for t in self.data.tasks:
+            src = self.data.sources.get(t)
+            if src is not None:
+                if not isinstance(src, dict) or "path" not in src:
+                    raise ConfigError(f'data.sources["{t}"] needs a "path" (and optionally "format", "splits")')
+                if not Path(src["path"]).exists():
+                    raise ConfigError(f"missing dataset file {src['path']} (data.sources for task {t!r})")
+                continue
             for s in need_splits:
                 f = root / t / f"{split_names[s]}.jsonl"
                 if not f.exists():

@@ -111,7 +111,8 @@ class Trainer:
         if model is None:
             spec = {"backbone": self.cfg.model.backbone, "feat_dim": self.cfg.model.feat_dim,
                     "n_images": self.cfg.model.n_images, "random_init": self.cfg.model.random_init,
-                    "init_seed": self.cfg.model.init_seed, "corpus": self._corpus(), "device": "cpu"}
+                    "init_seed": self.cfg.model.init_seed, "device": "cpu",
+                    "corpus": self._corpus() if self.cfg.model.backbone.startswith("tiny-") else []}
             if self.cfg.model.lm:
                 spec["lm"] = self.cfg.model.lm
             model, tokenizer = build_vl_model(spec, self.preset, tasks)
@@ -160,9 +161,12 @@ class Trainer:
         lines = []
         for t in self.cfg.data.tasks:
             for s in {self.cfg.data.train_split, self.cfg.data.val_split, self.cfg.data.test_split}:
-                f = self._split_file(t, s)
-                if f.exists():
-                    for ex in read_examples_jsonl(f):
+                if t in self.cfg.data.sources or self._split_file(t, s).exists():
+                    try:
+                        exs = self._read(t, s)
+                    except DataError:
+                        continue
+                    for ex in exs:
                         lines.append(ex.text)
                         lines.extend(ex.targets)
                         lines.extend(ex.choices or [])
@@ -170,8 +174,19 @@ class Trainer:
         lines += list(PREFIXES.values()) + ["answer :", "true", "false"]
         return lines
 
+    def _read(self, task, split) -> list:
+        src = self.cfg.data.sources.get(task)
+        if src is None:
+            return read_examples_jsonl(self._split_file(task, split))
+        from adapterkit.vl.datasets import read_task
+
+        exs = read_task(src.get("format", task), src["path"], src.get("splits", {}).get(split, split))
+        for e in exs:
+            e.task = task
+        return exs
+
     def _task_data(self, task, split, spec, train):
-        exs = read_examples_jsonl(self._split_file(task, split))
+        exs = self._read(task, split)
         limit = self.cfg.data.max_train_examples if train else self.cfg.data.max_eval_examples
         if limit:
             exs = exs[:limit]
