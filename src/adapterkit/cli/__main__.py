@@ -1,0 +1,5 @@
+import sys
+
+from adapterkit.cli import main
+
+sys.exit(main())
