@@ -9,6 +9,12 @@ from the document's own context, and with one generated from another document's
 context (a control: the gap to "own" is what the context itself contributes).
 
     python examples/generative_adapter_smollm2.py --steps 30
+
+Observed (defaults, seed 0): held-out continuation loss 4.301 without adapter, 4.160 with
+the generated adapter after 30 steps, and the same 4.160 (to 4 decimals) with another
+document's context: a few dozen steps learn mostly a context-independent shift towards
+the news domain; the context-specific part needs the long pre-training of the paper.
+About 7 minutes on a heavily shared 2-core CPU (16 s/step); much less on an idle one.
 """
 
 from __future__ import annotations
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
         return {"base": base, "own_context": own, "other_context": other}
 
     before = evaluate()
-    print("held-out continuation loss before training:", {k: round(v, 4) for k, v in before.items()})
+    print("held-out continuation loss before training:", {k: round(v, 5) for k, v in before.items()})
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     model.train()
@@ -110,9 +116,10 @@ def main(argv=None) -> int:
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step:3d}  continuation loss with generated adapter {loss.item():.4f}  ({time.time() - t1:.0f}s)")
     after = evaluate()
-    print("held-out continuation loss after training: ", {k: round(v, 4) for k, v in after.items()})
-    print(f"generated adapter vs no adapter: {after['own_context'] - after['base']:+.4f} nats/token; "
-          f"own vs other document's context: {after['own_context'] - after['other_context']:+.4f}")
+    print("held-out continuation loss after training: ", {k: round(v, 5) for k, v in after.items()})
+    gain = after["own_context"] - after["base"]
+    ctx_gain = after["own_context"] - after["other_context"]
+    print(f"generated adapter vs no adapter: {gain:+.5f} nats/token; own vs other document's context: {ctx_gain:+.5f}")
     return 0
 
 

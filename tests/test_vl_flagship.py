@@ -134,3 +134,20 @@ def test_trains_from_official_style_files(fixture_dir, tmp_path):
     cfg["data"]["sources"]["vqa"]["path"] = str(tmp_path / "nope")
     with pytest.raises(adapterkit.ConfigError, match="missing dataset file"):
         Trainer(load_config(cfg), tmp_path / "run2")
+
+
+def test_causal_loss_on_target_positions_equals_full_logits_loss():
+    from adapterkit.vl.build import build_vl_model
+
+    torch.manual_seed(0)
+    m, _ = build_vl_model({"backbone": "tiny-llama", "feat_dim": 16, "corpus": ["what is this answer : a cat dog"]},
+                          "single_adapter", ["vqa"])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 2], [5, 6, 7, 10, 2, 0]])
+    mask = (ids != 0).long()
+    labels = torch.tensor([[-100, -100, -100, 8, 9, 2], [-100, -100, -100, 10, 2, -100]])
+    feats, boxes, order = torch.randn(2, 4, 16), torch.zeros(2, 4, 4), torch.zeros(2, 4, dtype=torch.long)
+    w = torch.tensor([1.0, 0.5])
+    loss = m(ids, mask, feats, boxes, order, labels, task_ids=0, label_weights=w)
+    emb, msk, n_prefix = m.build_inputs(ids, mask, feats, boxes, order)
+    ref = m._loss(m.lm(inputs_embeds=emb, attention_mask=msk).logits[:, n_prefix:-1], labels[:, 1:], w)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)

@@ -167,9 +167,19 @@ class VLModel(nn.Module):
             else:
                 # causal: the sequence is [prefix; text], where text = prompt tokens + answer tokens;
                 # labels are aligned with input_ids (-100 where no loss)
-                out = self.lm(inputs_embeds=embeds, attention_mask=mask)
-                logits = out.logits[:, n_prefix:-1]
+                # the LM head only on positions that have a target: most positions are visual
+                # prefix, question and padding, and the head is a 49k-wide matmul
+                hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
                 tgt = labels[:, 1:]
+                sel = tgt != -100
+                logits = self.lm.get_output_embeddings()(hidden[:, n_prefix:-1][sel])
+                lp = F.cross_entropy(logits.float(), tgt[sel], reduction="none")
+                rows = sel.nonzero()[:, 0]
+                b = labels.shape[0]
+                per_ex = lp.new_zeros(b).index_add_(0, rows, lp) / sel.sum(1).clamp_min(1).to(lp.dtype)
+                if label_weights is not None:
+                    per_ex = per_ex * label_weights
+                return per_ex.mean()
         return self._loss(logits, tgt, label_weights)
 
     def _shift_right(self, labels):
