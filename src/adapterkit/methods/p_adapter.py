@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapterkit.core.attention import attention_modules, intercept_attention, num_heads
 from adapterkit.core.base import AdapterSet
 from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
 from adapterkit.core.routing import expand_to_batch
 from adapterkit.core.task_linear import TaskLinear
 from adapterkit.errors import ConfigError
 from adapterkit.methods.bottleneck import _first, _out_width, _replace_first
-from adapterkit.methods.hyperpelt import attention_modules, intercept_attention, num_heads
 
 
 @dataclass
