@@ -156,8 +156,11 @@ def apply_preset(model, preset: str | dict, tasks: list[str]):
     for cfg in p["adapters"]:
         cfg = dict(cfg)
         cfg.setdefault("tasks", list(tasks))
-        if cfg.get("sharing") in ("per_task", "half_shared_up", "half_shared_down") or cfg["method"] == "hyperformer":
+        if cfg.get("sharing") in ("per_task", "half_shared_up", "half_shared_down") or cfg["method"] in (
+                "hyperformer", "hyperpelt"):
             cfg["tasks"] = list(tasks)
+        if cfg["method"] == "hyperpelt" and "visual_dim" in cfg and cfg["visual_dim"] is None:
+            cfg["visual_dim"] = model.visual.feat_dim  # condition the hypernetwork on pooled visual features
         adapterkit.add_adapters(model, cfg)
     return p
 

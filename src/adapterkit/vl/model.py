@@ -118,6 +118,15 @@ class VLModel(nn.Module):
                 return s
         return None
 
+    def _visual_context(self, feats):
+        """Adapters conditioned on the image (HyperPELT's visual embedding) get pooled features."""
+        c = get_container(self)
+        if c is None:
+            return
+        for s in c.sets.values():
+            if hasattr(s, "set_visual") and getattr(s.config, "visual_dim", None):
+                s.set_visual(feats.mean(1))
+
     def visual_embeds(self, feats, boxes, img_order):
         n = feats.shape[1]
         per_img = int(self.vis_token_ids.numel())
@@ -130,6 +139,7 @@ class VLModel(nn.Module):
         emb = self.lm.get_input_embeddings()
         text = emb(input_ids)
         vis = self.visual_embeds(vis_feats, vis_boxes, img_order).to(text.dtype)
+        self._visual_context(vis_feats)
         b = text.shape[0]
         vis_mask = attention_mask.new_ones(b, vis.shape[1])
         ps = self._prompt_set()
