@@ -22,6 +22,20 @@ Config: examples/configs/rec_bbc_houlsby.yaml.   Run:  python examples/adapter4r
 
 Measured output (2-core CPU shared with other jobs, torch 2.13):
 
+
+    source pre-training (600 users, 1416 items): test HR@10 0.2267 NDCG@10 0.1244
+    target: 200 users, 708 items (random ranking HR@10 ~ 0.0141)
+    method                       HR@10  NDCG@10  trainable  % params   time
+    frozen (LN + projection)    0.2450   0.1424     25,280     0.11%     0s
+
+    Houlsby adapters            0.2650   0.1594    638,976     2.73%    27s
+
+    LoRA                        0.2650   0.1508    147,904     0.64%    25s
+
+    full fine-tuning            0.2200   0.1276 22,839,232   100.00%    38s
+    total 113 s
+
+("frozen" trains from cached MiniLM features, hence ~0 s.) Times: shared CPU, noisy.
 """
 
 from __future__ import annotations

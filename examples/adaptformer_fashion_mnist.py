@@ -19,6 +19,19 @@ Run:  python examples/adaptformer_fashion_mnist.py
 
 Measured output (2-core CPU shared with other jobs, torch 2.13):
 
+    stage 1: ViT trained from scratch on classes 0-4: test acc 84.60 (4000 images, 116 s)
+    stage 2: transfer to classes 5-9 (60 train images per class)
+    method                       test acc  trainable  % params   time
+    linear probe (random init)      63.00        325     0.23%     8s
+    linear probe                    76.10        325     0.23%    10s
+    VPT-deep (10 tokens)            75.60      2,885     2.04%    48s
+    AdaptFormer (parallel)          77.40      8,837     6.00%   109s
+    AdaptFormer (sequential)        77.10      8,837     6.00%    13s
+    full fine-tuning                80.30    138,693   100.00%    15s
+    total 335 s
+
+Times are wall-clock on a CPU shared with other jobs (load 6-12), so they are noisy; the
+accuracies are deterministic for the seeds in the configs.
 """
 
 from __future__ import annotations

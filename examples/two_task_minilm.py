@@ -16,9 +16,24 @@ mean pooling + one linear head per task. The script
 
 Run: ``python examples/two_task_minilm.py`` (add ``--quick`` for a smoke run).
 
-Measured on the 2-core CPU build machine (shared with other jobs; 573 s wall)::
+Measured on the 2-core CPU build machine (other jobs running; 4 min 20 s wall,
+4 min 34 s CPU)::
 
-    <table filled in below after a measured run>
+    configuration                                      parameters  BBC acc tweets acc
+    own adapter per task                           149,952 / task     95.0       79.3
+    merged adapter (average)                       149,952 shared     93.3       71.0
+    merged adapter (aligned)                       149,952 shared     93.3       71.0
+    LT-SFT per task                                 50,000 / task     90.3       68.3
+    LT-SFTs composed (bbc + tweets)                  99,411 total     89.7       70.3
+    MiMi pruned, no retraining (192->48 units)       25% of units     92.7       72.0
+    MiMi pruned, retrained between rounds            25% of units     96.7       77.0
+
+Accuracies are on the 300 test examples of each task (chance: 20% BBC, 33% tweets),
+each task with its own head. The aligned merge equals the plain average here: both
+adapters start from the same initialisation, so the Hungarian matching finds the
+identity permutation at every place (alignment matters for adapters trained from
+different initialisations; see tests/test_merging.py). The composed LT-SFTs overlap
+in 589 of 100,000 entries, so each task keeps almost all of its own accuracy.
 """
 
 from __future__ import annotations
@@ -122,8 +137,10 @@ def pooled(model, ids, mask):
     return (h * m).sum(1) / m.sum(1)
 
 
-def train(model, task: Task, params, epochs: float, lr: float, bs: int = 32, seed: int = 0):
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+def train(model, task: Task, params, epochs: float, lr: float, bs: int = 32, seed: int = 0, head_lr: float = 2e-3):
+    head = {id(p) for p in task.head.parameters()}
+    opt = torch.optim.AdamW([{"params": [p for p in params if id(p) not in head], "lr": lr},
+                             {"params": list(task.head.parameters()), "lr": head_lr}], weight_decay=0.0)
     model.train()
     n_steps = int(epochs * ((len(task.train[2]) + bs - 1) // bs))
     step = 0
@@ -176,8 +193,7 @@ def main(argv=None) -> None:
     for t in tasks:
         torch.manual_seed(1)
         model = adapterkit.add_adapters(copy.deepcopy(base), ADAPTER)
-        params = [p for p in model.parameters() if p.requires_grad] + list(t.head.parameters())
-        train(model, t, params, epochs, lr=2e-3)
+        train(model, t, [p for p in model.parameters() if p.requires_grad], epochs, lr=2e-3)
         heads[t.name] = copy.deepcopy(t.head.state_dict())
         dirs[t.name] = adapterkit.save_adapters(model, work / f"adapter_{t.name}")
     n_ad = adapterkit.trainable_report(adapterkit.add_adapters(copy.deepcopy(base), ADAPTER))["trainable"]
@@ -247,8 +263,7 @@ def main(argv=None) -> None:
         model = adapterkit.load_adapters(copy.deepcopy(base), dirs[t.name])
 
         def retrain(m, r, t=t):
-            params = [p for p in m.parameters() if p.requires_grad] + list(t.head.parameters())
-            train(m, t, params, 0.5, lr=1e-3, seed=10 + r)
+            train(m, t, [p for p in m.parameters() if p.requires_grad], 0.5, lr=1e-3, seed=10 + r)
 
         prune_model(model, amount=0.5, rounds=2, train_fn=retrain)
         rt[t.name] = accuracy(model, t)

@@ -111,7 +111,7 @@ def test_user_encoder_adapter_places_and_lora_targets():
     item = get_container(model.item_encoder.text).sets["item"]
     assert sorted(item.adapters) == sorted(f"encoder__layer__{i}__{p}" for i in (0, 1)
                                            for p in ("attention__output__dense", "output__dense"))
-    assert abs(float(user.adapters["blocks__0__attention__out"].down.weight.std()) - 0.01) < 0.005  # N(0, 1e-2)
+    assert abs(float(user.adapters["blocks__0__attention__out"].down.weight.detach().std()) - 0.01) < 0.005  # N(0, 1e-2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and "adapterkit" not in n}
     assert "item_encoder.proj.weight" in trainable and "user_encoder.blocks.0.attn_norm.weight" in trainable
     assert "user_encoder.blocks.0.attention.query.weight" not in trainable

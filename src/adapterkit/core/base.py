@@ -125,6 +125,7 @@ def add_adapters(model: nn.Module, config, name: str | None = None) -> nn.Module
     ref = next((p for _, p in base_named_parameters(model) if p.is_floating_point()), None)
     if ref is not None:
         adapter_set.to(device=ref.device, dtype=ref.dtype)
+    adapter_set.train(model.training)  # follow the model's mode (branch dropout only when training)
     container.sets[name] = adapter_set
     apply_freeze_policy(model, profile)
     if not any(p.requires_grad for p in model.parameters()):

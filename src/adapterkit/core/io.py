@@ -38,6 +38,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for n, p in model.named_parameters():
         if n.startswith("adapterkit.") or n in keep:
             out[n] = p.detach()
+    for n, b in model.named_buffers():  # e.g. BatchNorm statistics inside adapters
+        if n.startswith("adapterkit.") and n not in out:
+            out[n] = b.detach()
     return out
 
 
@@ -126,6 +129,7 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike, strict_dtype: 
         if n not in container.base_trainable:
             container.base_trainable.append(n)
     params = dict(model.named_parameters())
+    params.update({n: b for n, b in model.named_buffers() if n.startswith("adapterkit.")})
     expected = adapter_state_dict(model)
     missing = [k for k in expected if k not in tensors]
     if missing:
@@ -142,6 +146,6 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike, strict_dtype: 
                 raise CheckpointError(f"dtype mismatch for {k!r}: file has {t.dtype}, model has {p.dtype} "
                                       "(pass strict_dtype=False to cast floating types)")
             p.copy_(t)
-            if k in container.base_trainable:
+            if k in container.base_trainable and p.is_floating_point():
                 p.requires_grad_(True)
     return model
