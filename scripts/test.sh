@@ -6,7 +6,7 @@ bash scripts/install.sh test
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 python3 -m ruff check src tests
 set +e
-python3 -m pytest -p no:cacheprovider "$@"
+python3 -m pytest -q -p no:cacheprovider "$@"
 rc=$?
 set -e
 # exit code 5 = no tests collected in the selected tier: not a failure
