@@ -151,3 +151,21 @@ def test_causal_loss_on_target_positions_equals_full_logits_loss():
     emb, msk, n_prefix = m.build_inputs(ids, mask, feats, boxes, order)
     ref = m._loss(m.lm(inputs_embeds=emb, attention_mask=msk).logits[:, n_prefix:-1], labels[:, 1:], w)
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_first_token_scores_read_the_last_position_of_left_padded_batches():
+    from adapterkit.vl.build import build_vl_model
+
+    torch.manual_seed(0)
+    m, _ = build_vl_model({"backbone": "tiny-llama", "feat_dim": 16, "corpus": ["is it true answer : a b c"]},
+                          "single_adapter", ["nlvr"])
+    m.eval()
+    feats, boxes, order = torch.randn(2, 4, 16), torch.zeros(2, 4, 4), torch.zeros(2, 4, dtype=torch.long)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 9]])  # left-padded
+    mask = (ids != 0).long()
+    scores = m.first_token_scores(ids, mask, feats, boxes, order, candidate_ids=[3, 4], task_ids=0)
+    for i in range(2):  # each row alone, unpadded
+        keep = mask[i].bool()
+        alone = m.first_token_scores(ids[i:i + 1, keep], mask[i:i + 1, keep], feats[i:i + 1], boxes[i:i + 1],
+                                     order[i:i + 1], candidate_ids=[3, 4], task_ids=0)
+        torch.testing.assert_close(scores[i:i + 1], alone, atol=1e-4, rtol=1e-4)

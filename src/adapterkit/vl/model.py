@@ -36,6 +36,12 @@ def special_tokens(kind: str) -> list[str]:
     return vis
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding (as HF generate computes them), so a left-padded row
+    scores like the same row unpadded."""
+    return (mask.long().cumsum(1) - 1).clamp_min(0)
+
+
 class RMSNorm(nn.Module):
     """T5-style weight-only RMS LayerNorm."""
 
@@ -179,7 +185,8 @@ class VLModel(nn.Module):
                 # labels are aligned with input_ids (-100 where no loss)
                 # the LM head only on positions that have a target: most positions are visual
                 # prefix, question and padding, and the head is a 49k-wide matmul
-                hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+                hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask,
+                                            position_ids=_positions(mask)).last_hidden_state
                 tgt = labels[:, 1:]
                 sel = tgt != -100
                 logits = self.lm.get_output_embeddings()(hidden[:, n_prefix:-1][sel])
@@ -235,7 +242,7 @@ class VLModel(nn.Module):
                                    device=embeds.device)
                 logits = self.lm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=start).logits[:, 0]
             else:
-                logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits
-                last = mask.sum(1) - 1  # right-padded: the last real position predicts the next token
-                logits = logits[torch.arange(logits.shape[0], device=logits.device), last]
+                # eval batches are left-padded for causal LMs: the last position predicts the answer
+                logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
+                                 logits_to_keep=1).logits[:, -1]
         return logits[:, candidate_ids]
