@@ -42,9 +42,13 @@ def run_eval(args) -> int:
     from adapterkit.errors import CheckpointError
     from adapterkit.train.trainer import Trainer
 
-    if not (Path(args.checkpoint) / "best" / "trainable.safetensors").exists():
-        raise CheckpointError(f"no trained run in {args.checkpoint} (expected best/trainable.safetensors)")
-    trainer = Trainer(args.config, args.checkpoint)
+    run_dir = Path(args.checkpoint)
+    which = next((n for n in ("best", "final") if (run_dir / n / "trainable.safetensors").exists()), None)
+    if which is None:
+        raise CheckpointError(f"no trained run in {run_dir} (expected best/ or final/trainable.safetensors)")
+    trainer = Trainer(args.config, run_dir)
+    trainer._load_best(which)
+    trainer.cfg.eval.select_on = "last"  # evaluate the weights just loaded
     trainer.cfg.data.test_split = {"val": trainer.cfg.data.val_split, "test": trainer.cfg.data.test_split}.get(
         args.split, args.split)
     res = trainer.test()

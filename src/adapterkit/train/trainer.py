@@ -190,7 +190,7 @@ class Trainer:
         limit = self.cfg.data.max_train_examples if train else self.cfg.data.max_eval_examples
         if limit:
             exs = exs[:limit]
-        if self.model.kind and task == "vqa":
+        if task == "vqa":
             for e in exs:  # single-answer VQA-style data: score by soft score, not leave-one-out
                 if e.target_scores and len(e.targets) < 10:
                     e.extra.setdefault("raw_answers", False)
@@ -331,6 +331,8 @@ class Trainer:
             bar.close()
             if logf:
                 logf.close()
+        if _is_main():  # the final weights, always: adapter files (+ everything trainable) in OUTPUT/final
+            self._save_best("final")
         results = self.test()
         results["wall_time_s"] = time.time() - t0
         if _is_main():
@@ -417,20 +419,20 @@ class Trainer:
                 self._save_best()
         _barrier()
 
-    def _save_best(self):
+    def _save_best(self, name: str = "best"):
         from adapterkit.core.base import get_container
         from adapterkit.safeio import save_safetensors_atomic
 
-        best = self.out / "best"
+        best = self.out / name
         if get_container(self.model) is not None:
             adapterkit.save_adapters(self.model, best)
         # the visual embedding / full weights of full fine-tuning: everything trainable
         save_safetensors_atomic({n: p.detach() for n, p in self.named_trainable.items()}, best / "trainable.safetensors")
 
-    def _load_best(self):
+    def _load_best(self, name: str = "best"):
         from adapterkit.safeio import load_safetensors_checked
 
-        f = self.out / "best" / "trainable.safetensors"
+        f = self.out / name / "trainable.safetensors"
         if not f.exists():
             return False
         t = load_safetensors_checked(f)
