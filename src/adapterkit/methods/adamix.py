@@ -183,7 +183,9 @@ class AdaMixSet(AdapterSet):
             self.merge_note = "bottleneck experts apply a non-linear function of the hidden states"
 
     def attach(self, model, profile):
-        from adapterkit.methods.bottleneck import _first, _out_width, _replace_first
+        from adapterkit.core.hooks import first as _first
+        from adapterkit.core.hooks import out_width as _out_width
+        from adapterkit.core.hooks import replace_first as _replace_first
 
         cfg: AdaMixConfig = self.config
         if cfg.expert_type == "lora":

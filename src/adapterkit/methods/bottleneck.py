@@ -20,6 +20,9 @@ from torch import nn
 from adapterkit.core.activations import get_activation
 from adapterkit.core.base import AdapterSet, places_for
 from adapterkit.core.config import ACTIVATIONS, AdapterConfig, bounded, choice, register_method
+from adapterkit.core.hooks import first as _first
+from adapterkit.core.hooks import out_width as _out_width
+from adapterkit.core.hooks import replace_first as _replace_first
 from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.task_linear import TaskLinear
 from adapterkit.errors import ConfigError
@@ -113,24 +116,6 @@ class Bottleneck(nn.Module):
         elif self.fixed_scale != 1.0:
             out = out * self.fixed_scale
         return out
-
-
-def _out_width(module: nn.Module) -> int:
-    for attr in ("out_features", "nf"):
-        if hasattr(module, attr):
-            return int(getattr(module, attr))
-    w = getattr(module, "weight", None)
-    if w is not None:
-        return int(w.shape[0])
-    raise ConfigError(f"cannot tell the output width of module {type(module).__name__}")
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _replace_first(out, new):
-    return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
 
 class BottleneckSet(AdapterSet):

@@ -35,6 +35,9 @@ from torch import nn
 
 from adapterkit.core.base import AdapterSet, places_for
 from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
+from adapterkit.core.hooks import first as _first
+from adapterkit.core.hooks import out_width as _width
+from adapterkit.core.hooks import replace_first as _replace_first
 from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.routing import expand_to_batch
 from adapterkit.core.task_linear import TaskLinear
@@ -180,24 +183,6 @@ class ConformerBlock(nn.Module):
         if self.p and self.training:
             out = F.dropout(out, self.p, True)
         return out
-
-
-def _width(module: nn.Module) -> int:
-    for attr in ("out_features", "nf"):
-        if hasattr(module, attr):
-            return int(getattr(module, attr))
-    w = getattr(module, "weight", None)
-    if w is not None:
-        return int(w.shape[0])
-    raise ConfigError(f"cannot tell the output width of module {type(module).__name__}")
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _replace_first(out, new):
-    return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
 
 class ConformerSet(AdapterSet):

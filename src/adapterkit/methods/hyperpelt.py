@@ -34,9 +34,11 @@ from adapterkit.core.attention import (  # noqa: F401  (re-exported for users of
 )
 from adapterkit.core.base import AdapterSet, get_container, places_for
 from adapterkit.core.config import ACTIVATIONS, AdapterConfig, bounded, choice, register_method
+from adapterkit.core.hooks import first as _first
+from adapterkit.core.hooks import out_width as _out_width
+from adapterkit.core.hooks import replace_first as _replace_first
 from adapterkit.core.task_linear import task_linear
 from adapterkit.errors import ConfigError
-from adapterkit.methods.bottleneck import _first, _out_width, _replace_first
 
 # ----------------------------------------------------------------------------- HyperPELT
 

@@ -25,6 +25,8 @@ from torch import nn
 
 from adapterkit.core.base import AdapterSet
 from adapterkit.core.config import AdapterConfig, bounded, register_method
+from adapterkit.core.hooks import first as _first
+from adapterkit.core.hooks import replace_first as _replace_first
 from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.routing import expand_to_batch
 from adapterkit.core.task_linear import TaskLinear
@@ -116,14 +118,6 @@ class KAdapterModule(nn.Module):
         for layer in self.layers:
             h = layer(h, task, key_mask)
         return self.up(h, task)
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _replace_first(out, new):
-    return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
 
 class KAdapterSet(AdapterSet):

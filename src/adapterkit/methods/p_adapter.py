@@ -38,10 +38,12 @@ from torch import nn
 from adapterkit.core.attention import attention_modules, intercept_attention, num_heads
 from adapterkit.core.base import AdapterSet
 from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
+from adapterkit.core.hooks import first as _first
+from adapterkit.core.hooks import out_width as _out_width
+from adapterkit.core.hooks import replace_first as _replace_first
 from adapterkit.core.routing import expand_to_batch
 from adapterkit.core.task_linear import TaskLinear
 from adapterkit.errors import ConfigError
-from adapterkit.methods.bottleneck import _first, _out_width, _replace_first
 
 
 @dataclass

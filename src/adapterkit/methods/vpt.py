@@ -29,6 +29,8 @@ from torch import nn
 
 from adapterkit.core.base import CONTAINER, AdapterSet, places_for
 from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
+from adapterkit.core.hooks import first as _first
+from adapterkit.core.hooks import replace_first as _replace_first
 from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.routing import expand_to_batch
 from adapterkit.errors import ConfigError
@@ -107,14 +109,6 @@ def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dic
     kwargs = dict(kwargs)
     kwargs["hidden_states"] = h
     return args, kwargs
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _replace_first(out, new):
-    return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
 
 def _patch_area(model: nn.Module) -> int:
