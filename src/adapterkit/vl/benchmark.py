@@ -204,7 +204,11 @@ def plot_compare(summary: dict, path: Path) -> None:
     for n, (x, y) in zip(names, pts):
         ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     fx = sorted(pts[i] for i in front)
-    ax.plot([p[0] for p in fx], [p[1] for p in fx], "--", color="gray", label="Pareto front")
+    ax.plot([p[0] for p in fx], [p[1] for p in fx], "o--", color="tab:red", label="Pareto front")
+    base = summary.get("majority_baseline")
+    if base:
+        ax.axhline(sum(100.0 * b["score"] for b in base.values()) / len(base), color="gray", lw=0.8, ls=":",
+                   label="majority answer")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (%)")
     ax.set_ylabel("FashionVL test average")
