@@ -229,7 +229,12 @@ def dataclass_from_dict(cls, d, where: str = ""):
         obj = cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where or 'config'}: {e}") from None
-    _check_fields(obj)
-    if hasattr(obj, "validate"):
-        obj.validate()
+    try:
+        _check_fields(obj)
+        if hasattr(obj, "validate"):
+            obj.validate()
+    except ConfigError as e:
+        if where:  # name the section: 'train: "epochs" must be >= 1, got 0'
+            raise ConfigError(f"{where}: {e}") from None
+        raise
     return obj

@@ -109,7 +109,7 @@ class RunConfig:
             raise ConfigError('give either "preset" or "adapters", not both')
         if self.preset is None and self.adapters is None:
             raise ConfigError('the config needs a "preset" (e.g. single_adapter) or an "adapters" list')
-        cfgs = get_preset(self.preset)["adapters"] if self.preset else self.adapters
+        cfgs = get_preset(self.preset)["adapters"] if self.preset is not None else self.adapters
         for i, a in enumerate(cfgs):
             if not isinstance(a, dict):
                 raise ConfigError(f"adapters[{i}] must be a mapping, got {type(a).__name__}")
@@ -121,7 +121,7 @@ class RunConfig:
     def preset_dict(self) -> dict:
         from adapterkit.vl.presets import get_preset
 
-        if self.preset:
+        if self.preset is not None:
             return get_preset(self.preset)
         return {"name": "custom", "lr": 1e-3, "video_lr": 3e-4, "adapters": [dict(a) for a in self.adapters]}
 
