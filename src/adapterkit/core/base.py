@@ -104,6 +104,34 @@ def places_for(model: nn.Module, profile: dict | None, kind: str, config: Adapte
     return found
 
 
+def sublayer_places(model: nn.Module, profile: dict | None, config: AdapterConfig, positions,
+                    explicit: dict | None = None) -> list[Place]:
+    """Places of several sublayer positions in order. Cross-attention exists only in decoders,
+    so ``cross_attn_out`` is skipped quietly where the model has none (unless given explicitly)."""
+    found = []
+    for pos in positions:
+        patterns = (explicit or {}).get(pos)
+        optional = pos == "cross_attn_out" and not patterns
+        if optional and profile is not None and pos not in profile["places"]:
+            continue
+        found += places_for(model, profile, pos, config, patterns, required=not optional)
+    return found
+
+
+def linear_targets(model: nn.Module, profile: dict | None, config) -> list[Place]:
+    """LoRA-style targets: ``target_modules`` (names/regexes) or the profile places in ``targets``,
+    each module once."""
+    if config.target_modules:
+        return places_for(model, profile, "lora", config, config.target_modules)
+    found, seen = [], set()
+    for kind in config.targets:
+        for p in places_for(model, profile, kind, config):
+            if p.path not in seen:
+                seen.add(p.path)
+                found.append(p)
+    return found
+
+
 def add_adapters(model: nn.Module, config, name: str | None = None) -> nn.Module:
     """Attach the adapters described by ``config`` to ``model``, freeze by policy, return it.
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterkit.core.activations import get_activation
-from adapterkit.core.base import AdapterSet, places_for
+from adapterkit.core.base import AdapterSet, linear_targets, sublayer_places
 from adapterkit.core.config import ACTIVATIONS, AdapterConfig, bounded, choice, register_method
 from adapterkit.core.task_linear import init_weight
 from adapterkit.errors import ConfigError
@@ -189,16 +189,7 @@ class AdaMixSet(AdapterSet):
 
         cfg: AdaMixConfig = self.config
         if cfg.expert_type == "lora":
-            found, seen = [], set()
-            if cfg.target_modules:
-                found = places_for(model, profile, "lora", cfg, cfg.target_modules)
-            else:
-                for kind in cfg.targets:
-                    for p in places_for(model, profile, kind, cfg):
-                        if p.path not in seen:
-                            seen.add(p.path)
-                            found.append(p)
-            for place in found:
+            for place in linear_targets(model, profile, cfg):
                 layer = ExpertLora(place.module, cfg)
                 self.adapters[place.key] = layer
 
@@ -206,19 +197,15 @@ class AdaMixSet(AdapterSet):
                     return out if self.merged else out + layer(args[0])
                 self.add_forward_hook(place.module, hook)
             return
-        for pos in cfg.positions:
-            optional = pos == "cross_attn_out"
-            if optional and profile is not None and pos not in profile["places"]:
-                continue
-            for place in places_for(model, profile, pos, cfg, required=not optional):
-                d = _out_width(place.module)
-                ad = ExpertBottleneck(d, cfg.hidden(d), cfg)
-                self.adapters[place.key] = ad
+        for place in sublayer_places(model, profile, cfg, cfg.positions):
+            d = _out_width(place.module)
+            ad = ExpertBottleneck(d, cfg.hidden(d), cfg)
+            self.adapters[place.key] = ad
 
-                def hook(module, args, out, ad=ad):
-                    h = _first(out)
-                    return _replace_first(out, h + ad(h))
-                self.add_forward_hook(place.module, hook)
+            def hook(module, args, out, ad=ad):
+                h = _first(out)
+                return _replace_first(out, h + ad(h))
+            self.add_forward_hook(place.module, hook)
 
     def experts(self) -> list[ExpertLinear]:
         return [m for m in self.modules() if isinstance(m, ExpertLinear)]

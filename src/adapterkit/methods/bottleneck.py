@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterkit.core.activations import get_activation
-from adapterkit.core.base import AdapterSet, places_for
+from adapterkit.core.base import AdapterSet, places_for, sublayer_places
 from adapterkit.core.config import ACTIVATIONS, AdapterConfig, bounded, choice, register_method
 from adapterkit.core.hooks import first as _first
 from adapterkit.core.hooks import out_width as _out_width
@@ -134,17 +134,11 @@ class BottleneckSet(AdapterSet):
         if cfg.method == "parallel":
             self._attach_parallel(model, profile)
             return
-        for pos in cfg.positions:
-            explicit = cfg.places.get(pos)
-            # cross-attention exists only in decoders: skip it quietly where the model has none
-            optional = pos == "cross_attn_out" and not explicit
-            if optional and profile is not None and pos not in profile["places"]:
-                continue
-            for place in places_for(model, profile, pos, cfg, explicit, required=not optional):
-                d = _out_width(place.module)
-                ad = Bottleneck(d, cfg.hidden(d), cfg)
-                self.adapters[place.key] = ad
-                self.add_forward_hook(place.module, self._sequential_hook(ad))
+        for place in sublayer_places(model, profile, cfg, cfg.positions, cfg.places):
+            d = _out_width(place.module)
+            ad = Bottleneck(d, cfg.hidden(d), cfg)
+            self.adapters[place.key] = ad
+            self.add_forward_hook(place.module, self._sequential_hook(ad))
 
     def _sequential_hook(self, ad: Bottleneck):
         def hook(module, args, out):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from adapterkit.core.activations import get_activation
-from adapterkit.core.base import AdapterSet, places_for
+from adapterkit.core.base import AdapterSet, sublayer_places
 from adapterkit.core.config import ACTIVATIONS, AdapterConfig, bounded, choice, register_method
 from adapterkit.core.hooks import first as _first
 from adapterkit.core.hooks import out_width as _out_width
@@ -128,14 +128,10 @@ class CompacterSet(AdapterSet):
 
     def attach(self, model, profile):
         cfg: CompacterConfig = self.config
-        for pos in cfg.positions:
-            optional = pos == "cross_attn_out"
-            if optional and profile is not None and pos not in profile["places"]:
-                continue
-            for place in places_for(model, profile, pos, cfg, required=not optional):
-                ad = CompacterAdapter(_out_width(place.module), cfg, self.phm_rules)
-                self.adapters[place.key] = ad
-                self.add_forward_hook(place.module, self._hook(ad))
+        for place in sublayer_places(model, profile, cfg, cfg.positions):
+            ad = CompacterAdapter(_out_width(place.module), cfg, self.phm_rules)
+            self.adapters[place.key] = ad
+            self.add_forward_hook(place.module, self._hook(ad))
 
     def _hook(self, ad):
         def hook(module, args, out):

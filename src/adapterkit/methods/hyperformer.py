@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from adapterkit.core.activations import get_activation
-from adapterkit.core.base import AdapterSet, places_for
+from adapterkit.core.base import AdapterSet, sublayer_places
 from adapterkit.core.config import ACTIVATIONS, AdapterConfig, bounded, choice, register_method
 from adapterkit.core.hooks import first as _first
 from adapterkit.core.hooks import out_width as _out_width
@@ -105,12 +105,7 @@ class HyperformerSet(AdapterSet):
 
     def attach(self, model, profile):
         cfg: HyperformerConfig = self.config
-        found = []
-        for pos in cfg.positions:
-            optional = pos == "cross_attn_out"
-            if optional and profile is not None and pos not in profile["places"]:
-                continue
-            found += places_for(model, profile, pos, cfg, required=not optional)
+        found = sublayer_places(model, profile, cfg, cfg.positions)
         by_stack: dict[str, list] = {}
         for p in found:
             by_stack.setdefault(p.stack or "main", []).append(p)

@@ -32,7 +32,7 @@ from adapterkit.core.attention import (  # noqa: F401  (re-exported for users of
     kv_shape,
     num_heads,
 )
-from adapterkit.core.base import AdapterSet, get_container, places_for
+from adapterkit.core.base import AdapterSet, get_container, sublayer_places
 from adapterkit.core.config import ACTIVATIONS, AdapterConfig, bounded, choice, register_method
 from adapterkit.core.hooks import first as _first
 from adapterkit.core.hooks import out_width as _out_width
@@ -135,12 +135,7 @@ class HyperPELTSet(AdapterSet):
     # -- construction ------------------------------------------------------------
     def attach(self, model, profile):
         cfg: HyperPELTConfig = self.config
-        adapters = []
-        for pos in cfg.adapter_positions:
-            optional = pos == "cross_attn_out"
-            if optional and profile is not None and pos not in profile["places"]:
-                continue
-            adapters += places_for(model, profile, pos, cfg, required=not optional)
+        adapters = sublayer_places(model, profile, cfg, cfg.adapter_positions)
         attns = attention_modules(model, profile, cfg, cfg.prefix_positions) if cfg.prefix_length else []
         keys = sorted({(p.stack, p.layer) for p in adapters} | {(a.stack, a.layer) for a in attns})
         self.layer_ids = {k: i for i, k in enumerate(keys)}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterkit.core.base import AdapterSet, places_for
+from adapterkit.core.base import AdapterSet, linear_targets
 from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
 from adapterkit.core.task_linear import TaskLinear, init_weight
 from adapterkit.errors import ConfigError
@@ -89,15 +89,7 @@ class LoraSet(AdapterSet):
 
     def attach(self, model, profile):
         cfg: LoraConfig = self.config
-        found, seen = [], set()
-        if cfg.target_modules:
-            found = places_for(model, profile, "lora", cfg, cfg.target_modules)
-        else:
-            for kind in cfg.targets:
-                for p in places_for(model, profile, kind, cfg):
-                    if p.path not in seen:
-                        seen.add(p.path)
-                        found.append(p)
+        found = linear_targets(model, profile, cfg)
         for place in found:
             layer = LoraLayer(place.module, cfg)
             self.layers[place.key] = layer
