@@ -220,3 +220,21 @@ def _jsonable(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def add_train_command(subparsers, name: str, help: str, train_help: str = "train and evaluate from a YAML config"):
+    """``adapterkit NAME train CONFIG [--output-dir DIR]`` (shared by the vision, audio and rec pipelines)."""
+    p = subparsers.add_parser(name, help=help)
+    sub = p.add_subparsers(dest=f"{name}_command", required=True)
+    t = sub.add_parser("train", help=train_help)
+    t.add_argument("config", help=f"YAML config file (see examples/configs/{name}_*.yaml)")
+    t.add_argument("--output-dir", default=None, help="override output_dir")
+    return p
+
+
+def config_from_args(args) -> dict:
+    """The YAML config named on the command line, with ``--output-dir`` applied."""
+    cfg = load_yaml(args.config)
+    if args.output_dir:
+        cfg["output_dir"] = args.output_dir
+    return cfg
