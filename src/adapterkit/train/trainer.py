@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 import adapterkit
 from adapterkit.core.optim import TaskAwareAdamW
@@ -477,9 +476,5 @@ def versions() -> dict:
     return {"adapterkit": adapterkit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
             else platform.processor() or "cpu"}
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 

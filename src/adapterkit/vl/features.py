@@ -27,6 +27,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 
 from adapterkit.errors import ConfigError, DataError, did_you_mean
+from adapterkit.safeio import atomic_write_text
 
 __all__ = [
     "FeatureStore",
@@ -43,8 +44,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
-    from adapterkit.vl.datasets.base import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=None, separators=(",", ":")) + "\n")
 
 
