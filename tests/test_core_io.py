@@ -147,8 +147,10 @@ def test_unmergeable_methods_say_so(method):
     {"method": "houlsby", "reduction_factor": 4, "sharing": "per_task"},
     {"method": "houlsby", "reduction_factor": 4, "sharing": "half_shared_up", "learned_scale": True,
      "adapter_layernorm": "before"},
+    {"method": "houlsby", "reduction_factor": 4, "sharing": "half_shared_down"},
     {"method": "parallel", "reduction_factor": 4, "sharing": "per_task"},
     {"method": "lora", "r": 4, "sharing": "per_task"},
+    {"method": "lora", "r": 4, "sharing": "half_shared_up"},
     {"method": "compacter", "phm_dim": 2, "reduction_factor": 8, "sharing": "per_task"},
     {"method": "hyperformer", "task_embedding_dim": 8, "hidden_dim": 8, "projected_dim": 4},
     {"method": "prompt", "num_tokens": 2, "reparam_dim": 8, "sharing": "per_task"},
@@ -239,3 +241,53 @@ def test_task_aware_adamw_leaves_unrouted_tasks_untouched():
                 for i in range(len(TASKS)):
                     same = torch.equal(p[i], before[n][i])
                     assert same == (i != t), (n, i, task)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"method": "houlsby", "reduction_factor": 4, "sharing": "per_task", "dropout": 0.0},
+    {"method": "houlsby", "reduction_factor": 4, "sharing": "half_shared_down"},
+    {"method": "houlsby", "reduction_factor": 4, "sharing": "half_shared_up"},
+    {"method": "lora", "r": 4, "sharing": "per_task"},
+])
+def test_masked_and_gathered_mixed_paths_agree_with_gradients(cfg, monkeypatch):
+    """The masked all-task GEMM path (few tasks) and the gathered-bmm path give the same
+    outputs and the same gradients, and a task absent from the batch gets zero gradient."""
+    import adapterkit.core.task_linear as tl
+
+    results = []
+    for limit in (tl.MASKED_MAX_TASKS, 0):
+        monkeypatch.setattr(tl, "MASKED_MAX_TASKS", limit)
+        torch.manual_seed(0)
+        model = tiny_model("bart")
+        adapterkit.add_adapters(model, dict(cfg, tasks=TASKS))
+        _randomise(model)
+        inputs = tiny_inputs("bart", batch=4)
+        with adapterkit.route(torch.tensor([1, 0, 1, 0])):  # task 2 ("nlvr") absent
+            out = main_output(model(**inputs))
+        out.float().pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "adapterkit" in n}
+        results.append((out.detach(), grads))
+    (o1, g1), (o2, g2) = results
+    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-5)
+    assert g1.keys() == g2.keys() and g1
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4, msg=n)
+        if g1[n].dim() >= 2 and g1[n].shape[0] == len(TASKS):
+            assert g1[n][2].abs().max() == 0, n
+
+
+def test_merged_lora_removes_its_hooks_and_unmerge_restores_them():
+    model = tiny_model("bart")
+    adapterkit.add_adapters(model, {"method": "lora", "r": 4})
+    _randomise(model)
+    inputs = tiny_inputs("bart")
+    n_hooks = sum(len(m._forward_hooks) for m in model.modules())
+    assert n_hooks > 0
+    with torch.no_grad():
+        ref = main_output(model(**inputs)).clone()
+        adapterkit.merge_adapters(model)
+        assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+        torch.testing.assert_close(main_output(model(**inputs)), ref, atol=1e-5, rtol=0)
+        adapterkit.unmerge_adapters(model)
+        assert sum(len(m._forward_hooks) for m in model.modules()) == n_hooks
+        torch.testing.assert_close(main_output(model(**inputs)), ref, atol=1e-5, rtol=0)

@@ -19,6 +19,7 @@ from adapterkit.core.base import (
     unmerge_adapters,
 )
 from adapterkit.core.config import config_from_dict, registered_methods
+from adapterkit.core.graphs import GraphedStep
 from adapterkit.core.io import load_adapters, save_adapters
 from adapterkit.core.peft_interop import export_peft, import_peft
 from adapterkit.core.routing import route
@@ -27,7 +28,7 @@ from adapterkit.errors import AdapterKitError, CheckpointError, ConfigError, Dat
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterKitError", "CheckpointError", "ConfigError", "DataError",
+    "AdapterKitError", "CheckpointError", "ConfigError", "DataError", "GraphedStep",
     "add_adapters", "apply_freeze_policy", "config_from_dict", "export_peft", "import_peft",
     "load_adapters", "merge_adapters", "registered_methods", "remove_adapters", "route",
     "save_adapters", "trainable_report", "unmerge_adapters", "__version__",

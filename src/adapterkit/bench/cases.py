@@ -239,6 +239,7 @@ def _adapterhub(config_name: str) -> Callable[[BuildContext], Prepared]:
         m.add_adapter("t", config=getattr(adapters, config_name)(reduction_factor=8))
         m.train_adapter("t")
         m.set_active_adapters("t")
+        m.to(ctx.device)  # AdapterHub creates its modules on the CPU, whatever the model's device
         return Prepared(m, trainable(m), note=f"adapters {adapters.__version__}")
     return build
 

@@ -54,23 +54,34 @@ def _ok(by: dict, name: str) -> dict | None:
 
 
 def add_ratios(results: list[dict], cases: dict) -> dict:
-    """Add ``time_vs_ref``/``mem_vs_ref`` (and ``mixed_over_single``) to the records in place."""
+    """Add ``time_vs_ref``/``mem_vs_ref`` (and ``mixed_over_single``) to the records in place.
+
+    A CUDA-graphed record (``case@graph``) is compared with the eager reference
+    (``time_vs_ref``, what users of plain eager training get) and with the graphed
+    reference (``time_vs_graph_ref``); its mixed-batch pair is the graphed single-task case.
+    """
     by = {r["case"]: r for r in results}
     mixed = {}
     for r in results:
         if r.get("status") != "ok":
             continue
-        case = cases[r["case"]]
+        case = cases[r.get("base", r["case"])]
+        sfx = "" if r.get("variant", "eager") == "eager" else "@" + r["variant"]
         ref = _ok(by, case.ref)
         if ref is not None:
             r["time_vs_ref"] = r["median_ms"] / ref["median_ms"]
             if r.get("peak_gib") is not None and ref.get("peak_gib"):
                 r["mem_vs_ref"] = r["peak_gib"] / ref["peak_gib"]
+        gref = _ok(by, case.ref + sfx) if sfx else None
+        if gref is not None:
+            r["time_vs_graph_ref"] = r["median_ms"] / gref["median_ms"]
+            if r.get("peak_gib") is not None and gref.get("peak_gib"):
+                r["mem_vs_graph_ref"] = r["peak_gib"] / gref["peak_gib"]
         if case.pair:
-            single = _ok(by, case.pair)
+            single = _ok(by, case.pair + sfx)
             if single is not None:
                 r["mixed_over_single"] = r["median_ms"] / single["median_ms"]
-                mixed[r["case"]] = {"single": case.pair, "ratio": r["mixed_over_single"]}
+                mixed[r["case"]] = {"single": case.pair + sfx, "ratio": r["mixed_over_single"]}
     return {"mixed_over_single": mixed}
 
 
@@ -80,8 +91,17 @@ def _target(tid: str, text: str, value: float | None, limit: float, op: str, why
             "why": why if value is None else ""}
 
 
+# The views a target is evaluated in: (name, suffix of our cases, suffix of the baselines/peers).
+VIEWS = (("eager", "", ""),                      # everything eager (the peer script's way)
+         ("graph", "@graph", ""),                # adapterkit's graphed step vs eager baselines and peers
+         ("graph_vs_graph", "@graph", "@graph"))  # every case graphed (the GPU-work ratio)
+
+
 def check_targets(results: list[dict], meta: dict) -> list[dict]:
-    """Evaluate issue 5's targets on this run (None where a case is missing or failed)."""
+    """Evaluate issue 5's targets on this run, in every view the run has records for.
+
+    Each target dict holds ``value``/``pass`` of the eager view and ``views`` with every
+    view's value and pass (None where a case is missing or failed)."""
     by = {r["case"]: r for r in results}
 
     def ratio(a: str, b: str, key: str = "median_ms"):
@@ -91,30 +111,40 @@ def check_targets(results: list[dict], meta: dict) -> list[dict]:
             return None, f"no {key} for {', '.join(missing)}" if missing else "reference is zero"
         return ra[key] / rb[key], ""
 
-    out = []
+    specs = []  # (id, text, fn(mine_sfx, ref_sfx) -> (value, why), limit, op)
     for m in FAST_METHODS:
-        v, why = ratio(m, "full_ft")
-        out.append(_target(f"step:{m}", f"{m} training step <= 0.70x full FT", v, 0.70, "<=", why))
+        specs.append((f"step:{m}", f"{m} training step <= 0.70x full FT",
+                      lambda a, b, m=m: ratio(m + a, "full_ft" + b), 0.70, "<="))
     for m in FAST_METHODS:
-        v, why = ratio(m, "full_ft", "peak_gib")
-        if v is None and meta.get("device", "").startswith("cpu"):
-            why = "peak memory is measured on GPU only"
-        out.append(_target(f"mem:{m}", f"{m} peak memory <= 0.70x full FT", v, 0.70, "<=", why))
+        specs.append((f"mem:{m}", f"{m} peak memory <= 0.70x full FT",
+                      lambda a, b, m=m: ratio(m + a, "full_ft" + b, "peak_gib"), 0.70, "<="))
     for mine, peer in PEER_PAIRS:
-        v, why = ratio(mine, peer)
-        out.append(_target(f"peer:{mine}", f"{mine} step faster than {peer}", v, 1.0, "<=", why))
+        specs.append((f"peer:{mine}", f"{mine} step faster than {peer}",
+                      lambda a, b, mine=mine, peer=peer: ratio(mine + a, peer + b), 1.0, "<="))
     for m in MIXED_CASES:
         single = m.replace("_mixed", "_single")
-        v, why = ratio(m, single)
-        out.append(_target(f"mixed:{m}", f"{m} <= 1.15x {single}", v, 1.15, "<=", why))
+        specs.append((f"mixed:{m}", f"{m} <= 1.15x {single}",
+                      lambda a, b, m=m, single=single: ratio(m + a, single + a), 1.15, "<="))
     for mine, peer in MIXED_VS_PEFT:
-        v, why = ratio(peer, mine)
-        out.append(_target(f"mixedpeer:{mine}", f"{mine} >= 2x faster than {peer} (value: peer/ours)",
-                           v, 2.0, ">=", why))
-    v, why = ratio("infer_single_lora_merged", "infer_base")
-    out.append(_target("infer:merged_lora", "merged LoRA inference = base (<= 1.03x, noise)", v, 1.03, "<=", why))
-    v, why = ratio("infer_single_adapter", "infer_base")
-    out.append(_target("infer:bottleneck", "unmerged single adapter inference <= 1.10x base", v, 1.10, "<=", why))
+        specs.append((f"mixedpeer:{mine}", f"{mine} >= 2x faster than {peer} (value: peer/ours)",
+                      lambda a, b, mine=mine, peer=peer: ratio(peer + b, mine + a), 2.0, ">="))
+    specs.append(("infer:merged_lora", "merged LoRA inference = base (<= 1.03x, noise)",
+                  lambda a, b: ratio("infer_single_lora_merged" + a, "infer_base" + b), 1.03, "<="))
+    specs.append(("infer:bottleneck", "unmerged single adapter inference <= 1.10x base",
+                  lambda a, b: ratio("infer_single_adapter" + a, "infer_base" + b), 1.10, "<="))
+
+    cpu = meta.get("device", "").startswith("cpu")
+    out = []
+    for tid, text, fn, limit, op in specs:
+        views = {}
+        for name, a, b in VIEWS:
+            v, why = fn(a, b)
+            if v is None and cpu and tid.startswith("mem:"):
+                why = "peak memory is measured on GPU only"
+            views[name] = _target(tid, text, v, limit, op, why)
+        t = dict(views["eager"])
+        t["views"] = {k: {"value": x["value"], "pass": x["pass"], "why": x["why"]} for k, x in views.items()}
+        out.append(t)
     return out
 
 
@@ -152,26 +182,37 @@ def to_markdown(report: dict) -> str:
         f"transformers {meta['transformers']}, peft {meta['peft']}, adapters {meta['adapters']}.",
         "",
     ]
-    for kind, title, ref in (("train", "Training step (forward + backward + AdamW)", "full FT"),
-                             ("infer", "Inference (forward only, no grad, eval mode)", "base")):
-        rows = [r for r in results if r["kind"] == kind]
-        if not rows:
-            continue
-        lines += [f"### {title}", "",
-                  f"| case | what | median ms | mean ms | vs {ref} | {mem_col} | mem vs {ref} | trainable % | note |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if r["status"] != "ok":
-                msg = r.get("error") or r.get("note") or ""
-                lines.append(f"| {r['case']} | {r['title']} | {r['status']} | | | | | | {_cell(msg)} |")
+    for variant in dict.fromkeys(r.get("variant", "eager") for r in results):
+        graph = variant != "eager"
+        for kind, title, ref in (("train", "Training step (forward + backward + AdamW)", "full FT"),
+                                 ("infer", "Inference (forward only, no grad, eval mode)", "base")):
+            rows = [r for r in results if r["kind"] == kind and r.get("variant", "eager") == variant]
+            if not rows:
                 continue
-            mem = r.get("peak_gib") if on_gpu else r.get("rss_delta_mib")
-            tp = r.get("trainable_pct") if kind == "train" else None
-            lines.append(
-                f"| {r['case']} | {r['title']} | {_f(r['median_ms'])} | {_f(r['mean_ms'])} | "
-                f"{_f(r.get('time_vs_ref'))} | {_f(mem, '.2f' if on_gpu else '.1f')} | {_f(r.get('mem_vs_ref'))} | "
-                f"{_pct(tp) if kind == 'train' else '-'} | {_cell(r.get('note', ''))} |")
-        lines.append("")
+            if graph:
+                title += ", CUDA-graphed (`adapterkit.GraphedStep`)"
+                head = (f"| case | what | median ms | mean ms | vs {ref} (eager) | vs {ref} (graphed) | {mem_col} | "
+                        f"mem vs {ref} (graphed) | trainable % | note |")
+            else:
+                head = f"| case | what | median ms | mean ms | vs {ref} | {mem_col} | mem vs {ref} | trainable % | note |"
+            ncol = head.count("|") - 1
+            lines += [f"### {title}", "", head, "|" + "---|" * ncol]
+            for r in rows:
+                if r["status"] != "ok":
+                    msg = r.get("error") or r.get("note") or ""
+                    lines.append(f"| {r['case']} | {r['title']} | {r['status']} |" + " |" * (ncol - 4)
+                                 + f" {_cell(msg)} |")
+                    continue
+                mem = r.get("peak_gib") if on_gpu else r.get("rss_delta_mib")
+                tp = _pct(r.get("trainable_pct")) if kind == "train" else "-"
+                cells = [r["case"], r["title"], _f(r["median_ms"]), _f(r["mean_ms"]), _f(r.get("time_vs_ref"))]
+                if graph:
+                    cells += [_f(r.get("time_vs_graph_ref")), _f(mem), _f(r.get("mem_vs_graph_ref"))]
+                else:
+                    cells += [_f(mem, ".2f" if on_gpu else ".1f"), _f(r.get("mem_vs_ref"))]
+                cells += [tp, _cell(r.get("note", ""))]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
     mixed = report.get("ratios", {}).get("mixed_over_single", {})
     if mixed:
         lines += ["### Mixed-task batches (4 tasks interleaved vs one task)", "",
@@ -180,12 +221,24 @@ def to_markdown(report: dict) -> str:
         lines.append("")
     targets = report.get("targets", [])
     if targets:
-        lines += ["### Issue 5 targets" + ("" if on_gpu else " (defined for the GPU run; indicative only here)"),
-                  "", "| target | value | limit | result |", "|---|---|---|---|"]
+        views = [v for v, _, _ in VIEWS
+                 if any(t.get("views", {}).get(v, {}).get("value") is not None for t in targets)] or ["eager"]
+        names = {"eager": "all eager", "graph": "adapterkit graphed, baselines/peers eager",
+                 "graph_vs_graph": "all graphed"}
+        lines += ["### Issue 5 targets" + ("" if on_gpu else " (defined for the GPU run; indicative only here)"), ""]
+        if len(views) > 1:
+            lines += ["Columns: " + "; ".join(f"*{names[v]}*" for v in views) + ". Each cell: ratio, pass/FAIL.", ""]
+        lines += ["| target | limit | " + " | ".join(names[v] for v in views) + " |",
+                  "|---|---|" + "---|" * len(views)]
         for t in targets:
-            res = "n/a" if t["pass"] is None else ("pass" if t["pass"] else "FAIL")
-            val = _f(t["value"]) if t["value"] is not None else f"n/a ({t['why']})"
-            lines.append(f"| {t['target']} | {val} | {t['op']} {t['limit']:g} | {res} |")
+            cells = []
+            for v in views:
+                x = t.get("views", {}).get(v, {"value": t["value"], "pass": t["pass"], "why": t["why"]})
+                if x["value"] is None:
+                    cells.append(f"n/a ({x['why']})" if len(views) == 1 else "n/a")
+                else:
+                    cells.append(f"{_f(x['value'])} {'pass' if x['pass'] else 'FAIL'}")
+            lines.append(f"| {t['target']} | {t['op']} {t['limit']:g} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

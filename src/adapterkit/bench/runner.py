@@ -49,6 +49,11 @@ class Settings:
     seed: int = 0
     lr: float = 1e-4
     compile: bool = False
+    mode: str = "eager"  # eager | graph | both: graph replays each step as a CUDA graph (adapterkit.GraphedStep)
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return ("eager", "graph") if self.mode == "both" else (self.mode,)
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -59,6 +64,12 @@ class Settings:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f'--device "{self.device}" asked for, but torch sees no CUDA device')
+        if self.mode not in ("eager", "graph", "both"):
+            raise ConfigError(f'--mode must be eager, graph or both, got "{self.mode}"')
+        if self.mode != "eager" and not self.device.startswith("cuda"):
+            raise ConfigError(f'--mode {self.mode} replays CUDA graphs and needs a CUDA device; use --mode eager')
+        if self.mode != "eager" and self.compile:
+            raise ConfigError("--compile and CUDA-graph modes are separate experiments; pick one")
         if self.dtype == "fp16" and not self.device.startswith("cuda"):
             raise ConfigError("--dtype fp16 autocast needs a CUDA device; use bf16 or fp32 on CPU")
 
@@ -83,7 +94,7 @@ def _rss_bytes() -> int | None:
 class _Stepper:
     """Runs one training step or one forward for a prepared case."""
 
-    def __init__(self, prep: Prepared, kind: str, batch: Batch, settings: Settings):
+    def __init__(self, prep: Prepared, kind: str, batch: Batch, settings: Settings, variant: str = "eager"):
         self.prep, self.kind, self.batch = prep, kind, batch
         self.device_type = torch.device(settings.device).type
         self.amp_dtype = DTYPES[settings.dtype]
@@ -96,6 +107,22 @@ class _Stepper:
         params = [p for p in prep.params if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=settings.lr) if (kind == "train" and params) else None
         self.last_loss: torch.Tensor | None = None
+        self.graph = None
+        if variant == "graph":
+            from adapterkit.core.graphs import GraphedStep
+
+            self.graph = GraphedStep(model, self.opt, self._graph_fn, amp_dtype=self.amp_dtype,
+                                     warmup=2, clone_outputs=False)
+            self.graph_batch = ({"input_ids": batch.input_ids, "labels": batch.labels} if kind == "train" else
+                                {"input_ids": batch.input_ids, "decoder_input_ids": batch.decoder_input_ids})
+
+    def _graph_fn(self, b: dict):
+        stack = contextlib.ExitStack()
+        with stack:
+            if self.prep.route is not None:
+                stack.enter_context(route(self.prep.route))
+            out = self.fn(**b, **self.prep.kwargs)
+            return out.loss if self.kind == "train" else out.logits
 
     def _ctx(self):
         stack = contextlib.ExitStack()
@@ -107,6 +134,10 @@ class _Stepper:
 
     def step(self) -> None:
         b = self.batch
+        if self.graph is not None:
+            out = self.graph(self.graph_batch)
+            self.last_loss = out if self.kind == "train" else None
+            return
         if self.kind == "train":
             with self._ctx():
                 out = self.fn(input_ids=b.input_ids, labels=b.labels, **self.prep.kwargs)
@@ -165,9 +196,14 @@ def _cleanup(device_type: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _new_record(case: Case) -> dict:
-    return {"case": case.name, "kind": case.kind, "group": case.group, "title": case.title,
-            "status": "ok", "note": ""}
+def record_name(case: Case, variant: str) -> str:
+    """A result's key: the case name, with ``@graph`` for the CUDA-graphed variant."""
+    return case.name if variant == "eager" else f"{case.name}@{variant}"
+
+
+def _new_record(case: Case, variant: str = "eager") -> dict:
+    return {"case": record_name(case, variant), "base": case.name, "variant": variant, "kind": case.kind,
+            "group": case.group, "title": case.title, "status": "ok", "note": ""}
 
 
 def _fail(rec: dict, e: BaseException) -> None:
@@ -175,7 +211,8 @@ def _fail(rec: dict, e: BaseException) -> None:
                traceback=traceback.format_exc(limit=4)[-2000:])
 
 
-def _prepare(case: Case, shape: Shape, settings: Settings, batch: Batch, rec: dict) -> _Stepper | None:
+def _prepare(case: Case, shape: Shape, settings: Settings, batch: Batch, rec: dict,
+             variant: str = "eager") -> _Stepper | None:
     """Build the case's model and stepper; on failure fill ``rec`` and return None."""
     ctx = BuildContext(shape, torch.device(settings.device), settings.seed, batch)
     try:
@@ -189,7 +226,7 @@ def _prepare(case: Case, shape: Shape, settings: Settings, batch: Batch, rec: di
     rec["note"] = prep.note
     rec.update(_param_counts(prep))
     try:
-        return _Stepper(prep, case.kind, batch, settings)
+        return _Stepper(prep, case.kind, batch, settings, variant)
     except Exception as e:
         _fail(rec, e)
         return None
@@ -203,18 +240,21 @@ def _finish_loss(rec: dict, stepper: _Stepper) -> None:
             rec.update(status="error", error=f"non-finite loss {loss}")
 
 
-def run_case(case: Case, shape: Shape, settings: Settings, batch: Batch) -> dict:
+def run_case(case: Case, shape: Shape, settings: Settings, batch: Batch, variant: str = "eager") -> dict:
     """Build and time one case; failures become a record with ``status`` and ``error``."""
     dev_type = torch.device(settings.device).type
-    rec = _new_record(case)
+    rec = _new_record(case, variant)
     _cleanup(dev_type)
     rss0 = _rss_bytes()
-    stepper = _prepare(case, shape, settings, batch, rec)
+    stepper = _prepare(case, shape, settings, batch, rec, variant)
     if stepper is None:
         return rec
     try:
         rec.update(time_steps(stepper, settings.steps, settings.warmup))
         _finish_loss(rec, stepper)
+        if stepper.graph is not None and stepper.graph.fallback_reason:
+            rec["note"] = "; ".join(x for x in (rec.get("note"), f"ran eagerly: {stepper.graph.fallback_reason}")
+                                    if x)
         if dev_type == "cuda":
             rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         else:
@@ -290,17 +330,20 @@ def run_bench(shape: Shape, settings: Settings, cases: list[Case], log=None, int
     gc.freeze()
     try:
         if interleave:
+            if settings.mode != "eager":
+                raise ConfigError("--interleave times eager steps only; use --mode eager")
             results = run_interleaved(cases, shape, settings, batch)
             if log is not None:
                 for rec in results:
                     log(_one_line(rec))
         else:
             results = []
-            for case in cases:
-                rec = run_case(case, shape, settings, batch)
-                results.append(rec)
-                if log is not None:
-                    log(_one_line(rec))
+            for variant in settings.variants:
+                for case in cases:
+                    rec = run_case(case, shape, settings, batch, variant)
+                    results.append(rec)
+                    if log is not None:
+                        log(_one_line(rec))
     finally:
         gc.unfreeze()
     meta = {**environment(settings.device), "shape": shape.to_dict(), "settings": settings.to_dict(),

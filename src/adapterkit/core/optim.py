@@ -23,29 +23,28 @@ def mark_task_stacked(p: torch.nn.Parameter) -> torch.nn.Parameter:
 
 
 class TaskAwareAdamW(torch.optim.AdamW):
+    """AdamW that leaves per-task rows with an all-zero gradient untouched.
+
+    Free of host syncs (the rows to keep are a device mask, applied with ``torch.where``),
+    so it also runs inside a CUDA graph (:class:`adapterkit.GraphedStep`).
+    """
+
     @torch.no_grad()
     def step(self, closure=None):
-        tagged = [p for g in self.param_groups for p in g["params"]
-                  if p.grad is not None and getattr(p, TAG, False) and p.shape[0] > 1]
         saved = []
-        if tagged:
-            masks = [(p.grad.reshape(p.shape[0], -1) == 0).all(1) for p in tagged]
-            flags = torch.cat(masks).cpu()  # one host sync for all tagged parameters
-            i = 0
-            for p, m in zip(tagged, masks):
-                rows = flags[i:i + m.numel()].nonzero().squeeze(1)
-                i += m.numel()
-                if rows.numel() == 0:
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None or not getattr(p, TAG, False) or p.shape[0] < 2:
                     continue
-                rows = rows.to(p.device)
+                keep = (p.grad.reshape(p.shape[0], -1) == 0).all(1).view((-1,) + (1,) * (p.dim() - 1))
                 st = self.state.get(p, {})
-                moments = {k: st[k].index_select(0, rows).clone() for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-                           if k in st and isinstance(st[k], torch.Tensor) and st[k].shape == p.shape}
-                saved.append((p, rows, p.index_select(0, rows).clone(), moments))
+                moments = {k: st[k].clone() for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+                           if isinstance(st.get(k), torch.Tensor) and st[k].shape == p.shape}
+                saved.append((p, keep, p.clone(), moments))
         loss = super().step(closure)
-        for p, rows, old, moments in saved:
-            p.index_copy_(0, rows, old)
+        for p, keep, old, moments in saved:
+            p.copy_(torch.where(keep, old, p))
             st = self.state[p]
             for k, v in moments.items():
-                st[k].index_copy_(0, rows, v)
+                st[k].copy_(torch.where(keep, v, st[k]))
         return loss

@@ -24,7 +24,7 @@ from adapterkit.core.hooks import first as _first
 from adapterkit.core.hooks import out_width as _out_width
 from adapterkit.core.hooks import replace_first as _replace_first
 from adapterkit.core.optim import mark_task_stacked
-from adapterkit.core.task_linear import TaskLinear
+from adapterkit.core.task_linear import TaskLinear, task_pair
 from adapterkit.errors import ConfigError
 
 INITS = ("bert", "houlsby", "lora", "zeros_up_bert")
@@ -99,13 +99,14 @@ class Bottleneck(nn.Module):
         shape = (task.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
         return y * w.index_select(0, task).view(shape) + b.index_select(0, task).view(shape)
 
+    def _mid(self, z: torch.Tensor) -> torch.Tensor:
+        z = self.act(z)
+        return F.dropout(z, self.p, True) if (self.p and self.training) else z
+
     def forward(self, h: torch.Tensor, task) -> torch.Tensor:
         """The adapter's branch output (without the residual)."""
         x = self._ln(h, task) if self.ln_mode == "before" else h
-        z = self.act(self.down(x, task))
-        if self.p and self.training:
-            z = F.dropout(z, self.p, True)
-        out = self.up(z, task)
+        out = task_pair(x, self.down, self.up, task, self._mid)
         if self.ln_mode == "after":
             out = self._ln(out, task)
         if self.scale is not None:

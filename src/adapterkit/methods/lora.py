@@ -17,7 +17,7 @@ from torch import nn
 
 from adapterkit.core.base import AdapterSet, linear_targets
 from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
-from adapterkit.core.task_linear import TaskLinear, init_weight
+from adapterkit.core.task_linear import TaskLinear, init_weight, task_pair
 from adapterkit.errors import ConfigError
 
 
@@ -75,7 +75,10 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, task) -> torch.Tensor:
         if self.p and self.training:
             x = F.dropout(x, self.p, True)
-        return self.B(self.A(x, task) * self.scaling, task)  # scale the rank-r intermediate: r/out times less work
+        return task_pair(x, self.A, self.B, task, self._scale)  # scale the rank-r intermediate: r/out times less work
+
+    def _scale(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.scaling
 
 
 class LoraSet(AdapterSet):
@@ -93,7 +96,7 @@ class LoraSet(AdapterSet):
         for place in found:
             layer = LoraLayer(place.module, cfg)
             self.layers[place.key] = layer
-            self.add_forward_hook(place.module, self._hook(layer))
+        self._attach_hooks()
         self.paths = [p.path for p in found]
 
     def _hook(self, layer: LoraLayer):
@@ -126,6 +129,11 @@ class LoraSet(AdapterSet):
             base.weight += d.T if layer.fan_in_fan_out else d
         self._merged_task = t
         self.merged = True
+        self.detach()  # merged: no hooks at all, so inference costs exactly the base model
+
+    def _attach_hooks(self) -> None:
+        for layer in self.layers.values():
+            self.add_forward_hook(layer.target[0], self._hook(layer))
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -137,6 +145,7 @@ class LoraSet(AdapterSet):
             base.weight -= d.T if layer.fan_in_fan_out else d
         self.merged = False
         self._merged_task = None
+        self._attach_hooks()
 
 
 register_method("lora", LoraConfig, LoraSet)
