@@ -159,6 +159,11 @@ def test_targets_pass_fail_and_missing():
         {"case": "single_adapter", "status": "ok", "median_ms": 60.0, "peak_gib": 8.0},
         {"case": "single_lora", "status": "ok", "median_ms": 90.0, "peak_gib": 5.0},
         {"case": "peft_lora", "status": "ok", "median_ms": 95.0},
+        {"case": "lora_peer", "status": "ok", "median_ms": 90.0},
+        {"case": "lora_peer@graph", "status": "ok", "median_ms": 40.0},
+        {"case": "peft_lora@graph", "status": "ok", "median_ms": 38.0},
+        {"case": "single_adapter@graph", "status": "ok", "median_ms": 30.0, "peak_gib": 3.0},
+        {"case": "full_ft@graph", "status": "ok", "median_ms": 50.0, "peak_gib": 5.0},
         {"case": "multiple_lora_single", "status": "ok", "median_ms": 50.0},
         {"case": "multiple_lora_mixed", "status": "ok", "median_ms": 60.0},
         {"case": "hyperformer", "status": "error"},
@@ -166,7 +171,14 @@ def test_targets_pass_fail_and_missing():
     t = {x["id"]: x for x in check_targets(recs, {"device": "cuda"})}
     assert t["step:single_adapter"]["pass"] is True and t["step:single_lora"]["pass"] is False
     assert t["mem:single_adapter"]["pass"] is False and t["mem:single_lora"]["pass"] is True
-    assert t["peer:single_lora"]["pass"] is True
+    assert t["peer:lora_peer"]["pass"] is True
+    views = t["peer:lora_peer"]["views"]
+    assert views["graph"]["value"] == pytest.approx(40 / 95) and views["graph"]["pass"] is True
+    assert views["graph_vs_graph"]["value"] == pytest.approx(40 / 38) and views["graph_vs_graph"]["pass"] is False
+    sv = t["step:single_adapter"]["views"]
+    assert sv["graph"]["value"] == pytest.approx(0.3) and sv["graph_vs_graph"]["value"] == pytest.approx(0.6)
+    mv = t["mem:single_adapter"]["views"]
+    assert mv["graph"]["value"] is None and mv["graph_vs_graph"]["value"] == pytest.approx(0.6)
     assert t["mixed:multiple_lora_mixed"]["pass"] is False  # 1.2 > 1.15
     assert t["step:hyperformer"]["pass"] is None and "hyperformer" in t["step:hyperformer"]["why"]
 

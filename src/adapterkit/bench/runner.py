@@ -164,6 +164,8 @@ def time_steps(stepper: _Stepper, steps: int, warmup: int) -> dict:
         stepper.step()
     _sync(dev)
     if dev == "cuda":
+        if stepper.graph is not None:
+            torch.cuda.empty_cache()  # drop the eager warm-up's cached blocks: reserved = what the graph holds
         torch.cuda.reset_peak_memory_stats()
         events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
         t0 = time.perf_counter()
@@ -256,7 +258,11 @@ def run_case(case: Case, shape: Shape, settings: Settings, batch: Batch, variant
             rec["note"] = "; ".join(x for x in (rec.get("note"), f"ran eagerly: {stepper.graph.fallback_reason}")
                                     if x)
         if dev_type == "cuda":
-            rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if variant == "eager":
+                rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            else:  # a graph's private pool is reserved, not allocated, between replays
+                rec["peak_gib"] = torch.cuda.max_memory_reserved() / 2**30
+                rec["memory_measure"] = "max reserved (weights, optimizer state, graph pool)"
         else:
             rss1 = _rss_bytes()
             rec["rss_delta_mib"] = None if rss0 is None or rss1 is None else (rss1 - rss0) / 2**20
