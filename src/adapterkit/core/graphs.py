@@ -142,9 +142,9 @@ class GraphedStep:
                 "(it has no `capturable` option); use torch.optim.AdamW / Adam or enabled=False")
         for g in opt.param_groups:
             g["capturable"] = True
-            if not isinstance(g["lr"], torch.Tensor):
-                dev = g["params"][0].device if g["params"] else None
-                g["lr"] = torch.tensor(float(g["lr"]), device=dev)
+            dev = g["params"][0].device if g["params"] else None
+            if not isinstance(g["lr"], torch.Tensor) or g["lr"].device != dev:
+                g["lr"] = torch.tensor(float(g["lr"]), device=dev)  # a tensor: the graph reads it on every replay
         for p, st in opt.state.items():
             s = st.get("step")
             if isinstance(s, torch.Tensor) and s.device != p.device:

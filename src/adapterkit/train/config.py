@@ -75,6 +75,9 @@ class TrainConfig:
     max_target_len: int = bounded(20, lo=2)
     video: bool = False
     log_every: int = bounded(10, lo=1)
+    # replay each training step as a CUDA graph (adapterkit.GraphedStep): batches are padded to
+    # max_text_len / max_target_len; one graph per (task, batch size); eager on CPU or multi-process runs
+    cuda_graphs: bool = False
 
     def validate(self):
         for t, s in self.task_batch_scale.items():

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import os
 import platform
 import random
@@ -30,6 +32,8 @@ from adapterkit.train.checkpoint import CheckpointManager, capture_rng_state, re
 from adapterkit.train.config import RunConfig, load_config
 from adapterkit.vl.data import BINARY_TASKS, CAPTION_TASKS, TaskData, TextSpec, _seed, task_schedule
 from adapterkit.vl.datasets.base import read_examples_jsonl
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingError(AdapterKitError):
@@ -117,7 +121,7 @@ class Trainer:
             model, tokenizer = build_vl_model(spec, self.preset, tasks)
         self.model, self.tok = model.to(self.device), tokenizer
         spec = TextSpec(kind=self.model.kind, max_text_len=self.cfg.train.max_text_len,
-                        max_target_len=self.cfg.train.max_target_len)
+                        max_target_len=self.cfg.train.max_target_len, fixed_shapes=self.cfg.train.cuda_graphs)
         self.train_data = {t: self._task_data(t, self.cfg.data.train_split, spec, True) for t in tasks}
         self.spec = spec
         self._eval_cache: dict = {}
@@ -144,6 +148,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.ckpt = CheckpointManager(self.out, keep_last=self.cfg.train.keep_last, probe=_is_main())
         self.state = {"epoch": 0, "pos": 0, "step": 0, "best": None, "best_step": None, "history": []}
+        self.graph = None  # GraphedStep, made at the first step (after a resume has loaded the optimizer)
+        self._graph_task = 0
 
     # --- setup helpers ----------------------------------------------------------------------
     @staticmethod
@@ -258,10 +264,39 @@ class Trainer:
                 p.grad.copy_(g)
             i += n
 
+    def _graphed_loss(self, batch):
+        return self.model(**batch, task_ids=self._graph_task)
+
+    def _graphed_step(self, task, tid, batch):
+        """One CUDA-graphed step (train.cuda_graphs); None where it must run eagerly."""
+        if self.graph is None:
+            from adapterkit.core.graphs import GraphedStep
+
+            clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else None
+            self.graph = GraphedStep(self.model, self.optimizer, self._graphed_loss, clip_grad_norm=clip,
+                                     params=self.params, enabled=not _dist())
+        if self.graph.mode != "graph":
+            return None
+        self._graph_task = tid  # a Python-side branch: one graph per (task, batch size)
+        loss = self.graph({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)},
+                          key=(tid, batch["input_ids"].shape[0]))
+        if self.graph.mode != "graph":  # the capture found a host sync and ran this step eagerly
+            logger.warning("train.cuda_graphs: %s; training eagerly", self.graph.fallback_reason)
+        self.scheduler.step()
+        val = float(loss)
+        if not math.isfinite(val):
+            raise TrainingError(f"the loss is {val} at step {self.state['step'] + 1} (task {task!r}); the run "
+                                f"stopped and the last good checkpoint in {self.ckpt.root} is kept")
+        return val
+
     def train_step(self, task, rows, seed):
         self.model.train()
         tid = self.cfg.data.tasks.index(task)
         batch = self._move(self.train_data[task].train_batch(rows, seed, _rank(), _world()))
+        if self.cfg.train.cuda_graphs:
+            val = self._graphed_step(task, tid, batch)
+            if val is not None:
+                return val
         try:
             loss = self.model(**batch, task_ids=tid)
         except torch.OutOfMemoryError:

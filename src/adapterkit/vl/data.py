@@ -35,6 +35,7 @@ class TextSpec:
     max_text_len: int = 40
     max_target_len: int = 20
     use_prefix: bool = True
+    fixed_shapes: bool = False  # pad training batches to the maximum lengths (CUDA-graphed steps need one shape)
 
 
 class TaskData:
@@ -109,14 +110,15 @@ class TaskData:
         tok, sp = self.tok, self.spec
         eos = tok.eos_token_id
         if sp.kind == "seq2seq":
-            enc = tok(texts, max_length=sp.max_text_len, truncation=True, padding=True, return_tensors="pt")
-            lab = tok(targets, max_length=sp.max_target_len, truncation=True, padding=True, return_tensors="pt")
+            padding = "max_length" if sp.fixed_shapes else True
+            enc = tok(texts, max_length=sp.max_text_len, truncation=True, padding=padding, return_tensors="pt")
+            lab = tok(targets, max_length=sp.max_target_len, truncation=True, padding=padding, return_tensors="pt")
             labels = lab.input_ids.masked_fill(lab.attention_mask == 0, -100)
             return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
         q = tok([t + " answer:" for t in texts], add_special_tokens=False, max_length=sp.max_text_len, truncation=True)
         a = tok([" " + t for t in targets], add_special_tokens=False, max_length=sp.max_target_len - 1, truncation=True)
         seqs = [qi + ai + [eos] for qi, ai in zip(q.input_ids, a.input_ids)]
-        n = max(map(len, seqs))
+        n = sp.max_text_len + sp.max_target_len if sp.fixed_shapes else max(map(len, seqs))
         pad = tok.pad_token_id
         ids = torch.full((len(seqs), n), pad, dtype=torch.long)
         labels = torch.full((len(seqs), n), -100, dtype=torch.long)
