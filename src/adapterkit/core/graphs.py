@@ -195,34 +195,14 @@ class GraphedStep:
         snap = self._snapshot()
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        sync_error = None
         try:
             with torch.cuda.stream(side):
-                for i in range(self.warmup):
-                    if i < self.warmup - 1:
-                        self._body(static_in)
-                        continue
-                    # the last warm-up iteration may not synchronise with the host: a capture that
-                    # would fail is found here, before a failed capture can leave CUDA's state broken
-                    prev = torch.cuda.get_sync_debug_mode()
-                    torch.cuda.set_sync_debug_mode("error")
-                    try:
-                        self._body(static_in)
-                    except RuntimeError as e:
-                        sync_error = e
-                    finally:
-                        torch.cuda.set_sync_debug_mode(prev)
+                for _ in range(self.warmup):
+                    self._body(static_in)
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
         finally:
             self._restore(snap)
-        if sync_error is not None:
-            self.fallback_reason = (f"the step synchronises with the host, so it cannot be captured "
-                                    f"({type(sync_error).__name__}: {str(sync_error)[:200]})")
-            warnings.warn(f"GraphedStep: {self.fallback_reason}; running eagerly", stacklevel=3)
-            if self.training:
-                self.optimizer.zero_grad(set_to_none=True)
-            return None
         if self.training:
             self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
@@ -230,7 +210,8 @@ class GraphedStep:
             with torch.cuda.graph(graph):
                 static_out = self._body(static_in)
         except Exception as e:  # a host sync in the forward, an uncapturable op...
-            torch.cuda.synchronize(self.device)
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(self.device)
             self._restore(snap)
             self.fallback_reason = f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]})"
             warnings.warn(f"GraphedStep: {self.fallback_reason}; running eagerly", stacklevel=3)
