@@ -145,7 +145,7 @@ def test_graph_warmup_trains_nothing_and_bad_shapes_raise():
 @cuda
 def test_graph_keys_per_task_and_set_lr():
     model = _model("cuda", CFG_MIXED)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = TaskAwareAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
     current = [None]  # the task routed now (a Python-side branch: one graph per key)
 
@@ -218,3 +218,25 @@ def test_trainer_cuda_graphs_option(tmp_path, backbone, preset):
         assert len(tr.graph._graphs) >= 2
     else:
         assert tr.graph.mode == "eager"
+
+
+@cuda
+def test_failed_capture_falls_back_and_leaves_cuda_usable():
+    """A step that syncs with the host cannot be captured: it runs eagerly, and dropout
+    and later captures still work (the RNG is not left in capture mode)."""
+    model = _model("cuda", CFG_LORA)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def syncing(b):
+        loss = model(input_ids=b["input_ids"], labels=b["labels"]).loss
+        if loss.item() < 0:  # a host sync
+            raise AssertionError
+        return loss
+
+    step = adapterkit.GraphedStep(model, opt, syncing)
+    with pytest.warns(UserWarning, match="capture failed"):
+        loss = step(_batches("cuda", n=1)[0])
+    assert step.mode == "eager" and torch.isfinite(loss)
+    torch.nn.functional.dropout(torch.ones(8, device="cuda"), 0.5, True)  # RNG usable again
+    m2, losses, step2 = _trained("cuda", CFG_LORA, graphed=True)
+    assert step2.mode == "graph", step2.fallback_reason

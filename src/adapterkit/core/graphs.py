@@ -212,14 +212,29 @@ class GraphedStep:
         except Exception as e:  # a host sync in the forward, an uncapturable op...
             with contextlib.suppress(Exception):
                 torch.cuda.synchronize(self.device)
+            _reset_capture_state(self.device)
             self._restore(snap)
             self.fallback_reason = f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]})"
             warnings.warn(f"GraphedStep: {self.fallback_reason}; running eagerly", stacklevel=3)
             self._graphs.clear()
             return None
-        entry = (graph, static_in, static_out, sig)
+        # keep the outputs' storage, not their autograd graph (its nodes would outlive the capture)
+        entry = (graph, static_in, _detach_out(static_out), sig)
         self._graphs[key] = entry
         return entry
+
+
+def _reset_capture_state(device) -> None:
+    """After a failed capture the CUDA RNG still believes it is capturing (every later dropout
+    then fails with "Offset increment outside graph capture"); one empty capture that ends
+    normally puts it back."""
+    with contextlib.suppress(Exception):
+        g = torch.cuda.CUDAGraph()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.cuda.graph(g):
+                pass
+        del g
 
 
 def _clone_out(out):

@@ -188,6 +188,11 @@ class VLModel(nn.Module):
                 hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=mask,
                                             position_ids=_positions(mask)).last_hidden_state
                 tgt = labels[:, 1:]
+                if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+                    # inside a CUDA graph (train.cuda_graphs) shapes must not depend on the data:
+                    # the head on every text position, the same token-mean loss
+                    logits = self.lm.get_output_embeddings()(hidden[:, n_prefix:-1])
+                    return self._loss(logits, tgt, label_weights)
                 sel = tgt != -100
                 logits = self.lm.get_output_embeddings()(hidden[:, n_prefix:-1][sel])
                 lp = F.cross_entropy(logits.float(), tgt[sel], reduction="none")
