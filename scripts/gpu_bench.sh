@@ -21,6 +21,7 @@ except ImportError:
 print("torch", torch.__version__, "transformers", transformers.__version__, "peft", pv)
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 PY
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee -a "$OUTDIR/env.txt"
 if [ "${BENCH_TESTS:-1}" != 0 ]; then  # the CUDA-only tests (graph capture) first
   python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tee "$OUTDIR/gpu_tests.log"
 fi

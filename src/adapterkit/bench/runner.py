@@ -248,6 +248,7 @@ def run_case(case: Case, shape: Shape, settings: Settings, batch: Batch, variant
     rec = _new_record(case, variant)
     _cleanup(dev_type)
     rss0 = _rss_bytes()
+    reserved0 = torch.cuda.memory_reserved() if dev_type == "cuda" else 0
     stepper = _prepare(case, shape, settings, batch, rec, variant)
     if stepper is None:
         return rec
@@ -261,14 +262,16 @@ def run_case(case: Case, shape: Shape, settings: Settings, batch: Batch, variant
             if variant == "eager":
                 rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             else:  # a graph's private pool is reserved, not allocated, between replays
-                rec["peak_gib"] = torch.cuda.max_memory_reserved() / 2**30
-                rec["memory_measure"] = "max reserved (weights, optimizer state, graph pool)"
+                rec["peak_gib"] = (torch.cuda.max_memory_reserved() - reserved0) / 2**30
+                rec["memory_measure"] = "reserved by the case (weights, optimizer state, graph pool)"
         else:
             rss1 = _rss_bytes()
             rec["rss_delta_mib"] = None if rss0 is None or rss1 is None else (rss1 - rss0) / 2**20
     except Exception as e:  # one failing case (e.g. under --compile) must not end the run
         _fail(rec, e)
     finally:
+        if stepper.graph is not None:
+            stepper.graph.reset()  # free the graph's private pool before the next case
         del stepper
         if settings.compile:
             torch._dynamo.reset()

@@ -150,6 +150,12 @@ class GraphedStep:
             if isinstance(s, torch.Tensor) and s.device != p.device:
                 st["step"] = s.to(p.device)
 
+    def reset(self) -> None:
+        """Drop every captured graph and its memory pool (the next call captures again)."""
+        for graph, *_ in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
+
     def set_lr(self, lr: float, group: int | None = None) -> None:
         """Set the learning rate in place (the graph reads the tensor on every replay)."""
         if self.optimizer is None:
