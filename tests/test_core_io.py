@@ -255,8 +255,12 @@ def test_masked_and_gathered_mixed_paths_agree_with_gradients(cfg, monkeypatch):
     import adapterkit.core.task_linear as tl
 
     results = []
+    calls = []
+    one_hot = tl.F.one_hot
+    monkeypatch.setattr(tl.F, "one_hot", lambda *a, **k: calls.append(1) or one_hot(*a, **k))
     for limit in (tl.MASKED_MAX_TASKS, 0):
         monkeypatch.setattr(tl, "MASKED_MAX_TASKS", limit)
+        calls.clear()
         torch.manual_seed(0)
         model = tiny_model("bart")
         adapterkit.add_adapters(model, dict(cfg, tasks=TASKS))
@@ -266,6 +270,7 @@ def test_masked_and_gathered_mixed_paths_agree_with_gradients(cfg, monkeypatch):
             out = main_output(model(**inputs))
         out.float().pow(2).mean().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "adapterkit" in n}
+        assert bool(calls) == (limit > 0)  # the masked path ran, then the gathered one
         results.append((out.detach(), grads))
     (o1, g1), (o2, g2) = results
     torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-5)

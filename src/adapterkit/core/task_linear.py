@@ -4,7 +4,8 @@ Weights are stacked (n, out, in): n == 1 means shared by every task. A batch rou
 one task uses a plain ``F.linear``. A mixed batch (a per-example task tensor) is served
 without loops over tasks or examples, in one of two ways:
 
-- a down/up pair (bottleneck adapters, LoRA) with few tasks (<= ``MASKED_MAX_TASKS``):
+- a down/up pair (bottleneck adapters, LoRA) with few tasks (<= ``MASKED_MAX_TASKS``, and
+  all tasks' widths together within ``MASKED_MAX_WIDTH_RATIO`` x the model width):
   :func:`task_pair` runs every task's down-projection in one GEMM, zeroes the blocks
   of the other tasks with a one-hot mask, and runs one up-projection GEMM whose inner
   dimension spans all tasks' blocks. n times the adapter FLOPs (tiny next to the
@@ -44,6 +45,10 @@ def task_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 MASKED_MAX_TASKS = 8  # task_pair's masked path up to this many tasks; gathered bmm above
+# ... and while all tasks' bottleneck widths together (n * m) stay within this many times the
+# model width (the masked path does n times the adapter FLOPs: cheap for r 96 / 128 on d 768,
+# not for r 128 on a d 128 toy model)
+MASKED_MAX_WIDTH_RATIO = 1.0
 
 
 def task_pair(x: torch.Tensor, down: TaskLinear, up: TaskLinear, task: Resolved | None, mid=None) -> torch.Tensor:
@@ -54,10 +59,10 @@ def task_pair(x: torch.Tensor, down: TaskLinear, up: TaskLinear, task: Resolved 
     """
     nd, nu = down.weight.shape[0], up.weight.shape[0]
     mixed = isinstance(task, torch.Tensor) and (nd > 1 or nu > 1)
-    if not mixed or max(nd, nu) > MASKED_MAX_TASKS:
+    n, m, d = max(nd, nu), down.out_features, up.out_features
+    if not mixed or n > MASKED_MAX_TASKS or n * m > MASKED_MAX_WIDTH_RATIO * max(down.in_features, d):
         z = down(x, task)
         return up(mid(z) if mid is not None else z, task)
-    n, m, d = max(nd, nu), down.out_features, up.out_features
     b = x.shape[0]
     task = expand_to_batch(task, b)
     lead = x.shape[:-1]
