@@ -296,3 +296,25 @@ def test_merged_lora_removes_its_hooks_and_unmerge_restores_them():
         adapterkit.unmerge_adapters(model)
         assert sum(len(m._forward_hooks) for m in model.modules()) == n_hooks
         torch.testing.assert_close(main_output(model(**inputs)), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bart", "llama"])
+def test_cast_frozen_keeps_autocast_outputs_and_trainable_dtypes(family):
+    model = tiny_model(family)
+    adapterkit.add_adapters(model, {"method": "lora", "r": 4, "train_layernorms": True})
+    _randomise(model)
+    inputs = tiny_inputs(family)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = main_output(model(**inputs)).float()
+    before = sum(p.numel() * p.element_size() for p in model.parameters())
+    adapterkit.cast_frozen(model, torch.bfloat16)
+    after = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert after < 0.6 * before
+    for n, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), n
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = main_output(model(**inputs)).float()
+    torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in model.parameters() if p.requires_grad)

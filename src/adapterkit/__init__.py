@@ -13,6 +13,7 @@ The core API::
 from adapterkit.core.base import (
     add_adapters,
     apply_freeze_policy,
+    cast_frozen,
     merge_adapters,
     remove_adapters,
     trainable_report,
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterKitError", "CheckpointError", "ConfigError", "DataError", "GraphedStep",
-    "add_adapters", "apply_freeze_policy", "config_from_dict", "export_peft", "import_peft",
+    "add_adapters", "apply_freeze_policy", "cast_frozen", "config_from_dict", "export_peft", "import_peft",
     "load_adapters", "merge_adapters", "registered_methods", "remove_adapters", "route",
     "save_adapters", "trainable_report", "unmerge_adapters", "__version__",
 ]

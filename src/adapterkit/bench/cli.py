@@ -47,6 +47,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--interleave", action="store_true",
                    help="build all cases first and time them round-robin (steadier on a busy CPU; no memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile each model (failures reported per case)")
+    p.add_argument("--frozen-dtype", choices=["bf16", "fp16"], default=None,
+                   help="store every frozen weight in the autocast dtype (adapterkit.cast_frozen), in every case")
     p.add_argument("--mode", choices=["eager", "graph", "both"], default=None,
                    help="eager steps, CUDA-graphed steps (adapterkit.GraphedStep; every case, baselines and "
                         "peers too), or both in one run (default: both on GPU, eager on CPU)")
@@ -87,7 +89,7 @@ def _resolve(args) -> tuple:
     shape = get_shape(pick("shape"), **custom)
     settings = Settings(device=device, dtype=pick("dtype"), batch=pick("batch"), src=pick("src"), tgt=pick("tgt"),
                         steps=pick("steps"), warmup=pick("warmup"), seed=args.seed, compile=args.compile,
-                        mode=args.mode or ("both" if device.startswith("cuda") and not args.compile else "eager"))
+                        frozen_dtype=args.frozen_dtype, mode=args.mode or ("both" if device.startswith("cuda") and not args.compile else "eager"))
     settings.validate()
     return shape, settings
 

@@ -180,6 +180,7 @@ def to_markdown(report: dict) -> str:
         f"FFN {s['ffn_dim']}, {s['heads']} heads, vocab {s['vocab_size']}); batch {st['batch']}, "
         f"{st['src']}/{st['tgt']} tokens, {st['dtype']}{' autocast' if st['dtype'] != 'fp32' else ''}, "
         f"{st['warmup']} warm-up + {st['steps']} timed steps{', torch.compile' if st['compile'] else ''}"
+        f"{', frozen weights stored in ' + st['frozen_dtype'] if st.get('frozen_dtype') else ''}"
         f"{', cases interleaved round-robin' if meta.get('mode') == 'interleaved' else ''}.",
         f"Machine: {meta['machine']} ({meta['torch_threads']} torch threads); torch {meta['torch']}, "
         f"transformers {meta['transformers']}, peft {meta['peft']}, adapters {meta['adapters']}.",

@@ -50,6 +50,7 @@ class Settings:
     lr: float = 1e-4
     compile: bool = False
     mode: str = "eager"  # eager | graph | both: graph replays each step as a CUDA graph (adapterkit.GraphedStep)
+    frozen_dtype: str | None = None  # "bf16"/"fp16": adapterkit.cast_frozen on every case (full FT has none)
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -68,6 +69,11 @@ class Settings:
             raise ConfigError(f'--mode must be eager, graph or both, got "{self.mode}"')
         if self.mode != "eager" and not self.device.startswith("cuda"):
             raise ConfigError(f'--mode {self.mode} replays CUDA graphs and needs a CUDA device; use --mode eager')
+        if self.frozen_dtype not in (None, "bf16", "fp16"):
+            raise ConfigError(f'--frozen-dtype must be bf16 or fp16, got "{self.frozen_dtype}"')
+        if self.frozen_dtype is not None and self.frozen_dtype != self.dtype:
+            raise ConfigError(f"--frozen-dtype {self.frozen_dtype} needs --dtype {self.frozen_dtype} autocast "
+                              "(frozen weights are stored in the autocast dtype)")
         if self.mode != "eager" and self.compile:
             raise ConfigError("--compile and CUDA-graph modes are separate experiments; pick one")
         if self.dtype == "fp16" and not self.device.startswith("cuda"):
@@ -226,6 +232,10 @@ def _prepare(case: Case, shape: Shape, settings: Settings, batch: Batch, rec: di
         _fail(rec, e)
         return None
     rec["note"] = prep.note
+    if settings.frozen_dtype:
+        from adapterkit.core.base import cast_frozen
+
+        cast_frozen(prep.model, DTYPES[settings.frozen_dtype])
     rec.update(_param_counts(prep))
     try:
         return _Stepper(prep, case.kind, batch, settings, variant)

@@ -244,6 +244,24 @@ def trainable_report(model: nn.Module) -> dict:
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
 
 
+def cast_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Store every frozen floating-point parameter in ``dtype``; trainable ones keep theirs.
+
+    For training under ``torch.autocast(dtype=dtype)``: autocast casts every weight to
+    ``dtype`` for its matmul anyway, so the matmuls are unchanged, but each frozen weight is
+    no longer cast again on every forward, and its fp32 copy no longer takes memory. (A
+    tied embedding / LM head is one parameter and is cast once.) Call it after
+    ``add_adapters``; run the model under autocast afterwards.
+    """
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen or p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
+            continue
+        seen.add(id(p))
+        p.data = p.data.to(dtype)
+    return model
+
+
 def merge_adapters(model: nn.Module, task: str | int | None = None) -> nn.Module:
     """Fold mergeable adapters (LoRA) into the base weights; others raise a clear error."""
     container = get_container(model)
