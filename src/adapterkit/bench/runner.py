@@ -235,6 +235,8 @@ def _prepare(case: Case, shape: Shape, settings: Settings, batch: Batch, rec: di
     if settings.frozen_dtype:
         from adapterkit.core.base import cast_frozen
 
+        if case.kind == "infer":  # nothing trains at inference: every case stores all its weights alike
+            prep.model.requires_grad_(False)
         cast_frozen(prep.model, DTYPES[settings.frozen_dtype])
     rec.update(_param_counts(prep))
     try:
