@@ -189,8 +189,9 @@ def _route_logits(model, b):
         return model(input_ids=b["input_ids"], decoder_input_ids=b["labels"]).logits
 
 
-@pytest.mark.parametrize("backbone,preset", [("tiny-bart", "multiple_adapters"), ("tiny-llama", "single_lora")])
-def test_trainer_cuda_graphs_option(tmp_path, backbone, preset):
+@pytest.mark.parametrize("backbone,preset,bf16", [("tiny-bart", "multiple_adapters", False),
+                                                  ("tiny-llama", "single_lora", True)])
+def test_trainer_cuda_graphs_option(tmp_path, backbone, preset, bf16):
     """train.cuda_graphs: fixed-shape batches, one graph per (task, batch size) on CUDA; eager elsewhere."""
     import numpy as np
 
@@ -202,7 +203,7 @@ def test_trainer_cuda_graphs_option(tmp_path, backbone, preset):
     cfg = {"model": {"backbone": backbone, "feat_dim": 16}, "preset": preset,
            "data": {"root": str(root), "features": str(root / "features")},
            "train": {"epochs": 1, "max_steps": 8, "batch_size": 4, "checkpoint_every": 1000, "max_text_len": 12,
-                     "max_target_len": 6, "lr": 1e-2, "cuda_graphs": True,
+                     "max_target_len": 6, "lr": 1e-2, "cuda_graphs": True, "bf16": bf16,
                      "task_batch_scale": {"vqa": 1, "gqa": 1, "nlvr": 1, "caption": 1}},
            "eval": {"batch_size": 16, "max_new_tokens": 3, "caption_max_new_tokens": 4, "caption_beams": 2}}
     tr = Trainer(load_config(cfg), tmp_path / "run")

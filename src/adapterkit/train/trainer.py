@@ -264,6 +264,10 @@ class Trainer:
                 p.grad.copy_(g)
             i += n
 
+    def _amp(self):
+        """bf16 autocast when ``train.bf16`` is set (a no-op context otherwise)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16)
+
     def _graphed_loss(self, batch):
         return self.model(**batch, task_ids=self._graph_task)
 
@@ -274,7 +278,8 @@ class Trainer:
 
             clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else None
             self.graph = GraphedStep(self.model, self.optimizer, self._graphed_loss, clip_grad_norm=clip,
-                                     params=self.params, enabled=not _dist())
+                                     params=self.params, enabled=not _dist(),
+                                     amp_dtype=torch.bfloat16 if self.cfg.train.bf16 else None)
         if self.graph.mode != "graph":
             return None
         self._graph_task = tid  # a Python-side branch: one graph per (task, batch size)
@@ -298,7 +303,8 @@ class Trainer:
             if val is not None:
                 return val
         try:
-            loss = self.model(**batch, task_ids=tid)
+            with self._amp():
+                loss = self.model(**batch, task_ids=tid)
         except torch.OutOfMemoryError:
             bs = batch["input_ids"].shape[0]
             raise TrainingError(f"out of memory at step {self.state['step']} (task {task!r}, {bs} examples per "
@@ -395,24 +401,29 @@ class Trainer:
             batch = data.eval_batch(rows[i:i + bs])
             uids = batch.pop("uids")
             batch = self._move(batch)
-            if task in BINARY_TASKS:
-                cand = [self.tok(" true" if self.model.kind == "causal" else "true", add_special_tokens=False).input_ids[0],
-                        self.tok(" false" if self.model.kind == "causal" else "false", add_special_tokens=False).input_ids[0]]
-                scores = self.model.first_token_scores(**batch, candidate_ids=cand, task_ids=tid)
-                texts = ["true" if s[0] >= s[1] else "false" for s in scores.tolist()]
-            else:
-                cap = task in CAPTION_TASKS
-                out = self.model.generate(**batch, task_ids=tid, pad_token_id=pad, eos_token_id=eos,
-                                          max_new_tokens=self.cfg.eval.caption_max_new_tokens if cap
-                                          else self.cfg.eval.max_new_tokens,
-                                          num_beams=self.cfg.eval.caption_beams if cap else 1)
-                texts = [t.strip() for t in self.tok.batch_decode(out, skip_special_tokens=True)]
+            with self._amp():
+                texts = self._predict_batch(task, tid, batch, eos, pad)
             preds.update(zip(uids, texts))
         if _dist():
             gathered = [None] * _world()
             torch.distributed.all_gather_object(gathered, preds)
             preds = {k: v for g in gathered for k, v in g.items()}
         return preds
+
+    def _predict_batch(self, task, tid, batch, eos, pad) -> list[str]:
+        if task in BINARY_TASKS:
+            cand = [self.tok(" true" if self.model.kind == "causal" else "true", add_special_tokens=False).input_ids[0],
+                    self.tok(" false" if self.model.kind == "causal" else "false", add_special_tokens=False).input_ids[0]]
+            scores = self.model.first_token_scores(**batch, candidate_ids=cand, task_ids=tid)
+            texts = ["true" if s[0] >= s[1] else "false" for s in scores.tolist()]
+        else:
+            cap = task in CAPTION_TASKS
+            out = self.model.generate(**batch, task_ids=tid, pad_token_id=pad, eos_token_id=eos,
+                                      max_new_tokens=self.cfg.eval.caption_max_new_tokens if cap
+                                      else self.cfg.eval.max_new_tokens,
+                                      num_beams=self.cfg.eval.caption_beams if cap else 1)
+            texts = [t.strip() for t in self.tok.batch_decode(out, skip_special_tokens=True)]
+        return texts
 
     def evaluate(self, split) -> dict:
         from adapterkit.vl.metrics import TASK_METRICS
