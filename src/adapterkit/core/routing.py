@@ -22,6 +22,10 @@ TaskSpec = Union[str, int, Sequence[Union[str, int]], torch.Tensor]
 Resolved = Union[int, torch.Tensor]
 
 _CURRENT: ContextVar[Route | None] = ContextVar("adapterkit_route", default=None)
+# The same request as a plain global, for torch.compile: Dynamo cannot trace ContextVar.get
+# (a graph break at every adapter), but reads a global (a task tensor becomes a graph input).
+# Compiled code therefore sees the innermost route of the process, not of its thread.
+_ACTIVE_SPEC: TaskSpec | None = None
 
 
 class Route:
@@ -76,11 +80,14 @@ def _resolve(spec: TaskSpec, tasks: tuple[str, ...], device) -> Resolved:
 @contextlib.contextmanager
 def route(tasks: TaskSpec):
     """Route the forward passes inside the block to ``tasks`` (one name/id, or one per example)."""
+    global _ACTIVE_SPEC
     token = _CURRENT.set(Route(tasks))
+    prev, _ACTIVE_SPEC = _ACTIVE_SPEC, tasks
     try:
         yield
     finally:
         _CURRENT.reset(token)
+        _ACTIVE_SPEC = prev
 
 
 def current_route() -> Route | None:
@@ -94,15 +101,23 @@ class TaskRouter:
         self.tasks = tuple(tasks)
 
     def resolve(self, device: torch.device) -> Resolved:
+        if torch.compiler.is_compiling():
+            spec = _ACTIVE_SPEC
+            if spec is None:
+                return self._unrouted()
+            return _resolve(spec, self.tasks, device)
         r = _CURRENT.get()
         if r is None:
-            if len(self.tasks) == 1:
-                return 0
-            raise ConfigError(
-                f"no task is routed and this adapter has per-task weights for {list(self.tasks)}: "
-                "wrap the forward in `with adapterkit.route(task_or_tasks):`"
-            )
+            return self._unrouted()
         return r.resolve(self.tasks, device)
+
+    def _unrouted(self) -> int:
+        if len(self.tasks) == 1:
+            return 0
+        raise ConfigError(
+            f"no task is routed and this adapter has per-task weights for {list(self.tasks)}: "
+            "wrap the forward in `with adapterkit.route(task_or_tasks):`"
+        )
 
 
 def expand_to_batch(task: Resolved, batch: int) -> Resolved:
