@@ -318,3 +318,44 @@ def test_cast_frozen_keeps_autocast_outputs_and_trainable_dtypes(family):
     out.sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32
                for p in model.parameters() if p.requires_grad)
+
+
+def test_compacter_batched_weights_match_per_place_and_never_go_stale():
+    """Compacter builds every place's H in one einsum per stack call: same outputs and
+    gradients as building each place's own H, and an in-place update is always seen."""
+    model = tiny_model("bart")
+    adapterkit.add_adapters(model, {"method": "compacter", "phm_dim": 2, "reduction_factor": 4,
+                                    "shared_phm_rule": False})
+    _randomise(model)
+    inputs = tiny_inputs("bart")
+    cset = next(iter(model.adapterkit.sets.values()))
+    out = main_output(model(**inputs))
+    out.float().pow(2).mean().backward()
+    g1 = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    orig = cset._weights
+    cset._weights = lambda stack, key: (None, None)  # each place builds its own H
+    try:
+        out2 = main_output(model(**inputs))
+        out2.float().pow(2).mean().backward()
+    finally:
+        cset._weights = orig
+    torch.testing.assert_close(out, out2, atol=1e-6, rtol=1e-6)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, g1[n], atol=1e-6, rtol=1e-5, msg=n)
+    # a layer called on its own after an in-place update uses the updated factors
+    key, ad = next(iter(cset.adapters.items()))
+    module = model.get_submodule(key.replace("__", "."))  # the hooked sublayer, called on its own
+    h = torch.randn(2, 5, model.config.d_model)
+    with torch.no_grad():
+        before = module(h).clone()
+        (ad.down.W if ad.down.W is not None else ad.down.W_left).mul_(3.0)
+        after = module(h)
+        cset._weights = lambda stack, key: (None, None)
+        try:
+            fresh = module(h)
+        finally:
+            cset._weights = orig
+    assert (after - before).abs().max() > 1e-5
+    torch.testing.assert_close(after, fresh, atol=1e-6, rtol=1e-6)

@@ -6,8 +6,9 @@ linears are PHM layers, H = sum_i A_i (x) W_i.
 - W_i full (in/n, out/n) or low-rank s_i t_i^T (``factorized_phm``, rank ``phm_rank``).
 - ``compacter``: after attention and FFN; ``compacter++``: after the FFN only.
 
-H is built once per forward per layer with one einsum (for all task copies), then
-applied like any task-stacked linear.
+The H of every adapter of a stack (encoder, decoder, ...) is built in one batched einsum
+when that stack is entered (a pre-hook on the stack module), for all task copies, and
+each place reads its slice: a handful of ops per stack call instead of a few per place.
 """
 
 from __future__ import annotations
@@ -89,16 +90,26 @@ class PHMLinear(nn.Module):
                 if p is not None:
                     mark_task_stacked(p)
 
+    def factors(self) -> torch.Tensor:
+        """W (copies, n, p, q)."""
+        return self.W if self.W is not None else self.W_left @ self.W_right
+
     def weight(self, rule: torch.Tensor) -> torch.Tensor:
         """Stacked (copies, d_out, d_in) weight, i.e. H^T, for y = x H + b."""
-        W = self.W if self.W is not None else self.W_left @ self.W_right  # (c, n, p, q)
-        c, n, p, q = W.shape
-        # H[c] = sum_i kron(A_i, W_i): H[c, a*p+u, b*q+v] = sum_i A[i,a,b] W[c,i,u,v]; we want H^T
-        Ht = torch.einsum("iab,ciuv->cbvau", rule, W)
-        return Ht.reshape(c, n * q, n * p)
+        return phm_weights(rule.unsqueeze(0), self.factors().unsqueeze(0))[0]
 
-    def forward(self, x, rule, task):
-        return task_linear(x, self.weight(rule), self.bias, task)
+    def forward(self, x, rule, task, weight=None):
+        return task_linear(x, self.weight(rule) if weight is None else weight, self.bias, task)
+
+
+def phm_weights(rules: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """H^T of P PHM layers at once: rules (P, n, n, n), W (P, c, n, p, q) -> (P, c, n*q, n*p).
+
+    H[c] = sum_i kron(A_i, W_i): H[c, a*p+u, b*q+v] = sum_i A[i,a,b] W[c,i,u,v]; we want H^T.
+    """
+    P, c, n, p, q = W.shape
+    Ht = torch.einsum("Piab,Pciuv->Pcbvau", rules, W)
+    return Ht.reshape(P, c, n * q, n * p)
 
 
 class CompacterAdapter(nn.Module):
@@ -112,9 +123,20 @@ class CompacterAdapter(nn.Module):
         self._shared = [shared_rules]
         self.act = get_activation(cfg.activation)
 
-    def forward(self, h, task):
-        rules = self._shared[0] if self._shared[0] is not None else self.rules
-        return self.up(self.act(self.down(h, rules[0], task)), rules[1], task)
+    def versions(self) -> tuple:
+        """In-place update counters of everything H is built from (staleness check)."""
+        ps = [t for t in (self.down.W, self.down.W_left, self.down.W_right,
+                          self.up.W, self.up.W_left, self.up.W_right) if t is not None]
+        return tuple(t._version for t in ps) + (self.rule_pair()._version,)
+
+    def rule_pair(self) -> torch.Tensor:
+        """(2, n, n, n): the down and up rules (shared by every layer, or this layer's)."""
+        return self._shared[0] if self._shared[0] is not None else self.rules
+
+    def forward(self, h, task, weights=None):
+        rules = self.rule_pair()
+        wd, wu = weights if weights is not None else (None, None)
+        return self.up(self.act(self.down(h, rules[0], task, wd)), rules[1], task, wu)
 
 
 class CompacterSet(AdapterSet):
@@ -128,17 +150,79 @@ class CompacterSet(AdapterSet):
 
     def attach(self, model, profile):
         cfg: CompacterConfig = self.config
-        for place in sublayer_places(model, profile, cfg, cfg.positions):
+        places = sublayer_places(model, profile, cfg, cfg.positions)
+        by_stack: dict[str, list] = {}
+        for place in places:
             ad = CompacterAdapter(_out_width(place.module), cfg, self.phm_rules)
             self.adapters[place.key] = ad
-            self.add_forward_hook(place.module, self._hook(ad))
+            by_stack.setdefault(place.stack, []).append(place)
+        self._stacks: dict[str, list[str]] = {}   # stack -> adapter keys built together
+        self._calls: dict[str, int] = {}          # stack -> how many times it was entered
+        self._cache: dict[str, tuple] = {}        # stack -> (call, {key: (H_down, H_up)})
+        for stack, ps in by_stack.items():
+            self._stacks[stack] = [p.key for p in ps]
+            self._calls[stack] = 0
+            self.add_pre_hook(_stack_module(model, [p.path for p in ps]), self._enter(stack))
+            for p in ps:
+                self.add_forward_hook(p.module, self._hook(stack, p.key))
 
-    def _hook(self, ad):
+    def _enter(self, stack: str):
+        def pre_hook(module, args):
+            self._calls[stack] += 1
+        return pre_hook
+
+    def _weights(self, stack: str, key: str):
+        """This place's (H_down, H_up), built with the whole stack's once per stack call."""
+        call = self._calls[stack]
+        hit = self._cache.get(stack)
+        # rebuilt on each entry to the stack, and if this place's factors changed in place
+        # since (a layer called on its own after an optimizer step)
+        if hit is None or hit[0] != call or hit[1][key][2] != self.adapters[key].versions():
+            hit = (call, self._build(self._stacks[stack]))
+            self._cache[stack] = hit
+        return hit[1][key][:2]
+
+    def _build(self, keys: list[str]) -> dict:
+        ads = [self.adapters[k] for k in keys]
+        groups: dict[tuple, list[int]] = {}  # adapters of one shape are built in one einsum
+        for i, ad in enumerate(ads):
+            groups.setdefault((tuple(ad.down.factors().shape), tuple(ad.up.factors().shape)), []).append(i)
+        out: dict = {}
+        for idx in groups.values():
+            rules = torch.stack([ads[i].rule_pair() for i in idx])  # (P, 2, n, n, n)
+            hd = phm_weights(rules[:, 0], torch.stack([ads[i].down.factors() for i in idx])).unbind(0)
+            hu = phm_weights(rules[:, 1], torch.stack([ads[i].up.factors() for i in idx])).unbind(0)
+            for j, i in enumerate(idx):
+                out[keys[i]] = (hd[j], hu[j], ads[i].versions())
+        return out
+
+    def _hook(self, stack: str, key: str):
+        ad = self.adapters[key]
+
         def hook(module, args, out):
             h = _first(out)
             task = self.router.resolve(h.device) if self.per_task else None
-            return _replace_first(out, h + ad(h, task))
+            return _replace_first(out, h + ad(h, task, self._weights(stack, key)))
         return hook
+
+
+def _stack_module(model: nn.Module, paths: list[str]) -> nn.Module:
+    """The module entered once per pass over these places: their deepest common ancestor
+    that is called (a ModuleList is not, so its parent is taken)."""
+    parts = [p.split(".") for p in paths]
+    common = []
+    for segs in zip(*parts):
+        if len(set(segs)) != 1:
+            break
+        common.append(segs[0])
+    if len(paths) == 1:
+        common = common[:-1]  # a single place: its parent (the sublayer module's owner)
+    while common:
+        mod = model.get_submodule(".".join(common))
+        if not isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
+            return mod
+        common.pop()
+    return model
 
 
 register_method("compacter", CompacterConfig, CompacterSet)
