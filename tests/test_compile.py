@@ -18,6 +18,7 @@ TASKS = ["vqa", "gqa", "nlvr"]
     {"method": "compacter", "phm_dim": 2, "reduction_factor": 4},
     {"method": "houlsby", "reduction_factor": 4, "tasks": TASKS, "sharing": "per_task"},
     {"method": "lora", "r": 4, "tasks": TASKS, "sharing": "per_task"},
+    {"method": "hyperformer", "tasks": TASKS, "task_embedding_dim": 8, "hidden_dim": 8, "projected_dim": 4},
 ])
 def test_adapters_trace_without_graph_breaks(cfg):
     torch._dynamo.reset()
@@ -29,14 +30,20 @@ def test_adapters_trace_without_graph_breaks(cfg):
     assert ex.graph_break_count == 0, [b.reason for b in ex.break_reasons]
 
 
-def test_compiled_per_task_model_matches_eager_without_recompiling():
+@pytest.mark.parametrize("cfg", [
+    {"method": "houlsby", "reduction_factor": 4, "tasks": TASKS, "sharing": "per_task"},
+    {"method": "compacter", "phm_dim": 2, "reduction_factor": 4, "tasks": TASKS, "sharing": "per_task"},
+    {"method": "hyperformer", "tasks": TASKS, "task_embedding_dim": 8, "hidden_dim": 8, "projected_dim": 4},
+])
+def test_compiled_per_task_model_matches_eager_without_recompiling(cfg):
+    """Per-forward caches (Compacter's stack H, Hyperformer's generated weights) and the
+    routed task tensor must not be guarded on: one graph serves every call."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = tiny_model("bart").eval()
-    adapterkit.add_adapters(model, {"method": "houlsby", "reduction_factor": 4, "tasks": TASKS,
-                                    "sharing": "per_task"})
+    adapterkit.add_adapters(model, cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "adapterkit" in n:

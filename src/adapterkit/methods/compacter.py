@@ -168,11 +168,14 @@ class CompacterSet(AdapterSet):
 
     def _enter(self, stack: str):
         def pre_hook(module, args):
-            self._calls[stack] += 1
+            if not torch.compiler.is_compiling():  # compiled code builds H per place (no counter to guard on)
+                self._calls[stack] += 1
         return pre_hook
 
     def _weights(self, stack: str, key: str):
         """This place's (H_down, H_up), built with the whole stack's once per stack call."""
+        if torch.compiler.is_compiling():  # no Python-side cache in a traced graph: each place builds its H
+            return None, None
         call = self._calls[stack]
         hit = self._cache.get(stack)
         # rebuilt on each entry to the stack, and if this place's factors changed in place

@@ -128,11 +128,21 @@ class HyperformerSet(AdapterSet):
     # and reused by every place; the cache key changes with each top-level forward, each
     # routing context and any in-place update of the hypernetwork's parameters.
     def _new_forward(self, module, args):
-        self._forward_id += 1
+        if torch.compiler.is_compiling():  # a counter read in compiled code would be guarded on
+            self._traced_cache = {}           # a fresh cache inside the traced call instead
+        else:
+            self._forward_id += 1
 
     def _generated(self, stack: str, block: str):
         from adapterkit.core.routing import current_route
 
+        if torch.compiler.is_compiling():
+            cache = getattr(self, "_traced_cache", None)
+            if cache is None:
+                return self.stacks[stack].weights(self.task_embedding, block)
+            if (stack, block) not in cache:
+                cache[(stack, block)] = self.stacks[stack].weights(self.task_embedding, block)
+            return cache[(stack, block)]
         r = current_route()
         key = (self._forward_id, id(r), tuple(p._version for p in self.parameters()))
         if key != self._cache_key:
