@@ -241,3 +241,35 @@ def test_failed_capture_falls_back_and_leaves_cuda_usable():
     torch.nn.functional.dropout(torch.ones(8, device="cuda"), 0.5, True)  # RNG usable again
     m2, losses, step2 = _trained("cuda", CFG_LORA, graphed=True)
     assert step2.mode == "graph", step2.fallback_reason
+
+
+def test_resume_from_a_graphed_runs_checkpoint_without_graphs(tmp_path):
+    """A checkpoint written by a CUDA-graphed run (capturable AdamW, tensor learning rate)
+    resumes in an eager run (e.g. on a CPU machine)."""
+    from adapterkit.testing.fixtures import make_vl_fixture
+    from adapterkit.train.config import load_config
+    from adapterkit.train.trainer import Trainer
+
+    root = make_vl_fixture(tmp_path / "data", n_images=24)
+
+    def cfg(steps):
+        return load_config({
+            "model": {"backbone": "tiny-bart", "feat_dim": 16}, "preset": "single_adapter",
+            "data": {"root": str(root), "features": str(root / "features")},
+            "train": {"epochs": 1, "max_steps": steps, "batch_size": 4, "checkpoint_every": 2, "max_text_len": 12,
+                      "max_target_len": 6, "lr": 1e-2, "eval_every_epoch": False,
+                      "task_batch_scale": {"vqa": 1, "gqa": 1, "nlvr": 1, "caption": 1}},
+            "eval": {"batch_size": 16, "max_new_tokens": 3, "caption_max_new_tokens": 4, "caption_beams": 2,
+                     "select_on": "last"}})
+
+    tr = Trainer(cfg(2), tmp_path / "run")
+    tr.fit()
+    state, step = tr.ckpt.load_latest()
+    for g in state["optimizer"]["param_groups"]:  # what a graphed run's optimizer holds
+        g["capturable"] = True
+        g["lr"] = torch.tensor(float(g["lr"]))
+    tr.ckpt.save(step, state)
+    again = Trainer(cfg(4), tmp_path / "run")
+    res = again.fit()
+    assert again.state["step"] == 4 and set(res["test"]) == {"vqa", "gqa", "nlvr", "caption"}
+    assert all(g["capturable"] is False and isinstance(g["lr"], float) for g in again.optimizer.param_groups)

@@ -237,6 +237,12 @@ class Trainer:
                                       " use a new --output directory")
                 self.named_trainable[n].copy_(t.to(self.named_trainable[n].device))
         self.optimizer.load_state_dict(state["optimizer"])
+        if not (self.cfg.train.cuda_graphs and self.device.type == "cuda"):
+            # a checkpoint of a CUDA-graphed run holds a capturable optimizer with a tensor LR
+            for g in self.optimizer.param_groups:
+                g["capturable"] = False
+                if isinstance(g["lr"], torch.Tensor):
+                    g["lr"] = float(g["lr"])
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"])
         self.state.update(state["trainer"])
