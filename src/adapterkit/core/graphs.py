@@ -17,7 +17,9 @@ shapes and dtypes (a new shape raises), Python-side branches (a routed task give
 an int or name is a branch: pass ``key=`` so each task gets its own graph, or route a
 per-example task *tensor* that is part of the batch), and the learning rate unless it
 is a tensor (:meth:`GraphedStep.set_lr` updates it in place). Dropout draws fresh
-masks on every replay. Before the first capture the step runs ``warmup`` eager
+masks on every replay. Each graph keeps its own memory pool (the step's activations and
+gradients stay allocated between replays), so every extra ``key`` costs about one
+step's activation memory; :meth:`GraphedStep.reset` frees them all. Before the first capture the step runs ``warmup`` eager
 iterations on a side stream, then puts the trainable parameters, buffers and
 optimizer state back exactly as they were, so warming up trains nothing.
 
