@@ -190,6 +190,7 @@ def _route_logits(model, b):
 
 
 @pytest.mark.parametrize("backbone,preset,bf16", [("tiny-bart", "multiple_adapters", False),
+                                                  ("tiny-bart", "single_adapter", True),
                                                   ("tiny-llama", "single_lora", True)])
 def test_trainer_cuda_graphs_option(tmp_path, backbone, preset, bf16):
     """train.cuda_graphs: fixed-shape batches, one graph per (task, batch size) on CUDA; eager elsewhere."""
@@ -214,6 +215,9 @@ def test_trainer_cuda_graphs_option(tmp_path, backbone, preset, bf16):
     assert set(res["test"]) == {"vqa", "gqa", "nlvr", "caption"}
     rows = (tmp_path / "run" / "train_log.csv").read_text().splitlines()[1:]
     assert len(rows) == 8 and all(np.isfinite(float(r.split(",")[3])) for r in rows)
+    frozen = {p.dtype for p in tr.model.parameters() if not p.requires_grad}
+    assert frozen == ({torch.bfloat16} if bf16 else {torch.float32})
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters() if p.requires_grad)
     if torch.cuda.is_available():
         assert tr.graph.mode == "graph", tr.graph.fallback_reason
         assert len(tr.graph._graphs) >= 2

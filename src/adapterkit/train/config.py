@@ -78,7 +78,8 @@ class TrainConfig:
     # replay each training step as a CUDA graph (adapterkit.GraphedStep): batches are padded to
     # max_text_len / max_target_len; one graph per (task, batch size); eager on CPU or multi-process runs
     cuda_graphs: bool = False
-    # bf16 autocast for training and evaluation (weights and optimizer state stay fp32)
+    # bf16 autocast for training and evaluation; frozen weights are stored in bf16
+    # (adapterkit.cast_frozen), trainable weights and optimizer state stay fp32
     bf16: bool = False
 
     def validate(self):

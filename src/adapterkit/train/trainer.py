@@ -125,6 +125,8 @@ class Trainer:
         self.train_data = {t: self._task_data(t, self.cfg.data.train_split, spec, True) for t in tasks}
         self.spec = spec
         self._eval_cache: dict = {}
+        if self.cfg.train.bf16:  # frozen weights in bf16: autocast reads them so anyway, half the memory
+            adapterkit.cast_frozen(self.model, torch.bfloat16)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.named_trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.batch_sizes = {t: max(1, round(self.cfg.train.batch_size * self.cfg.train.task_batch_scale.get(t, 1.0)))
