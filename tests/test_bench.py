@@ -192,3 +192,59 @@ def test_cli_list_and_bad_options(capsys):
     assert 'unknown shape "bart-large"' in capsys.readouterr().err
     with pytest.raises(ConfigError, match="not divisible"):
         get_shape("custom", d_model=30, heads=4)
+
+
+# Ops (non-view aten calls) per forward + backward on the tiny shape (batch 8, 32/8 tokens),
+# as measured when the GPU table in docs/benchmarks.md was taken. An eager GPU step costs
+# roughly its op count (each op a launch and a dispatch), so a rise here is a speed
+# regression that CI can see without a GPU. If a change adds ops on purpose, update the budget.
+OP_BUDGET = {
+    "full_ft": 397, "frozen_bound": 240, "single_adapter": 416, "single_lora_do0": 400,
+    "single_compacter": 466, "hyperformer": 641, "single_prompt": 271,
+    "multiple_adapters_mixed": 546, "multiple_lora_mixed": 532,
+}
+
+
+def _ops_per_step(name: str) -> int:
+    import contextlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from adapterkit.bench.cases import CASES_BY_NAME, BuildContext
+    from adapterkit.bench.shapes import get_shape, make_batch
+    from adapterkit.core.routing import route
+
+    views = ("aten::view", "aten::_unsafe_view", "aten::t", "aten::transpose", "aten::expand", "aten::squeeze",
+             "aten::unsqueeze", "aten::reshape", "aten::alias", "aten::detach", "aten::slice", "aten::select",
+             "aten::permute", "aten::as_strided", "aten::unbind", "aten::split")
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func._schema.name.startswith(views):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    shape = get_shape("tiny")
+    batch = make_batch(shape, 8, 32, 8, "cpu")
+    prep = CASES_BY_NAME[name].build(BuildContext(shape, torch.device("cpu"), 0, batch))
+    model = prep.model.train()
+
+    def step():
+        with route(prep.route) if prep.route is not None else contextlib.nullcontext():
+            model(input_ids=batch.input_ids, labels=batch.labels).loss.backward()
+
+    step()  # lazy initialisation out of the count
+    counter = Count()
+    with counter:
+        step()
+    return counter.n
+
+
+@pytest.mark.parametrize("name", sorted(OP_BUDGET))
+def test_op_count_per_step_stays_within_budget(name):
+    n = _ops_per_step(name)
+    assert n <= OP_BUDGET[name] * 1.03, (
+        f"{name}: {n} ops per forward+backward, budget {OP_BUDGET[name]}: a hot path got more ops "
+        "(update OP_BUDGET in tests/test_bench.py if that is intended)")
