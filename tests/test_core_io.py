@@ -315,6 +315,8 @@ def test_cast_frozen_keeps_autocast_outputs_and_trainable_dtypes(family):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = main_output(model(**inputs)).float()
     torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+    with pytest.raises(adapterkit.ConfigError, match="floating-point"):
+        adapterkit.cast_frozen(model, torch.int8)
     out.sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32
                for p in model.parameters() if p.requires_grad)

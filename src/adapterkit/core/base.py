@@ -253,6 +253,8 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mod
     tied embedding / LM head is one parameter and is cast once.) Call it after
     ``add_adapters``; run the model under autocast afterwards.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"cast_frozen needs a floating-point dtype (torch.bfloat16, torch.float16), got {dtype!r}")
     seen = set()
     for p in model.parameters():
         if id(p) in seen or p.requires_grad or not p.is_floating_point() or p.dtype == dtype:

@@ -288,6 +288,9 @@ class Trainer:
             self.graph = GraphedStep(self.model, self.optimizer, self._graphed_loss, clip_grad_norm=clip,
                                      params=self.params, enabled=not _dist(),
                                      amp_dtype=torch.bfloat16 if self.cfg.train.bf16 else None)
+            if self.graph.mode != "graph" and _is_main():
+                reason = "multi-process run" if _dist() else self.graph.fallback_reason
+                print(f"train.cuda_graphs: training eagerly ({reason})")
         if self.graph.mode != "graph":
             return None
         self._graph_task = tid  # a Python-side branch: one graph per (task, batch size)
