@@ -76,7 +76,9 @@ class TrainConfig:
     video: bool = False
     log_every: int = bounded(10, lo=1)
     # replay each training step as a CUDA graph (adapterkit.GraphedStep): batches are padded to
-    # max_text_len / max_target_len; one graph per (task, batch size); eager on CPU or multi-process runs
+    # max_text_len / max_target_len; one graph per (task, batch size); eager on CPU or multi-process runs.
+    # A resumed graphed run continues from the same weights and optimizer state, but its dropout
+    # masks are not bit-identical to an uninterrupted run (graph replays draw from CUDA's RNG their own way)
     cuda_graphs: bool = False
     # bf16 autocast for training and evaluation; frozen weights are stored in bf16
     # (adapterkit.cast_frozen), trainable weights and optimizer state stay fp32
