@@ -46,7 +46,10 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "baseline) or kinds (train, infer); references are added automatically")
     p.add_argument("--interleave", action="store_true",
                    help="build all cases first and time them round-robin (steadier on a busy CPU; no memory)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each model (failures reported per case)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each model (failures reported per case); with --mode graph the compiled "
+                        "model's step is captured as the CUDA graph (fused kernels + no host cost; not yet "
+                        "measured in docs/benchmarks.md)")
     p.add_argument("--frozen-dtype", choices=["bf16", "fp16"], default=None,
                    help="store every frozen weight in the autocast dtype (adapterkit.cast_frozen), in every case")
     p.add_argument("--mode", choices=["eager", "graph", "both"], default=None,

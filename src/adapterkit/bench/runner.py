@@ -74,8 +74,6 @@ class Settings:
         if self.frozen_dtype is not None and self.frozen_dtype != self.dtype:
             raise ConfigError(f"--frozen-dtype {self.frozen_dtype} needs --dtype {self.frozen_dtype} autocast "
                               "(frozen weights are stored in the autocast dtype)")
-        if self.mode != "eager" and self.compile:
-            raise ConfigError("--compile and CUDA-graph modes are separate experiments; pick one")
         if self.dtype == "fp16" and not self.device.startswith("cuda"):
             raise ConfigError("--dtype fp16 autocast needs a CUDA device; use bf16 or fp32 on CPU")
 
