@@ -361,3 +361,16 @@ def test_compacter_batched_weights_match_per_place_and_never_go_stale():
             cset._weights = orig
     assert (after - before).abs().max() > 1e-5
     torch.testing.assert_close(after, fresh, atol=1e-6, rtol=1e-6)
+
+
+def test_every_mergeable_method_drops_its_hooks_while_merged():
+    """AdaMix (LoRA experts) uses the same merge mechanism as LoRA (AdapterSet.suspend_hooks): no hooks while merged."""
+    from adapterkit.testing.tiny import tiny_model as tm
+
+    model = tm("bart")
+    adapterkit.add_adapters(model, {"method": "adamix", "expert_type": "lora", "r": 4})
+    n = sum(len(m._forward_hooks) for m in model.modules())
+    adapterkit.merge_adapters(model)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    adapterkit.unmerge_adapters(model)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == n

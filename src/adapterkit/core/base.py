@@ -32,6 +32,7 @@ class AdapterSet(nn.Module):
         self.config = config
         self.router = TaskRouter(config.tasks)
         self._handles: list = []
+        self._hook_specs: list = []  # (pre?, module, fn, with_kwargs): what suspend/resume re-registers
         self.merged = False
 
     # subclasses implement attach(); they call self.hook_* to install hooks
@@ -43,15 +44,33 @@ class AdapterSet(nn.Module):
         return self.router.resolve(device)
 
     def add_forward_hook(self, module: nn.Module, fn, *, with_kwargs: bool = False) -> None:
-        self._handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
+        self._hook_specs.append((False, module, fn, with_kwargs))
+        self._register(self._hook_specs[-1])
 
     def add_pre_hook(self, module: nn.Module, fn, *, with_kwargs: bool = False) -> None:
-        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+        self._hook_specs.append((True, module, fn, with_kwargs))
+        self._register(self._hook_specs[-1])
 
-    def detach(self) -> None:
+    def _register(self, spec) -> None:
+        pre, module, fn, with_kwargs = spec
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        self._handles.append(register(fn, with_kwargs=with_kwargs))
+
+    def suspend_hooks(self) -> None:
+        """Remove this set's hooks but remember them (a merged set costs nothing at inference)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def resume_hooks(self) -> None:
+        """Re-register the hooks :meth:`suspend_hooks` removed."""
+        if not self._handles:
+            for spec in self._hook_specs:
+                self._register(spec)
+
+    def detach(self) -> None:
+        self.suspend_hooks()
+        self._hook_specs.clear()
 
     def merge(self, task=None) -> None:
         raise ConfigError(f'method "{self.config.method}" cannot be merged into the base weights: {self.merge_note}')

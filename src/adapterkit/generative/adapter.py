@@ -277,6 +277,7 @@ class GenerativeAdapterSet(AdapterSet):
             w += d
             self._merged_delta[k] = d
         self.merged = True
+        self.suspend_hooks()  # absorb(reset=True) unmerges first, which brings the capture hooks back
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -286,6 +287,7 @@ class GenerativeAdapterSet(AdapterSet):
             self.layers[k].target[0].weight -= d
         self._merged_delta.clear()
         self.merged = False
+        self.resume_hooks()
 
 
 def _model_width(model: nn.Module) -> int:

@@ -230,6 +230,7 @@ class AdaMixSet(AdapterSet):
             d = layer.delta().to(base.weight.dtype)
             base.weight += d.T if layer.fan_in_fan_out else d
         self.merged = True
+        self.suspend_hooks()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -240,6 +241,7 @@ class AdaMixSet(AdapterSet):
             d = layer.delta().to(base.weight.dtype)
             base.weight -= d.T if layer.fan_in_fan_out else d
         self.merged = False
+        self.resume_hooks()
 
 
 def symmetric_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

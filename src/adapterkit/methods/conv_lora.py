@@ -131,6 +131,7 @@ class ConvLoraSet(AdapterSet):
             w = layer.target[0].weight
             w += layer.delta(t).to(w.dtype)
         self._merged_task, self.merged = t, True
+        self.suspend_hooks()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -140,6 +141,7 @@ class ConvLoraSet(AdapterSet):
             w = layer.target[0].weight
             w -= layer.delta(self._merged_task).to(w.dtype)
         self._merged_task, self.merged = None, False
+        self.resume_hooks()
 
 
 register_method("conv_lora", ConvLoraConfig, ConvLoraSet)

@@ -96,7 +96,7 @@ class LoraSet(AdapterSet):
         for place in found:
             layer = LoraLayer(place.module, cfg)
             self.layers[place.key] = layer
-        self._attach_hooks()
+            self.add_forward_hook(place.module, self._hook(layer))
         self.paths = [p.path for p in found]
 
     def _hook(self, layer: LoraLayer):
@@ -129,11 +129,7 @@ class LoraSet(AdapterSet):
             base.weight += d.T if layer.fan_in_fan_out else d
         self._merged_task = t
         self.merged = True
-        self.detach()  # merged: no hooks at all, so inference costs exactly the base model
-
-    def _attach_hooks(self) -> None:
-        for layer in self.layers.values():
-            self.add_forward_hook(layer.target[0], self._hook(layer))
+        self.suspend_hooks()  # merged: no hooks at all, so inference costs exactly the base model
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -145,7 +141,7 @@ class LoraSet(AdapterSet):
             base.weight -= d.T if layer.fan_in_fan_out else d
         self.merged = False
         self._merged_task = None
-        self._attach_hooks()
+        self.resume_hooks()
 
 
 register_method("lora", LoraConfig, LoraSet)
