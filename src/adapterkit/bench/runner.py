@@ -327,15 +327,10 @@ def run_interleaved(cases: list[Case], shape: Shape, settings: Settings, batch: 
 
 
 def _param_counts(prep: Prepared) -> dict:
-    seen, total, n_train = set(), 0, 0
-    for p in prep.model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        if p.requires_grad:
-            n_train += p.numel()
-    return {"trainable": n_train, "total": total, "trainable_pct": 100.0 * n_train / max(total, 1)}
+    from adapterkit.core.base import trainable_report
+
+    r = trainable_report(prep.model)
+    return {"trainable": r["trainable"], "total": r["total"], "trainable_pct": r["percent"]}
 
 
 def run_bench(shape: Shape, settings: Settings, cases: list[Case], log=None, interleave: bool = False) -> dict:

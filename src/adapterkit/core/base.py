@@ -137,11 +137,11 @@ def sublayer_places(model: nn.Module, profile: dict | None, config: AdapterConfi
     return found
 
 
-def linear_targets(model: nn.Module, profile: dict | None, config) -> list[Place]:
-    """LoRA-style targets: ``target_modules`` (names/regexes) or the profile places in ``targets``,
-    each module once."""
+def linear_targets(model: nn.Module, profile: dict | None, config, kind: str = "lora") -> list[Place]:
+    """LoRA-style targets: ``target_modules`` (names/regexes; found places are named ``kind``) or
+    the profile places in ``targets``, each module once."""
     if config.target_modules:
-        return places_for(model, profile, "lora", config, config.target_modules)
+        return places_for(model, profile, kind, config, config.target_modules)
     found, seen = [], set()
     for kind in config.targets:
         for p in places_for(model, profile, kind, config):
@@ -149,6 +149,22 @@ def linear_targets(model: nn.Module, profile: dict | None, config) -> list[Place
                 seen.add(p.path)
                 found.append(p)
     return found
+
+
+def paired_places(model: nn.Module, profile: dict | None, config, src_kind: str, dst_kind: str,
+                  places: dict | None = None) -> list[tuple[Place, Place]]:
+    """(src, dst) pairs in the same (stack, layer): a parallel branch reads ``src`` (e.g. the
+    stream entering the FFN) and adds to ``dst`` (its output). ``places``: explicit patterns
+    by kind. A ``dst`` with no partner is one ConfigError."""
+    places = places or {}
+    srcs = {(p.stack, p.layer): p for p in places_for(model, profile, src_kind, config, places.get(src_kind))}
+    out = []
+    for dst in places_for(model, profile, dst_kind, config, places.get(dst_kind)):
+        src = srcs.get((dst.stack, dst.layer))
+        if src is None:
+            raise ConfigError(f"no {src_kind} module pairs with {dst.path}")
+        out.append((src, dst))
+    return out
 
 
 def add_adapters(model: nn.Module, config, name: str | None = None) -> nn.Module:

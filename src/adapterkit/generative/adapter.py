@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from adapterkit.core.base import AdapterSet, get_container, places_for
+from adapterkit.core.base import AdapterSet, get_container, linear_targets, places_for
 from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
 from adapterkit.errors import ConfigError
 
@@ -149,15 +149,7 @@ class GenerativeAdapterSet(AdapterSet):
     # -- construction ------------------------------------------------------------
     def attach(self, model, profile):
         cfg: GenerativeAdapterConfig = self.config
-        if cfg.target_modules:
-            found = places_for(model, profile, "generative", cfg, cfg.target_modules)
-        else:
-            found, seen = [], set()
-            for kind in cfg.targets:
-                for p in places_for(model, profile, kind, cfg):
-                    if p.path not in seen:
-                        seen.add(p.path)
-                        found.append(p)
+        found = linear_targets(model, profile, cfg, kind="generative")
         streams = {p.layer: p for p in places_for(model, profile, "attn_stream", cfg)} if profile and \
             "attn_stream" in profile["places"] else {}
         d_ctx = _model_width(model)

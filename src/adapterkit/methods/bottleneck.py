@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterkit.core.activations import get_activation
-from adapterkit.core.base import AdapterSet, places_for, sublayer_places
+from adapterkit.core.base import AdapterSet, paired_places, sublayer_places
 from adapterkit.core.config import ACTIVATIONS, AdapterConfig, bounded, choice, register_method
 from adapterkit.core.hooks import first as _first
 from adapterkit.core.hooks import out_width as _out_width
@@ -151,14 +151,7 @@ class BottleneckSet(AdapterSet):
         cfg: BottleneckConfig = self.config
         for pos in cfg.positions:  # "ffn" or "attn"
             src_kind = f"{pos}_stream" if cfg.parallel_input == "stream" else f"{pos}_in"
-            dst_kind = f"{pos}_out"
-            srcs = places_for(model, profile, src_kind, cfg, cfg.places.get(src_kind))
-            dsts = places_for(model, profile, dst_kind, cfg, cfg.places.get(dst_kind))
-            src_by_layer = {(p.stack, p.layer): p for p in srcs}
-            for dst in dsts:
-                src = src_by_layer.get((dst.stack, dst.layer))
-                if src is None:
-                    raise ConfigError(f"no {src_kind} module pairs with {dst.path}")
+            for src, dst in paired_places(model, profile, cfg, src_kind, f"{pos}_out", cfg.places):
                 d = _out_width(dst.module)
                 ad = Bottleneck(d, cfg.hidden(d), cfg)
                 self.adapters[dst.key] = ad

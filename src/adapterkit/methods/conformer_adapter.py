@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterkit.core.base import AdapterSet, places_for
+from adapterkit.core.base import AdapterSet, paired_places, places_for
 from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
 from adapterkit.core.hooks import first as _first
 from adapterkit.core.hooks import out_width as _width
@@ -206,20 +206,15 @@ class ConformerSet(AdapterSet):
         cfg: ConformerConfig = self.config
         for pos in cfg.positions:
             dst_kind = f"{pos}_out"
-            dsts = places_for(model, profile, dst_kind, cfg, cfg.places.get(dst_kind))
             if cfg.placement == "sequential":
-                for dst in dsts:
+                for dst in places_for(model, profile, dst_kind, cfg, cfg.places.get(dst_kind)):
                     d = _width(dst.module)
                     ad = ConformerBlock(d, cfg.hidden(d), cfg)
                     self.adapters[dst.key] = ad
                     self.add_forward_hook(dst.module, self._sequential_hook(ad))
                 continue
             src_kind = f"{pos}_in" if cfg.parallel_input == "normalized" else f"{pos}_stream"
-            srcs = {(p.stack, p.layer): p for p in places_for(model, profile, src_kind, cfg, cfg.places.get(src_kind))}
-            for dst in dsts:
-                src = srcs.get((dst.stack, dst.layer))
-                if src is None:
-                    raise ConfigError(f"no {src_kind} module pairs with {dst.path}")
+            for src, dst in paired_places(model, profile, cfg, src_kind, dst_kind, cfg.places):
                 d = _width(dst.module)
                 ad = ConformerBlock(d, cfg.hidden(d), cfg)
                 self.adapters[dst.key] = ad
