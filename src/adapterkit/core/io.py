@@ -52,14 +52,21 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, extra: dict | 
         raise ConfigError("the model has no adapters attached (call adapterkit.add_adapters first)")
     if any(s.merged for s in container.sets.values()):
         raise ConfigError("unmerge the adapters before saving (adapterkit.unmerge_adapters(model))")
-    tensors = adapter_state_dict(model)
+    write_adapter_files(directory, adapter_state_dict(model), container.configs(), container.base_trainable,
+                        _base_info(model), extra)
+    return directory
+
+
+def write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor], adapters: dict[str, dict],
+                        base_trainable, base_model: dict, extra: dict | None = None) -> None:
+    """The weights file, then the config that records its checksum, shapes and dtypes."""
     weights = save_safetensors_atomic(tensors, directory / WEIGHTS_NAME, metadata={"format": FORMAT})
     cfg = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "adapters": container.configs(),
-        "base_trainable": list(container.base_trainable),
-        "base_model": _base_info(model),
+        "adapters": adapters,
+        "base_trainable": list(base_trainable),
+        "base_model": base_model,
         "weights_sha256": sha256_file(weights),
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
         "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()},
@@ -67,7 +74,6 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, extra: dict | 
     if extra:
         cfg["extra"] = extra
     atomic_write_json(directory / CONFIG_NAME, cfg)
-    return directory
 
 
 def _base_info(model: nn.Module) -> dict:

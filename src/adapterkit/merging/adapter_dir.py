@@ -14,15 +14,9 @@ from pathlib import Path
 
 import torch
 
-from adapterkit.core.io import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_config
+from adapterkit.core.io import WEIGHTS_NAME, read_adapter_config, write_adapter_files
 from adapterkit.errors import CheckpointError
-from adapterkit.safeio import (
-    atomic_dir,
-    atomic_write_json,
-    load_safetensors_checked,
-    save_safetensors_atomic,
-    sha256_file,
-)
+from adapterkit.safeio import atomic_dir, load_safetensors_checked
 
 SET_PREFIX = "adapterkit.sets."
 
@@ -77,20 +71,8 @@ def write_adapter_dir(
     directory = Path(directory)
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_dir(directory) as tmp:
-        weights = save_safetensors_atomic(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
-        cfg = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "adapters": adapters,
-            "base_trainable": list(base_trainable or []),
-            "base_model": base_model or {"class": None, "model_type": None},
-            "weights_sha256": sha256_file(weights),
-            "shapes": {k: list(v.shape) for k, v in tensors.items()},
-            "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()},
-        }
-        if extra:
-            cfg["extra"] = extra
-        atomic_write_json(tmp / CONFIG_NAME, cfg)
+        write_adapter_files(tmp, tensors, adapters, base_trainable or [],
+                            base_model or {"class": None, "model_type": None}, extra)
     return directory
 
 
