@@ -32,6 +32,7 @@ from torch import nn
 from adapterkit.core.base import add_adapters
 from adapterkit.core.config import registered_methods
 from adapterkit.errors import CheckpointError, ConfigError, did_you_mean
+from adapterkit.vision.common import hf_config, load_pretrained
 
 # which LayerNorms PETL-AST trains, per backbone family: (ffn LN, attention LN, final LN)
 _LN_PATTERNS = {
@@ -65,30 +66,19 @@ def build_audio_backbone(m: dict) -> tuple[nn.Module, str]:
         from transformers import ASTConfig, ASTModel
 
         torch.manual_seed(int(m.get("init_seed") or 0))
-        try:
-            cfg = ASTConfig(**(m.get("ast") or {}))
-        except TypeError as e:
-            raise ConfigError(f'"model.ast" has an invalid ASTConfig option: {e}') from None
-        return ASTModel(cfg), "ast"
+        return ASTModel(hf_config(ASTConfig, m.get("ast"), "model.ast")), "ast"
     if kind == "whisper":
         from transformers import WhisperConfig
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
         torch.manual_seed(int(m.get("init_seed") or 0))
-        try:
-            cfg = WhisperConfig(**(m.get("whisper") or {}))
-        except TypeError as e:
-            raise ConfigError(f'"model.whisper" has an invalid WhisperConfig option: {e}') from None
-        return WhisperEncoderOnly(WhisperEncoder(cfg)), "whisper"
+        return WhisperEncoderOnly(WhisperEncoder(hf_config(WhisperConfig, m.get("whisper"), "model.whisper"))), "whisper"
     if kind == "hf":
         from transformers import AutoModel
 
         if not m.get("name_or_path"):
             raise ConfigError('backbone "hf" needs "model.name_or_path" (an AST or Whisper checkpoint)')
-        try:
-            net = AutoModel.from_pretrained(m["name_or_path"])
-        except OSError as e:
-            raise CheckpointError(f'cannot load audio model "{m["name_or_path"]}": {e}') from None
+        net = load_pretrained(AutoModel, m["name_or_path"], "audio model", CheckpointError)
         mt = net.config.model_type
         if mt == "whisper":
             return WhisperEncoderOnly(net.get_encoder()), "whisper"

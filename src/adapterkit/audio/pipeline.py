@@ -39,7 +39,14 @@ from adapterkit.audio.data import (
 from adapterkit.audio.fbank import ast_features
 from adapterkit.audio.models import AudioClassifier, attach_audio_method, build_audio_backbone
 from adapterkit.errors import ConfigError
-from adapterkit.vision.common import TRAIN_DEFAULTS, section, top_level, train_classifier, write_outputs
+from adapterkit.vision.common import (
+    TRAIN_DEFAULTS,
+    method_name,
+    section,
+    top_level,
+    train_classifier,
+    write_outputs,
+)
 
 DATA_DEFAULTS = {"source": "asterisk", "root": None, "test_folds": [5], "words": None, "subdir": "digits",
                  "clip_seconds": None, "sample_rate": 16000, "train_copies": 0, "test_copies": 0,
@@ -151,9 +158,7 @@ def run_audio(config: dict, log=print) -> dict:
     d = section(config.get("data"), DATA_DEFAULTS, "data")
     m = section(config.get("model"), MODEL_DEFAULTS, "model")
     t = section(config.get("train"), AUDIO_TRAIN_DEFAULTS, "train")
-    method = config.get("method", "petl_adapter")
-    if not isinstance(method, str):
-        raise ConfigError(f'"method" must be a string, got {method!r}')
+    method = method_name(config, "petl_adapter")
     t0 = time.time()
     backbone, family = build_audio_backbone(m)
     xtr, ytr, xte, yte, names = build_waveforms(d)

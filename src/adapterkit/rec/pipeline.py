@@ -34,7 +34,14 @@ from adapterkit.errors import ConfigError
 from adapterkit.rec.data import BBC_TOPICS, RecData, bbc_interactions, read_amazon, read_mind
 from adapterkit.rec.metrics import history_mask, rank_metrics, target_ranks
 from adapterkit.rec.model import Adapter4Rec, ItemEncoder, SASRecEncoder, attach_rec_method
-from adapterkit.vision.common import section, top_level, write_outputs
+from adapterkit.vision.common import (
+    hf_config,
+    load_pretrained,
+    method_name,
+    section,
+    top_level,
+    write_outputs,
+)
 
 DATA_DEFAULTS = {"source": "bbc", "topics": None, "n_users": 500, "seed": 0, "min_len": 5, "max_len": 25,
                  "p_similar": 0.7, "behaviors": None, "news": None, "reviews": None, "meta": None}
@@ -72,10 +79,7 @@ def load_text_model(m: dict):
 
     if m["bert"] is not None:
         torch.manual_seed(m["init_seed"])
-        try:
-            return BertModel(BertConfig(**m["bert"]), add_pooling_layer=False), None
-        except TypeError as e:
-            raise ConfigError(f'"model.bert" has an invalid BertConfig option: {e}') from None
+        return BertModel(hf_config(BertConfig, m["bert"], "model.bert"), add_pooling_layer=False), None
     path = m["text_model"]
     if path == "minilm":
         try:
@@ -85,10 +89,7 @@ def load_text_model(m: dict):
         path = g.get_model_path()
     if not path:
         raise ConfigError('set "model.text_model" (minilm, a hub id or a folder) or "model.bert" (a random-init config)')
-    try:
-        return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise ConfigError(f'cannot load text model "{path}": {e}') from None
+    return load_pretrained(AutoModel, path, "text model"), load_pretrained(AutoTokenizer, path, "text model")
 
 
 def tokenize(titles: list[str], tokenizer, max_tokens: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,9 +217,7 @@ def run_rec(config: dict, log=print) -> dict:
     tgt = section(config.get("target"), DATA_DEFAULTS, "target")
     st = section(config.get("source_train"), SOURCE_DEFAULTS, "source_train")
     tt = section(config.get("target_train"), TARGET_DEFAULTS, "target_train")
-    method = config.get("method", "houlsby")
-    if not isinstance(method, str):
-        raise ConfigError(f'"method" must be a string, got {method!r}')
+    method = method_name(config, "houlsby")
     t0 = time.time()
     text_model, tokenizer = load_text_model(m)
     out: dict = {"method": method}

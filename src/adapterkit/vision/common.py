@@ -53,6 +53,30 @@ def top_level(cfg: dict, allowed: tuple[str, ...], where: str) -> None:
             raise ConfigError(f'unknown key "{k}" in the {where} config{did_you_mean(k, allowed)}; allowed: {list(allowed)}')
 
 
+def method_name(cfg: dict, default: str) -> str:
+    """The config's ``method`` (a string), or ``default``."""
+    method = cfg.get("method", default)
+    if not isinstance(method, str):
+        raise ConfigError(f'"method" must be a string, got {method!r}')
+    return method
+
+
+def hf_config(config_cls, options: dict | None, where: str):
+    """``config_cls(**options)``; an unknown option is one ConfigError naming ``where``."""
+    try:
+        return config_cls(**(options or {}))
+    except TypeError as e:
+        raise ConfigError(f'"{where}" has an invalid {config_cls.__name__} option: {e}') from None
+
+
+def load_pretrained(loader, name_or_path: str, what: str, error=ConfigError):
+    """``loader.from_pretrained(name_or_path)``; a missing/unreadable model is one ``error`` naming it."""
+    try:
+        return loader.from_pretrained(name_or_path)
+    except OSError as e:
+        raise error(f'cannot load {what} "{name_or_path}": {e}') from None
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     import yaml
 

@@ -15,6 +15,7 @@ from adapterkit.core.base import add_adapters
 from adapterkit.core.config import registered_methods
 from adapterkit.errors import CheckpointError, ConfigError, did_you_mean
 from adapterkit.safeio import load_safetensors_checked
+from adapterkit.vision.common import hf_config, load_pretrained
 
 # AdaptFormer (ShoufaChen/AdaptFormer): AdaptMLP parallel to the MLP, reading the
 # un-normalised post-attention stream x' (the input of layernorm_after = core's
@@ -67,19 +68,13 @@ def build_backbone(m: dict) -> tuple[nn.Module, str, int]:
 
         if not m.get("name_or_path"):
             raise ConfigError('backbone "hf" needs "model.name_or_path" (a hub id or a local checkpoint folder)')
-        try:
-            net = AutoModel.from_pretrained(m["name_or_path"])
-        except OSError as e:
-            raise CheckpointError(f'cannot load vision model "{m["name_or_path"]}": {e}') from None
+        net = load_pretrained(AutoModel, m["name_or_path"], "vision model", CheckpointError)
         if hasattr(net, "vision_model") and not hasattr(net, "embeddings"):
             net = net.vision_model
     elif kind == "vit":
         from transformers import ViTConfig, ViTModel
 
-        try:
-            cfg = ViTConfig(**(m.get("vit") or {}))
-        except TypeError as e:
-            raise ConfigError(f'"model.vit" has an invalid ViTConfig option: {e}') from None
+        cfg = hf_config(ViTConfig, m.get("vit"), "model.vit")
         torch.manual_seed(int(m.get("init_seed") or 0))
         net = ViTModel(cfg, add_pooling_layer=False)
     else:

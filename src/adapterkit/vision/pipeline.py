@@ -20,7 +20,14 @@ from pathlib import Path
 
 from adapterkit.errors import ConfigError
 from adapterkit.safeio import save_safetensors_atomic
-from adapterkit.vision.common import TRAIN_DEFAULTS, section, top_level, train_classifier, write_outputs
+from adapterkit.vision.common import (
+    TRAIN_DEFAULTS,
+    method_name,
+    section,
+    top_level,
+    train_classifier,
+    write_outputs,
+)
 from adapterkit.vision.data import FASHION_MNIST_DIR, load_fashion_mnist, load_image_folder, select_classes
 from adapterkit.vision.models import (
     ImageClassifier,
@@ -63,9 +70,7 @@ def run_vision(config: dict, log=print) -> dict:
     d = section(config.get("data"), DATA_DEFAULTS, "data")
     m = section(config.get("model"), MODEL_DEFAULTS, "model")
     t = section(config.get("train"), VISION_TRAIN_DEFAULTS, "train")
-    method = config.get("method", "adaptformer")
-    if not isinstance(method, str):
-        raise ConfigError(f'"method" must be a string, got {method!r}')
+    method = method_name(config, "adaptformer")
     t0 = time.time()
     backbone, kind, width = build_backbone(m)
     if m["init_from"]:
