@@ -120,6 +120,19 @@ class TaskRouter:
         )
 
 
+def task_one_hot(task: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``one_hot(task, n)`` in ``dtype``, made once per routed block for a given task tensor
+    (every adapter place of a forward reuses it) rather than once per place."""
+    r = None if torch.compiler.is_compiling() else _CURRENT.get()
+    if r is None:
+        return torch.nn.functional.one_hot(task, n).to(dtype)
+    key = ("one_hot", id(task), n, dtype)
+    hit = r._cache.get(key)
+    if hit is None or hit[0] is not task:  # the tensor is held, so its id cannot be reused meanwhile
+        hit = r._cache[key] = (task, torch.nn.functional.one_hot(task, n).to(dtype))
+    return hit[1]
+
+
 def expand_to_batch(task: Resolved, batch: int) -> Resolved:
     """Match a per-example task tensor to a batch expanded by beams/repeats (B*k rows)."""
     if isinstance(task, int) or task.shape[0] == batch:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterkit.core.optim import mark_task_stacked
-from adapterkit.core.routing import Resolved, expand_to_batch
+from adapterkit.core.routing import Resolved, expand_to_batch, task_one_hot
 
 
 def task_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, task: Resolved | None):
@@ -73,7 +73,7 @@ def task_pair(x: torch.Tensor, down: TaskLinear, up: TaskLinear, task: Resolved 
         z = F.linear(x, down.weight.squeeze(0), None if down.bias is None else down.bias.squeeze(0))
     if mid is not None:
         z = mid(z)
-    mask = F.one_hot(task, n).to(z.dtype).view(bshape + (n, 1))
+    mask = task_one_hot(task, n, z.dtype).view(bshape + (n, 1))
     if nu > 1:
         zb = (z.view(lead + (nd, m)) * mask).reshape(lead + (n * m,))  # shared down: broadcast to n blocks
         y = F.linear(zb, up.weight.transpose(0, 1).reshape(d, n * m))

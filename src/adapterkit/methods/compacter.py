@@ -94,6 +94,11 @@ class PHMLinear(nn.Module):
         """W (copies, n, p, q)."""
         return self.W if self.W is not None else self.W_left @ self.W_right
 
+    @property
+    def factor_shape(self) -> tuple:
+        """The shape of :meth:`factors`, without computing them."""
+        return tuple(self.W.shape) if self.W is not None else tuple(self.W_left.shape[:3]) + (self.W_right.shape[3],)
+
     def weight(self, rule: torch.Tensor) -> torch.Tensor:
         """Stacked (copies, d_out, d_in) weight, i.e. H^T, for y = x H + b."""
         return phm_weights(rule.unsqueeze(0), self.factors().unsqueeze(0))[0]
@@ -189,7 +194,7 @@ class CompacterSet(AdapterSet):
         ads = [self.adapters[k] for k in keys]
         groups: dict[tuple, list[int]] = {}  # adapters of one shape are built in one einsum
         for i, ad in enumerate(ads):
-            groups.setdefault((tuple(ad.down.factors().shape), tuple(ad.up.factors().shape)), []).append(i)
+            groups.setdefault((ad.down.factor_shape, ad.up.factor_shape), []).append(i)
         out: dict = {}
         for idx in groups.values():
             rules = torch.stack([ads[i].rule_pair() for i in idx])  # (P, 2, n, n, n)

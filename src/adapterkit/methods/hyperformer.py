@@ -102,6 +102,8 @@ class HyperformerSet(AdapterSet):
         self.stacks = nn.ModuleDict()
         self.act = get_activation(cfg.activation)
         self._forward_id, self._cache_key, self._cache = 0, None, {}
+        self._traced_cache: dict | None = None  # the cache while torch.compile traces a forward
+        self._params: list | None = None
 
     def attach(self, model, profile):
         cfg: HyperformerConfig = self.config
@@ -137,19 +139,17 @@ class HyperformerSet(AdapterSet):
         from adapterkit.core.routing import current_route
 
         if torch.compiler.is_compiling():
-            cache = getattr(self, "_traced_cache", None)
-            if cache is None:
-                return self.stacks[stack].weights(self.task_embedding, block)
-            if (stack, block) not in cache:
-                cache[(stack, block)] = self.stacks[stack].weights(self.task_embedding, block)
-            return cache[(stack, block)]
-        r = current_route()
-        key = (self._forward_id, id(r), tuple(p._version for p in self.parameters()))
-        if key != self._cache_key:
-            self._cache, self._cache_key = {}, key
-        hit = self._cache.get((stack, block))
+            cache = self._traced_cache if self._traced_cache is not None else {}
+        else:
+            if self._params is None:  # the hypernetwork's parameters, listed once (not a module walk per place)
+                self._params = list(self.parameters())
+            key = (self._forward_id, id(current_route()), tuple(p._version for p in self._params))
+            if key != self._cache_key:
+                self._cache, self._cache_key = {}, key
+            cache = self._cache
+        hit = cache.get((stack, block))
         if hit is None:
-            hit = self._cache[(stack, block)] = self.stacks[stack].weights(self.task_embedding, block)
+            hit = cache[(stack, block)] = self.stacks[stack].weights(self.task_embedding, block)
         return hit
 
     def _hook(self, stack: str, layer: int, block: str):
