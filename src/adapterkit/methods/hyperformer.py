@@ -46,9 +46,10 @@ class HyperformerConfig(AdapterConfig):
 
 
 class Generator(nn.Module):
-    """I -> (W_down, b_down, W_up, b_up) for one block type."""
+    """I (R, p) -> W_down (R, m, d), b_down (R, m), W_up (R, d, m), b_up (R, d); shared with HyperPELT.
+    ``zero_up``: the up-projection generators start at zero (the model starts unchanged)."""
 
-    def __init__(self, p: int, d: int, m: int, std: float):
+    def __init__(self, p: int, d: int, m: int, std: float, zero_up: bool = False):
         super().__init__()
         self.d, self.m = d, m
         self.down_w = nn.Linear(p, m * d)
@@ -58,6 +59,9 @@ class Generator(nn.Module):
         for lin in (self.down_w, self.down_b, self.up_w, self.up_b):
             nn.init.normal_(lin.weight, std=std)
             nn.init.zeros_(lin.bias)
+        if zero_up:
+            nn.init.zeros_(self.up_w.weight)
+            nn.init.zeros_(self.up_b.weight)
 
     def forward(self, emb: torch.Tensor):
         t = emb.shape[0]

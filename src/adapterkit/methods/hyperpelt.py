@@ -39,6 +39,7 @@ from adapterkit.core.hooks import out_width as _out_width
 from adapterkit.core.hooks import replace_first as _replace_first
 from adapterkit.core.task_linear import task_linear
 from adapterkit.errors import ConfigError
+from adapterkit.methods.hyperformer import Generator
 
 # ----------------------------------------------------------------------------- HyperPELT
 
@@ -75,27 +76,6 @@ class HyperPELTConfig(AdapterConfig):
                 raise ConfigError(f'unknown prefix position "{p}" for hyperpelt; allowed: {list(PREFIX_POSITIONS)}')
         if not self.adapter_positions and not (self.prefix_positions and self.prefix_length):
             raise ConfigError("hyperpelt needs adapter_positions or prefixes (prefix_positions with prefix_length > 0)")
-
-
-class AdapterGenerator(nn.Module):
-    """I (R, p) -> W_down (R, m, d), b_down (R, m), W_up (R, d, m), b_up (R, d)."""
-
-    def __init__(self, p: int, d: int, m: int, std: float, zero_up: bool):
-        super().__init__()
-        self.d, self.m = d, m
-        self.down_w, self.down_b = nn.Linear(p, m * d), nn.Linear(p, m)
-        self.up_w, self.up_b = nn.Linear(p, d * m), nn.Linear(p, d)
-        for lin in (self.down_w, self.down_b, self.up_w, self.up_b):
-            nn.init.normal_(lin.weight, std=std)
-            nn.init.zeros_(lin.bias)
-        if zero_up:
-            nn.init.zeros_(self.up_w.weight)
-            nn.init.zeros_(self.up_b.weight)
-
-    def forward(self, emb: torch.Tensor):
-        r = emb.shape[0]
-        return (self.down_w(emb).view(r, self.m, self.d), self.down_b(emb),
-                self.up_w(emb).view(r, self.d, self.m), self.up_b(emb))
 
 
 class PrefixGenerator(nn.Module):
@@ -154,8 +134,8 @@ class HyperPELTSet(AdapterSet):
             d = widths.pop()
             if d % cfg.reduction_factor:
                 raise ConfigError(f"reduction_factor {cfg.reduction_factor:g} does not divide the hidden width {d}")
-            self.adapter_gen = AdapterGenerator(cfg.projected_dim, d, int(d // cfg.reduction_factor),
-                                                cfg.generator_init_std, cfg.zero_init_up)
+            self.adapter_gen = Generator(cfg.projected_dim, d, int(d // cfg.reduction_factor),
+                                         cfg.generator_init_std, cfg.zero_init_up)
             for p in adapters:
                 lid, bid = self.layer_ids[(p.stack, p.layer)], self.block_ids[p.kind]
                 self.add_forward_hook(p.module, self._adapter_hook(lid, bid))
