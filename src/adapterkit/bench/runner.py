@@ -120,20 +120,19 @@ class _Stepper:
             self.graph_batch = ({"input_ids": batch.input_ids, "labels": batch.labels} if kind == "train" else
                                 {"input_ids": batch.input_ids, "decoder_input_ids": batch.decoder_input_ids})
 
-    def _graph_fn(self, b: dict):
-        stack = contextlib.ExitStack()
-        with stack:
-            if self.prep.route is not None:
-                stack.enter_context(route(self.prep.route))
+    def _route(self):
+        return route(self.prep.route) if self.prep.route is not None else contextlib.nullcontext()
+
+    def _graph_fn(self, b: dict):  # GraphedStep enters autocast itself
+        with self._route():
             out = self.fn(**b, **self.prep.kwargs)
-            return out.loss if self.kind == "train" else out.logits
+        return out.loss if self.kind == "train" else out.logits
 
     def _ctx(self):
         stack = contextlib.ExitStack()
         if self.amp_dtype is not None:
             stack.enter_context(torch.autocast(self.device_type, dtype=self.amp_dtype))
-        if self.prep.route is not None:
-            stack.enter_context(route(self.prep.route))
+        stack.enter_context(self._route())
         return stack
 
     def step(self) -> None:

@@ -19,9 +19,10 @@ per-example task *tensor* that is part of the batch), and the learning rate unle
 is a tensor (:meth:`GraphedStep.set_lr` updates it in place). Dropout draws fresh
 masks on every replay. Each graph keeps its own memory pool (the step's activations and
 gradients stay allocated between replays), so every extra ``key`` costs about one
-step's activation memory; :meth:`GraphedStep.reset` frees them all. Before the first capture the step runs ``warmup`` eager
-iterations on a side stream, then puts the trainable parameters, buffers and
-optimizer state back exactly as they were, so warming up trains nothing.
+step's activation memory; :meth:`GraphedStep.reset` frees them all. Before the first
+capture the step runs ``warmup`` eager iterations on a side stream, then puts the
+trainable parameters, buffers and optimizer state back exactly as they were, so warming
+up trains nothing.
 
 Anywhere a graph cannot be used (a CPU model, ``enabled=False``, or a capture that
 fails because the forward syncs with the host) the step runs eagerly with the same
@@ -245,21 +246,20 @@ def _reset_capture_state(device) -> None:
         del g
 
 
-def _clone_out(out):
+def _map_out(out, fn):
+    """``fn`` applied to every tensor of an output (tensor, tuple/list or dict)."""
     if isinstance(out, torch.Tensor):
-        return out.detach().clone()
+        return fn(out)
     if isinstance(out, (tuple, list)):
-        return type(out)(_clone_out(o) for o in out)
+        return type(out)(_map_out(o, fn) for o in out)
     if isinstance(out, dict):
-        return {k: _clone_out(v) for k, v in out.items()}
+        return {k: _map_out(v, fn) for k, v in out.items()}
     return out
+
+
+def _clone_out(out):
+    return _map_out(out, lambda t: t.detach().clone())
 
 
 def _detach_out(out):
-    if isinstance(out, torch.Tensor):
-        return out.detach()
-    if isinstance(out, (tuple, list)):
-        return type(out)(_detach_out(o) for o in out)
-    if isinstance(out, dict):
-        return {k: _detach_out(v) for k, v in out.items()}
-    return out
+    return _map_out(out, torch.Tensor.detach)
