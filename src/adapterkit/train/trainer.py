@@ -300,10 +300,13 @@ class Trainer:
             logger.warning("train.cuda_graphs: %s; training eagerly", self.graph.fallback_reason)
         self.scheduler.step()
         val = float(loss)
+        self._check_loss(val, task)
+        return val
+
+    def _check_loss(self, val: float, task) -> None:
         if not math.isfinite(val):
             raise TrainingError(f"the loss is {val} at step {self.state['step'] + 1} (task {task!r}); the run "
                                 f"stopped and the last good checkpoint in {self.ckpt.root} is kept")
-        return val
 
     def train_step(self, task, rows, seed):
         self.model.train()
@@ -320,9 +323,7 @@ class Trainer:
             bs = batch["input_ids"].shape[0]
             raise TrainingError(f"out of memory at step {self.state['step']} (task {task!r}, {bs} examples per "
                                 f"device); try train.batch_size {max(1, self.cfg.train.batch_size // 2)}") from None
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the loss is {loss.item()} at step {self.state['step'] + 1} (task {task!r}); the run "
-                                f"stopped and the last good checkpoint in {self.ckpt.root} is kept")
+        self._check_loss(loss.item(), task)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._all_reduce_grads()
