@@ -20,7 +20,7 @@ chosen on validation NDCG@10, full-ranking HR@10 / NDCG@10 with history masked.
 
 Config: examples/configs/rec_bbc_houlsby.yaml.   Run:  python examples/adapter4rec_bbc.py
 
-Measured output (2-core CPU shared with other jobs, torch 2.13):
+Measured output (2026-11-22, 2-core CPU shared with other jobs, torch 2.13):
 
 
     source pre-training (600 users, 1416 items): test HR@10 0.2267 NDCG@10 0.1244

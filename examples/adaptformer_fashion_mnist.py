@@ -17,7 +17,7 @@ dropout 0.1 inside the branch, reading the un-normalised post-attention stream
 Configs: examples/configs/vision_pretrain_fmnist_0to4.yaml, vision_adaptformer_fmnist_5to9.yaml.
 Run:  python examples/adaptformer_fashion_mnist.py
 
-Measured output (2-core CPU shared with other jobs, torch 2.13):
+Measured output (2026-11-22, 2-core CPU shared with other jobs, torch 2.13):
 
     stage 1: ViT trained from scratch on classes 0-4: test acc 84.60 (4000 images, 116 s)
     stage 2: transfer to classes 5-9 (60 train images per class)

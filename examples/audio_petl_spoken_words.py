@@ -22,7 +22,7 @@ learn) or Conformer block; LoRA on W_q, W_v (rank d/RR, scale 8/RR); prompt tuni
 
 Run:  sudo apt-get install -y asterisk-core-sounds-en-wav; python examples/audio_petl_spoken_words.py
 
-Measured output (2-core CPU shared with other jobs, torch 2.13):
+Measured output (2026-11-22, 2-core CPU shared with other jobs, torch 2.13):
 
     configuration                    test acc  trainable  % params   time
     linear probe                        21.25        650     0.53%    17s

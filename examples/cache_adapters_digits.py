@@ -24,7 +24,7 @@ Tip-Adapter-F / DualAdapter) are chosen on validation; test is used once.
 
 Run:  python examples/cache_adapters_digits.py [--shots 16] [--seed 0]
 
-Measured output (seed 0; the numbers are deterministic):
+Measured output (2026-11-22, seed 0; the numbers are deterministic):
 
     featurised 2140 images in 154.7 s
     method       baseline  val acc  test acc  params
