@@ -14,6 +14,7 @@ COMMANDS = [
     "adapterkit.cli.train",
     "adapterkit.cli.demo",
     "adapterkit.vl.features",
+    "adapterkit.vl.feature_import",
     "adapterkit.data.fashionvl",
     "adapterkit.bench.cli",
     "adapterkit.cache.pipeline",
