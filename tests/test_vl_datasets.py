@@ -16,6 +16,7 @@ from adapterkit.vl.datasets import (
     read_gqa,
     read_how2qa,
     read_nlvr2,
+    read_source,
     read_task,
     read_tvc,
     read_tvqa,
@@ -194,6 +195,66 @@ def test_vqa_official_annotation_gap_and_missing_files(tmp_path):
         read_vqa(broken)
 
 
+def test_vqa_karpathy_joins_the_official_answers(tmp_path):
+    """VL-T5's Karpathy records carry soft labels only; the official annotations give the 10 answers."""
+    import warnings
+
+    from adapterkit.vl.metrics import vqa as vqa_mod
+    from adapterkit.vl.metrics import vqa_metric
+
+    records = [
+        {"img_id": "COCO_val2014_000000000042", "label": {"2": 0.6, "3": 1.0}, "question_id": 420,
+         "sent": "How many dogs?"},
+        {"img_id": "COCO_val2014_000000000007", "label": {"red": 1.0}, "question_id": 70, "sent": "What color?"},
+    ]  # fmt: skip
+    kdir = tmp_path / "vqa"
+    kdir.mkdir()
+    _dump(kdir / "karpathy_val.json", records)
+    soft = read_vqa(kdir, "karpathy_val")
+    assert [e.extra["raw_answers"] for e in soft] == [False, False]
+    dogs = ["2"] * 2 + ["3"] * 7 + ["three"]
+    adir = tmp_path / "official"
+    adir.mkdir()
+    _official_vqa(adir, answers=[dogs, ["red"] * 10])
+    joined = read_vqa(kdir, "karpathy_val", annotations=adir)
+    assert joined[0].targets == dogs and joined[0].extra["raw_answers"] is True
+    assert joined[0].target_scores == {"2": 0.6, "3": 1.0}  # the training targets stay VL-T5's labels
+    assert joined[0].extra["answers_from"] == "v2_mscoco_val2014_annotations.json"
+    # the same through a run config's data source, and found next to the Karpathy file without the option
+    assert read_source("vqa", {"path": str(kdir), "splits": {"val": "karpathy_val"},
+                               "annotations": [str(adir / "v2_mscoco_val2014_annotations.json")]}, "val") == joined
+    (adir / "v2_mscoco_val2014_annotations.json").rename(kdir / "v2_mscoco_val2014_annotations.json")
+    assert read_vqa(kdir, "karpathy_val") == joined
+    # official 10-answer accuracy vs the soft-label fallback, which warns once
+    preds = {"420": "2", "70": "red"}
+    official = vqa_metric(preds, {e.uid: e for e in joined})
+    assert official["accuracy"] == pytest.approx((0.6 + 1.0) / 2 * 100)  # "2": 2 of 10 -> leave-one-out 0.6
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vqa_mod._warned_soft = False
+        assert vqa_metric({"420": "three", "70": "blue"}, {e.uid: e for e in soft})["accuracy"] == 50.0
+        vqa_metric(preds, {e.uid: e for e in soft})
+    msgs = [str(w.message) for w in caught if issubclass(w.category, vqa_mod.SoftLabelScoreWarning)]
+    assert len(msgs) == 1 and "2 of 2 questions have soft labels" in msgs[0] and "annotations" in msgs[0]
+    # annotations of another release: the image disagrees -> one clear error
+    anns = json.loads((kdir / "v2_mscoco_val2014_annotations.json").read_text())
+    anns["annotations"][0]["image_id"] = 999
+    _dump(kdir / "v2_mscoco_val2014_annotations.json", anns)
+    with pytest.raises(DataError, match="question 420 is about image 999"):
+        read_vqa(kdir, "karpathy_val")
+    with pytest.raises(DataError, match="VQA annotations not found"):
+        read_vqa(kdir, "karpathy_val", annotations=tmp_path / "nope.json")
+
+
+def test_read_task_joins_comma_separated_splits(tmp_path):
+    _dump(tmp_path / "train.json", [{"img_id": "1", "sent": "a?", "question_id": "q1", "label": {"yes": 1.0}}])
+    _dump(tmp_path / "valid.json", [{"img_id": "2", "sent": "b?", "question_id": "q2", "label": {"no": 1.0}}])
+    exs = read_source("gqa", {"format": "gqa", "path": str(tmp_path), "splits": {"train": "train,valid"}}, "train")
+    assert [e.uid for e in exs] == ["q1", "q2"]
+    with pytest.raises(DataError, match='needs a "path"'):
+        read_source("gqa", {"splits": {}}, "train")
+
+
 # ----------------------------------------------------------------------------- GQA
 
 
@@ -306,31 +367,56 @@ def _tvqa_record(qid, n=5, **over):
     return rec
 
 
+def _subs(path, videos):
+    return _jsonl(path, [{"vid_name": v, "sub": [{"start": 0.5 * i, "end": 0.5 * i + 0.4, "text": f" {t} "}
+                                                for i, t in enumerate(texts)]} for v, texts in videos.items()])
+
+
 def test_tvqa_and_how2qa(tmp_path):
-    _jsonl(tmp_path / "tvqa_val.jsonl", [_tvqa_record(1), _tvqa_record(2, ts="NaN-NaN")])
-    a, b = read_tvqa(tmp_path, "val")
+    ann = tmp_path / "ann"
+    (ann / "tvqa").mkdir(parents=True)
+    # the reference's layout: ann/tv_subtitles.jsonl next to ann/tvqa/tvqa_val.jsonl
+    _subs(ann / "tv_subtitles.jsonl", {"s03e02_seg02_clip_10": ["Howard: Hi.", "Sheldon: Bazinga!"]})
+    _jsonl(ann / "tvqa" / "tvqa_val.jsonl", [_tvqa_record(1), _tvqa_record(2, ts="NaN-NaN")])
+    a, b = read_tvqa(ann / "tvqa", "val")
     assert a.uid == "1" and a.task == "tvqa" and a.image_ids == ["s03e02_seg02_clip_10"]
-    assert a.text == "Why is Howard upset?" and a.choices == [f"Answer {i}." for i in range(5)]
-    assert a.label == 2 and a.targets == ["Answer 2."] and a.extra["ts"] == [20.16, 25.12]
-    assert "ts" not in b.extra
-    # How2QA: 4 choices, key variants
-    rec = {"vid_name": "25848", "ts": "36.58-58.52", "q_id": 30351, "question": "What website?",
-           "a0": "A.", "a1": "B.", "a2": "C.", "a3": "D.", "answer_idx": 3}  # fmt: skip
-    f = _jsonl(tmp_path / "how2qa_val_release.jsonl", [rec])
-    (ex,) = read_task("how2qa", tmp_path, "val")
-    assert (
-        ex.uid == "30351"
-        and ex.choices == ["A.", "B.", "C.", "D."]
-        and ex.label == 3
-        and ex.targets == ["D."]
+    # subtitles, question, timestamps and the candidates, in the reference's order and format
+    assert a.text == (
+        "[Subs] Howard: Hi. Sheldon: Bazinga! [Q] Why is Howard upset? [TS] (20.16-25.12) "
+        "[Choices] a0: Answer 0. a1: Answer 1. a2: Answer 2. a3: Answer 3. a4: Answer 4."
     )
+    # the target is the candidate's label, as the reference generates it
+    assert a.choices == ["a0", "a1", "a2", "a3", "a4"] and a.label == 2 and a.targets == ["a2"]
+    assert a.extra["answers"] == [f"Answer {i}." for i in range(5)] and a.extra["ts"] == [20.16, 25.12]
+    assert a.extra["question"] == "Why is Howard upset?"
+    assert "ts" not in b.extra and "[TS] (NaN-NaN)" in b.text
+    # no subtitle file: one error saying what to do; subtitles=False reads without them
+    (ann / "tv_subtitles.jsonl").unlink()
+    with pytest.raises(DataError, match=r"tv_subtitles\.jsonl is neither next to .*subtitles: false"):
+        read_tvqa(ann / "tvqa", "val")
+    (ex, _) = read_task("tvqa", ann / "tvqa", "val", subtitles=False)
+    assert ex.text.startswith("[Q] Why is Howard upset? [TS]")
+    with pytest.raises(DataError, match=r"takes no option 'subtitle'.*subtitles"):
+        read_task("tvqa", ann / "tvqa", "val", subtitle=False)
+    # How2QA: 4 choices, key variants, an explicit subtitle file; answers' trailing periods as the reference
+    rec = {"vid_name": "25848", "ts": "36.58-58.52", "q_id": 30351, "question": " What website? ",
+           "a0": "A", "a1": "B.", "a2": "C. ", "a3": "D..", "answer_idx": 3}  # fmt: skip
+    f = _jsonl(tmp_path / "how2qa_val_release.jsonl", [rec])
+    subs = _subs(tmp_path / "my_subs.jsonl", {"25848": ["go to the site"]})
+    (ex,) = read_task("how2qa", tmp_path, "val", subtitles=subs)
+    assert ex.uid == "30351" and ex.label == 3 and ex.targets == ["a3"] and ex.choices == ["a0", "a1", "a2", "a3"]
+    assert ex.text == "[Subs] go to the site [Q] What website? [TS] (36.58-58.52) [Choices] a0: A. a1: B. a2: C. a3: D."
     # test files without answers
     _jsonl(f, [{k: v for k, v in rec.items() if k != "answer_idx"}])
-    (ex,) = read_how2qa(f)
+    (ex,) = read_how2qa(f, subtitles=subs)
     assert ex.label is None and ex.targets == []
+    _subs(subs, {"other": ["x"]})
+    with pytest.raises(DataError, match="video '25848' has no subtitles"):
+        read_how2qa(f, subtitles=subs)
 
 
 def test_value_qa_errors(tmp_path):
+    _subs(tmp_path / "tv_subtitles.jsonl", {"s03e02_seg02_clip_10": ["hi"]})
     f = _jsonl(tmp_path / "tvqa_train.jsonl", [_tvqa_record(1, n=4)])
     with pytest.raises(DataError, match=r"tvqa_train\.jsonl: line 1: tvqa needs 5 choices"):
         read_tvqa(f)
@@ -352,15 +438,20 @@ def test_tvc_and_yc2c(tmp_path):
     rec = {"vid_name": "grey_s03e12_seg02_clip_17", "duration": 94.03, "ts": [35.73, 40.9], "clip_id": 86602,
            "descs": [{"desc": "Meredith walks in. ", "desc_id": 1, "type": "v"}, {"desc": "She sits.", "desc_id": 2}]}  # fmt: skip
     _jsonl(tmp_path / "tvc_val_release.jsonl", [rec])
+    _subs(tmp_path / "tv_subtitles.jsonl", {"grey_s03e12_seg02_clip_17": ["Meredith: Hello.", "Derek: Hi."]})
     (ex,) = read_tvc(tmp_path, "val")
     assert ex.uid == "86602" and ex.task == "tvc" and ex.image_ids == ["grey_s03e12_seg02_clip_17"]
-    assert ex.text == "" and ex.targets == ["Meredith walks in.", "She sits."]
+    # the reference's TVC input: subtitles, then the clip's span as Python prints the list
+    assert ex.text == "[Subs] Meredith: Hello. Derek: Hi. [TS] ([35.73, 40.9])"
+    assert ex.targets == ["Meredith walks in.", "She sits."]
     assert ex.extra == {"ts": [35.73, 40.9], "duration": 94.03}
     yc = {"vid_name": "yc_abc", "ts": [1.0, 5.5], "descs": [{"desc": "Add salt."}]}
     f = _jsonl(tmp_path / "yc2c_test_release.jsonl", [yc, {"vid_name": "yc_def", "ts": [0, 2]}])
+    _subs(tmp_path / "yc2_subtitles.jsonl", {"yc_abc": ["now", "the salt"], "yc_def": []})
     a, b = read_task("yc2c", tmp_path, "test")
     assert a.task == "yc2c" and a.uid == "yc_abc_1-5.5" and a.targets == ["Add salt."]
+    assert a.text == "[Subs] now the salt" and b.text == "[Subs] "  # YC2C: the subtitles alone
     assert b.targets == []
     _jsonl(f, [{"vid_name": "v", "descs": [{"text": "wrong key"}]}])
     with pytest.raises(DataError, match=r'yc2c_test_release\.jsonl: line 1: descs\[0\] needs a "desc"'):
-        read_yc2c(f)
+        read_yc2c(f, subtitles=False)

@@ -13,6 +13,23 @@ Video captioning (TVC: tvc_{split}_release.jsonl; YC2C: yc2c_{split}_release.jso
      "duration": 94.03, "descs": [{"desc": "Meredith walks ...", "desc_id": 62633}, ...]}
 One example per clip with every description as a target. Test files without
 answers / descriptions give examples with empty targets.
+
+Inputs are built as the reference (VL_adapter ``src/video/*_data.py``) builds
+them, from the VALUE subtitle files ({"vid_name": ..., "sub": [{"start", "end",
+"text"}, ...]} per line: ``tv_subtitles.jsonl`` for TVQA / TVC,
+``how2_subtitles.jsonl`` for How2QA, ``yc2_subtitles.jsonl`` for YC2C):
+
+    TVQA / How2QA  "[Subs] <subtitle texts> [Q] <question> [TS] (<ts>) [Choices] a0: <a0>. a1: <a1>. ..."
+    TVC            "[Subs] <subtitle texts> [TS] (<ts>)"
+    YC2C           "[Subs] <subtitle texts>"
+
+(the task prompt, when used, goes after this text; the reference truncates the
+whole input to 600 tokens). The QA target is the candidate's label "a<k>"
+(the reference generates it and compares it with "a<answer_idx>"), so an
+example's `choices` are the labels "a0".."a<n-1>" and its `extra["answers"]`
+the candidate texts. The subtitle file is found next to the annotation file
+or in its parent folder (the reference's ``ann/`` layout) unless `subtitles`
+names it; `subtitles=False` reads without subtitles (no "[Subs]" part).
 """
 
 from __future__ import annotations
@@ -33,6 +50,8 @@ __all__ = [
     "read_value_qa",
     "read_value_caption",
     "parse_timestamps",
+    "read_subtitles",
+    "SUBTITLE_FILES",
 ]
 
 _QID_KEYS = ("qid", "q_id", "question_id")
@@ -73,6 +92,68 @@ def parse_timestamps(value: Any, where: str) -> list[float] | None:
     return span
 
 
+SUBTITLE_FILES = {
+    "tvqa": "tv_subtitles.jsonl",
+    "tvc": "tv_subtitles.jsonl",
+    "how2qa": "how2_subtitles.jsonl",
+    "yc2c": "yc2_subtitles.jsonl",
+}
+_SUBTITLE_CACHE: dict[tuple[str, int, int], dict[str, str]] = {}
+
+
+def read_subtitles(path: str | os.PathLike) -> dict[str, str]:
+    """video id -> its subtitle texts joined by spaces, as the reference joins them."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise DataError(f"subtitle file not found: {path}") from None
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key in _SUBTITLE_CACHE:
+        return _SUBTITLE_CACHE[key]
+    out: dict[str, str] = {}
+    for i, rec in enumerate(_records(path, "subtitle")):
+        where = f"{path}: line {i + 1}"
+        video = get_field(rec, _VIDEO_KEYS, where)
+        subs = get_field(rec, "sub", where)
+        if not isinstance(subs, list):
+            raise DataError(f'{where}: "sub" must be a list of {{"start", "end", "text"}}, got {subs!r}')
+        texts = []
+        for j, t in enumerate(subs):
+            text = t.get("text") if isinstance(t, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f'{where}: sub[{j}] needs a "text" string, got {t!r}')
+            texts.append(text.strip())
+        out[str(video)] = " ".join(texts)
+    _SUBTITLE_CACHE.clear()  # one file at a time: the TV subtitles are large
+    _SUBTITLE_CACHE[key] = out
+    return out
+
+
+def _subtitles_for(file: Path, task: str, subtitles: str | os.PathLike | bool | None) -> dict[str, str] | None:
+    if subtitles is False:
+        return None
+    if subtitles is None or subtitles is True:
+        name = SUBTITLE_FILES[task]
+        for folder in (file.parent, file.parent.parent):
+            if (folder / name).is_file():
+                return read_subtitles(folder / name)
+        raise DataError(
+            f"{task}: the reference's inputs hold the subtitles, but {name} is neither next to {file} nor in "
+            f"{file.parent.parent}; give its path (data source option `subtitles: PATH`), or "
+            "`subtitles: false` to read without subtitles"
+        )
+    return read_subtitles(subtitles)
+
+
+def _subs_part(subs: dict[str, str] | None, video: str, where: str) -> list[str]:
+    if subs is None:
+        return []
+    if video not in subs:
+        raise DataError(f"{where}: video {video!r} has no subtitles in the subtitle file")
+    return [f"[Subs] {subs[video]}"]
+
+
 def _records(file: Path, what: str) -> list:
     data, _ = load_json_records(file)
     if isinstance(data, dict):
@@ -83,10 +164,16 @@ def _records(file: Path, what: str) -> list:
 
 
 def read_value_qa(
-    path: str | os.PathLike, split: str | None = None, task: str = "tvqa", n_choices: int | None = None
+    path: str | os.PathLike,
+    split: str | None = None,
+    task: str = "tvqa",
+    n_choices: int | None = None,
+    subtitles: str | os.PathLike | bool | None = None,
 ) -> list[VLExample]:
-    """Read a VALUE multiple-choice video QA file (TVQA / How2QA format)."""
+    """Read a VALUE multiple-choice video QA file (TVQA / How2QA format); inputs
+    as the reference builds them (module docstring)."""
     file = resolve_split_file(path, split, _candidates(task), task)
+    subs = _subtitles_for(file, task, subtitles)
     out = []
     for i, rec in enumerate(_records(file, task)):
         where = f"{file}: line {i + 1}"
@@ -119,21 +206,26 @@ def read_value_qa(
             label = int(answer)
             if not 0 <= label < len(choices):
                 raise DataError(f"{where}: answer index {label} is out of range for {len(choices)} choices")
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"answers": choices, "question": question}
         ts = parse_timestamps(rec.get("ts"), where)
         if ts is not None:
             extra["ts"] = ts
         for key in ("show_name", "duration"):
             if key in rec:
                 extra[key] = rec[key]
+        parts = _subs_part(subs, str(video), where) + [f"[Q] {question.strip()}"]
+        if "ts" in rec:
+            parts.append(f"[TS] ({rec['ts']})")
+        parts.append("[Choices] " + " ".join(f"a{k}: {c.strip('. ')}." for k, c in enumerate(choices)))
+        labels = [f"a{k}" for k in range(len(choices))]
         out.append(
             VLExample(
                 uid=str(qid),
                 task=task,
                 image_ids=[str(video)],
-                text=question,
-                targets=[] if label is None else [choices[label]],
-                choices=choices,
+                text=" ".join(parts),
+                targets=[] if label is None else [labels[label]],
+                choices=labels,
                 label=label,
                 extra=extra,
             )
@@ -142,10 +234,15 @@ def read_value_qa(
 
 
 def read_value_caption(
-    path: str | os.PathLike, split: str | None = None, task: str = "tvc"
+    path: str | os.PathLike,
+    split: str | None = None,
+    task: str = "tvc",
+    subtitles: str | os.PathLike | bool | None = None,
 ) -> list[VLExample]:
-    """Read a VALUE video captioning file (TVC / YC2C format): one example per clip."""
+    """Read a VALUE video captioning file (TVC / YC2C format): one example per
+    clip; inputs as the reference builds them (module docstring)."""
     file = resolve_split_file(path, split, _candidates(task), task)
+    subs = _subtitles_for(file, task, subtitles)
     out = []
     for i, rec in enumerate(_records(file, task)):
         where = f"{file}: line {i + 1}"
@@ -169,29 +266,33 @@ def read_value_caption(
             extra["ts"] = ts
         if "duration" in rec:
             extra["duration"] = rec["duration"]
+        parts = _subs_part(subs, str(video), where)
+        if task != "yc2c" and "ts" in rec:  # the reference's YC2C input is the subtitles alone
+            parts.append(f"[TS] ({rec['ts']})")
         out.append(
             VLExample(
-                uid=str(clip_id), task=task, image_ids=[str(video)], text="", targets=targets, extra=extra
+                uid=str(clip_id), task=task, image_ids=[str(video)], text=" ".join(parts), targets=targets,
+                extra=extra,
             )
         )
     return out
 
 
-def read_tvqa(path: str | os.PathLike, split: str | None = None) -> list[VLExample]:
+def read_tvqa(path: str | os.PathLike, split: str | None = None, subtitles=None) -> list[VLExample]:
     """TVQA (5 choices)."""
-    return read_value_qa(path, split, task="tvqa", n_choices=5)
+    return read_value_qa(path, split, task="tvqa", n_choices=5, subtitles=subtitles)
 
 
-def read_how2qa(path: str | os.PathLike, split: str | None = None) -> list[VLExample]:
+def read_how2qa(path: str | os.PathLike, split: str | None = None, subtitles=None) -> list[VLExample]:
     """How2QA (4 choices)."""
-    return read_value_qa(path, split, task="how2qa", n_choices=4)
+    return read_value_qa(path, split, task="how2qa", n_choices=4, subtitles=subtitles)
 
 
-def read_tvc(path: str | os.PathLike, split: str | None = None) -> list[VLExample]:
+def read_tvc(path: str | os.PathLike, split: str | None = None, subtitles=None) -> list[VLExample]:
     """TVC captioning."""
-    return read_value_caption(path, split, task="tvc")
+    return read_value_caption(path, split, task="tvc", subtitles=subtitles)
 
 
-def read_yc2c(path: str | os.PathLike, split: str | None = None) -> list[VLExample]:
+def read_yc2c(path: str | os.PathLike, split: str | None = None, subtitles=None) -> list[VLExample]:
     """YouCook2 captioning (VALUE YC2C)."""
-    return read_value_caption(path, split, task="yc2c")
+    return read_value_caption(path, split, task="yc2c", subtitles=subtitles)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from adapterkit.errors import DataError
 from adapterkit.vl.datasets.base import VLExample, get_field, load_json, require_list, resolve_split_file
 from adapterkit.vl.metrics.vqa import soft_scores
 
-__all__ = ["read_vqa", "coco_image_key"]
+__all__ = ["read_vqa", "coco_image_key", "join_official_answers"]
 
 _CANDIDATES = (
     "{split}.json",
@@ -53,7 +54,10 @@ def coco_image_key(subtype: str, image_id: int | str) -> str:
 
 
 def read_vqa(
-    path: str | os.PathLike, split: str | None = None, *, annotations: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    split: str | None = None,
+    *,
+    annotations: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> list[VLExample]:
     """Read VQAv2 examples from a file, or from a directory plus a split name
     ("karpathy_train" / "train" for the VL-T5 files, "val2014" for the official ones).
@@ -61,11 +65,25 @@ def read_vqa(
     For the official layout the annotation file is found next to the questions
     file by its standard name unless `annotations` is given; test questions
     (no annotations) give examples with empty targets.
+
+    VL-T5's Karpathy files carry only soft labels ("label"), not the 10 human
+    answers the official accuracy needs. `annotations` (official
+    v2_mscoco_<subtype>_annotations.json files, or folders holding them) joins
+    those answers in by question id, so the official 10-answer accuracy is
+    used; without it, the v2_mscoco_*_annotations.json files in the Karpathy
+    file's own folder are joined when there are any. The soft labels stay the
+    training targets, as in the reference. Records that no annotation covers
+    keep soft labels only, and scoring them says so (`vqa_example_scores`).
     """
     file = resolve_split_file(path, split, _CANDIDATES, "VQA")
     data = load_json(file)
     if isinstance(data, list):
-        return _read_vlt5(file, data)
+        examples = _read_vlt5(file, data)
+        if any(not ex.extra["raw_answers"] for ex in examples):
+            files = _annotation_files(file, annotations)
+            if files:
+                join_official_answers(examples, files)
+        return examples
     if isinstance(data, dict) and "questions" in data:
         return _read_official(file, data, Path(annotations) if annotations is not None else None)
     if isinstance(data, dict) and "annotations" in data:
@@ -80,6 +98,62 @@ def read_vqa(
         f"{file}: not a VQA file (expected a VL-T5 list of records or an official "
         f'dict with "questions" / "annotations")'
     )
+
+
+def _annotation_files(
+    karpathy_file: Path, annotations: str | os.PathLike | Sequence[str | os.PathLike] | None
+) -> list[Path]:
+    if annotations is None:  # the official files next to the Karpathy file, if any
+        return sorted(karpathy_file.parent.glob("v2_mscoco_*_annotations.json"))
+    items = [annotations] if isinstance(annotations, (str, os.PathLike)) else list(annotations)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(p.glob("v2_mscoco_*_annotations.json"))
+            if not found:
+                raise DataError(f"VQA annotations: no v2_mscoco_*_annotations.json in {p}")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"VQA annotations not found: {p}")
+    return files
+
+
+def join_official_answers(examples: list[VLExample], annotation_files: Sequence[str | os.PathLike]) -> int:
+    """Give VQA examples without raw answers the 10 human answers of the official
+    annotation files (matched by question id; the image must agree). Returns how
+    many examples were joined; the others are left as they were."""
+    want = {ex.uid: ex for ex in examples if not ex.extra.get("raw_answers", False)}
+    joined = 0
+    for afile in annotation_files:
+        afile = Path(afile)
+        adata = load_json(afile)
+        if not isinstance(adata, dict) or "annotations" not in adata:
+            raise DataError(f'{afile}: not a VQA annotation file (no "annotations" list)')
+        for i, ann in enumerate(require_list(adata["annotations"], str(afile), "annotations")):
+            where = f"{afile}: annotation {i}"
+            ex = want.pop(str(get_field(ann, "question_id", where)), None)
+            if ex is None:
+                continue
+            image_id = get_field(ann, "image_id", where)
+            m = re.search(r"(\d+)$", ex.image_ids[0])
+            if m is None or int(m.group(1)) != int(image_id):
+                raise DataError(
+                    f"{where}: question {ex.uid} is about image {image_id}, but the VQA record says "
+                    f"{ex.image_ids[0]!r}; are these the VQAv2 annotations of the same release?"
+                )
+            ex.targets = _raw_answers(get_field(ann, "answers", where), where)
+            ex.extra["raw_answers"] = True
+            ex.extra["answers_from"] = afile.name
+            for key in ("answer_type", "question_type"):
+                if key in ann:
+                    ex.extra.setdefault(key, ann[key])
+            joined += 1
+        if not want:
+            break
+    return joined
 
 
 def _partner(file: Path, pattern: re.Pattern, template: str) -> Path | None:

@@ -11,12 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from adapterkit.errors import DataError, did_you_mean
 from adapterkit.vl.metrics.accuracy import accuracy, choice_accuracy, exact_match, normalize_text
 from adapterkit.vl.metrics.captions import bleu, caption_scores, cider_d, ptb_tokenize
-from adapterkit.vl.metrics.vqa import normalize_answer, vqa_accuracy, vqa_score, vqa_scores
+from adapterkit.vl.metrics.vqa import (
+    normalize_answer,
+    vqa_accuracy,
+    vqa_example_scores,
+    vqa_score,
+    vqa_scores,
+)
 
 if TYPE_CHECKING:
     from adapterkit.vl.datasets.base import VLExample
@@ -65,20 +69,11 @@ def vqa_metric(preds: Mapping[str, str], examples: Mapping[str, VLExample]) -> d
     """VQA accuracy (official normalisation, leave-one-out min(#matches/3, 1)), percent.
 
     Examples whose targets are not the raw human answers (VL-T5 files without
-    "answers") are scored by their soft score of the normalised prediction.
+    "answers") are scored by their soft score of the normalised prediction, with
+    one warning (`vqa_example_scores`).
     """
     uids = _aligned(preds, examples, "vqa")
-    raw = [u for u in uids if examples[u].extra.get("raw_answers", True)]
-    soft = [u for u in uids if not examples[u].extra.get("raw_answers", True)]
-    scores = np.zeros(len(uids))
-    if raw:
-        scores[: len(raw)] = vqa_scores([preds[u] for u in raw], [examples[u].targets for u in raw])
-    for j, u in enumerate(soft):
-        table = examples[u].target_scores or {}
-        p = normalize_answer(preds[u])
-        scores[len(raw) + j] = max(
-            (s for a, s in table.items() if a == p or normalize_answer(a) == p), default=0.0
-        )
+    scores = vqa_example_scores(preds, {u: examples[u] for u in uids})
     return {"accuracy": float(scores.mean() * 100.0)}
 
 

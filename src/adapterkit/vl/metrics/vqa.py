@@ -12,7 +12,9 @@ min(#matches / 3, 1).
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +28,8 @@ __all__ = [
     "vqa_scores",
     "vqa_accuracy",
     "soft_scores",
+    "vqa_example_scores",
+    "SoftLabelScoreWarning",
 ]
 
 # Number words the official evaluation maps to digits ("none" counts as 0).
@@ -195,3 +199,46 @@ def soft_scores(answers: Sequence[str]) -> dict[str, float]:
             candidates.append(key)
     scores = vqa_scores(candidates, [answers] * len(candidates), official=False)
     return {c: float(s) for c, s in zip(candidates, scores) if s > 0}
+
+
+class SoftLabelScoreWarning(UserWarning):
+    """Some VQA questions were scored against soft labels, not the 10 human answers."""
+
+
+_warned_soft = False
+
+
+def vqa_example_scores(preds: Mapping[str, str], examples: Mapping[str, Any]) -> np.ndarray:
+    """Per-question VQA accuracies in [0, 1] of `preds` {uid: answer} for
+    `examples` {uid: VLExample}, in the order of `examples`.
+
+    Examples with the raw human answers (``extra["raw_answers"]``, the default)
+    get the official leave-one-out accuracy. Examples with soft labels only
+    (VL-T5's Karpathy files read without the official annotations) are scored
+    by the soft score of the normalised prediction, which is close to but not
+    the official number; the first time that happens in a process, one
+    `SoftLabelScoreWarning` says how many questions it concerns and how to get
+    the official accuracy.
+    """
+    global _warned_soft
+    uids = list(examples)
+    scores = np.zeros(len(uids))
+    raw = [i for i, u in enumerate(uids) if examples[u].extra.get("raw_answers", True)]
+    soft = [i for i, u in enumerate(uids) if not examples[u].extra.get("raw_answers", True)]
+    if raw:
+        scores[raw] = vqa_scores([preds[uids[i]] for i in raw], [examples[uids[i]].targets for i in raw])
+    for i in soft:
+        table = examples[uids[i]].target_scores or {}
+        p = normalize_answer(preds[uids[i]])
+        scores[i] = max((s for a, s in table.items() if a == p or normalize_answer(a) == p), default=0.0)
+    if soft and not _warned_soft:
+        _warned_soft = True
+        warnings.warn(
+            f"VQA: {len(soft)} of {len(uids)} questions have soft labels but not the 10 human answers, so "
+            "their accuracy is the soft score of the prediction, not the official VQA accuracy. Join the "
+            "official answers: put v2_mscoco_train2014_annotations.json and v2_mscoco_val2014_annotations.json "
+            "next to the Karpathy files, or give `annotations:` in the task's data source.",
+            SoftLabelScoreWarning,
+            stacklevel=2,
+        )
+    return scores
