@@ -85,6 +85,11 @@ def test_duplicate_ids_and_wrong_shapes_are_named(tmp_path):
     _vlt5_file(tmp_path / "b.h5", ["2", "3"])
     with pytest.raises(DataError, match="'2' is in both"):
         import_features([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "s1", progress=False)
+    store = import_features([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "s0", progress=False,
+                            duplicates="first")
+    assert store.ids == ["1", "2", "3"]
+    with h5py.File(tmp_path / "a.h5") as f:
+        np.testing.assert_array_equal(store.get("2")[0], f["2/features"][()])
     _vlt5_file(tmp_path / "c.h5", ["9"], k=10)
     with pytest.raises(DataError, match="10 feature tokens, the store has 36"):
         import_features([tmp_path / "a.h5", tmp_path / "c.h5"], tmp_path / "s2", progress=False)

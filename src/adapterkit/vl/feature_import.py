@@ -197,12 +197,17 @@ def import_features(
     dtype: str = "auto",
     chunk: int = 256,
     progress: bool = True,
+    duplicates: str = "error",
 ) -> FeatureStore:
     """Import the features of `sources` (see the module docstring) into a store at `out_dir`.
 
     `dtype` "auto" keeps the first array's dtype when it is float16 / float32
     (else float32). `frames` resamples every item's token axis to that length.
+    An id found in two sources is an error, or, with ``duplicates="first"``,
+    taken from the first source that has it.
     """
+    if duplicates not in ("error", "first"):
+        raise ConfigError(f'duplicates must be "error" or "first", got {duplicates!r}')
     if not sources:
         raise ConfigError("import_features needs at least one source")
     if frames is not None and frames < 1:
@@ -213,11 +218,19 @@ def import_features(
     ids: list[str] = []
     origin: dict[str, Path] = {}
     for src in opened:
+        kept = []
         for image_id in src.ids:
             if image_id in origin:
-                raise DataError(f"image id {image_id!r} is in both {origin[image_id]} and {src.path}")
+                if duplicates == "first":
+                    continue
+                raise DataError(
+                    f"image id {image_id!r} is in both {origin[image_id]} and {src.path} "
+                    "(--duplicates first keeps the first source's)"
+                )
             origin[image_id] = src.path
             ids.append(image_id)
+            kept.append(image_id)
+        src.ids = kept
     _, first_feats, first_boxes = next(_iter_rows(opened, 0))
     k = frames if frames is not None else first_feats.shape[0]
     dim = first_feats.shape[1]
@@ -290,6 +303,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--frames", type=int, default=None, help="resample every item to N tokens (video: 64, as the reference)"
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "float32"])
+    p.add_argument(
+        "--duplicates",
+        default="error",
+        choices=["error", "first"],
+        help="an id in two sources: stop (default) or keep the first source's",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -298,7 +317,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``adapterkit import-features``; returns the exit status."""
     start = time.perf_counter()
     store = import_features(
-        args.h5, args.out, frames=args.frames, dtype=args.dtype, progress=not args.no_progress
+        args.h5, args.out, frames=args.frames, dtype=args.dtype, progress=not args.no_progress,
+        duplicates=args.duplicates,
     )
     print(
         f"feature store {store.path}: {len(store)} items x {store.num_boxes} tokens x {store.dim} dims "
