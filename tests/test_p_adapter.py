@@ -1,71 +1,154 @@
-"""p-Adapter: p-Laplacian renormalisation on the bipartite query/value graph."""
+"""p-Adapter against the reference code (wuhy68/p-Adapter, eff_blip/eff_modeling_blip.py)."""
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import adapterkit
 from adapterkit.errors import ConfigError
-from adapterkit.methods.p_adapter import _pool_tokens, p_laplacian_query_update
+from adapterkit.methods.p_adapter import PAdapterConfig, PAdapterLayer, _pool_tokens
 from adapterkit.testing.tiny import tiny_inputs, tiny_model
 
 
-def _dense_reference(A, Fq, Fv, p, mu, eps):
-    """Direct loop over the full (Nq+Nk)-node graph: Â = [[0, A], [Aᵀ, 0]], F = [Fq; Fv]."""
-    B, H, nq, nk = A.shape
-    n = nq + nk
-    out = torch.zeros(B, H, n, Fq.shape[-1], dtype=torch.float64)
-    alpha_all = torch.zeros(B, H, n, dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            Ahat = torch.zeros(n, n, dtype=torch.float64)
-            Ahat[:nq, nq:] = A[b, h]
-            Ahat[nq:, :nq] = A[b, h].T
-            Fn = torch.cat([Fq[b, h], Fv[b, h]]).double()
-            At = torch.zeros(n, n, dtype=torch.float64)
-            for i in range(n):
-                for j in range(n):
-                    diff = (Ahat[i, j] + eps).sqrt() * (Fn[i] - Fn[j])
-                    norm = (diff.pow(2).sum() + eps).sqrt()
-                    At[i, j] = Ahat[i, j] * norm ** (p - 2)
-            for i in range(n):
-                alpha = 1.0 / (At[i].sum() + 2 * mu / p)
-                beta = alpha * 2 * mu / p
-                out[b, h, i] = alpha * (At[i] @ Fn) + beta * Fn[i]
-                alpha_all[b, h, i] = alpha
-    return out, alpha_all
+def _heads(x, h):
+    b, n, d = x.shape
+    return x.view(b, n, h, d // h).permute(0, 2, 1, 3)
 
 
-@pytest.mark.parametrize("nq,nk", [(3, 5), (4, 4)])
-def test_renormalisation_matches_dense_loop(nq, nk):
-    g = torch.Generator().manual_seed(0)
-    A = torch.softmax(torch.randn(2, 2, nq, nk, generator=g, dtype=torch.float64), -1)
-    Fq = torch.randn(2, 2, nq, 3, generator=g, dtype=torch.float64)
-    Fv = torch.randn(2, 2, nk, 3, generator=g, dtype=torch.float64)
-    p, mu, eps = 1.25, 0.2, 1e-6
-    ref, ref_alpha = _dense_reference(A, Fq, Fv, p, mu, eps)
-    out, alpha, beta = p_laplacian_query_update(A, Fq, Fv, torch.tensor(p, dtype=torch.float64),
-                                                torch.tensor(mu, dtype=torch.float64), eps)
-    torch.testing.assert_close(out, ref[:, :, :nq])
-    torch.testing.assert_close(alpha, ref_alpha[:, :, :nq])
-    # the self term is present for every query, also when Nq != Nk (cross-attention)
-    assert (beta > 0).all()
-    torch.testing.assert_close(beta, alpha * 2 * mu / p)
+def _reference(layer, mixed_q, mixed_k, mixed_v, mask_add, cross, sample_len, p, mu0, mu_param):
+    """The reference's BertSelfAttention (adapter part) + BertSelfOutput graph code, transcribed
+    line by line (dense (n, n, f) tensors; no KV cache, as in its training forward)."""
+    h = layer.heads
+    dense, w_i = layer.dense[0], layer.w_i
+    q_length = mixed_q.shape[1]
+    q, k = _heads(mixed_q, h), _heads(mixed_k, h)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask_add
+    attention_probs = torch.softmax(scores, -1)
+    if cross:
+        k_length = sample_len
+        mixed_value_layer = F.adaptive_avg_pool2d(mixed_v, (sample_len, None))
+        attention_probs = F.adaptive_avg_pool2d(attention_probs, (None, sample_len))
+        mixed_value_layer = torch.cat([mixed_q, mixed_value_layer], -2)
+        zq = torch.zeros(attention_probs.shape[:2] + (q_length, q_length), dtype=mixed_q.dtype)
+        zk = torch.zeros(attention_probs.shape[:2] + (k_length, k_length), dtype=mixed_q.dtype)
+        attention_probs = torch.cat([torch.cat([zq, attention_probs], -1),
+                                     torch.cat([attention_probs.transpose(-1, -2), zk], -1)], -2)
+    else:
+        mixed_value_layer = mixed_v
+    # BertSelfOutput
+    e = 1e-8
+    mu = 2 * mu0 + mu0 * torch.tanh(mu_param)
+    bs, n, _ = mixed_value_layer.shape
+    node = F.linear(F.linear(mixed_value_layer, dense.weight, dense.bias), w_i.weight[0], w_i.bias[0])
+    Fn = node.view(bs, n, h, -1).permute(0, 2, 1, 3)
+    A = attention_probs
+    X = Fn.repeat(1, 1, n, 1).view(bs, h, n, n, -1)
+    Y = X.transpose(2, 3)
+    graph_grad = torch.pow(A + e, 0.5).unsqueeze(-1) * (X - Y)
+    graph_grad = torch.pow(torch.norm(graph_grad + e, dim=-1), p - 2)
+    A = A * graph_grad
+    alpha = 1 / (torch.sum(A, dim=-1) + 2 * mu / p)
+    alpha = torch.diag_embed(alpha)
+    beta = alpha * (2 * mu / p)
+    A = torch.matmul(alpha, A)
+    if n != q_length:
+        A = A[:, :, :q_length, q_length:]
+        beta = beta[:, :, :q_length, q_length:]
+        out = A @ Fn[:, :, q_length:] + beta @ Fn[:, :, q_length:]
+    else:
+        out = A @ Fn + beta @ Fn
+    return out.permute(0, 2, 1, 3).reshape(bs, q_length, -1)
 
 
-def test_self_term_nonzero_in_cross_attention():
-    """With Nq != Nk, F'_q - diag(α)ÃF = diag(β)F_q is non-zero (the reference code zeroes it)."""
+def _layer(cross, seed=0, **cfg):
+    torch.manual_seed(seed)
+    dense = nn.Linear(32, 32).double()
+    layer = PAdapterLayer(dense, 2, cross, PAdapterConfig(**cfg)).double()
+    with torch.no_grad():
+        layer.p.fill_(1.4)
+        layer.m.fill_(0.3)
+    return layer
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_graph_matches_reference_code(cross):
+    """Default config, BLIP-like shapes: self-attention is the values graph with its self term,
+    cross-attention the [q; pooled v] graph (16 pooled tokens) whose self term is zero."""
+    layer = _layer(cross)
     g = torch.Generator().manual_seed(1)
-    A = torch.softmax(torch.randn(1, 2, 2, 6, generator=g), -1)
-    Fq, Fv = torch.randn(1, 2, 2, 4, generator=g), torch.randn(1, 2, 6, 4, generator=g)
-    p, mu, eps = 1.25, 0.2, 1e-6
-    out, alpha, beta = p_laplacian_query_update(A, Fq, Fv, torch.tensor(p), torch.tensor(mu), eps)
-    G = ((A + eps) * torch.cdist(Fq, Fv).pow(2) + eps).pow((p - 2) / 2)
-    At = A * G
-    alpha_ref = 1 / (At.sum(-1) + 2 * mu / p)
-    neighbour = alpha_ref.unsqueeze(-1) * (At @ Fv)   # all the reference code keeps when Nq != Nk
-    torch.testing.assert_close(out - neighbour, beta.unsqueeze(-1) * Fq, atol=1e-5, rtol=1e-4)
-    assert (out - neighbour).abs().max() > 1e-3
+    b, nq = 2, 5
+    nk = 40 if cross else nq
+    mixed_q = torch.randn(b, nq, 32, generator=g, dtype=torch.float64)
+    mixed_k = torch.randn(b, nk, 32, generator=g, dtype=torch.float64)
+    mixed_v = torch.randn(b, nk, 32, generator=g, dtype=torch.float64)
+    if not cross:
+        mixed_v[:, 3] = mixed_v[:, 1]  # two tokens with the same value: a zero distance in the graph
+    if cross:
+        mask_add = torch.zeros(b, 1, 1, nk, dtype=torch.float64)
+        mask = None
+    else:
+        causal = torch.ones(nq, nq).tril().bool()
+        mask_add = torch.zeros(1, 1, nq, nq, dtype=torch.float64).masked_fill(~causal, -10000.0)
+        mask = causal.view(1, 1, nq, nq)
+    ref = _reference(layer, mixed_q, mixed_k, mixed_v, mask_add, cross, 16, layer.p[0], 0.1, layer.m[0])
+    got = layer.graph_features(_heads(mixed_q, 2), _heads(mixed_k, 2), _heads(mixed_v, 2), mask,
+                               {"scaling": 16 ** -0.5}, None)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-8)
+    # gradients too (p, m, W_i), the reference's dense form against the closed form
+    gp = torch.autograd.grad(got.pow(2).sum(), [layer.p, layer.m, layer.w_i.weight])
+    gr = torch.autograd.grad(ref.pow(2).sum(), [layer.p, layer.m, layer.w_i.weight])
+    for a, r in zip(gp, gr):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-8)
+
+
+def test_bipartite_self_attention_drops_the_self_term():
+    """self_attn_graph=bipartite: nodes [q; v] as the reference's cached-decoder branch, F'_q = diag(α)Ã_qv F_v."""
+    layer = _layer(False, self_attn_graph="bipartite")
+    g = torch.Generator().manual_seed(2)
+    mixed_q, mixed_k, mixed_v = (torch.randn(2, 4, 32, generator=g, dtype=torch.float64) for _ in range(3))
+    mask_add = torch.zeros(2, 1, 1, 4, dtype=torch.float64)
+    # the reference's bipartite graph is its cross-attention branch without pooling (pool 4 -> 4 is the identity)
+    ref = _reference(layer, mixed_q, mixed_k, mixed_v, mask_add, True, 4, layer.p[0], 0.1, layer.m[0])
+    got = layer.graph_features(_heads(mixed_q, 2), _heads(mixed_k, 2), _heads(mixed_v, 2), None,
+                               {"scaling": 16 ** -0.5}, None)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_reference_initialisation():
+    layer = PAdapterLayer(nn.Linear(256, 256), 2, False, PAdapterConfig())
+    for lin in (layer.w_i, layer.w_g, layer.w_o):  # N(0, 0.02) weights, zero biases (BertLMHeadModel.init_weights)
+        assert abs(float(lin.weight.detach().std()) - 0.02) < 0.002 and float(lin.weight.detach().mean().abs()) < 0.002
+        assert not lin.bias.any()
+    assert PAdapterConfig().image_sample_len == 16 and PAdapterConfig().eps == 1e-8
+    lin_init = PAdapterLayer(nn.Linear(256, 256), 2, False, PAdapterConfig(init="linear"))
+    bound = 1 / math.sqrt(256)
+    assert float(lin_init.w_i.weight.abs().max()) <= bound and float(lin_init.w_i.bias.abs().max()) > bound / 2
+    zero = PAdapterLayer(nn.Linear(256, 256), 2, False, PAdapterConfig(zero_init_out=True))
+    assert not zero.w_o.weight.any()
+
+
+def test_cross_attention_pooling_averages_attention_and_ignores_padding():
+    layer = _layer(True, image_sample_len=3)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 4, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 2, 7, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, 7, 16, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[:, :, :, 5:] = False
+    v2 = v.clone()
+    v2[:, :, 5:] = 1e3  # padded keys: masked out of the attention, left out of the pooled values
+    k2 = k.clone()
+    k2[:, :, 5:] = -3.0
+    a = layer.graph_features(q, k, v, mask, {}, None)
+    b = layer.graph_features(q, k2, v2, mask, {}, None)
+    torch.testing.assert_close(a, b)
+    t = torch.randn(2, 7, 4, generator=g)
+    ref = F.adaptive_avg_pool1d(t.transpose(1, 2), 3).transpose(1, 2)
+    torch.testing.assert_close(_pool_tokens(t, None, 3), ref)
+    torch.testing.assert_close(_pool_tokens(t, torch.ones(2, 7, dtype=torch.bool), 3), ref)
 
 
 def _run(family, cfg, impl="sdpa", seed=0):
@@ -81,7 +164,7 @@ def test_forward_backward_on_decoders(family):
     x = tiny_inputs(family)
     with torch.no_grad():
         y0 = tiny_model(family)(**x).logits
-    m = _run(family, {"method": "p_adapter", "zero_init_out": False})
+    m = _run(family, {"method": "p_adapter"})
     s = m.adapterkit.sets["p_adapter"]
     n_attn = 4 if family == "bart" else 2  # bart: decoder self + cross; llama: causal self-attention
     assert len(s.paths) == n_attn and all("encoder." not in p for p in s.paths)
@@ -100,41 +183,27 @@ def test_zero_init_out_is_identity_and_backends_agree(family):
     x["attention_mask"][1, -2:] = 0
     with torch.no_grad():
         y0 = tiny_model(family)(**x).logits
-        y = _run(family, {"method": "p_adapter"})(**x).logits
+        y = _run(family, {"method": "p_adapter", "zero_init_out": True})(**x).logits
         torch.testing.assert_close(y, y0, atol=1e-6, rtol=0)
-        cfg = {"method": "p_adapter", "zero_init_out": False}
+        cfg = {"method": "p_adapter"}
         ye, ys = _run(family, cfg, "eager")(**x).logits, _run(family, cfg, "sdpa")(**x).logits
     torch.testing.assert_close(ye, ys, atol=1e-5, rtol=1e-4)
 
 
-def test_cross_attention_pooling_and_only_cross():
-    x = tiny_inputs("bart")
-    m = _run("bart", {"method": "p_adapter", "positions": ["cross_attn"], "image_sample_len": 3,
-                      "zero_init_out": False})
-    s = m.adapterkit.sets["p_adapter"]
-    assert all("encoder_attn" in p for p in s.paths)
-    assert all(layer.sample_len == 3 for layer in s.layers.values())
+def test_values_graph_is_the_same_with_a_kv_cache():
+    """With a cache the query rows' own value nodes are the last keys: incremental decoding
+    gives the full forward's outputs."""
+    m = _run("llama", {"method": "p_adapter"}).eval()
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        y = m(**x).logits
-    assert torch.isfinite(y).all()
-    # padding-aware pooling: with all tokens valid it is the plain adaptive average pool
-    t = torch.randn(2, 2, 7, 4)
-    pooled, valid = _pool_tokens(t, torch.ones(2, 7, dtype=torch.bool), 3)
-    ref = F.adaptive_avg_pool1d(t.permute(0, 1, 3, 2).reshape(2, 8, 7), 3).view(2, 2, 4, 3).permute(0, 1, 3, 2)
-    torch.testing.assert_close(pooled, ref)
-    assert valid.all()
-    # padded tokens do not leak into the pooled values
-    mask = torch.ones(2, 7, dtype=torch.bool)
-    mask[:, 5:] = False
-    t2 = t.clone()
-    t2[:, :, 5:] = 1e6
-    p1, _ = _pool_tokens(t, mask, 3)
-    p2, _ = _pool_tokens(t2, mask, 3)
-    torch.testing.assert_close(p1, p2)
+        full = m(input_ids=ids).logits
+        out = m(input_ids=ids[:, :4], use_cache=True)
+        step = m(input_ids=ids[:, 4:], past_key_values=out.past_key_values).logits
+    torch.testing.assert_close(step, full[:, 4:], atol=1e-5, rtol=1e-4)
 
 
 def test_per_task_mixed_batch():
-    cfg = {"method": "p_adapter", "tasks": ["a", "b"], "sharing": "per_task", "zero_init_out": False}
+    cfg = {"method": "p_adapter", "tasks": ["a", "b"], "sharing": "per_task"}
     m = _run("llama", cfg)
     s = m.adapterkit.sets["p_adapter"]
     with torch.no_grad():
@@ -159,3 +228,5 @@ def test_config_errors():
         adapterkit.add_adapters(tiny_model("bart"), {"method": "p_adapter", "positions": ["ffn"]})
     with pytest.raises(ConfigError, match="not divisible by 2 heads"):
         adapterkit.add_adapters(tiny_model("bart"), {"method": "p_adapter", "reduction_factor": 32})
+    with pytest.raises(ConfigError):
+        adapterkit.add_adapters(tiny_model("bart"), {"method": "p_adapter", "self_attn_graph": "dense"})
