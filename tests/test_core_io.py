@@ -59,6 +59,7 @@ def test_load_missing_key_is_one_clear_error(tmp_path):
     save_file(t, d / "adapter_model.safetensors")
     cfg = json.loads((d / "adapter_config.json").read_text())
     cfg.pop("weights_sha256")
+    cfg.pop("config_sha256")  # as an older file without checksums: the key checks still hold
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(adapterkit.CheckpointError, match="missing key"):
         adapterkit.load_adapters(tiny_model("bert"), d)
@@ -73,6 +74,7 @@ def test_load_wrong_shape_names_the_key(tmp_path):
     save_file(t, d / "adapter_model.safetensors")
     cfg = json.loads((d / "adapter_config.json").read_text())
     cfg.pop("weights_sha256")
+    cfg.pop("config_sha256")  # as an older file without checksums: the key checks still hold
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(adapterkit.CheckpointError, match="shape mismatch for .*" + k.split(".")[-1]):
         adapterkit.load_adapters(tiny_model("bert"), d)

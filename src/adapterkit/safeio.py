@@ -5,6 +5,18 @@ directory as the target, fsyncs it, and renames it into place, so a crash or a
 full disk never leaves a half-written file under the final name. Loaders never
 unpickle arbitrary objects: safetensors files are parsed and checked, and legacy
 ``.bin``/``.pt``/``.pth`` files are read only with ``torch.load(weights_only=True)``.
+
+Every safetensors file written here records a SHA-256 of its tensors (names, dtypes,
+shapes and data bytes) in its ``__metadata__``; every read verifies it, so a bit flip,
+a truncation or a file rewritten with a subset of the keys is refused with one
+:class:`CheckpointError`. Files written by other tools (no checksum) still load.
+The header is validated (types, offsets, sizes against the file) before anything is
+allocated from it.
+
+Every JSON/YAML document the library reads goes through :func:`loads_json` /
+:func:`loads_yaml`: nesting deeper than :data:`MAX_DEPTH`, more than a node budget
+(YAML aliases that expand exponentially) and duplicate keys give one error of the
+caller's class naming the file, never a ``RecursionError`` or a hang.
 """
 
 from __future__ import annotations
@@ -13,11 +25,12 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
+import math
 import os
 import pickle
 import shutil
 import struct
-import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
@@ -26,7 +39,7 @@ from typing import Any
 
 import torch
 
-from adapterkit.errors import CheckpointError
+from adapterkit.errors import AdapterKitError, CheckpointError, ConfigError
 
 __all__ = [
     "atomic_dir",
@@ -34,21 +47,39 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "describe_os_error",
+    "estimate_checkpoint_bytes",
+    "check_nesting",
+    "loads_json",
+    "loads_yaml",
+    "read_json_file",
     "load_legacy_weights",
     "load_safetensors_checked",
     "load_weights",
+    "read_safetensors_index",
     "read_safetensors_metadata",
     "recover_dir",
     "remove_stale_temps",
     "save_safetensors_atomic",
     "sha256_file",
+    "tensors_sha256",
     "write_probe",
 ]
+
+logger = logging.getLogger(__name__)
 
 LEGACY_SUFFIXES = (".bin", ".pt", ".pth")
 _TMP_TAG = ".tmp-"
 _OLD_TAG = ".old-"
 _ENOSPC_CODES = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+#: deepest nesting accepted in any JSON/YAML document the library reads
+MAX_DEPTH = 64
+#: the most values a YAML/JSON config may expand to (aliases counted each time they are used)
+MAX_CONFIG_NODES = 100_000
+#: largest safetensors header accepted (bytes)
+MAX_HEADER_BYTES = 100_000_000
+#: metadata key holding the checksum of a safetensors file written by :func:`save_safetensors_atomic`
+CHECKSUM_KEY = "adapterkit.tensors_sha256"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -110,6 +141,168 @@ def _unlink_quiet(path: Path) -> None:
         os.unlink(path)
 
 
+def _create_temp(parent: Path, name: str) -> tuple[int, Path]:
+    """A new temp file ``.NAME.<random>.tmp`` in ``parent``, created with mode 0o666 so the
+    process umask decides its permissions (as for any file the user creates; ``mkstemp``
+    would force 0o600). Never follows a symlink planted at the temp name."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        tmp = parent / f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            return os.open(str(tmp), flags, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+# ----------------------------------------------------------------------------- safe JSON / YAML
+
+
+def check_nesting(obj: Any, *, what: str, error: type[AdapterKitError] = ConfigError,
+                  max_depth: int = MAX_DEPTH, max_nodes: int | None = None) -> Any:
+    """Raise ``error`` naming ``what`` when ``obj`` nests deeper than ``max_depth`` or (with
+    ``max_nodes``) holds more values than that, counting a shared (aliased) value every
+    time it appears. Iterative: never recurses. Returns ``obj``."""
+    stack = [(obj, 1)]
+    nodes = 0
+    while stack:
+        o, depth = stack.pop()
+        if isinstance(o, dict):
+            children = o.values()
+        elif isinstance(o, (list, tuple)):
+            children = o
+        else:
+            continue
+        if depth > max_depth:
+            raise error(f"{what} is nested too deeply (more than {max_depth} levels)")
+        if max_nodes is not None:
+            nodes += len(children)
+            if nodes > max_nodes:
+                raise error(f"{what} expands to more than {max_nodes:,} values "
+                            "(YAML aliases repeating a large value?)")
+        for c in children:
+            if isinstance(c, (dict, list, tuple)):
+                stack.append((c, depth + 1))
+    return obj
+
+
+def _no_duplicates(what: str, error: type[AdapterKitError]):
+    def hook(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise error(f'{what} has the key "{k}" twice')
+            out[k] = v
+        return out
+
+    return hook
+
+
+def loads_json(text: str | bytes, *, what: str, error: type[AdapterKitError] = CheckpointError,
+               max_depth: int = MAX_DEPTH, max_nodes: int | None = None,
+               reject_duplicates: bool = True) -> Any:
+    """``json.loads`` that fails with one ``error`` naming ``what``: invalid JSON or UTF-8,
+    nesting deeper than ``max_depth``, more than ``max_nodes`` values, duplicate keys."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{what} is not UTF-8 text (byte {exc.start})") from None
+    hook = _no_duplicates(what, error) if reject_duplicates else None
+    try:
+        obj = json.loads(text, object_pairs_hook=hook)
+    except RecursionError:
+        raise error(f"{what} is nested too deeply (more than {max_depth} levels)") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise error(f"{what} is not valid JSON ({exc})") from None
+    # fewer brackets than the limit cannot nest deeper: skip the walk for the usual small documents
+    if text.count("[") + text.count("{") > max_depth or max_nodes is not None:
+        check_nesting(obj, what=what, error=error, max_depth=max_depth, max_nodes=max_nodes)
+    return obj
+
+
+def read_json_file(path: str | os.PathLike, *, what: str | None = None,
+                   error: type[AdapterKitError] = CheckpointError, max_bytes: int | None = None,
+                   **kw) -> Any:
+    """Read and parse a JSON file with :func:`loads_json`; a missing, unreadable or (with
+    ``max_bytes``) oversized file is one ``error`` naming it."""
+    path = Path(path)
+    what = what or str(path)
+    try:
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise error(f"{what} is larger than {_fmt_bytes(max_bytes)}")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{what} is missing") from None
+    except IsADirectoryError:
+        raise error(f"{what} is a directory, not a JSON file") from None
+    except OSError as exc:
+        raise error(f"cannot read {what}: {describe_os_error(exc)}") from None
+    return loads_json(raw, what=what, error=error, **kw)
+
+
+def _yaml_loader(what: str, error: type[AdapterKitError], max_depth: int):
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that refuses duplicate keys and deep nesting while composing."""
+
+        def compose_node(self, parent, index):
+            self._depth = getattr(self, "_depth", 0) + 1
+            try:
+                if self._depth > max_depth:
+                    raise error(f"{what} is nested too deeply (more than {max_depth} levels)")
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            if isinstance(node, yaml.MappingNode):
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        dup = key in seen
+                        seen.add(key)
+                    except TypeError:
+                        continue  # unhashable: the base class raises its own error
+                    if dup:
+                        line = key_node.start_mark.line + 1
+                        raise error(f'{what} line {line}: the key "{key}" is given twice')
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
+def loads_yaml(text: str | bytes, *, what: str, error: type[AdapterKitError] = ConfigError,
+               max_depth: int = MAX_DEPTH, max_nodes: int | None = MAX_CONFIG_NODES) -> Any:
+    """``yaml.safe_load`` (JSON is YAML too) failing with one ``error`` naming ``what``:
+    invalid YAML/UTF-8, duplicate keys, nesting deeper than ``max_depth``, more than
+    ``max_nodes`` values once aliases are expanded (the "billion laughs")."""
+    import yaml
+
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{what} is not UTF-8 text (byte {exc.start})") from None
+    loader = _yaml_loader(what, error, max_depth)(text)
+    try:
+        obj = loader.get_single_data()
+    except RecursionError:
+        raise error(f"{what} is nested too deeply (more than {max_depth} levels)") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{what} is not valid YAML/JSON: {exc}") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise error(f"{what} is not valid YAML/JSON: {exc}") from None
+    finally:
+        loader.dispose()
+    return check_nesting(obj, what=what, error=error, max_depth=max_depth, max_nodes=max_nodes)
+
+
 # ----------------------------------------------------------------------------- atomic writes
 
 
@@ -119,8 +312,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     parent = _ensure_parent(path)
     tmp: Path | None = None
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=str(parent), prefix=f".{path.name}.", suffix=".tmp")
-        tmp = Path(tmp_name)
+        fd, tmp = _create_temp(parent, path.name)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -286,11 +478,22 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
+def estimate_checkpoint_bytes(tensors: Mapping[str, torch.Tensor], optimizer_slots: int = 2,
+                              overhead: int = 1 << 20) -> int:
+    """Bytes one training checkpoint of ``tensors`` needs on disk: the weights, ``optimizer_slots``
+    optimizer tensors of the same size each (AdamW: 2), plus ``overhead`` for the JSON parts."""
+    n = sum(int(t.numel()) * t.element_size() for t in tensors.values())
+    return n * (1 + int(optimizer_slots)) + int(overhead)
+
+
 def write_probe(directory: str | os.PathLike, min_free_bytes: int | None = None) -> Path:
     """Check that ``directory`` is writable before long work starts.
 
-    Creates the directory if needed, writes, fsyncs and deletes a small probe file,
-    and optionally checks that at least ``min_free_bytes`` are free. Raises
+    Creates the directory if needed, writes, fsyncs and deletes a small probe file.
+    With ``min_free_bytes`` (e.g. :func:`estimate_checkpoint_bytes`), it also checks that
+    this much space is free and reserves it in the probe file (``posix_fallocate``, where
+    the file system supports it: quotas count too), so a disk that could not take the
+    first checkpoint fails now, not after the first hours of training. Raises
     :class:`CheckpointError` naming the directory and the reason (read-only, permission
     denied, disk full, path is a file...). Returns the directory.
     """
@@ -301,6 +504,20 @@ def write_probe(directory: str | os.PathLike, min_free_bytes: int | None = None)
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CheckpointError(f"cannot create output directory {directory}: {describe_os_error(exc)}") from exc
+    need = None if min_free_bytes is None else int(min_free_bytes)
+
+    def full(free: int | None) -> CheckpointError:
+        have = f"only {_fmt_bytes(free)} free" if free is not None else "not enough space"
+        return CheckpointError(f"disk full: output directory {directory} has {have}, "
+                               f"need at least {_fmt_bytes(need)}")
+
+    if need is not None:
+        try:
+            free = shutil.disk_usage(directory).free
+        except OSError as exc:
+            raise CheckpointError(f"cannot query free space of {directory}: {describe_os_error(exc)}") from exc
+        if free < need:
+            raise full(free)
 
     probe = directory / f".adapterkit-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     fd: int | None = None
@@ -310,6 +527,14 @@ def write_probe(directory: str | os.PathLike, min_free_bytes: int | None = None)
         written = os.write(fd, payload)
         if written != len(payload):
             raise OSError(errno.ENOSPC, "short write")
+        if need is not None and need > len(payload) and hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, 0, need)
+            except OSError as exc:
+                if exc.errno in _ENOSPC_CODES or exc.errno == errno.EFBIG:
+                    raise full(None) from None
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                    raise
         os.fsync(fd)
     except OSError as exc:
         raise CheckpointError(f"output directory {directory} is not writable: {describe_os_error(exc)}") from exc
@@ -318,21 +543,36 @@ def write_probe(directory: str | os.PathLike, min_free_bytes: int | None = None)
             with contextlib.suppress(OSError):
                 os.close(fd)
         _unlink_quiet(probe)
-
-    if min_free_bytes is not None:
-        try:
-            free = shutil.disk_usage(directory).free
-        except OSError as exc:
-            raise CheckpointError(f"cannot query free space of {directory}: {describe_os_error(exc)}") from exc
-        if free < int(min_free_bytes):
-            raise CheckpointError(
-                f"disk full: output directory {directory} has only {_fmt_bytes(free)} free, "
-                f"need at least {_fmt_bytes(int(min_free_bytes))}"
-            )
     return directory
 
 
 # ----------------------------------------------------------------------------- safetensors
+
+#: bytes per element of every safetensors dtype torch can hold
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+                "C64": 8}
+_TORCH_TO_ST = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                torch.uint8: "U8", torch.bool: "BOOL", torch.complex64: "C64"}
+for _name, _st in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("float8_e4m3fn", "F8_E4M3"),
+                   ("float8_e5m2", "F8_E5M2"), ("float8_e8m0fnu", "F8_E8M0")):
+    if hasattr(torch, _name):
+        _TORCH_TO_ST[getattr(torch, _name)] = _st
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and data bytes, in name order: the
+    checksum :func:`save_safetensors_atomic` records and :func:`load_safetensors_checked`
+    verifies (independent of the file's layout)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode("utf-8") + b"\0")
+        if t.numel():
+            flat = t.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
 
 def _prepare_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -368,26 +608,27 @@ def save_safetensors_atomic(
     path: str | os.PathLike,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Save ``tensors`` to a safetensors file atomically (temp file, fsync, rename)."""
+    """Save ``tensors`` to a safetensors file atomically (temp file, fsync, rename), with
+    their :func:`tensors_sha256` in the metadata (every reader verifies it)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    meta: dict[str, str] | None = None
-    if metadata is not None:
-        meta = {}
-        for k, v in metadata.items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise CheckpointError(
-                    f"cannot save {path}: safetensors metadata must map str to str, got {k!r}: {type(v).__name__}"
-                )
-            meta[k] = v
+    meta: dict[str, str] = {}
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise CheckpointError(
+                f"cannot save {path}: safetensors metadata must map str to str, got {k!r}: {type(v).__name__}"
+            )
+        if k == CHECKSUM_KEY:
+            raise CheckpointError(f"cannot save {path}: the metadata key {CHECKSUM_KEY!r} is reserved")
+        meta[k] = v
     prepared = _prepare_tensors(tensors, path)
+    meta[CHECKSUM_KEY] = tensors_sha256(prepared)
     parent = _ensure_parent(path)
     tmp: Path | None = None
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=str(parent), prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _create_temp(parent, path.name)
         os.close(fd)
-        tmp = Path(tmp_name)
         save_file(prepared, str(tmp), metadata=meta)
         _fsync_file(tmp)
         os.replace(tmp, path)
@@ -403,8 +644,16 @@ def save_safetensors_atomic(
     return path
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
-    """Parse and sanity-check a safetensors header; returns (header, header_len, file_size)."""
+    """Parse and validate a safetensors header; returns (header, header_len, file_size).
+
+    Every entry is checked before anything is allocated from it: dtype known, shape a
+    list of non-negative integers, ``data_offsets`` two integers inside the data area
+    whose span equals the shape's size; ``__metadata__`` maps strings to strings."""
     if not path.exists():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.is_dir():
@@ -418,54 +667,113 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
                 raise CheckpointError(f"{bad}: it is truncated ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
-                if n > 100_000_000:
+                if n > MAX_HEADER_BYTES:
                     raise CheckpointError(f"{bad}: it is corrupt or not a safetensors file (bad header length)")
                 raise CheckpointError(
                     f"{bad}: it is truncated (header needs {n} bytes, file has {size - 8} after the length)"
                 )
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{bad}: its header is larger than {_fmt_bytes(MAX_HEADER_BYTES)}")
             raw = fh.read(n)
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {describe_os_error(exc)}") from exc
     try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{bad}: the header is corrupt or it is not a safetensors file ({exc})") from exc
-    end = 0
+        header = loads_json(raw, what="the header", error=CheckpointError)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{bad}: the header is corrupt or it is not a safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad}: the header is corrupt or it is not a safetensors file (not a JSON object)")
+    data_size = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in info.items()):
+                raise CheckpointError(f"{bad}: its __metadata__ must map strings to strings")
             continue
-        try:
-            begin, stop = info["data_offsets"]
-            end = max(end, int(stop))
-        except (TypeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"{bad}: the header entry for {name!r} is corrupt") from exc
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{bad}: it is truncated (expected {8 + n + end} bytes, file has {size})"
-        )
+        entry = f"{bad}: the header entry for {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{entry} is corrupt (not an object)")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _ST_ITEMSIZE:
+            raise CheckpointError(f"{entry} has an unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{entry} has an invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{entry} has invalid data_offsets {offsets!r}")
+        if offsets[1] > data_size:
+            raise CheckpointError(
+                f"{bad}: it is truncated or corrupt ({name!r} ends at byte {8 + n + offsets[1]}, file has {size})"
+            )
+        if math.prod(shape) * _ST_ITEMSIZE[dtype] != offsets[1] - offsets[0]:
+            raise CheckpointError(f"{entry} is corrupt: shape {shape} {dtype} does not fit its "
+                                  f"{offsets[1] - offsets[0]} bytes")
     return header, n, size
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``__metadata__`` dict of a safetensors file (empty if none); checks the header."""
+    """The ``__metadata__`` dict of a safetensors file (empty if none, without the
+    library's own checksum entry); checks the header."""
     header, _, _ = _read_header(Path(path))
     meta = header.get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()}
+    return {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
+
+
+def read_safetensors_index(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, safetensors dtype)}`` of a safetensors file, from its validated
+    header (no tensor data is read)."""
+    header, _, _ = _read_header(Path(path))
+    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+
+
+ExpectedTensors = Mapping[str, "torch.Tensor | tuple[tuple[int, ...], torch.dtype]"]
+
+
+def _check_expected(path: Path, header: dict[str, Any], expected: ExpectedTensors) -> None:
+    names = [k for k in header if k != "__metadata__"]
+    missing = [k for k in expected if k not in header or k == "__metadata__"]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path} is missing key {missing[0]!r}{more}: it holds {len(names)} of the "
+                              f"{len(expected)} expected tensors")
+    unexpected = [k for k in names if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{path} has key {unexpected[0]!r}, which the model does not have")
+    for k, want in expected.items():
+        shape, dtype = (tuple(want.shape), want.dtype) if isinstance(want, torch.Tensor) else want
+        got_shape, got_dtype = tuple(header[k]["shape"]), header[k]["dtype"]
+        if got_shape != tuple(shape):
+            raise CheckpointError(f"{path}: shape mismatch for {k!r}: file has {got_shape}, model has {tuple(shape)}")
+        if _TORCH_TO_ST.get(dtype) != got_dtype:
+            raise CheckpointError(f"{path}: dtype mismatch for {k!r}: file has {got_dtype}, model has {dtype}")
 
 
 def load_safetensors_checked(
-    path: str | os.PathLike, *, expected_sha256: str | None = None
+    path: str | os.PathLike,
+    *,
+    expected_sha256: str | None = None,
+    expected: ExpectedTensors | None = None,
+    require_checksum: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Load a safetensors file to CPU, raising one clear :class:`CheckpointError` naming
-    the file when it is missing, truncated, corrupt, not safetensors, or (when
-    ``expected_sha256`` is given) does not match its checksum."""
+    the file when it is missing, truncated, corrupt, not safetensors, fails the tensor
+    checksum it was written with, or (when given) does not match ``expected_sha256``
+    (of the whole file) or ``expected`` (name -> tensor or (shape, dtype): the same keys,
+    shapes and dtypes, checked from the header before loading). A file without a checksum
+    (written by another tool) loads, with a log note, unless ``require_checksum``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    _read_header(path)
+    header, _, _ = _read_header(path)
+    if expected is not None:
+        _check_expected(path, header, expected)
+    recorded = (header.get("__metadata__") or {}).get(CHECKSUM_KEY)
+    if recorded is None:
+        if require_checksum:
+            raise CheckpointError(f"{path} has no adapterkit checksum: it was not written by this library "
+                                  "or was rewritten since")
+        logger.info("%s has no adapterkit checksum (written by another tool?): loaded without verifying it", path)
     if expected_sha256 is not None:
         actual = sha256_file(path)
         if actual != expected_sha256:
@@ -473,11 +781,15 @@ def load_safetensors_checked(
                 f"{path} is corrupt: sha256 {actual[:12]}... does not match the recorded {expected_sha256[:12]}..."
             )
     try:
-        return load_file(str(path), device="cpu")
+        tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         raise CheckpointError(
             f"{path} is not a valid safetensors file: it is truncated, corrupt or in another format ({exc})"
         ) from exc
+    if recorded is not None and tensors_sha256(tensors) != recorded:
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum recorded when it "
+                              "was written (a flipped bit, or a file edited since)")
+    return tensors
 
 
 # ----------------------------------------------------------------------------- legacy pickles

@@ -9,6 +9,8 @@ with one :class:`~adapterkit.errors.ConfigError` each.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +20,24 @@ from adapterkit.errors import ConfigError, did_you_mean
 
 SHARING = ("shared", "per_task", "half_shared_up", "half_shared_down")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "swish", "silu", "tanh", "identity")
+
+# Bounds every method config gets where its field declares none (documented in docs/guarantees.md):
+#: largest integer option (ranks, bottleneck sizes, token counts, experts...)
+MAX_SIZE = 8192
+#: largest magnitude of a float option (alpha, scales, reduction factors...): alpha 1e308 gives NaN outputs
+MAX_FLOAT = 1e6
+#: most tasks one adapter config may serve (each per-task copy is allocated)
+MAX_TASKS = 1024
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_+\-]{0,127}")
+
+
+def check_name(value, what: str, error=ConfigError) -> str:
+    """A task, adapter or run name: 1-128 characters of letters, digits, ``_``, ``-``, ``+``,
+    not starting with ``-``/``+`` (so never a path like ``../x`` nor a module path like ``a.b``)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise error(f"{what} {value!r} is not a valid name (use 1-128 letters, digits, '_', '-', '+'; "
+                    "no '.', '/' or spaces)")
+    return value
 
 
 def choice(*options, default=dataclasses.MISSING, **kw):
@@ -74,9 +94,10 @@ class AdapterConfig:
             raise ConfigError("tasks must list at least one task name")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"tasks has duplicates: {self.tasks}")
+        if len(self.tasks) > MAX_TASKS:
+            raise ConfigError(f"tasks lists {len(self.tasks)} tasks; at most {MAX_TASKS} are supported")
         for t in self.tasks:
-            if not isinstance(t, str) or not t:
-                raise ConfigError(f"task names must be non-empty strings, got {t!r}")
+            check_name(t, "task name")
 
 
 _REGISTRY: dict[str, tuple[type[AdapterConfig], Any]] = {}
@@ -108,7 +129,7 @@ def config_from_dict(d: dict | AdapterConfig) -> AdapterConfig:
         cfg = d
         if not cfg.method:
             raise ConfigError(f"{type(cfg).__name__} has no method name")
-        _check_fields(cfg)
+        _check_fields(cfg, default_caps=True)
         cfg.validate()
         return cfg
     if not isinstance(d, dict):
@@ -129,7 +150,7 @@ def config_from_dict(d: dict | AdapterConfig) -> AdapterConfig:
         if f.name in d:
             kwargs[f.name] = _coerce(f.name, d[f.name], hints[f.name])
     cfg = cls(**kwargs)
-    _check_fields(cfg)
+    _check_fields(cfg, default_caps=True)
     cfg.validate()
     return cfg
 
@@ -163,6 +184,16 @@ def _coerce(name: str, value, tp):
         return dict(value)
     if tp is Any:
         return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f'"{name}" must be a mapping, got {type(value).__name__} {value!r}')
+        return dict(value)
+    if tp is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f'"{name}" must be a list, got {type(value).__name__} {value!r}')
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f'"{name}" must be true or false, got {value!r}')
@@ -182,9 +213,10 @@ def _coerce(name: str, value, tp):
     return value
 
 
-def _check_fields(cfg: AdapterConfig) -> None:
-    import math
-
+def _check_fields(cfg, default_caps: bool = False) -> None:
+    """Choices and ranges of every field. With ``default_caps`` (method configs), a numeric
+    field that declares no upper bound gets :data:`MAX_SIZE` (integers) or
+    :data:`MAX_FLOAT` (magnitude of floats)."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         md = f.metadata
@@ -201,6 +233,11 @@ def _check_fields(cfg: AdapterConfig) -> None:
             raise ConfigError(f'"{f.name}" must be {">" if md.get("lo_open") else ">="} {lo}, got {v}')
         if hi is not None and v > hi:
             raise ConfigError(f'"{f.name}" must be <= {hi}, got {v}')
+        if hi is None and default_caps:
+            if isinstance(v, int) and v > MAX_SIZE:
+                raise ConfigError(f'"{f.name}" must be <= {MAX_SIZE}, got {v}')
+            if isinstance(v, float) and abs(v) > MAX_FLOAT:
+                raise ConfigError(f'"{f.name}" must be between -{MAX_FLOAT:g} and {MAX_FLOAT:g}, got {v:g}')
 
 
 def dataclass_from_dict(cls, d, where: str = ""):

@@ -5,12 +5,17 @@ parameters its freeze policy unfroze (LayerNorms, biases, heads...). Stacked per
 tensors mean a module shared by several tasks is stored once. Never pickle: loading
 reads safetensors (legacy ``.bin``/``.pt`` only through ``torch.load(weights_only=True)``).
 Each file is written atomically; the config records the weights file's SHA-256, so a
-half-replaced pair or a corrupt weights file is detected on load.
+half-replaced pair or a corrupt weights file is detected on load, and a SHA-256 of its
+own canonical content (``config_sha256``), so an edited or bit-flipped config (another
+``alpha``, another ``r``) is refused before anything is built from it. Configs without
+that field (older files) still load, with a log note.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -18,14 +23,34 @@ import torch
 from torch import nn
 
 from adapterkit.core.base import add_adapters, get_container
+from adapterkit.core.config import check_name
 from adapterkit.errors import CheckpointError, ConfigError
-from adapterkit.safeio import atomic_write_json, load_weights, save_safetensors_atomic, sha256_file
+from adapterkit.safeio import (
+    atomic_write_json,
+    load_weights,
+    read_json_file,
+    read_safetensors_index,
+    save_safetensors_atomic,
+    sha256_file,
+)
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 FORMAT = "adapterkit"
 FORMAT_VERSION = 1
+CHECKSUM_FIELD = "config_sha256"
+MAX_CONFIG_BYTES = 64 << 20
+
+
+def config_checksum(cfg: dict) -> str:
+    """SHA-256 of a config's canonical JSON (sorted keys, no whitespace), without its own
+    ``config_sha256`` field."""
+    body = {k: v for k, v in cfg.items() if k != CHECKSUM_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -73,6 +98,10 @@ def write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor], adapt
     }
     if extra:
         cfg["extra"] = extra
+    try:
+        cfg[CHECKSUM_FIELD] = config_checksum(cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot write {directory / CONFIG_NAME}: value is not JSON-serialisable ({e})") from None
     atomic_write_json(directory / CONFIG_NAME, cfg)
 
 
@@ -81,19 +110,63 @@ def _base_info(model: nn.Module) -> dict:
     return {"class": type(model).__name__, "model_type": getattr(cfg, "model_type", None)}
 
 
+def _config_problem(cfg: dict) -> str | None:
+    """What is structurally wrong with an adapterkit adapter config (None when nothing)."""
+    for name, acfg in cfg["adapters"].items():
+        try:
+            check_name(name, "adapter name")
+        except ConfigError as e:
+            return str(e)
+        if not isinstance(acfg, dict) or not isinstance(acfg.get("method"), str):
+            return f'adapters["{name}"] must be an object with a "method" string'
+    if not isinstance(cfg.get("format_version", 1), int) or isinstance(cfg.get("format_version"), bool):
+        return '"format_version" must be an integer'
+    bt = cfg.get("base_trainable", [])
+    if not isinstance(bt, list) or not all(isinstance(n, str) for n in bt):
+        return '"base_trainable" must be a list of parameter names'
+    shapes = cfg.get("shapes", {})
+    if not isinstance(shapes, dict) or not all(
+            isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
+            for v in shapes.values()):
+        return '"shapes" must map names to lists of non-negative integers'
+    dtypes = cfg.get("dtypes", {})
+    if not isinstance(dtypes, dict) or not all(isinstance(v, str) for v in dtypes.values()):
+        return '"dtypes" must map names to dtype strings'
+    for key in ("base_model", "extra"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            return f'"{key}" must be an object'
+    for key in ("weights_sha256", CHECKSUM_FIELD):
+        if key in cfg and not isinstance(cfg[key], str):
+            return f'"{key}" must be a hex string'
+    return None
+
+
 def read_adapter_config(directory: str | os.PathLike) -> dict:
+    """Read and verify ``adapter_config.json``: valid JSON within the depth limit, the
+    adapterkit format, a well-formed structure and (when recorded) its checksum."""
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         raise CheckpointError(f"no {CONFIG_NAME} in {directory}: not an adapterkit adapter directory")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    cfg = read_json_file(path, error=CheckpointError, max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or not isinstance(cfg.get("adapters"), dict):
         hint = " (it looks like an HF PEFT adapter: use adapterkit.import_peft)" if isinstance(cfg, dict) and "peft_type" in cfg else ""
         raise CheckpointError(f"{path} is not an adapterkit adapter config{hint}")
-    if cfg.get("format_version", 0) > FORMAT_VERSION:
+    version = cfg.get("format_version", 0)
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer adapterkit (format {cfg['format_version']})")
+    problem = _config_problem(cfg)
+    if problem:
+        raise CheckpointError(f"{path} is malformed: {problem}")
+    if CHECKSUM_FIELD in cfg:
+        try:
+            actual = config_checksum(cfg)
+        except ValueError:  # NaN/Infinity cannot have been written by save_adapters
+            actual = ""
+        if actual != cfg[CHECKSUM_FIELD]:
+            raise CheckpointError(f"{path} was edited or is corrupt: its content does not match the "
+                                  f"{CHECKSUM_FIELD} recorded when it was saved")
+    else:
+        logger.info("%s has no %s (an older adapterkit file): loaded without verifying it", path, CHECKSUM_FIELD)
     return cfg
 
 
@@ -119,6 +192,20 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike, strict_dtype: 
     wfile = _weights_file(directory)
     if wfile.suffix == ".safetensors" and cfg.get("weights_sha256") and sha256_file(wfile) != cfg["weights_sha256"]:
         raise CheckpointError(f"{wfile} is corrupt or does not belong to {directory / CONFIG_NAME} (checksum mismatch)")
+    if wfile.suffix == ".safetensors" and cfg.get("shapes"):
+        # cheap (the header only): before anything is built from the config or loaded
+        stored = {k: list(shape) for k, (shape, _) in read_safetensors_index(wfile).items()}
+        said = cfg["shapes"]
+        missing = sorted(k for k in said if k not in stored)
+        if missing:
+            raise CheckpointError(f"{wfile} is missing key {missing[0]!r}, which {CONFIG_NAME} lists"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        for k, shape in stored.items():
+            if k not in said:
+                raise CheckpointError(f"{wfile} has key {k!r}, which {CONFIG_NAME} does not list")
+            if shape != said[k]:
+                raise CheckpointError(f"shape mismatch for {k!r}: {wfile.name} has {tuple(shape)}, "
+                                      f"{CONFIG_NAME} says {tuple(said[k])}")
     tensors = load_weights(wfile)
     container = get_container(model)
     for name, acfg in cfg["adapters"].items():
