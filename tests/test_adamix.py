@@ -1,9 +1,11 @@
-"""AdaMix: identical expert init, stochastic routing in training, averaged inference, consistency loss."""
+"""AdaMix against microsoft/AdaMix: expert init, stochastic routing in training, averaged inference,
+the reference's symmetric_KL_loss (value and gradients)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import adapterkit
 from adapterkit.errors import ConfigError
@@ -20,19 +22,28 @@ def _randomise_experts(model, seed=0):
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
 
 
-def test_experts_start_identical_and_count_parameters():
+def test_expert_init_as_the_reference_and_count_parameters():
+    """Bottleneck experts: init_weights re-draws every expert nn.Linear (N(0, 0.02), zero bias);
+    LoRA experts: deep copies of one A / B that nothing re-initialises."""
     model = adapterkit.add_adapters(tiny_model("bert"), {"method": "adamix", "num_experts": 4, "bottleneck_dim": 8,
                                                          "share_up": False})
     s = model.adapterkit.sets["adamix"]
     experts = s.experts()
     assert len(experts) == 2 * 2  # down + up at 2 layers
     for m in experts:
-        assert m.n == 4
+        assert m.n == 4 and not m.bias.any()
         for e in range(1, 4):
-            assert torch.equal(m.weight[e], m.weight[0])
+            assert not torch.equal(m.weight[e], m.weight[0])
+    w = torch.cat([m.weight.detach().reshape(-1) for m in experts])
+    assert abs(float(w.std()) - 0.02) < 0.003 and abs(float(w.mean())) < 0.003
     shared = adapterkit.add_adapters(tiny_model("bert"), {"method": "adamix", "bottleneck_dim": 8})
     ups = [a.up for a in shared.adapterkit.sets["adamix"].adapters.values()]
     assert all(u.n == 1 for u in ups)  # the reference shares the up-projection
+    lora = adapterkit.add_adapters(tiny_model("bert"), {"method": "adamix", "expert_type": "lora", "num_experts": 3,
+                                                        "share_up": False})
+    for m in lora.adapterkit.sets["adamix"].experts():
+        for e in range(1, m.n):
+            assert torch.equal(m.weight[e], m.weight[0])
 
 
 @pytest.mark.parametrize("share_up", [True, False])
@@ -131,25 +142,55 @@ def test_gradient_reaches_only_the_routed_expert():
     s.force_expert(None)
 
 
-def test_consistency_loss_matches_definition_and_gradients():
+def _reference_symmetric_kl(p, q, reduction="batchmean"):
+    """microsoft/AdaMix symmetric_KL_loss (RoBERTa GLUE version), verbatim in substance."""
+    p, q = p.float(), q.float()
+    loss = F.kl_div(F.log_softmax(p, dim=-1, dtype=torch.float32),
+                    F.softmax(q.detach(), dim=-1, dtype=torch.float32), reduction=reduction) + \
+        F.kl_div(F.log_softmax(q, dim=-1, dtype=torch.float32),
+                 F.softmax(p.detach(), dim=-1, dtype=torch.float32), reduction=reduction)
+    return 0.5 * loss.sum()
+
+
+def _reference_symmetric_kl_masked(p, q, attention_mask):
+    """The NLG (GPT-2) version: token rows selected by the mask, then batchmean over them."""
+    p, q, attention_mask = p.float(), q.float(), attention_mask.view(-1)
+    dict_size = q.size(-1)
+    attention_mask = attention_mask.eq(1.0)
+    p = p.view(-1, dict_size)[attention_mask]
+    q = q.view(-1, dict_size)[attention_mask]
+    return _reference_symmetric_kl(p, q)
+
+
+def test_consistency_loss_value_and_gradients_match_the_reference():
     torch.manual_seed(0)
-    p = torch.randn(4, 5, requires_grad=True)
-    q = torch.randn(4, 5, requires_grad=True)
-    lp, lq = p.log_softmax(-1), q.log_softmax(-1)
-    kl_pq = (lp.exp() * (lp - lq)).sum(-1).mean()
-    kl_qp = (lq.exp() * (lq - lp)).sum(-1).mean()
+    p = (3 * torch.randn(4, 5)).requires_grad_()
+    q = (3 * torch.randn(4, 5)).requires_grad_()
     val = symmetric_kl(p, q)
-    torch.testing.assert_close(val, 0.5 * (kl_pq + kl_qp))
+    ref = _reference_symmetric_kl(p, q)
+    torch.testing.assert_close(val, ref)
+    gp, gq = torch.autograd.grad(val, [p, q])
+    rp, rq = torch.autograd.grad(ref, [p, q])
+    torch.testing.assert_close(gp, rp)
+    torch.testing.assert_close(gq, rq)
+    # d/dp = 0.5 (softmax(p) - softmax(q)) / rows: the other pass is a constant target
+    torch.testing.assert_close(gp, 0.5 * (p.softmax(-1) - q.softmax(-1)).detach() / 4)
     assert symmetric_kl(p, p).item() == pytest.approx(0.0, abs=1e-7)
-    # stop-gradient: d/dp of KL(q || sg p) vanishes, only KL(p || sg q) drives p
-    (gp,) = torch.autograd.grad(val, p)
-    (gp_ref,) = torch.autograd.grad(0.5 * (lp.exp() * (lp - lq.detach())).sum(-1).mean(), p)
-    torch.testing.assert_close(gp, gp_ref)
+
+    # token-level logits with a mask (the NLG version)
+    lp = (2 * torch.randn(2, 3, 7)).requires_grad_()
+    lq = (2 * torch.randn(2, 3, 7)).requires_grad_()
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    val = symmetric_kl(lp, lq, mask)
+    ref = _reference_symmetric_kl_masked(lp, lq, mask)
+    torch.testing.assert_close(val, ref)
+    for a, r in zip(torch.autograd.grad(val, [lp, lq]), torch.autograd.grad(ref, [lp, lq])):
+        torch.testing.assert_close(a, r)
 
     outs = iter([p, q])
     total, task, cons = consistency_loss(lambda: next(outs), lambda z: z.pow(2).mean(), weight=2.0)
-    torch.testing.assert_close(total, p.pow(2).mean() + 2.0 * val)
-    torch.testing.assert_close(cons, val)
+    torch.testing.assert_close(total, p.pow(2).mean() + 2.0 * symmetric_kl(p, q))
+    torch.testing.assert_close(cons, symmetric_kl(p, q))
 
 
 def test_two_training_passes_differ_and_save_load(tmp_path):

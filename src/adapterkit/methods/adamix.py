@@ -1,20 +1,28 @@
 """AdaMix (microsoft/AdaMix): a mixture of adapter experts with stochastic routing.
 
 Each projection of an adapter (bottleneck down/up, or LoRA A/B) holds ``num_experts``
-copies that all start identical (one initialisation copied to every expert, as the
-reference deep-copies one ``nn.Linear``). In training mode every projection draws
-one expert at random per forward (no router). In eval mode the projection uses the
-mean of its experts' weights (the reference's ``inference_level=3``: softmax of a
-frozen zero score = uniform mean), cached until the weights change, so inference
-costs the same as one adapter. ``share_up`` / ``share_down`` keep a single expert for
-that projection (the reference shares the up-projection).
+copies. In training mode every projection draws one expert at random per forward (no
+router). In eval mode the projection uses the mean of its experts' weights (the
+reference's ``inference_level=3``: softmax of a frozen zero score = uniform mean),
+cached until the weights change, so inference costs the same as one adapter.
+``share_up`` / ``share_down`` keep a single expert for that projection (the reference
+shares the up-projection).
+
+Initialisation as the reference leaves it. Bottleneck experts (RoBERTa/BERT GLUE code):
+``MixtureSoup`` deep-copies one ``nn.Linear``, but the model's ``init_weights`` then
+re-draws every ``nn.Linear`` (``_init_weights``: N(0, 0.02), zero bias), so each expert
+starts as its own independent draw of the bottleneck ``init`` scheme. LoRA experts
+(``NLG/loralib``): deep copies of one A (kaiming) and one B (zeros), which no init
+touches afterwards, so they start identical.
 
 ``expert_type="bottleneck"``: h + W_up f(W_down h + b_d) + b_u after the FFN output
 (``positions``); ``expert_type="lora"``: out + (alpha/r) B A x on ``targets``; the
 averaged LoRA can be merged into the base weights.
 
-:func:`consistency_loss` gives the training loss with AdaMix's consistency term:
-two routed passes p, q and ``0.5 * (KL(p || sg q) + KL(q || sg p))``.
+:func:`consistency_loss` gives the training loss with AdaMix's consistency term from two
+routed passes p, q, as the reference's ``symmetric_KL_loss``:
+``0.5 * (KL(sg q || p) + KL(sg p || q))`` (``F.kl_div(log_softmax(p), softmax(q.detach()))``
++ the mirror), averaged over the rows (examples, or unmasked tokens).
 """
 
 from __future__ import annotations
@@ -83,14 +91,21 @@ class AdaMixConfig(AdapterConfig):
 
 class ExpertLinear(nn.Module):
     """A linear map with ``n`` expert copies: one random expert per training forward,
-    the experts' mean in eval mode (cached while the weights are unchanged)."""
+    the experts' mean in eval mode (cached while the weights are unchanged). ``identical``:
+    every expert starts as the same draw, else each expert is drawn independently."""
 
-    def __init__(self, in_features: int, out_features: int, n: int, bias: bool = True, init: str = "kaiming"):
+    def __init__(self, in_features: int, out_features: int, n: int, bias: bool = True, init: str = "kaiming",
+                 identical: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.n = in_features, out_features, n
-        first = torch.empty(1, out_features, in_features)
-        init_weight(first, init)
-        self.weight = nn.Parameter(first.repeat(n, 1, 1))  # every expert starts identical
+        if identical:  # one draw copied to every expert
+            first = torch.empty(1, out_features, in_features)
+            init_weight(first, init)
+            weight = first.repeat(n, 1, 1)
+        else:  # an independent draw per expert
+            weight = torch.empty(n, out_features, in_features)
+            init_weight(weight, init)
+        self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.zeros(n, out_features)) if bias else None
         self.forced: int | None = None
         self._cache: tuple | None = None
@@ -155,9 +170,9 @@ class ExpertLora(nn.Module):
 
         self.in_features, self.out_features, self.fan_in_fan_out = _linear_shape(target)
         self.A = ExpertLinear(self.in_features, cfg.r, 1 if cfg.share_down else cfg.num_experts, bias=False,
-                              init="kaiming")
+                              init="kaiming", identical=True)
         self.B = ExpertLinear(cfg.r, self.out_features, 1 if cfg.share_up else cfg.num_experts, bias=False,
-                              init="zeros")
+                              init="zeros", identical=True)
         self.scaling = cfg.scaling
         self.p = cfg.dropout
         self.target = [target]
@@ -244,30 +259,45 @@ class AdaMixSet(AdapterSet):
         self.resume_hooks()
 
 
-def symmetric_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """0.5 * (KL(p || sg q) + KL(q || sg p)) over the last dim, averaged over the other dims."""
-    lp = F.log_softmax(logits_p.float(), dim=-1)
-    lq = F.log_softmax(logits_q.float(), dim=-1)
-    kl_pq = (lp.exp() * (lp - lq.detach())).sum(-1)
-    kl_qp = (lq.exp() * (lq - lp.detach())).sum(-1)
-    return 0.5 * (kl_pq + kl_qp).mean()
+def symmetric_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's ``symmetric_KL_loss``: 0.5 * (KL(sg q || p) + KL(sg p || q)).
+
+    Each KL is ``F.kl_div(log_softmax(x), softmax(y.detach()), reduction="batchmean")``
+    over rows of the last dim: the other pass's distribution is the (constant) target,
+    so d/dlogits_p = 0.5 * (p - q) / rows. Leading dims are flattened into rows; ``mask``
+    (same leading shape, true = keep) selects rows, as the NLG version's token mask.
+    """
+    c = logits_p.shape[-1]
+    lp = F.log_softmax(logits_p.float().reshape(-1, c), dim=-1)
+    lq = F.log_softmax(logits_q.float().reshape(-1, c), dim=-1)
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        lp, lq = lp[keep], lq[keep]
+    rows = max(lp.shape[0], 1)
+    tp, tq = lp.detach(), lq.detach()
+    kl_q_p = (tq.exp() * (tq - lp)).sum() / rows  # KL(sg q || p)
+    kl_p_q = (tp.exp() * (tp - lq)).sum() / rows  # KL(sg p || q)
+    return 0.5 * (kl_q_p + kl_p_q)
 
 
 def consistency_loss(
     forward: Callable[[], torch.Tensor],
     task_loss: Callable[[torch.Tensor], torch.Tensor],
     weight: float = 1.0,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """AdaMix's training loss from two stochastically routed passes.
 
     ``forward()`` runs the model (in training mode) and returns logits; it is called
     twice, so each pass draws its own experts (and dropout). Returns
-    ``(total, task, consistency)`` with ``total = task_loss(p) + weight * symmetric_kl(p, q)``.
+    ``(total, task, consistency)`` with ``total = task_loss(p) + weight * symmetric_kl(p, q, mask)``
+    (the task loss of the first pass only, as the reference). The reference's weights:
+    1 for GLUE (RoBERTa), 100 for NLG (GPT-2, with the token mask).
     """
     logits_p = forward()
     logits_q = forward()
     task = task_loss(logits_p)
-    cons = symmetric_kl(logits_p, logits_q)
+    cons = symmetric_kl(logits_p, logits_q, mask)
     if not math.isfinite(weight):
         raise ConfigError(f"consistency weight must be finite, got {weight}")
     return task + weight * cons, task, cons
