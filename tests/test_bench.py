@@ -73,7 +73,7 @@ def test_run_bench_json_markdown_and_ratios(tmp_path):
     assert rep["meta"]["torch"] == torch.__version__
     text = md.read_text()
     assert "| single_adapter |" in text and "| multiple_lora_mixed | multiple_lora_single |" in text
-    assert "### Issue 5 targets" in text
+    assert "### Speed targets" in text
     # the markdown written is the one to_markdown renders from the JSON
     assert text.strip() == to_markdown(rep).strip()
 

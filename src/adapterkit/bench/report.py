@@ -1,4 +1,4 @@
-"""Ratios, issue-5 target checks, environment info and the markdown/JSON outputs."""
+"""Ratios, speed-target checks, environment info and the markdown/JSON outputs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from adapterkit.safeio import atomic_write_json, atomic_write_text
 
-# Issue 5's targets (defined for the GPU run: BART-base shape, batch 64, 128/16 tokens, bf16).
+# The speed targets (defined for the GPU run: BART-base shape, batch 64, 128/16 tokens, bf16).
 FAST_METHODS = ("single_adapter", "single_lora", "single_compacter", "hyperformer", "single_prompt")
 PEER_PAIRS = (  # (adapterkit case, peer case), configured alike: the adapterkit step must be faster
     ("lora_peer", "peft_lora"),
@@ -98,7 +98,7 @@ VIEWS = (("eager", "", ""),                      # everything eager (the peer sc
 
 
 def check_targets(results: list[dict], meta: dict) -> list[dict]:
-    """Evaluate issue 5's targets on this run, in every view the run has records for.
+    """Evaluate the speed targets on this run, in every view the run has records for.
 
     Each target dict holds ``value``/``pass`` of the eager view and ``views`` with every
     view's value and pass (None where a case is missing or failed)."""
@@ -229,7 +229,7 @@ def to_markdown(report: dict) -> str:
                  if any(t.get("views", {}).get(v, {}).get("value") is not None for t in targets)] or ["eager"]
         names = {"eager": "all eager", "graph": "adapterkit graphed, baselines/peers eager",
                  "graph_vs_graph": "all graphed"}
-        lines += ["### Issue 5 targets" + ("" if on_gpu else " (defined for the GPU run; indicative only here)"), ""]
+        lines += ["### Speed targets" + ("" if on_gpu else " (defined for the GPU run; indicative only here)"), ""]
         if len(views) > 1:
             lines += ["Columns: " + "; ".join(f"*{names[v]}*" for v in views) + ". Each cell: ratio, pass/FAIL.", ""]
         lines += ["| target | limit | " + " | ".join(names[v] for v in views) + " |",
