@@ -160,6 +160,45 @@ def test_tipx_kl_term_matches_loop(mode):
     assert bool((got != 0).all())  # every row filled (the reference leaves a partial batch at 0)
 
 
+def _sus_x_reference_logits(test_f, keys, w, values, alpha, beta, gamma, temp=0.5):
+    """vishaal27/SuS-X tipx.py: get_kl_divergence_sims (one batch holding every query), scale_, hparam_search's logits."""
+    nn = torch.nn
+    train_dist = nn.Softmax(dim=-1)(keys @ w / temp)
+    test_dist = nn.Softmax(dim=-1)(test_f @ w / temp)
+    bs = test_dist.shape[0]
+    repeated_batch = torch.repeat_interleave(test_dist, train_dist.shape[0], dim=0)
+    q_repeated = torch.cat([train_dist] * bs)
+    kl = (repeated_batch * (repeated_batch.log() - q_repeated.log())).sum(dim=-1).view(bs, -1)
+
+    def scale_(x, target):
+        y = (x - x.min()) / (x.max() - x.min())
+        y *= target.max() - target.min()
+        y += target.min()
+        return y
+
+    new_knowledge = test_f @ keys.T
+    cache = ((-1) * (beta - beta * new_knowledge)).exp() @ values
+    clip = 100.0 * test_f @ w
+    kl_logits = -scale_(kl, new_knowledge) @ values
+    return clip + kl_logits * gamma + cache * alpha
+
+
+def test_tipx_default_rescale_is_the_references_global_scale():
+    g = torch.Generator().manual_seed(5)
+    f = l2_normalize(torch.randn(9, 6, generator=g))
+    keys = l2_normalize(torch.randn(8, 6, generator=g))
+    w = l2_normalize(torch.randn(6, 4, generator=g), dim=0)
+    values = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), 4).float()
+    ref = _sus_x_reference_logits(f, keys, w, values, alpha=1.5, beta=3.0, gamma=2.0)
+    torch.testing.assert_close(tipx_logits(f, w, keys, values, alpha=1.5, beta=3.0, gamma=2.0), ref,
+                               rtol=1e-5, atol=1e-5)
+    # the CapS-Adapter path and the cache pipeline default to the same rescale
+    from adapterkit.cache.caps_adapter import caps_logits as _caps
+
+    assert inspect.signature(_caps).parameters["rescale"].default == "global"
+    assert pipeline._OPTIONS["rescale"] == "global"
+
+
 def test_tipx_logits_compose_terms():
     g = torch.Generator().manual_seed(2)
     f = l2_normalize(torch.randn(4, 6, generator=g))

@@ -62,7 +62,7 @@ def caps_logits(
     delta: float,
     temperature: float = 0.5,
     signature: str = "classes",
-    rescale: str = "row",
+    rescale: str = "global",
 ) -> torch.Tensor:
     """CapS-Adapter logits (B, C)."""
     aff = caps_affinity(features, image_keys, caption_keys, delta)
@@ -84,7 +84,7 @@ def search_caps(
     grid: dict | None = None,
     temperature: float = 0.5,
     signature: str = "classes",
-    rescale: str = "row",
+    rescale: str = "global",
 ) -> tuple[dict[str, float], float]:
     """Grid search (α, β, γ, δ) on the validation split.
 

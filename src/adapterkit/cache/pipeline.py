@@ -60,7 +60,7 @@ _OPTIONS = {
     "batch_size": 256,
     "temperature": 0.5,
     "signature": "classes",
-    "rescale": "row",
+    "rescale": "global",
     "device": "cpu",
 }
 

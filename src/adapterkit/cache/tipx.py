@@ -12,11 +12,14 @@ f·F, and the logits are::
 
 Notes on the reference:
 
-* ψ: the reference rescales with the global min/max of the whole KL matrix into the
-  global range of the (validation) affinity matrix. The default here is per query
-  row (``rescale="row"``): each query's KL row is mapped into that query's own f·F
-  range, which does not depend on which other queries share the batch.
-  ``rescale="global"`` reproduces the whole-matrix behaviour (within one call).
+* ψ: as the reference's ``scale_`` (the default, ``rescale="global"``): the global
+  min/max of the whole KL matrix (queries x keys) mapped into the global range of the
+  affinity matrix f·F of the same call. A query's logits therefore depend on the other
+  queries of the call, as in the reference, which rescales its whole split at once.
+  ``rescale="row"`` maps each query's KL row into that query's own f·F range instead
+  (independent of the batch). [code quirk, not reproduced] the reference's test split
+  is rescaled into the range of the *validation* affinity matrix (a variable left over
+  from its search loop); here each call uses its own f·F.
 * [code quirk] the reference KL loop drops the last partial batch of 100 queries
   (those rows stay 0). Here the KL matrix is one closed-form matrix product over all
   rows: KL(p‖q) = Σ p log p − p · log q.
@@ -81,7 +84,7 @@ def kl_divergence_matrix(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -
 
 
 def minmax_rescale(
-    x: torch.Tensor, target: torch.Tensor, mode: str = "row", eps: float = 1e-12
+    x: torch.Tensor, target: torch.Tensor, mode: str = "global", eps: float = 1e-12
 ) -> torch.Tensor:
     """ψ: min-max rescale ``x`` into the range of ``target`` (per row, or over the whole matrix)."""
     if mode not in _RESCALE:
@@ -103,7 +106,7 @@ def kl_affinity(
     affinity: torch.Tensor | None = None,
     temperature: float = 0.5,
     signature: str = "classes",
-    rescale: str = "row",
+    rescale: str = "global",
 ) -> torch.Tensor:
     """A_kl = −ψ(KL(s_f ‖ s_i)) for all queries and keys, (B, N).
 
@@ -126,7 +129,7 @@ def tipx_logits(
     gamma: float,
     temperature: float = 0.5,
     signature: str = "classes",
-    rescale: str = "row",
+    rescale: str = "global",
     affinity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TIP-X logits (B, C). ``affinity`` overrides f·F (used by CapS-Adapter)."""
@@ -148,7 +151,7 @@ def search_tipx(
     grid: dict | None = None,
     temperature: float = 0.5,
     signature: str = "classes",
-    rescale: str = "row",
+    rescale: str = "global",
 ) -> tuple[dict[str, float], float]:
     """Grid search (α, β, γ) on the validation split; the KL term is computed once."""
     g = resolve_grid(grid, DEFAULT_TIPX_GRID)
