@@ -1,15 +1,26 @@
-"""``adapterkit train CONFIG --output DIR`` and ``adapterkit eval CONFIG --checkpoint DIR``."""
+"""``adapterkit train CONFIG --output DIR`` and ``adapterkit eval CONFIG --checkpoint DIR``.
+
+``adapterkit train CONFIG --dry-run`` prints the plan (tasks, examples, batch sizes,
+steps, learning rate, trainable parameters) without training; ``--preset NAME`` trains
+another preset with the same config (one config per paper table, one command per method).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 
 
 def add_parser(sub):
     t = sub.add_parser("train", help="multi-task training from a config file (resumes in the same --output)")
     t.add_argument("config")
-    t.add_argument("--output", required=True)
+    t.add_argument("--output", default=None, help="the run directory (required unless --dry-run)")
     t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--preset", default=None,
+                   help="train this preset instead of the config's (with --dry-run: 'all' lists every preset)")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the plan (tasks, examples, steps per epoch, batch sizes, learning rate, "
+                        "trainable %%) and exit without training")
     t.set_defaults(_run=run_train)
     e = sub.add_parser("eval", help="evaluate a trained run (its best checkpoint) on the test split")
     e.add_argument("config")
@@ -25,10 +36,28 @@ def _print_results(res):
     print(f"  trainable {res['trainable']:,} / {res['total']:,} ({res['percent']:.2f}%)")
 
 
+def _load(args):
+    from adapterkit.train.config import load_config
+
+    cfg = load_config(args.config)
+    if args.preset and args.preset != "all":
+        cfg.preset, cfg.adapters = args.preset, None
+        cfg.validate()
+    return cfg
+
+
 def run_train(args) -> int:
+    from adapterkit.errors import ConfigError
+
+    if args.dry_run:
+        return run_dry(args)
+    if args.output is None:
+        raise ConfigError("--output DIR is required (the run directory), unless --dry-run")
+    if args.preset == "all":
+        raise ConfigError("--preset all only goes with --dry-run; train one preset per --output")
     from adapterkit.train.trainer import Trainer, _is_main
 
-    trainer = Trainer(args.config, args.output, max_steps=args.max_steps)
+    trainer = Trainer(_load(args) if args.preset else args.config, args.output, max_steps=args.max_steps)
     res = trainer.fit()
     if _is_main():
         print(f"results: {args.output}/results.json ({res['checkpoint']})")
@@ -58,3 +87,186 @@ def run_eval(args) -> int:
 
 def run(args) -> int:  # pragma: no cover - dispatch is per sub-command
     return args._run(args)
+
+
+# --- the dry run --------------------------------------------------------------------------------
+
+def _read_split(cfg, task, split):
+    """The examples the trainer reads for (task, split): data.sources or root/<task>/<split>.jsonl."""
+    from pathlib import Path
+
+    from adapterkit.vl.datasets import read_examples_jsonl, read_source
+
+    src = cfg.data.sources.get(task)
+    if src is not None:
+        return read_source(task, src, split)
+    return read_examples_jsonl(Path(cfg.data.root) / task / f"{split}.jsonl")
+
+
+def _where(cfg, task, split) -> str:
+    src = cfg.data.sources.get(task)
+    if src is None:
+        return f"{cfg.data.root}/{task}/{split}.jsonl"
+    return f"{src['path']} [{(src.get('splits') or {}).get(split, split)}]"
+
+
+def _corpus(cfg, read) -> list[str]:
+    """The text a tiny word-level tokenizer is built from (as the trainer builds it)."""
+    from adapterkit.vl.data import PREFIXES
+
+    lines = []
+    for t in cfg.data.tasks:
+        for s in {cfg.data.train_split, cfg.data.val_split, cfg.data.test_split}:
+            exs = read(t, s)
+            for ex in exs or []:
+                lines.append(ex.text)
+                lines.extend(ex.targets)
+                lines.extend(ex.choices or [])
+    return lines + list(PREFIXES.values()) + ["answer :", "true", "false"]
+
+
+def _trainable(cfg, preset: dict, corpus) -> dict:
+    """trainable / total / percent of `preset` on the config's backbone, built without weights
+    (meta device) where the backbone allows it; {"error": why} when it cannot be built offline."""
+    import adapterkit
+    from adapterkit.errors import AdapterKitError
+    from adapterkit.vl.build import build_vl_model
+
+    m = cfg.model
+    spec = {"backbone": m.backbone, "feat_dim": m.feat_dim, "n_images": m.n_images, "init_seed": m.init_seed}
+    if m.backbone.startswith("tiny-"):
+        spec.update(device="cpu", corpus=corpus())
+    elif m.backbone != "smollm2":
+        spec.update(random_init=True, device="meta")
+        if m.lm:
+            spec["lm"] = m.lm
+    try:
+        model, _ = build_vl_model(spec, preset, cfg.data.tasks)
+    except (AdapterKitError, OSError, ValueError) as e:
+        return {"error": str(e).splitlines()[0]}
+    return adapterkit.trainable_report(model)
+
+
+def training_plan(cfg, world: int = 1, presets: list[str] | None = None) -> dict:
+    """What ``adapterkit train`` would do with `cfg`, computed from the config and the dataset
+    readers as the trainer computes it: per task the training examples (captions: one per
+    reference caption), the batch size (``round(batch_size * task_batch_scale) * world``) and
+    batches per epoch; the schedule (steps, warm-up), the learning rate (``train.lr``, else the
+    preset's ``lr`` / ``video_lr``), the trainable parameters, and which weights are reported.
+    `presets` adds the learning rate and trainable parameters of each named preset."""
+    from adapterkit.errors import DataError
+    from adapterkit.vl.data import CAPTION_TASKS
+    from adapterkit.vl.presets import get_preset
+
+    if cfg.data.generate == "tiny_fixture":
+        from pathlib import Path
+
+        if not Path(cfg.data.root).exists():
+            from adapterkit.testing.fixtures import make_vl_fixture
+
+            make_vl_fixture(cfg.data.root, feat_dim=cfg.model.feat_dim)
+    cache: dict = {}
+
+    def read(task, split, required=False):
+        if (task, split) not in cache:
+            try:
+                cache[(task, split)] = _read_split(cfg, task, split)
+            except DataError:
+                if required:
+                    raise
+                cache[(task, split)] = None
+        return cache[(task, split)]
+
+    tr = cfg.train
+    tasks = {}
+    for t in cfg.data.tasks:
+        exs = read(t, cfg.data.train_split, required=True)
+        if cfg.data.max_train_examples:
+            exs = exs[: cfg.data.max_train_examples]
+        n = sum(len(e.targets) for e in exs) if t in CAPTION_TASKS else len(exs)
+        bs = max(1, round(tr.batch_size * tr.task_batch_scale.get(t, 1.0))) * world
+        row = {"examples": n, "batch_size": bs, "steps_per_epoch": math.ceil(n / bs),
+               "train_from": _where(cfg, t, cfg.data.train_split)}
+        for name, split in (("val", cfg.data.val_split), ("test", cfg.data.test_split)):
+            ev = read(t, split)
+            if ev is not None and cfg.data.max_eval_examples:
+                ev = ev[: cfg.data.max_eval_examples]
+            row[name] = None if ev is None else len(ev)
+            row[f"{name}_from"] = _where(cfg, t, split)
+        tasks[t] = row
+    spe = sum(r["steps_per_epoch"] for r in tasks.values())
+    total = spe * tr.epochs
+    if tr.max_steps:
+        total = min(total, tr.max_steps)
+    preset = cfg.preset_dict()
+
+    def lr_of(p):
+        return tr.lr or (p.get("video_lr") if tr.video else p.get("lr")) or 1e-3
+
+    lr_source = "train.lr" if tr.lr else (f"preset {'video_lr' if tr.video else 'lr'}")
+    plan = {
+        "name": cfg.name,
+        "preset": preset.get("name"),
+        "backbone": cfg.model.backbone + (f" ({cfg.model.lm})" if cfg.model.lm else ""),
+        "tasks": tasks,
+        "steps_per_epoch": spe,
+        "epochs": tr.epochs,
+        "total_steps": total,
+        "warmup_steps": int(tr.warmup_ratio * total),
+        "lr": lr_of(preset),
+        "lr_from": lr_source,
+        "optimizer": {"adam_eps": tr.adam_eps, "weight_decay": tr.weight_decay, "grad_clip": tr.grad_clip},
+        "select_on": cfg.eval.select_on,
+        "world": world,
+        "trainable": _trainable(cfg, preset, lambda: _corpus(cfg, read)),
+    }
+    if presets:
+        plan["presets"] = {n: {"lr": lr_of(get_preset(n)), **_trainable(cfg, get_preset(n),
+                                                                          lambda: _corpus(cfg, read))}
+                           for n in presets}
+    return plan
+
+
+def _pct(r: dict) -> str:
+    if "error" in r:
+        return f"unknown ({r['error']})"
+    return f"{r['trainable']:,} / {r['total']:,} ({r['percent']:.2f}%)"
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as the text ``--dry-run`` prints."""
+    out = [f"plan of {plan['name']!r}: preset {plan['preset']}, backbone {plan['backbone']}"
+           + (f", {plan['world']} processes" if plan["world"] > 1 else "")]
+    head = f"  {'task':<9}{'train examples':>15}{'batch':>7}{'steps/epoch':>13}{'val':>9}{'test':>9}"
+    out += [head, "  " + "-" * (len(head) - 2)]
+    for t, r in plan["tasks"].items():
+        val = "-" if r["val"] is None else f"{r['val']:,}"
+        test = "-" if r["test"] is None else f"{r['test']:,}"
+        out.append(f"  {t:<9}{r['examples']:>15,}{r['batch_size']:>7}{r['steps_per_epoch']:>13,}{val:>9}{test:>9}")
+    out.append(f"  steps: {plan['steps_per_epoch']:,} per epoch x {plan['epochs']} epochs = {plan['total_steps']:,}"
+               f" (linear warm-up {plan['warmup_steps']:,} steps, then linear decay to 0)")
+    o = plan["optimizer"]
+    out.append(f"  learning rate {plan['lr']:.2e} ({plan['lr_from']}); AdamW eps {o['adam_eps']:g}, "
+               f"weight decay {o['weight_decay']:g}, grad clip {o['grad_clip']:g}")
+    out.append(f"  trainable {_pct(plan['trainable'])}")
+    out.append("  reported: " + ("the best-validation checkpoint on test" if plan["select_on"] == "val"
+                                 else "the last epoch's weights on test (as the reference)"))
+    for t, r in plan["tasks"].items():
+        out.append(f"  {t}: train {r['train_from']}; val {r['val_from']}; test {r['test_from']}")
+    if plan.get("presets"):
+        out.append(f"  {'preset':<22}{'lr':>10}  trainable")
+        for n, r in plan["presets"].items():
+            out.append(f"  {n:<22}{r['lr']:>10.1e}  {_pct(r)}")
+    return "\n".join(out)
+
+
+def run_dry(args) -> int:
+    import os
+
+    from adapterkit.vl.presets import PRESET_ORDER
+
+    cfg = _load(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    presets = list(PRESET_ORDER) if args.preset == "all" else None
+    print(format_plan(training_plan(cfg, world=world, presets=presets)))
+    return 0
