@@ -55,12 +55,14 @@ PRESETS: dict[str, dict] = {
     "lora_do0_peer": {"method": "lora", "r": 128, "alpha": 32, "dropout": 0.0, "targets": ["q", "v"],
                       "sharing": "shared"},
     "prompt_peer": {"method": "prompt", "num_tokens": 40, "sharing": "shared"},
-    # AdapterHub double_seq_bn / Compacter: after self-attention and FFN (no cross-attention adapter), swish / gelu
+    # AdapterHub double_seq_bn / Compacter: after self-attention and FFN (no cross-attention adapter), swish / gelu,
+    # the adapter reading the sublayer output; seq_bn: after the FFN, reading LN(h + x) with the block's LayerNorm
+    # applied again after (adapter_input normed_sum). Output parity: tests/test_adapterhub_parity.py
     "houlsby_peer": {"method": "houlsby", "reduction_factor": 8, "activation": "swish",
                      "positions": ["attn_out", "ffn_out"], "sharing": "shared"},
-    "pfeiffer_peer": {"method": "pfeiffer", "reduction_factor": 8, "sharing": "shared"},
+    "pfeiffer_peer": {"method": "pfeiffer", "reduction_factor": 8, "adapter_input": "normed_sum", "sharing": "shared"},
     "compacter_peer": {"method": "compacter", "phm_dim": 4, "reduction_factor": 8, "activation": "gelu",
-                       "positions": ["attn_out", "ffn_out"], "sharing": "shared"},
+                       "phm_init_std": 1e-4, "positions": ["attn_out", "ffn_out"], "sharing": "shared"},
     "multiple_adapters": {"method": "houlsby", "reduction_factor": 8, "activation": "gelu_new",
                           "positions": ADAPTER_POSITIONS, "tasks": TASKS, "sharing": "per_task",
                           "train_layernorms": True},
@@ -290,7 +292,7 @@ CASES: list[Case] = [
        _ak("prompt_peer")),
     _c("houlsby_peer", "train", "adapterkit", "Houlsby as adapterhub_houlsby (r=8, swish, attn+FFN, no LayerNorms)",
        _ak("houlsby_peer")),
-    _c("pfeiffer_peer", "train", "adapterkit", "Pfeiffer as adapterhub_pfeiffer (r=8, relu, no LayerNorms)",
+    _c("pfeiffer_peer", "train", "adapterkit", "Pfeiffer as adapterhub_pfeiffer (r=8, relu, reads LN(h+x), no LayerNorms)",
        _ak("pfeiffer_peer")),
     _c("compacter_peer", "train", "adapterkit", "Compacter as adapterhub_compacter (phm 4, r=8, attn+FFN, no LayerNorms)",
        _ak("compacter_peer")),

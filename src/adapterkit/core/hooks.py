@@ -26,3 +26,17 @@ def first(out):
 def replace_first(out, new):
     """``out`` with its hidden states replaced by ``new`` (tuple-aware)."""
     return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+
+def first_input(args: tuple, kwargs: dict | None = None):
+    """The hidden states a module was called with: its first positional argument, else the
+    ``hidden_states`` keyword (Llama-family layers pass it by keyword), else the first tensor keyword."""
+    if args:
+        return args[0]
+    kwargs = kwargs or {}
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    for v in kwargs.values():
+        if hasattr(v, "shape"):
+            return v
+    raise ConfigError("a hooked module was called with no hidden-states argument")

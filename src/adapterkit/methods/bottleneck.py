@@ -7,6 +7,22 @@ adapters hook the sublayer's output projection, so they sit on the sublayer outp
 before dropout and the residual add (right for both pre-LN and post-LN blocks).
 Parallel adapters read the stream entering the FFN block and add their output to
 the FFN output.
+
+``adapter_input`` chooses what a sequential adapter reads, with h the sublayer output and
+x the residual stream entering the sublayer:
+
+- ``sublayer`` (default): A reads h; post-LN blocks compute LN(x + h + A(h)) (Houlsby,
+  AdapterHub's ``double_seq_bn``);
+- ``normed_sum``: AdapterHub's ``seq_bn`` form (``original_ln_before``, ``residual_before_ln``,
+  ``original_ln_after``): A reads LN(h + x) through the block's own LayerNorm, its residual
+  is h, and the block's LayerNorm is applied again: LN(h + A(LN(h + x)) + x). In pre-LN
+  blocks (no LayerNorm after the sublayer) A reads h + x: x + h + A(h + x).
+
+Both hook the sublayer output before its dropout, so they equal AdapterHub's in eval mode;
+in training AdapterHub drops out h before the adapter, here h + A(.) is dropped out.
+
+Several tasks' adapters of one set can be composed (Stack, Average, Fuse; see
+:mod:`adapterkit.core.composition`); ``fusion`` adds AdapterFusion layers over the named tasks.
 """
 
 from __future__ import annotations
@@ -19,8 +35,10 @@ from torch import nn
 
 from adapterkit.core.activations import get_activation
 from adapterkit.core.base import AdapterSet, paired_places, sublayer_places
+from adapterkit.core.composition import Average, Fuse, Fusion, Stack
 from adapterkit.core.config import ACTIVATIONS, AdapterConfig, bounded, choice, register_method
 from adapterkit.core.hooks import first as _first
+from adapterkit.core.hooks import first_input
 from adapterkit.core.hooks import out_width as _out_width
 from adapterkit.core.hooks import replace_first as _replace_first
 from adapterkit.core.optim import mark_task_stacked
@@ -45,10 +63,26 @@ class BottleneckConfig(AdapterConfig):
     dropout: float = bounded(0.0, lo=0.0, hi=0.99)
     adapter_layernorm: str = choice("none", "before", "after", default="none")
     parallel_input: str = choice("stream", "normalized", default="stream")
+    adapter_input: str = choice("sublayer", "normed_sum", default="sublayer")
     places: dict = field(default_factory=dict)  # explicit {position: [module path patterns]}
+    fusion: list[str] = field(default_factory=list)  # tasks an AdapterFusion layer attends over
+    fusion_value: bool = True                        # dynamic fusion (value matrix); False: static
+    fusion_dropout: float = bounded(0.0, lo=0.0, hi=0.99)
+    train_adapters: bool = True                      # False: only the fusion layers train
 
     def validate(self) -> None:
         super().validate()
+        if self.adapter_input == "normed_sum" and self.method == "parallel":
+            raise ConfigError('adapter_input "normed_sum" is for sequential adapters, not "parallel"')
+        if self.fusion:
+            unknown = [t for t in self.fusion if t not in self.tasks]
+            if unknown or len(self.fusion) < 2 or len(set(self.fusion)) != len(self.fusion):
+                raise ConfigError(f"fusion must name at least two distinct declared tasks {self.tasks}, "
+                                  f"got {self.fusion}")
+            if self.sharing != "per_task":
+                raise ConfigError(f'fusion needs one adapter per task (sharing "per_task"), got "{self.sharing}"')
+        if not self.train_adapters and not self.fusion:
+            raise ConfigError("train_adapters: false leaves nothing to train without fusion layers")
         allowed = {"attn_out", "cross_attn_out", "ffn_out"} if self.method != "parallel" else {"attn", "ffn"}
         for p in self.positions:
             if p not in allowed:
@@ -103,6 +137,21 @@ class Bottleneck(nn.Module):
         z = self.act(z)
         return F.dropout(z, self.p, True) if (self.p and self.training) else z
 
+    def branches(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Every listed copy's branch output at once: x (..., d), idx (k,) -> (..., k, d)."""
+        if self.ln_mode != "none":
+            raise ConfigError("composing adapters with their own LayerNorm (adapter_layernorm) is not supported")
+        di = idx if self.down.weight.shape[0] > 1 else torch.zeros_like(idx)
+        ui = idx if self.up.weight.shape[0] > 1 else torch.zeros_like(idx)
+        z = torch.einsum("...d,kmd->...km", x, self.down.weight.index_select(0, di))
+        z = self._mid(z + self.down.bias.index_select(0, di))
+        y = torch.einsum("...km,kdm->...kd", z, self.up.weight.index_select(0, ui)) + self.up.bias.index_select(0, ui)
+        if self.scale is not None:
+            y = y * self.scale.index_select(0, ui if self.scale.shape[0] > 1 else torch.zeros_like(ui)).unsqueeze(-1)
+        elif self.fixed_scale != 1.0:
+            y = y * self.fixed_scale
+        return y
+
     def forward(self, h: torch.Tensor, task) -> torch.Tensor:
         """The adapter's branch output (without the residual)."""
         x = self._ln(h, task) if self.ln_mode == "before" else h
@@ -125,27 +174,83 @@ class BottleneckSet(AdapterSet):
     def __init__(self, cfg: BottleneckConfig):
         super().__init__(cfg)
         self.adapters = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()
         self.per_task = cfg.copies("down") > 1 or cfg.copies("up") > 1
+        self.composition = None
+        self._plan = None
+        self._fusion_idx = {t: i for i, t in enumerate(cfg.fusion)}
 
     def _task(self, device):
         return self.router.resolve(device) if self.per_task else None
+
+    def frozen_parameters(self):
+        return [] if self.config.train_adapters else list(self.adapters.parameters())
 
     def attach(self, model, profile):
         cfg: BottleneckConfig = self.config
         if cfg.method == "parallel":
             self._attach_parallel(model, profile)
             return
+        sums = sum_inputs(self, model, profile, cfg, cfg.positions, cfg.places) \
+            if cfg.adapter_input == "normed_sum" else {}
         for place in sublayer_places(model, profile, cfg, cfg.positions, cfg.places):
             d = _out_width(place.module)
             ad = Bottleneck(d, cfg.hidden(d), cfg)
             self.adapters[place.key] = ad
-            self.add_forward_hook(place.module, self._sequential_hook(ad))
+            if cfg.fusion:
+                self.fusions[place.key] = Fusion(d, cfg.fusion_value, cfg.fusion_dropout)
+            self.add_forward_hook(place.module, self._sequential_hook(place.key, ad, sums.get(place.path)))
 
-    def _sequential_hook(self, ad: Bottleneck):
+    def _sequential_hook(self, key: str, ad: Bottleneck, tap):
         def hook(module, args, out):
             h = _first(out)
-            return _replace_first(out, h + ad(h, self._task(h.device)))
+            pre = tap.take() if tap is not None else _identity
+            if self.composition is None:
+                return _replace_first(out, h + ad(pre(h), self._task(h.device)))
+            return _replace_first(out, self._composed(key, ad, h, pre, self._plan))
         return hook
+
+    # -- composition -----------------------------------------------------------------
+    def set_composition(self, block) -> None:
+        """Compose this set's task adapters by ``block`` (Stack/Average/Fuse; None: plain routing)."""
+        if block is None:
+            self.composition, self._plan = None, None
+            return
+        if self.config.method == "parallel":
+            raise ConfigError("Stack/Average/Fuse compose sequential bottleneck adapters, not parallel ones")
+        self._plan = self._resolve(block)
+        self.composition = block
+
+    def _resolve(self, block):
+        tasks = self.config.tasks
+        if isinstance(block, str):
+            return ("one", tasks.index(block))
+        if isinstance(block, Stack):
+            return ("stack", [self._resolve(c) for c in block.children])
+        idx = torch.tensor([tasks.index(t) for t in block.children], dtype=torch.long)
+        if isinstance(block, Average):
+            return ("average", idx, torch.tensor(block.weights))
+        if isinstance(block, Fuse):
+            if set(block.children) != set(self.config.fusion):
+                raise ConfigError(f"{block!r} does not match this set's fusion layers over {self.config.fusion}")
+            return ("fuse", idx)
+        raise ConfigError(f"{type(block).__name__} cannot compose bottleneck adapters here")
+
+    def _composed(self, key, ad: Bottleneck, h, pre, plan):
+        kind = plan[0]
+        if kind == "one":
+            return h + ad(pre(h), plan[1])
+        if kind == "stack":
+            for p in plan[1]:
+                h = self._composed(key, ad, h, pre, p)
+            return h
+        x = pre(h)
+        idx = plan[1].to(h.device)
+        ups = ad.branches(x, idx)                                   # (..., k, d)
+        if kind == "average":  # AdapterHub: mean_i(w_i * (A_i(x) + h))
+            w = plan[2].to(device=h.device, dtype=h.dtype)
+            return ((ups * w.unsqueeze(-1)).sum(-2) + w.sum() * h) / idx.numel()
+        return self.fusions[key](x, ups, h)
 
     def _attach_parallel(self, model, profile):
         cfg: BottleneckConfig = self.config
@@ -157,8 +262,8 @@ class BottleneckSet(AdapterSet):
                 self.adapters[dst.key] = ad
                 slot: list = [None]
 
-                def capture(module, args, slot=slot):
-                    slot[0] = args[0]
+                def capture(module, args, kwargs, slot=slot):
+                    slot[0] = first_input(args, kwargs)
 
                 def add(module, args, out, ad=ad, slot=slot):
                     x = slot[0]
@@ -166,8 +271,62 @@ class BottleneckSet(AdapterSet):
                     h = _first(out)
                     return _replace_first(out, h + ad(x, self._task(h.device)))
 
-                self.add_pre_hook(src.module, capture)
+                self.add_pre_hook(src.module, capture, with_kwargs=True)
                 self.add_forward_hook(dst.module, add)
+
+
+def _identity(h):
+    return h
+
+
+class _SumTap:
+    """The residual x entering a sublayer (captured by a pre-hook) and the block's LayerNorm
+    after it (post-LN; None in pre-LN blocks): ``pre(h)`` is LN(h + x), or h + x."""
+
+    def __init__(self, norm: nn.Module | None):
+        self.x = None
+        self.norm = [norm]  # a list: not registered as a submodule of anything
+
+    def capture(self, module, args, kwargs):
+        self.x = first_input(args, kwargs)
+
+    def take(self):
+        """``pre`` for this call of the sublayer (the captured x is consumed)."""
+        x, self.x = self.x, None
+        if x is None:
+            raise ConfigError('adapter_input "normed_sum": the residual stream of this sublayer was not seen '
+                              "(its stream module did not run before the sublayer output)")
+        norm = self.norm[0]
+
+        def pre(h):
+            return norm(h + x) if norm is not None else h + x
+        return pre
+
+
+def sum_inputs(adapter_set: AdapterSet, model, profile, cfg, positions, places: dict | None = None) -> dict:
+    """For AdapterHub's ``seq_bn`` form: per output place path, a tap that sees the residual
+    stream x entering the sublayer (``<pos>_stream`` place) and, in post-LN blocks, the block's
+    LayerNorm after it (``<pos>_norm``). Explicit ``places`` may name both kinds."""
+    places = places or {}
+    post = getattr(adapter_set, "norm", "pre") == "post"
+    taps = {}
+    for pos in positions:
+        base = pos.removesuffix("_out")
+        if pos == "cross_attn_out" and not places.get(pos) and profile is not None and pos not in profile["places"]:
+            continue
+        for kind in [f"{base}_stream"] + ([f"{base}_norm"] if post else []):
+            if not places.get(kind) and (profile is None or kind not in profile["places"]):
+                raise ConfigError(f'adapter_input "normed_sum" needs place "{kind}" (the '
+                                  f'{"residual stream entering" if kind.endswith("stream") else "LayerNorm after"} '
+                                  f'the sublayer at "{pos}"); give it in places')
+        streams = paired_places(model, profile, cfg, f"{base}_stream", pos, places)
+        norms = {dst.path: n.module for n, dst in paired_places(model, profile, cfg, f"{base}_norm", pos, places)} \
+            if post else {}
+        for src, dst in streams:
+            tap = _SumTap(norms.get(dst.path))
+            adapter_set.add_pre_hook(src.module, tap.capture, with_kwargs=True)
+            taps[dst.path] = tap
+    return taps
 
 
 @dataclass
@@ -195,4 +354,5 @@ register_method("houlsby", HoulsbyConfig, BottleneckSet)
 register_method("pfeiffer", PfeifferConfig, BottleneckSet)
 register_method("parallel", ParallelConfig, BottleneckSet)
 
-__all__ = ["BottleneckConfig", "HoulsbyConfig", "PfeifferConfig", "ParallelConfig", "BottleneckSet", "Bottleneck"]
+__all__ = ["BottleneckConfig", "HoulsbyConfig", "PfeifferConfig", "ParallelConfig", "BottleneckSet", "Bottleneck",
+           "sum_inputs"]

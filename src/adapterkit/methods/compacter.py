@@ -5,6 +5,9 @@ linears are PHM layers, H = sum_i A_i (x) W_i.
   the Compacter paper) or one per layer (VL-Adapter's setting).
 - W_i full (in/n, out/n) or low-rank s_i t_i^T (``factorized_phm``, rank ``phm_rank``).
 - ``compacter``: after attention and FFN; ``compacter++``: after the FFN only.
+- ``adapter_input``: what the adapter reads, as for bottleneck adapters: ``sublayer`` (the
+  sublayer output h; AdapterHub's ``CompacterConfig`` form) or ``normed_sum`` (LN(h + x),
+  residual h, the block's LayerNorm again after; AdapterHub's ``CompacterPlusPlusConfig``).
 
 The H of every adapter of a stack (encoder, decoder, ...) is built in one batched einsum
 when that stack is entered (a pre-hook on the stack module), for all task copies, and
@@ -28,6 +31,7 @@ from adapterkit.core.hooks import replace_first as _replace_first
 from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.task_linear import task_linear
 from adapterkit.errors import ConfigError
+from adapterkit.methods.bottleneck import sum_inputs
 
 
 @dataclass
@@ -42,6 +46,7 @@ class CompacterConfig(AdapterConfig):
     phm_init_std: float = bounded(0.01, lo=0.0)
     activation: str = choice(*ACTIVATIONS, default="gelu_new")
     positions: list[str] = field(default_factory=lambda: ["attn_out", "cross_attn_out", "ffn_out"])
+    adapter_input: str = choice("sublayer", "normed_sum", default="sublayer")
 
     def hidden(self, d: int) -> int:
         m = self.bottleneck_dim if self.bottleneck_dim is not None else None
@@ -156,6 +161,7 @@ class CompacterSet(AdapterSet):
     def attach(self, model, profile):
         cfg: CompacterConfig = self.config
         places = sublayer_places(model, profile, cfg, cfg.positions)
+        self._taps = sum_inputs(self, model, profile, cfg, cfg.positions) if cfg.adapter_input == "normed_sum" else {}
         by_stack: dict[str, list] = {}
         for place in places:
             ad = CompacterAdapter(_out_width(place.module), cfg, self.phm_rules)
@@ -169,7 +175,7 @@ class CompacterSet(AdapterSet):
             self._calls[stack] = 0
             self.add_pre_hook(_stack_module(model, [p.path for p in ps]), self._enter(stack))
             for p in ps:
-                self.add_forward_hook(p.module, self._hook(stack, p.key))
+                self.add_forward_hook(p.module, self._hook(stack, p.key, self._taps.get(p.path)))
 
     def _enter(self, stack: str):
         def pre_hook(module, args):
@@ -204,13 +210,14 @@ class CompacterSet(AdapterSet):
                 out[keys[i]] = (hd[j], hu[j], ads[i].versions())
         return out
 
-    def _hook(self, stack: str, key: str):
+    def _hook(self, stack: str, key: str, tap=None):
         ad = self.adapters[key]
 
         def hook(module, args, out):
             h = _first(out)
             task = self.router.resolve(h.device) if self.per_task else None
-            return _replace_first(out, h + ad(h, task, self._weights(stack, key)))
+            x = tap.take()(h) if tap is not None else h
+            return _replace_first(out, h + ad(x, task, self._weights(stack, key)))
         return hook
 
 
