@@ -160,3 +160,23 @@ def test_video_paper_config(tmp_path):
     cfg.preset = "full_finetune"
     assert training_plan(cfg)["lr"] == 3e-5
     assert cfg.train.max_text_len == 600
+
+
+@pytest.mark.slow
+def test_video_config_trains_on_value_files(tmp_path):
+    """The video recipe end to end on a tiny random-init BART: VALUE files + subtitles -> trainer -> scores."""
+    from adapterkit.train.trainer import Trainer
+
+    test_video_paper_config(tmp_path)  # writes the VALUE fixture files under tmp_path/datasets
+    cfg = _paper_config("vl_bart_video_paper.yaml", tmp_path / "datasets")
+    cfg["model"] = {"backbone": "tiny-bart", "feat_dim": 512, "n_images": 1}
+    cfg["data"].update(max_train_examples=4, max_eval_examples=2)
+    cfg["train"].update(batch_size=2, epochs=1, max_text_len=64)
+    cfg["eval"].update(caption_beams=1, caption_max_new_tokens=3, max_new_tokens=2)
+    tr = Trainer(load_config(cfg), tmp_path / "run", max_steps=3)
+    ex = tr.train_data["tvqa"].examples[0]
+    assert ex.text == "[Subs] Hi. [Q] Why? [TS] (1.0-2.0) [Choices] a0: ans 0. a1: ans 1. a2: ans 2. a3: ans 3. a4: ans 4."
+    assert ex.targets == ["a1"]
+    res = tr.fit()
+    assert set(res["test"]) == {"tvqa", "how2qa", "tvc", "yc2c"}
+    assert 0.0 <= res["test"]["tvqa"]["accuracy"] <= 100.0 and "CIDEr" in res["test"]["tvc"]
