@@ -1,38 +1,100 @@
-"""Interop with HF PEFT: LoRA and prompt tuning in PEFT's own files and key names.
+"""Interop with HF PEFT: LoRA and prompt tuning in PEFT's own files and key names, lossless both ways.
 
 ``export_peft(model, dir)`` writes ``adapter_config.json`` + ``adapter_model.safetensors``
 that ``peft.PeftModel.from_pretrained(base, dir)`` loads unchanged; ``import_peft``
 reads such a directory into adapterkit modules. Per-task LoRAs/prompts export one PEFT
 adapter per task into ``dir/<task>/`` (PEFT's multi-adapter layout). The MLP
 reparameterisation of prompts is folded in (PEFT stores the final prompt vectors).
+
+What travels besides the adapter itself (both ways):
+
+- Biases. adapterkit's ``train_biases`` is PEFT's ``bias="all"`` (every bias of the model);
+  PEFT's ``bias="lora_only"`` (the biases of the LoRA-wrapped layers) becomes
+  ``trainable_modules`` naming exactly those biases, and is written back as ``lora_only``.
+- Other trained base modules (``trainable_modules``: a classifier head, LayerNorms with
+  ``train_layernorms``...) are PEFT's ``modules_to_save`` (each module by its full path).
+- PEFT's ``lora_bias=True`` (a bias on ``lora_B``) adds ``scaling * b`` to the layer's output,
+  which is what the layer's own bias does: it is folded into that bias, which becomes a trained
+  tensor of the adapter (written back as ``bias="lora_only"``; same function).
+- With ``bias="all"`` PEFT also writes a ``modules_to_save`` module's bias twice more
+  (``<m>.modules_to_save.bias``, the same value, and ``<m>.original_module.bias``, the untouched
+  base value its forward does not read); the trained value is loaded, the untouched copy is not.
+- PEFT's seq2seq prompt-tuning layout (``num_transformer_submodules=2``: 2 x V rows) loads: PEFT's
+  forward for ``PROMPT_TUNING`` prepends only rows ``0..V-1`` (to the encoder input) and never
+  reads the second V rows, so those are the prompt; the unread rows are not kept.
+
+Every tensor of a PEFT file is either loaded or named in a :class:`CheckpointError`; every
+config field adapterkit cannot represent is named in one :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from adapterkit.core.base import add_adapters, get_container
+from adapterkit.core.base import CONTAINER, add_adapters, get_container
 from adapterkit.errors import CheckpointError, ConfigError
 from adapterkit.safeio import atomic_write_json, load_weights, save_safetensors_atomic
 
-PREFIX = "base_model.model."
+PREFIX = "base_model.model."        # LoRA (tuner) files
+PROMPT_PREFIX = "base_model."       # prompt-learning files (the base model is wrapped directly)
+
+# Fields that describe the file or where it came from, or only the initialisation of weights
+# the file already holds: nothing to represent.
+_INFO = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+         "inference_mode"}
+# LoRA: targets come from the tensors themselves (target_modules, exclude_modules, layers_*),
+# fan_in_fan_out from the layer type (Conv1D), init_* / loftq / eva / corda only initialise.
+_LORA_INFO = {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
+              "init_lora_weights", "loftq_config", "eva_config", "corda_config", "megatron_core", "runtime_config",
+              "qalora_group_size"}
+_LORA_USED = {"r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "modules_to_save", "lora_bias"}
+_PROMPT_INFO = {"num_attention_heads", "num_layers", "prompt_tuning_init", "prompt_tuning_init_text",
+                "tokenizer_name_or_path", "tokenizer_kwargs"}
+_PROMPT_USED = {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "modules_to_save"}
+_WHY = {
+    "use_dora": "DoRA's magnitude vector has no adapterkit counterpart",
+    "rank_pattern": "one adapter has one rank in adapterkit",
+    "alpha_pattern": "one adapter has one alpha in adapterkit",
+    "layer_replication": "adapterkit never duplicates base layers",
+    "trainable_token_indices": "trainable token rows are not an adapterkit method",
+    "target_parameters": "adapterkit's LoRA wraps modules, not bare parameters",
+    "use_qalora": "QA-LoRA's pooled input is not adapterkit's LoRA",
+    "alora_invocation_tokens": "activated LoRA (token-dependent activation) is not adapterkit's LoRA",
+    "megatron_config": "Megatron parallel layers are not supported",
+    "ensure_weight_tying": "tied modules_to_save copies are not supported",
+}
 
 
-def _sets(model, kind):
-    container = get_container(model)
-    if container is None:
-        raise ConfigError("the model has no adapters attached")
-    found = [(n, s) for n, s in container.sets.items() if s.config.method == kind]
-    return container, found
+def _off(v) -> bool:
+    return v is None or v is False or v == {} or v == [] or v == ""
+
+
+def _check_fields(pcfg: dict, used: set, info: set, where: Path) -> None:
+    """One ConfigError naming every field whose value adapterkit cannot represent."""
+    bad = []
+    for k, v in pcfg.items():
+        if k in used or k in info or k in _INFO or _off(v):
+            continue
+        bad.append(f'"{k}" = {json.dumps(v)} ({_WHY.get(k, "adapterkit has no counterpart")})')
+    if pcfg.get("peft_type") == "LORA":
+        if pcfg.get("bias", "none") not in ("none", "all", "lora_only"):
+            bad.append(f'"bias" = {json.dumps(pcfg["bias"])} (PEFT knows "none", "all" and "lora_only")')
+    if bad:
+        raise ConfigError(f"{where}: PEFT config field(s) adapterkit cannot represent: " + "; ".join(bad))
+
+
+# ----------------------------------------------------------------------------- export
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> list[Path]:
-    """Export the LoRA or prompt-tuning adapter of ``model`` in HF PEFT's format."""
+    """Export the LoRA or prompt-tuning adapter of ``model`` in HF PEFT's format, with the base
+    tensors the freeze policy trains (biases, ``trainable_modules``, LayerNorms, heads)."""
     container = get_container(model)
     if container is None:
         raise ConfigError("the model has no adapters attached")
@@ -43,6 +105,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> list[Path]:
             f"export_peft supports exactly one LoRA or prompt-tuning adapter; this model has {sorted(methods)}"
         )
     (name, s), = container.sets.items()
+    if s.merged:
+        raise ConfigError("unmerge the adapters before exporting (adapterkit.unmerge_adapters(model))")
     directory = Path(directory)
     per_task = s.per_task
     tasks = list(s.config.tasks) if per_task else [None]
@@ -56,29 +120,77 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> list[Path]:
     return out
 
 
+def _trained_base(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Base parameters the freeze policy trains, by name."""
+    container = get_container(model)
+    names = set(container.base_trainable)
+    return {n: p.detach() for n, p in model.named_parameters() if n in names}
+
+
+def _base_extras(model: nn.Module, lora_paths: set[str], prefix: str, has_bias_mode: bool = True):
+    """(bias mode, modules_to_save, tensors) for the trained base parameters.
+
+    ``train_biases`` -> ``bias="all"``; trained biases exactly of the LoRA layers -> ``"lora_only"``;
+    everything else trained (LayerNorms, heads, single biases) -> the owning module in ``modules_to_save``
+    (PEFT then saves and trains that whole module: a superset, with the same values).
+    """
+    trained = _trained_base(model)
+    train_biases = any(c.config.train_biases for c in get_container(model).sets.values())
+    biases = {n for n in trained if n.rpartition(".")[2] == "bias"}
+    lora_biases = {f"{p}.bias" for p in lora_paths}
+    if not has_bias_mode:  # prompt tuning: PEFT has no bias option there
+        bias_mode, in_bias = "none", set()
+    elif train_biases:
+        bias_mode, in_bias = "all", biases
+    elif lora_paths and biases and biases <= lora_biases:
+        bias_mode, in_bias = "lora_only", biases
+    else:
+        bias_mode, in_bias = "none", set()
+    modules = sorted({n.rpartition(".")[0] for n in trained if n not in in_bias})
+    clash = sorted(set(modules) & lora_paths)
+    if clash:
+        raise ConfigError(f"cannot export to PEFT: {clash[0]} is both a LoRA target and a trained base module "
+                          "(PEFT's modules_to_save cannot wrap a LoRA layer)")
+    params = dict(model.named_parameters())
+    tensors = {}
+    for n in sorted(in_bias):
+        path, _, leaf = n.rpartition(".")
+        key = f"{path}.base_layer.{leaf}" if path in lora_paths else n
+        tensors[prefix + key] = trained[n]
+    for m in modules:  # PEFT saves the whole module of a modules_to_save entry
+        for n, p in params.items():
+            if n.startswith(m + ".") and "." not in n[len(m) + 1:] and not n.startswith(CONTAINER + "."):
+                tensors.setdefault(prefix + n, p.detach())
+    return bias_mode, (modules or None), tensors
+
+
 def _export_lora(model, s, task, d: Path) -> Path:
     cfg = s.config
     tensors, fan = {}, set()
+    paths = set()
     for key, layer in s.layers.items():
         path = key.replace("__", ".")
+        paths.add(path)
         a = layer.A.weight[0 if layer.A.n == 1 else task]
         b = layer.B.weight[0 if layer.B.n == 1 else task]
         tensors[f"{PREFIX}{path}.lora_A.weight"] = a.detach()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = b.detach()
         fan.add(layer.fan_in_fan_out)
+    bias_mode, modules_to_save, extra = _base_extras(model, paths, PREFIX)
+    tensors.update(extra)
     peft_cfg = {
         "peft_type": "LORA",
         "task_type": None,
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": sorted(k.replace("__", ".") for k in s.layers),
+        "target_modules": sorted(paths),
         "fan_in_fan_out": any(fan),
         "use_rslora": cfg.use_rslora,
-        "bias": "none",
+        "bias": bias_mode,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     }
     save_safetensors_atomic(tensors, d / "adapter_model.safetensors")
@@ -86,14 +198,29 @@ def _export_lora(model, s, task, d: Path) -> Path:
     return d
 
 
+def _task_type(model: nn.Module, enc_dec: bool) -> str:
+    """PEFT's task type for a prompt-tuned model (it picks PEFT's model class, hence the forward)."""
+    cls = type(model).__name__
+    for part, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+                       ("ForQuestionAnswering", "QUESTION_ANS")):
+        if part in cls:
+            return task
+    if enc_dec:
+        return "SEQ_2_SEQ_LM"
+    if "CausalLM" in cls or "LMHead" in cls:
+        return "CAUSAL_LM"
+    return "FEATURE_EXTRACTION"
+
+
 def _export_prompt(model, s, task, d: Path) -> Path:
     table = s.table().detach()
     emb = table[0 if task is None else task]
     mcfg = getattr(model, "config", None)
     enc_dec = bool(getattr(mcfg, "is_encoder_decoder", False))
+    _, modules_to_save, extra = _base_extras(model, set(), PROMPT_PREFIX, has_bias_mode=False)
     peft_cfg = {
         "peft_type": "PROMPT_TUNING",
-        "task_type": "SEQ_2_SEQ_LM" if enc_dec else "CAUSAL_LM",
+        "task_type": _task_type(model, enc_dec),
         "num_virtual_tokens": s.config.num_tokens,
         "token_dim": int(emb.shape[-1]),
         "num_transformer_submodules": 1,
@@ -101,15 +228,22 @@ def _export_prompt(model, s, task, d: Path) -> Path:
         "num_layers": getattr(mcfg, "num_hidden_layers", None),
         "prompt_tuning_init": "RANDOM",
         "inference_mode": True,
+        "modules_to_save": modules_to_save,
         "base_model_name_or_path": getattr(mcfg, "_name_or_path", None) or None,
     }
-    save_safetensors_atomic({"prompt_embeddings": emb.contiguous()}, d / "adapter_model.safetensors")
+    tensors = {"prompt_embeddings": emb.contiguous()}
+    tensors.update(extra)
+    save_safetensors_atomic(tensors, d / "adapter_model.safetensors")
     atomic_write_json(d / "adapter_config.json", peft_cfg)
     return d
 
 
+# ----------------------------------------------------------------------------- import
+
+
 def import_peft(model: nn.Module, directory: str | os.PathLike, name: str | None = None, **overrides) -> nn.Module:
-    """Load a HF PEFT LoRA or prompt-tuning adapter directory into ``model``."""
+    """Load a HF PEFT LoRA or prompt-tuning adapter directory into ``model``, with its trained
+    biases and ``modules_to_save`` tensors (heads...) loaded into the model's own modules."""
     directory = Path(directory)
     cpath = directory / "adapter_config.json"
     if not cpath.exists():
@@ -118,51 +252,136 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str | None
         pcfg = json.loads(cpath.read_text())
     except ValueError as e:
         raise CheckpointError(f"{cpath} is not valid JSON: {e}") from None
+    if not isinstance(pcfg, dict):
+        raise CheckpointError(f"{cpath} does not hold a JSON object")
     ptype = pcfg.get("peft_type")
+    if ptype not in ("LORA", "PROMPT_TUNING"):
+        raise CheckpointError(f"{cpath}: PEFT type {ptype!r} is not supported (LORA and PROMPT_TUNING are)")
     wfile = directory / "adapter_model.safetensors"
     if not wfile.exists() and (directory / "adapter_model.bin").exists():
         wfile = directory / "adapter_model.bin"
     tensors = load_weights(wfile)
     if ptype == "LORA":
+        _check_fields(pcfg, _LORA_USED, _LORA_INFO, cpath)
         return _import_lora(model, pcfg, tensors, wfile, name, overrides)
-    if ptype == "PROMPT_TUNING":
-        return _import_prompt(model, pcfg, tensors, wfile, name, overrides)
-    raise CheckpointError(f"{cpath}: PEFT type {ptype!r} is not supported (LORA and PROMPT_TUNING are)")
+    _check_fields(pcfg, _PROMPT_USED, _PROMPT_INFO, cpath)
+    return _import_prompt(model, pcfg, tensors, wfile, name, overrides)
 
 
-def _strip(key: str) -> str:
-    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    return key.replace(".default.", ".")  # in-memory PEFT state dicts carry the adapter name
+def _strip(key: str, prefix: str = PREFIX) -> str:
+    key = key[len(prefix):] if key.startswith(prefix) else key
+    key = key.replace(".default.", ".")  # in-memory PEFT state dicts carry the adapter name
+    # with bias="all", PEFT also writes a modules_to_save module's bias as "<m>.modules_to_save.bias"
+    return key.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
+
+
+def _rx(path: str) -> str:
+    return "^" + re.escape(path) + "$"
+
+
+def _modules_to_save(model: nn.Module, names) -> list[str]:
+    """Module paths PEFT's ``modules_to_save`` names select (its rule: the path ends with the name)."""
+    if not names:
+        return []
+    if isinstance(names, str):
+        names = [names]
+    return [p for p, _ in model.named_modules() if p and not p.startswith(CONTAINER)
+            and any(p.endswith(n) for n in names)]
+
+
+def _base_tensors(model, tensors: dict, prefix: str, wfile) -> dict[str, torch.Tensor]:
+    """The file's tensors that belong to base parameters, by parameter name; any other key is an error."""
+    params = dict(model.named_parameters())
+    tied = {n: p for n, p in model.named_parameters(remove_duplicate=False) if n not in params}
+    out = {}
+    for k, t in tensors.items():
+        if _strip(k, prefix) in tied:
+            raise ConfigError(f'{wfile}: "modules_to_save" holds {_strip(k, prefix)!r}, which {type(model).__name__} '
+                              "ties to another parameter; PEFT trains an untied copy, adapterkit cannot represent it")
+        if ".original_module." in k:
+            continue  # PEFT's untouched copy of a modules_to_save module (bias="all" saves its bias): not read
+        n = _strip(k, prefix)
+        if n in out and not torch.equal(out[n], t):
+            raise CheckpointError(f"{wfile} holds two different values for {n!r}")
+        if n not in params or n.startswith(CONTAINER + "."):
+            raise CheckpointError(f"{wfile} has key {k!r}, which matches no parameter of {type(model).__name__}")
+        if tuple(t.shape) != tuple(params[n].shape):
+            raise CheckpointError(f"shape mismatch for {k!r}: file has {tuple(t.shape)}, model has "
+                                  f"{tuple(params[n].shape)}")
+        out[n] = t
+    return out
+
+
+def _freeze_extras(model, base: dict, bias_mode: str, lora_paths: list[str], modules: list[str]) -> dict:
+    """Freeze-policy options that make exactly the file's base tensors trained."""
+    extra: dict = {}
+    rx = []
+    if bias_mode == "all":
+        extra["train_biases"] = True
+    elif bias_mode == "lora_only":
+        rx += [_rx(f"{p}.bias") for p in lora_paths if f"{p}.bias" in dict(model.named_parameters())]
+    rx += ["^" + re.escape(m) + r"\." for m in modules]
+    covered = [re.compile(r) for r in rx]
+    for n in base:  # a tensor outside what the file's config trains (e.g. a hand-made file): train it too
+        if not (bias_mode == "all" and n.rpartition(".")[2] == "bias") and not any(r.search(n) for r in covered):
+            rx.append(_rx(n))
+    if rx:
+        extra["trainable_modules"] = rx
+    return extra
+
+
+def _load_base(model, base: dict) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in base.items():
+            params[n].copy_(t.to(params[n].dtype))
 
 
 def _import_lora(model, pcfg, tensors, wfile, name, overrides):
-    if pcfg.get("use_dora"):
-        raise CheckpointError(f"{wfile}: DoRA adapters are not supported")
-    if pcfg.get("rank_pattern") or pcfg.get("alpha_pattern"):
-        raise CheckpointError(f"{wfile}: per-module rank/alpha patterns are not supported")
-    paths = sorted({_strip(k).rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k})
+    adapter = {k: v for k, v in tensors.items() if ".lora_A." in k or ".lora_B." in k}
+    paths = sorted({_strip(k).rsplit(".lora_", 1)[0] for k in adapter if ".lora_A." in k})
     if not paths:
         raise CheckpointError(f"{wfile} holds no lora_A weights")
+    bias_mode = pcfg.get("bias") or "none"
+    lora_bias = {_strip(k).rsplit(".lora_B.", 1)[0]: v for k, v in adapter.items() if k.endswith(".lora_B.bias")}
+    if lora_bias and not pcfg.get("lora_bias"):
+        raise CheckpointError(f"{wfile} has lora_B.bias tensors but its config says lora_bias is false")
+    modules = _modules_to_save(model, pcfg.get("modules_to_save"))
+    base = _base_tensors(model, {k: v for k, v in tensors.items() if k not in adapter}, PREFIX, wfile)
+    mods = dict(model.named_modules())
+    for p in lora_bias:
+        if p not in mods or getattr(mods[p], "bias", None) is None:
+            raise ConfigError(f'{wfile}: "lora_bias" on {p}, which has no bias of its own to fold it into')
+    fold = sorted(lora_bias)
+    extras = _freeze_extras(model, base, bias_mode, paths, modules)
+    if fold:
+        extras.setdefault("trainable_modules", [])
+        extras["trainable_modules"] += [_rx(f"{p}.bias") for p in fold if _rx(f"{p}.bias") not in
+                                        extras["trainable_modules"]]
     cfg = {
         "method": "lora", "r": int(pcfg["r"]), "alpha": float(pcfg.get("lora_alpha", 8)),
         "dropout": float(pcfg.get("lora_dropout", 0.0)), "use_rslora": bool(pcfg.get("use_rslora", False)),
-        "target_modules": ["^" + p.replace(".", r"\.") + "$" for p in paths],
+        "target_modules": [_rx(p) for p in paths], **extras,
     }
     cfg.update(overrides)
     add_adapters(model, cfg, name=name)
-    container = get_container(model)
-    s = container.sets[name or "lora"]
+    s = get_container(model).sets[name or "lora"]
     with torch.no_grad():
         for key, layer in s.layers.items():
             path = key.replace("__", ".")
             for part, mod in (("A", layer.A), ("B", layer.B)):
-                k = next((k for k in tensors if _strip(k) == f"{path}.lora_{part}.weight"), None)
+                k = next((k for k in adapter if _strip(k) == f"{path}.lora_{part}.weight"), None)
                 if k is None:
                     raise CheckpointError(f"{wfile} is missing key {PREFIX}{path}.lora_{part}.weight")
-                t = tensors[k]
+                t = adapter[k]
                 if tuple(t.shape) != tuple(mod.weight.shape[1:]):
-                    raise CheckpointError(f"shape mismatch for {k!r}: file has {tuple(t.shape)}, model needs {tuple(mod.weight.shape[1:])}")
+                    raise CheckpointError(f"shape mismatch for {k!r}: file has {tuple(t.shape)}, model needs "
+                                          f"{tuple(mod.weight.shape[1:])}")
                 mod.weight.copy_(t.to(mod.weight.dtype).unsqueeze(0).expand_as(mod.weight))
+        _load_base(model, base)
+        for p in fold:  # out += scaling * b: the layer's own bias does exactly that
+            bias = mods[p].bias
+            bias.add_(lora_bias[p].to(bias.dtype) * s.layers[p.replace(".", "__")].scaling)
     return model
 
 
@@ -170,15 +389,27 @@ def _import_prompt(model, pcfg, tensors, wfile, name, overrides):
     if "prompt_embeddings" not in tensors:
         raise CheckpointError(f"{wfile} is missing key 'prompt_embeddings'")
     emb = tensors["prompt_embeddings"]
-    n = int(pcfg.get("num_virtual_tokens", emb.shape[0]))
-    if pcfg.get("num_transformer_submodules", 1) not in (1, None):
-        raise CheckpointError(f"{wfile}: prompts for {pcfg['num_transformer_submodules']} submodules (encoder and decoder) are not supported")
-    cfg = {"method": "prompt", "num_tokens": n}
+    n = int(pcfg.get("num_virtual_tokens") or emb.shape[0])
+    subs = pcfg.get("num_transformer_submodules") or 1
+    enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    if subs not in (1, 2) or (subs == 2 and not enc_dec):
+        raise ConfigError(f'{wfile}: "num_transformer_submodules" = {subs} needs an encoder-decoder model '
+                          f"(this is {type(model).__name__})" if subs == 2 else
+                          f'{wfile}: "num_transformer_submodules" = {subs} is not a PEFT layout')
+    if emb.dim() != 2 or emb.shape[0] != n * subs:
+        raise CheckpointError(f"{wfile}: prompt_embeddings has shape {tuple(emb.shape)}, the config says "
+                              f"{n} tokens x {subs} submodule(s)")
+    emb = emb[:n]  # PEFT's PROMPT_TUNING forward prepends rows 0..n-1 to the encoder and reads no others
+    modules = _modules_to_save(model, pcfg.get("modules_to_save"))
+    base = _base_tensors(model, {k: v for k, v in tensors.items() if k != "prompt_embeddings"}, PROMPT_PREFIX, wfile)
+    cfg = {"method": "prompt", "num_tokens": n, **_freeze_extras(model, base, "none", [], modules)}
     cfg.update(overrides)
     add_adapters(model, cfg, name=name)
     s = get_container(model).sets[name or "prompt"]
     if tuple(emb.shape) != tuple(s.embedding.shape[1:]):
-        raise CheckpointError(f"shape mismatch for 'prompt_embeddings': file has {tuple(emb.shape)}, model needs {tuple(s.embedding.shape[1:])}")
+        raise CheckpointError(f"shape mismatch for 'prompt_embeddings': file has {tuple(emb.shape)}, model needs "
+                              f"{tuple(s.embedding.shape[1:])}")
     with torch.no_grad():
         s.embedding.copy_(emb.to(s.embedding.dtype).unsqueeze(0).expand_as(s.embedding))
+        _load_base(model, base)
     return model
