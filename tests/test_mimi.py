@@ -1,4 +1,5 @@
-"""MiMi structured pruning: scores, schedule, smaller adapters, retraining hook, saved-dir pruning."""
+"""MiMi structured pruning against IemProg/MiMi: scores, global threshold, schedule, smaller (or removed)
+adapters, retraining hook, saved-dir pruning."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.utils.prune as torch_prune
+from torch import nn
 
 import adapterkit
 from adapterkit.errors import ConfigError
@@ -45,13 +48,76 @@ def test_schedule():
 def test_scores_follow_the_formula():
     g = torch.Generator().manual_seed(0)
     down, up = torch.randn(2, 5, 12, generator=g), torch.randn(2, 12, 5, generator=g)
-    s = unit_scores(down, up)
     raw = (down.abs().sum((0, 2)) + up.abs().sum((0, 1))) / 24
-    torch.testing.assert_close(s, raw / raw.max())
+    torch.testing.assert_close(unit_scores(down, up), raw)
+    torch.testing.assert_close(unit_scores(down, up, normalize=True), raw / raw.max())
     sel = select_units({"a": torch.tensor([1.0, 0.2, 0.9]), "b": torch.tensor([0.1, 1.0])}, 3)
     assert sel["a"].tolist() == [0, 2] and sel["b"].tolist() == [1]
-    sel = select_units({"a": torch.tensor([1.0, 0.9]), "b": torch.tensor([0.1, 1.0])}, 1)  # min_keep=1 each
+    sel = select_units({"a": torch.tensor([1.0, 0.9]), "b": torch.tensor([0.1, 0.5])}, 2)
+    assert sel["a"].tolist() == [0, 1] and sel["b"].tolist() == []  # an adapter may lose every unit
+    sel = select_units({"a": torch.tensor([1.0, 0.9]), "b": torch.tensor([0.1, 0.5])}, 1, min_keep=1)
     assert sel["a"].tolist() == [0] and sel["b"].tolist() == [1]
+    sel = select_units({"a": torch.tensor([1.0, 0.5]), "b": torch.tensor([0.5, 1.0])}, 3)
+    assert sel["a"].tolist() == [0, 1] and sel["b"].tolist() == [0, 1]  # ties at the threshold are kept
+    assert all(v.numel() == 0 for v in select_units({"a": torch.tensor([1.0]), "b": torch.tensor([0.5])}, 0).values())
+
+
+def _reference_kept_rows(pairs, amount, weighted):
+    """IemProg/MiMi few_shot_prune.py::structured_magnitude_pruning_layer (scaling=1) on unmasked
+    adapters: survivors per adapter from the global threshold, rows chosen by prune.ln_structured."""
+    num_surv = int(math.floor(sum(fc1.shape[0] for fc1, _ in pairs) * (1.0 - amount)))
+    flattened_scores = []
+    for fc1, fc2 in pairs:
+        concat = torch.cat((fc1, fc2.T), 1)
+        w = torch.sum(torch.abs(concat), 1)
+        w /= concat.shape[1]
+        flattened_scores.append(w.view(-1))
+    if weighted == 1:
+        flattened_scores = [torch.Tensor([item / max(score) if item != 0 else item for item in score])
+                            for score in flattened_scores]
+    flat = torch.cat(flattened_scores, dim=0)
+    threshold = torch.tensor(math.inf) if num_surv == 0 else torch.topk(flat, num_surv)[0][-1]
+    final_survs = [int(torch.ge(score, threshold).sum()) for score in flattened_scores]
+    kept = []
+    for (fc1, fc2), surv in zip(pairs, final_survs):
+        concat = torch.cat((fc1, fc2.T), 1)
+        mod = nn.Linear(concat.shape[1], concat.shape[0], bias=False)
+        mod.weight = nn.Parameter(concat.clone())
+        torch_prune.ln_structured(mod, name="weight", amount=float(1.0 - surv / concat.shape[0]), n=1, dim=0)
+        kept.append(mod.weight_mask.any(1).nonzero().flatten().tolist())
+    return kept
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_selection_matches_the_reference_and_may_remove_an_adapter(normalize, tmp_path):
+    model = _model(seed=7)
+    s = model.adapterkit.sets["houlsby"]
+    weak = next(iter(s.adapters))
+    with torch.no_grad():  # one adapter with small weights: the reference removes it entirely (weighted=0)
+        s.adapters[weak].down.weight.mul_(0.01)
+        s.adapters[weak].up.weight.mul_(0.01)
+    pairs = [(ad.down.weight[0].detach().clone(), ad.up.weight[0].detach().clone()) for ad in s.adapters.values()]
+    ref = _reference_kept_rows(pairs, 0.5, weighted=int(normalize))
+    kept_rows = {}
+    orig = {k: ad.down.weight[0].detach().clone() for k, ad in s.adapters.items()}
+    adapterkit.save_adapters(model, tmp_path / "full")
+    prune_model(model, amount=0.5, rounds=1, normalize=normalize)
+    for (k, ad), want in zip(s.adapters.items(), ref):
+        rows = [int((orig[k] == r).all(1).nonzero()) for r in ad.down.weight[0].detach()]
+        kept_rows[k] = rows
+        assert rows == want
+    assert (len(kept_rows[weak]) == 0) == (not normalize)
+    if not normalize:  # a removed adapter adds nothing, saves and reloads
+        assert s.config.widths[weak] == 0 and s.adapters[weak].up.bias is None
+        before = _out(model)
+        adapterkit.save_adapters(model, tmp_path / "p")
+        loaded = adapterkit.load_adapters(tiny_model("bert"), tmp_path / "p").eval()
+        assert torch.equal(_out(loaded), before) and _widths(loaded)[weak] == 0
+        x = torch.randn(2, 3, 32)
+        assert torch.equal(s.adapters[weak](x, None), torch.zeros(2, 3, 32))
+        prune_adapter_dir(tmp_path / "full", tmp_path / "small", amount=0.5, rounds=1)  # the saved-dir path
+        small = adapterkit.load_adapters(tiny_model("bert"), tmp_path / "small").eval()
+        assert torch.equal(_out(small), before) and _widths(small) == _widths(model)
 
 
 def test_pruning_gives_the_scheduled_size_and_retrains_between_rounds(tmp_path):

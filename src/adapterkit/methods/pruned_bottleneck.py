@@ -41,8 +41,8 @@ class PrunedBottleneckConfig(BottleneckConfig):
                     f'unknown position "{p}" for base_method "{self.base_method}"; allowed: {sorted(allowed)}'
                 )
         for k, w in self.widths.items():
-            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-                raise ConfigError(f'widths["{k}"] must be an integer >= 1, got {w!r}')
+            if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+                raise ConfigError(f'widths["{k}"] must be an integer >= 0 (0: the place has no adapter), got {w!r}')
 
 
 _INIT_PAIRS = {
@@ -59,6 +59,8 @@ def resize_hidden(ad: Bottleneck, keep, init: str = "bert") -> None:
     With indices, the kept units' weights are copied exactly (rows of the down
     projection and its bias, columns of the up projection); with an int, fresh
     projections of that width, initialised by the bottleneck ``init`` scheme, replace the old ones.
+    Width 0 removes the adapter: no hidden units, no up bias and no adapter LayerNorm, so its
+    branch output is exactly zero.
     """
     down, up = ad.down, ad.up
     if isinstance(keep, int):
@@ -68,7 +70,7 @@ def resize_hidden(ad: Bottleneck, keep, init: str = "bert") -> None:
         width = int(idx.numel())
     down_init, up_init = ("zeros", "zeros") if idx is not None else _INIT_PAIRS[init]
     new_down = TaskLinear(down.in_features, width, down.n, bias=down.bias is not None, init=down_init)
-    new_up = TaskLinear(width, up.out_features, up.n, bias=up.bias is not None, init=up_init)
+    new_up = TaskLinear(width, up.out_features, up.n, bias=up.bias is not None and width > 0, init=up_init)
     new_down.to(device=down.weight.device, dtype=down.weight.dtype)
     new_up.to(device=up.weight.device, dtype=up.weight.dtype)
     if idx is not None:
@@ -76,11 +78,15 @@ def resize_hidden(ad: Bottleneck, keep, init: str = "bert") -> None:
         if down.bias is not None:
             new_down.bias.data.copy_(down.bias.data.index_select(1, idx))
         new_up.weight.data.copy_(up.weight.data.index_select(2, idx))
-        if up.bias is not None:
+        if new_up.bias is not None:
             new_up.bias.data.copy_(up.bias.data)
     new_down.weight.requires_grad_(down.weight.requires_grad)
     new_up.weight.requires_grad_(up.weight.requires_grad)
     ad.down, ad.up = new_down, new_up
+    if width == 0:
+        if getattr(ad, "ln_mode", "none") != "none":
+            ad.ln_mode = "none"
+            del ad.ln_weight, ad.ln_bias
 
 
 class PrunedBottleneckSet(BottleneckSet):

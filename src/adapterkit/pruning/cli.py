@@ -18,13 +18,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--amount", type=float, default=0.5, help="fraction pruned per round (rho)")
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--min-keep", type=int, default=1, help="hidden units every adapter keeps at least")
+    p.add_argument("--min-keep", type=int, default=0,
+                   help="hidden units every adapter keeps at least (default 0: an adapter may be removed, as MiMi)")
+    p.add_argument("--normalize", action="store_true",
+                   help="divide each adapter's scores by their maximum (MiMi's weighted=1; its scripts use 0)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    s = prune_adapter_dir(args.in_dir, args.out, args.amount, args.rounds, args.min_keep)
+    s = prune_adapter_dir(args.in_dir, args.out, args.amount, args.rounds, args.min_keep, args.normalize)
     print(f"pruned {s['initial_units']} -> {s['units']} hidden units "
           f"({100 * (1 - s['units'] / max(s['initial_units'], 1)):.1f}% removed) into {args.out}")
     return 0

@@ -1,18 +1,25 @@
 """MiMi (IemProg/MiMi, WACV'24): iterative structured pruning of bottleneck adapters.
 
-Score of hidden unit ``i`` of adapter ``j``::
+Score of hidden unit ``i`` of adapter ``j`` (``few_shot_prune.py::
+structured_magnitude_pruning_layer``, ``scaling=1``)::
 
     s_ij = (||W_down[i, :]||_1 + ||W_up[:, i]||_1) / (d_in + d_out)
 
-normalised per adapter by its maximum, then one global threshold keeps the
-``floor(N * (1 - a_t))`` best units over all adapters, where ``N`` is the number of
-hidden units before pruning and the schedule is ``a_1 = rho``,
-``a_t = a_{t-1} + (1 - a_{t-1}) * rho``. Units are removed structurally: the adapter
-becomes a smaller ordinary bottleneck (the ``pruned_bottleneck`` method records the
-width of each place), not a masked one. With per-task copies the L1 norms are summed
-over the copies (a unit is removed from every copy at once). Between rounds a
-user-supplied ``train_fn(model, round)`` retrains (build a fresh optimizer in it: the
-pruned modules are new tensors).
+With ``normalize=True`` (the function's ``weighted=1``) the scores are divided by each
+adapter's maximum; the default ``normalize=False`` is ``weighted=0``, what the
+reference's command line (``--weighted 0``, its default) and every released run script
+use. One global threshold, the k-th largest score with ``k = floor(N * (1 - a_t))``
+(``N`` the hidden units before pruning; schedule ``a_1 = rho``,
+``a_t = a_{t-1} + (1 - a_{t-1}) * rho``), keeps every unit scoring at least the
+threshold (ties kept, as ``torch.ge``), none when k = 0. An adapter may lose all its
+units, as in the reference: it is then removed (width 0: no hidden units and no up
+bias, so it adds exactly nothing). ``min_keep`` > 0 forces each adapter to keep its
+best units instead. Units are removed structurally: the adapter becomes a smaller
+ordinary bottleneck (the ``pruned_bottleneck`` method records the width of each
+place), not a masked one. With per-task copies the L1 norms are summed over the copies
+(a unit is removed from every copy at once). Between rounds a user-supplied
+``train_fn(model, round)`` retrains (build a fresh optimizer in it: the pruned modules
+are new tensors).
 """
 
 from __future__ import annotations
@@ -48,24 +55,26 @@ def schedule(amount: float, rounds: int) -> list[float]:
     return out
 
 
-def unit_scores(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Normalised MiMi scores of the hidden units of one adapter.
+def unit_scores(down: torch.Tensor, up: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """MiMi scores of the hidden units of one adapter (divided by their maximum with ``normalize``).
 
     ``down`` is (n, m, d_in) and ``up`` (n, d_out, m) (stacked per-task copies, n >= 1).
     """
     d_in, d_out = down.shape[-1], up.shape[-2]
     s = (down.detach().abs().sum(dim=(0, 2)) + up.detach().abs().sum(dim=(0, 1))) / (d_in + d_out)
     s = s.float()
-    mx = s.max() if s.numel() else s.new_tensor(0.0)
-    return s / mx if mx > 0 else torch.ones_like(s)
+    if not normalize or not s.numel():
+        return s
+    mx = s.max()
+    return s / mx if mx > 0 else s
 
 
-def select_units(scores: dict[str, torch.Tensor], keep_total: int, min_keep: int = 1) -> dict[str, torch.Tensor]:
-    """Global selection: the ``keep_total`` highest scores over all adapters.
+def select_units(scores: dict[str, torch.Tensor], keep_total: int, min_keep: int = 0) -> dict[str, torch.Tensor]:
+    """Global selection as the reference: every unit scoring at least the ``keep_total``-th
+    highest score over all adapters (ties kept; nothing when ``keep_total`` is 0).
 
-    Every adapter keeps at least ``min_keep`` units (its best ones), so the total is
-    ``max(keep_total, min_keep * n_adapters)`` (capped by the units available).
-    Returns sorted kept indices per adapter.
+    An adapter can lose every unit. With ``min_keep`` > 0 each adapter also keeps its
+    ``min_keep`` best units. Returns sorted kept indices per adapter.
     """
     keys = list(scores)
     if not keys:
@@ -79,10 +88,10 @@ def select_units(scores: dict[str, torch.Tensor], keep_total: int, min_keep: int
         m = min(min_keep, sizes[j])
         if m > 0:
             chosen[offsets[j] + torch.topk(scores[k].reshape(-1), m).indices] = True
-    rest = max(0, min(keep_total, flat.numel()) - int(chosen.sum()))
-    if rest:
-        cand = flat.masked_fill(chosen, -math.inf)
-        chosen[torch.topk(cand, rest).indices] = True
+    k = min(keep_total, flat.numel())
+    if k > 0:
+        threshold = torch.topk(flat, k).values[-1]
+        chosen |= flat >= threshold
     out = {}
     for j, k in enumerate(keys):
         local = chosen[owner == j].nonzero().flatten()
@@ -131,7 +140,8 @@ def prune_model(
     rounds: int = 2,
     train_fn: Callable[[nn.Module, int], None] | None = None,
     name: str | None = None,
-    min_keep: int = 1,
+    min_keep: int = 0,
+    normalize: bool = False,
 ) -> list[dict]:
     """Prune the model's bottleneck adapters in place with MiMi; returns a per-round log.
 
@@ -145,7 +155,7 @@ def prune_model(
     log = []
     for t, a in enumerate(schedule(amount, rounds)):
         keep_total = int(math.floor(n0 * (1.0 - a)))
-        scores = {key: unit_scores(ad.down.weight, ad.up.weight) for key, ad in modules.items()}
+        scores = {key: unit_scores(ad.down.weight, ad.up.weight, normalize) for key, ad in modules.items()}
         keep = select_units(scores, keep_total, min_keep)
         with torch.no_grad():
             for key, ad in modules.items():
@@ -166,7 +176,8 @@ def prune_adapter_dir(
     out_dir: str | os.PathLike,
     amount: float = 0.5,
     rounds: int = 1,
-    min_keep: int = 1,
+    min_keep: int = 0,
+    normalize: bool = False,
 ) -> dict:
     """Prune a saved bottleneck adapter directory (no model, no retraining) and write a new one.
 
@@ -197,7 +208,7 @@ def prune_adapter_dir(
                 raise ConfigError(f"{in_dir}: adapter {p} has no {part}")
     n0 = sum(t[f"{v['prefix']}.down.weight"].shape[1] for v in places.values())
     keep_total = int(math.floor(n0 * (1.0 - a)))
-    scores = {key: unit_scores(t[f"{v['prefix']}.down.weight"], t[f"{v['prefix']}.up.weight"])
+    scores = {key: unit_scores(t[f"{v['prefix']}.down.weight"], t[f"{v['prefix']}.up.weight"], normalize)
               for key, v in places.items()}
     keep = select_units(scores, keep_total, min_keep)
     tensors = dict(t)
@@ -208,6 +219,9 @@ def prune_adapter_dir(
         if f"{p}.down.bias" in t:
             tensors[f"{p}.down.bias"] = t[f"{p}.down.bias"].index_select(1, idx)
         tensors[f"{p}.up.weight"] = t[f"{p}.up.weight"].index_select(2, idx)
+        if idx.numel() == 0:  # the adapter is removed: no up bias, no output LayerNorm (see resize_hidden)
+            for part in ("up.bias", "ln_weight", "ln_bias"):
+                tensors.pop(f"{p}.{part}", None)
         widths.setdefault(key[0], {})[key[1]] = int(idx.numel())
     adapters = dict(src.adapters)
     from adapterkit.core.config import config_from_dict
