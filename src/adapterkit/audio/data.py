@@ -192,3 +192,58 @@ def asterisk_words(root: str | Path = ASTERISK_DIR, words: list[str] = DIGIT_WOR
             raise DataError(f"{f} not found (install the Debian package asterisk-core-sounds-en-wav)")
         items.append((f, i))
     return items, list(words)
+
+
+ASTERISK_SOUNDS = "/usr/share/asterisk/sounds"
+ASTERISK_DOCS = "/usr/share/doc"
+
+
+def asterisk_transcripts(lang: str, doc_root: str | Path = ASTERISK_DOCS) -> dict[str, str]:
+    """``{prompt name: transcript}`` from ``asterisk-core-sounds-<lang>``'s ``core-sounds-<lang>.txt.gz``
+    (``name: text`` lines; ``;`` comments; names may hold a subfolder, e.g. ``digits/1``)."""
+    import gzip
+
+    f = Path(doc_root) / f"asterisk-core-sounds-{lang}" / f"core-sounds-{lang}.txt.gz"
+    if not f.is_file():
+        raise DataError(f"{f} not found (install the Debian package asterisk-core-sounds-{lang})")
+    try:
+        text = gzip.decompress(f.read_bytes()).decode("utf-8", errors="strict")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{f}: unreadable transcript file ({e})") from None
+    out = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith(";") or ":" not in line:
+            continue
+        name, _, tr = line.partition(":")
+        name, tr = name.strip(), tr.strip()
+        if name and tr and " " not in name:
+            out[name] = tr
+    return out
+
+
+def asterisk_voice_dir(lang: str, root: str | Path = ASTERISK_SOUNDS) -> Path:
+    """The folder of one language's recordings (e.g. ``en_US_f_Allison`` for ``en``)."""
+    root = Path(root)
+    cands = sorted(d for d in root.glob(f"{lang}_*") if d.is_dir() and not d.is_symlink()) if root.is_dir() else []
+    if not cands:
+        raise DataError(f"no recordings for language {lang!r} under {root} "
+                        f"(install the Debian package asterisk-core-sounds-{lang}-wav)")
+    return cands[0]
+
+
+def asterisk_prompts(lang: str, root: str | Path = ASTERISK_SOUNDS, doc_root: str | Path = ASTERISK_DOCS,
+                     spoken_only: bool = True) -> list[tuple[Path, str]]:
+    """``(wav path, transcript)`` of every prompt that has both a recording and a transcript,
+    sorted by name. ``spoken_only`` drops non-speech entries (``[beep tone]``-style transcripts)."""
+    voice, tr = asterisk_voice_dir(lang, root), asterisk_transcripts(lang, doc_root)
+    items = []
+    for name in sorted(tr):
+        text = tr[name]
+        if spoken_only and text.startswith("["):
+            continue
+        f = voice / f"{name}.wav"
+        if f.is_file():
+            items.append((f, text))
+    if not items:
+        raise DataError(f"no {lang!r} recording under {voice} matches a transcript")
+    return items

@@ -78,6 +78,10 @@ def build_audio_backbone(m: dict) -> tuple[nn.Module, str]:
 
         if not m.get("name_or_path"):
             raise ConfigError('backbone "hf" needs "model.name_or_path" (an AST or Whisper checkpoint)')
+        from adapterkit.audio.whisper import is_backbone_name, load_whisper
+
+        if is_backbone_name(m["name_or_path"]):  # real Whisper weights from the offline packages
+            return WhisperEncoderOnly(load_whisper(m["name_or_path"])[0].get_encoder()), "whisper"
         net = load_pretrained(AutoModel, m["name_or_path"], "audio model", CheckpointError)
         mt = net.config.model_type
         if mt == "whisper":
