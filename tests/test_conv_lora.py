@@ -103,10 +103,15 @@ def test_conv_lora_errors():
 
 # ----------------------------------------------------------------------------- ResAdapter on a diffusers UNet
 
-diffusers = pytest.importorskip("diffusers")
+# only these tests need diffusers (a `test` extra): each skips alone when it is missing
 
 
-def _unet(seed=0):
+@pytest.fixture
+def diffusers():
+    return pytest.importorskip("diffusers")
+
+
+def _unet(diffusers, seed=0):
     torch.manual_seed(seed)
     return diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
                                  block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
@@ -128,10 +133,10 @@ def _randomise(unet):
                 p.add_(torch.randn_like(p) * 0.1)
 
 
-def test_resadapter_param_count_and_freeze():
+def test_resadapter_param_count_and_freeze(diffusers):
     from adapterkit.diffusion.resadapter import add_resadapter, resadapter_param_count
 
-    unet = _unet()
+    unet = _unet(diffusers)
     expected = resadapter_param_count(unet)
     # by hand: one downsampler conv (8 ch) + one upsampler conv (16 ch), each 3x3: 16*C*9 + C*16 = 160*C
     assert expected["convs"] == 2 and expected["lora"] == 160 * 8 + 160 * 16
@@ -149,10 +154,10 @@ def test_resadapter_param_count_and_freeze():
 
 
 @pytest.mark.parametrize("lora_format", ["kohya", "peft"])
-def test_resadapter_released_layout_round_trip(tmp_path, lora_format):
+def test_resadapter_released_layout_round_trip(tmp_path, lora_format, diffusers):
     from adapterkit.diffusion.resadapter import add_resadapter, load_resadapter, save_resadapter
 
-    unet = add_resadapter(_unet())
+    unet = add_resadapter(_unet(diffusers))
     _randomise(unet)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 7])
     y = _run(unet, x, t)
@@ -166,7 +171,7 @@ def test_resadapter_released_layout_round_trip(tmp_path, lora_format):
         assert "lora_unet_up_blocks_0_upsamplers_0_conv.alpha" in keys
     else:
         assert "unet.down_blocks.0.downsamplers.0.conv.lora_A.weight" in keys
-    fresh = _unet()
+    fresh = _unet(diffusers)
     assert (_run(fresh, x, t) - y).abs().max() > 1e-6
     load_resadapter(fresh, tmp_path / "ra")  # attaches r/alpha from the files
     torch.testing.assert_close(_run(fresh, x, t), y)
@@ -176,15 +181,15 @@ def test_resadapter_released_layout_round_trip(tmp_path, lora_format):
     unmerge_adapters(fresh)
 
 
-def test_resadapter_adapterkit_format_and_errors(tmp_path):
+def test_resadapter_adapterkit_format_and_errors(tmp_path, diffusers):
     from adapterkit.diffusion.resadapter import add_resadapter, load_resadapter, save_resadapter
 
-    unet = add_resadapter(_unet())
+    unet = add_resadapter(_unet(diffusers))
     _randomise(unet)
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([5])
     y = _run(unet, x, t)
     save_adapters(unet, tmp_path / "ak")
-    fresh = load_adapters(_unet(), tmp_path / "ak")
+    fresh = load_adapters(_unet(diffusers), tmp_path / "ak")
     torch.testing.assert_close(_run(fresh, x, t), y)
     # a LoRA file that lacks one of the convs is rejected with the conv named
     from safetensors.torch import load_file, save_file
@@ -194,10 +199,10 @@ def test_resadapter_adapterkit_format_and_errors(tmp_path):
     bad = {k: v for k, v in sd.items() if "upsamplers" not in k}
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(CheckpointError, match="up_blocks.0.upsamplers.0.conv"):
-        load_resadapter(_unet(), tmp_path / "bad.safetensors")
+        load_resadapter(_unet(diffusers), tmp_path / "bad.safetensors")
     sd["lora_unet_mid_block_conv.lora_down.weight"] = torch.zeros(1)
     save_file(sd, str(tmp_path / "extra.safetensors"))
     with pytest.raises(CheckpointError, match="names no down/up-sampler conv"):
-        load_resadapter(_unet(), tmp_path / "extra.safetensors")
+        load_resadapter(_unet(diffusers), tmp_path / "extra.safetensors")
     with pytest.raises(CheckpointError, match="not found"):
-        load_resadapter(_unet(), tmp_path / "missing")
+        load_resadapter(_unet(diffusers), tmp_path / "missing")
