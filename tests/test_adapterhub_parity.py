@@ -216,3 +216,54 @@ def test_parallel_matches_adapterhub():
     assert got["last_hidden_state"].shape[0] == 4
     assert_same(got, want)
     assert adapterkit.core.composition.current(model) is None
+
+
+def load_prefix(model, set_name: str, ah: dict) -> int:
+    tabs = model.adapterkit.sets[set_name].tables
+    n = 0
+    with torch.no_grad():
+        for k, v in ah.items():
+            m = re.match(r"^.*\.prefix_tunings\.\w+\.(?P<loc>encoder|self|cross)_prefix\.(?P<p>.+)$", k)
+            assert m, k
+            tab = tabs[m["loc"]]
+            dst = {"wte.weight": tab.embedding, "control_trans.0.weight": tab.mlp_in and tab.mlp_in.weight,
+                   "control_trans.0.bias": tab.mlp_in and tab.mlp_in.bias,
+                   "control_trans.2.weight": tab.mlp_out and tab.mlp_out.weight,
+                   "control_trans.2.bias": tab.mlp_out and tab.mlp_out.bias, "control_trans": tab.table}[m["p"]]
+            dst[0].copy_(v.view(dst.shape[1:]))
+            n += 1
+    return n
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("bart_prefix", {"num_tokens": 3, "bottleneck_size": 8}),
+    ("bart_prefix_flat", {"num_tokens": 3, "reparam": False}),
+    ("bert_prefix", {"num_tokens": 3, "bottleneck_size": 8}),
+])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_prefix_matches_adapterhub(name, cfg, attn):
+    fam = CASES[name]["family"]
+    ah, want = case(name)
+    model = adapterkit.add_adapters(base_model(fam, attn), {"method": "prefix", "style": "adapterhub", **cfg})
+    assert load_prefix(model, "prefix", ah) == len(ah)
+    assert_same(run(model, fam), want)
+
+
+def load_ia3(model, set_name: str, ah: dict) -> int:
+    vec = model.adapterkit.sets[set_name].vectors
+    with torch.no_grad():
+        for k, v in ah.items():
+            m = re.match(r"^(?P<mod>.+)\.loras\.\w+\.lora_B$", k)
+            assert m, k
+            vec[m["mod"].replace(".", "__")][0].copy_(v.squeeze(-1))
+    return len(ah)
+
+
+@pytest.mark.parametrize("name", ["bart_ia3", "bert_ia3", "llama_ia3"])
+def test_ia3_adapterhub_variant_matches_adapterhub(name):
+    fam = CASES[name]["family"]
+    ah, want = case(name)
+    model = adapterkit.add_adapters(base_model(fam), {"method": "ia3", "variant": "adapterhub"})
+    assert set(model.adapterkit.sets["ia3"].vectors) == {k.split(".loras.")[0].replace(".", "__") for k in ah}
+    load_ia3(model, "ia3", ah)
+    assert_same(run(model, fam), want)
