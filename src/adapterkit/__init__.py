@@ -10,6 +10,7 @@ The core API::
     adapterkit.save_adapters(model, "out/")
 """
 
+from adapterkit.core.adapterhub_interop import import_adapterhub
 from adapterkit.core.base import (
     add_adapters,
     apply_freeze_policy,
@@ -30,7 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterKitError", "CheckpointError", "ConfigError", "DataError", "GraphedStep",
-    "add_adapters", "apply_freeze_policy", "cast_frozen", "config_from_dict", "export_peft", "import_peft",
+    "add_adapters", "apply_freeze_policy", "cast_frozen", "config_from_dict", "export_peft", "import_adapterhub",
+    "import_peft",
     "load_adapters", "merge_adapters", "registered_methods", "remove_adapters", "route",
     "save_adapters", "trainable_report", "unmerge_adapters", "__version__",
 ]
