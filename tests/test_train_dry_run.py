@@ -180,3 +180,35 @@ def test_video_config_trains_on_value_files(tmp_path):
     res = tr.fit()
     assert set(res["test"]) == {"tvqa", "how2qa", "tvc", "yc2c"}
     assert 0.0 <= res["test"]["tvqa"]["accuracy"] <= 100.0 and "CIDEr" in res["test"]["tvc"]
+
+
+@pytest.mark.slow
+def test_image_config_trains_on_the_reference_files(tmp_path):
+    """The image recipe end to end on a tiny random-init BART: VL-T5 files, GQA train+valid /
+    test-dev, and VQA scored with the official answers found next to the Karpathy files."""
+    import warnings
+
+    from adapterkit.train.trainer import Trainer
+    from adapterkit.vl.metrics import vqa as vqa_mod
+
+    root = tmp_path / "datasets"
+    _image_datasets(root)
+    anns = [{"question_id": i, "image_id": i % 4, "answers": [{"answer": "yes"}] * 10} for i in range(7)]
+    _json(root / "vqa" / "v2_mscoco_val2014_annotations.json", {"annotations": anns})
+    store = root / "features" / "small"
+    ids = [f"COCO_val2014_{i:012d}" for i in range(4)] + ["2354786", "dev-0-0-img0", "dev-0-0-img1"]
+    _store(store, ids, 4, 16)
+    cfg = _paper_config("vl_bart_paper.yaml", root)
+    cfg["model"] = {"backbone": "tiny-bart", "feat_dim": 16, "n_images": 2}
+    cfg["data"]["features"] = str(store)
+    cfg["train"].update(batch_size=4, epochs=1)
+    cfg["eval"].update(caption_beams=1, caption_max_new_tokens=3, max_new_tokens=2)
+    tr = Trainer(load_config(cfg), tmp_path / "run", max_steps=2)
+    assert len(tr.train_data["gqa"]) == 9  # train + valid
+    vqa_test = tr._eval_data("vqa", "test").examples
+    assert all(e.extra["raw_answers"] and len(e.targets) == 10 for e in vqa_test)
+    vqa_mod._warned_soft = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vqa_mod.SoftLabelScoreWarning)  # the official accuracy: no fallback
+        res = tr.fit()
+    assert set(res["test"]) == {"vqa", "gqa", "nlvr", "caption"} and res["checkpoint"] == "last"
