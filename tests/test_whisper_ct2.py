@@ -220,3 +220,20 @@ def test_real_whisper_tiny_en_transcribes_the_english_prompts():
     waves = [read_wav(p) for p, _ in items]
     hyps = transcribe(model, tok, fe, [w for w, _ in waves], waves[0][1])
     assert wer([t for _, t in items], hyps) < 0.2
+
+
+def test_corpus_rate_interval_against_the_normal_approximation():
+    """Equal-length utterances with one error each w.p. p: the corpus rate is a Bernoulli mean
+    over utterances, whose 95% interval is close to p +- 1.96 sqrt(p (1 - p) / n) for large n."""
+    from adapterkit.audio.asr_metrics import corpus_rate_interval
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    errors = (rng.random(n) < 0.2).astype(np.int64)
+    iv = corpus_rate_interval(errors, np.ones(n, dtype=np.int64))
+    p = errors.mean()
+    half = 1.96 * np.sqrt(p * (1 - p) / n)
+    assert iv.mean == pytest.approx(p)
+    assert iv.low == pytest.approx(p - half, abs=0.003) and iv.high == pytest.approx(p + half, abs=0.003)
+    # weighting by length: a long utterance's errors count by its words, not as one utterance
+    assert corpus_rate_interval(np.array([1, 9]), np.array([10, 10])).mean == pytest.approx(0.5)
