@@ -78,20 +78,21 @@ class DataConfig:
                 raise ConfigError(f"{where}: {t!r} is not one of data.tasks {self.tasks}{did_you_mean(t, self.tasks)}")
             if not isinstance(src, dict):
                 raise ConfigError(f'{where} must be a mapping with a "path", got {type(src).__name__}')
-            unknown = [k for k in src if k not in ("format", "path", "splits")]
-            if unknown:
-                raise ConfigError(f'{where}: unknown key "{unknown[0]}" (expected "path", "format", "splits")')
             if not isinstance(src.get("path"), str) or not src["path"]:
                 raise ConfigError(f'{where} needs a "path" string')
             fmt = src.get("format", t)
             if not isinstance(fmt, str):
                 raise ConfigError(f'{where}: "format" must be a string, got {fmt!r}')
-            if "format" in src:
-                from adapterkit.vl.datasets import READERS
+            from adapterkit.vl import datasets
 
-                if fmt not in READERS:
-                    raise ConfigError(f'{where}: unknown format {fmt!r}{did_you_mean(fmt, READERS)}; '
-                                      f"known: {', '.join(sorted(READERS))}")
+            if fmt not in datasets.READERS:
+                raise ConfigError(f'{where}: unknown format {fmt!r}{did_you_mean(fmt, datasets.READERS)}; '
+                                  f"known: {', '.join(sorted(datasets.READERS))}")
+            allowed = ("format", "path", "splits") + tuple(getattr(datasets, "READER_OPTIONS", {}).get(fmt, ()))
+            unknown = [k for k in src if k not in allowed]
+            if unknown:
+                raise ConfigError(f'{where}: unknown key "{unknown[0]}"{did_you_mean(unknown[0], allowed)}; '
+                                  f"expected: {', '.join(allowed)}")
             splits = src.get("splits", {})
             if not isinstance(splits, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                        for k, v in splits.items()):
@@ -210,6 +211,32 @@ class RunConfig:
                 f = root / t / f"{split_names[s]}.jsonl"
                 if not f.exists():
                     raise ConfigError(f"missing dataset file {f} (task {t!r}, split {split_names[s]!r})")
+        self.check_data(need_splits)
+
+    def check_data(self, need_splits=("train",)) -> None:
+        """Every split's rows, before any work (``adapterkit.vl.datasets.validate``): unique uids,
+        targets, target scores, image counts per task, image ids present in the feature store,
+        the ``task`` field. Checks the ``need_splits`` and every other split whose file exists
+        (data.sources: the needed splits and the test split); one DataError naming file and line."""
+        from adapterkit.vl.datasets.validate import read_jsonl_checked, validate_examples
+        from adapterkit.vl.features import FeatureStore
+
+        store = FeatureStore.open(self.data.features)
+        split_names = {"train": self.data.train_split, "val": self.data.val_split, "test": self.data.test_split}
+        for t in self.data.tasks:
+            src = self.data.sources.get(t)
+            for s, name in split_names.items():
+                checks = {"task": t, "n_images": self.model.n_images, "image_ids": store,
+                          "require_targets": s == "train"}
+                if src is None:
+                    f = Path(self.data.root) / t / f"{name}.jsonl"
+                    if s in need_splits or f.exists():
+                        read_jsonl_checked(f, **checks)
+                elif s in need_splits or s == "test":
+                    from adapterkit.vl.datasets import read_source
+
+                    exs = read_source(t, src, name)
+                    validate_examples(exs, f"{src['path']} (task {t!r}, split {name!r})", **checks)
 
 
 def load_config(src) -> RunConfig:

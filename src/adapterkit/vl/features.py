@@ -48,12 +48,13 @@ def _atomic_write_json(path: Path, data: Any) -> None:
 
 
 def _read_json(path: Path, what: str) -> dict:
+    from adapterkit.safeio import read_json_file
+
+    if not path.is_file():
+        raise DataError(f"{what}: {path} is missing")
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise DataError(f"{what}: {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = read_json_file(path, what="it", error=DataError)
+    except DataError as exc:
         raise DataError(f"{what}: {path} is corrupt ({exc})") from None
     if not isinstance(data, dict):
         raise DataError(f"{what}: {path} must hold a JSON object")
@@ -87,6 +88,9 @@ class FeatureStore:
         for key in ("ids", "num_boxes", "dim", "dtype", "complete"):
             if key not in index:
                 raise DataError(f'feature store {path}: index.json lacks "{key}"')
+        from adapterkit.vl.datasets.validate import check_store_index
+
+        check_store_index(index, f"feature store {path}: index.json")
         n = len(index["ids"])
         if not index["complete"]:
             done = "?"

@@ -128,21 +128,11 @@ def write_examples_jsonl(path: str | os.PathLike, examples: Iterable[VLExample])
 
 
 def read_examples_jsonl(path: str | os.PathLike) -> list[VLExample]:
-    """Read examples written by `write_examples_jsonl`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"examples file not found: {path}")
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            out.append(VLExample.from_json(record, source=f"{path}:{lineno}"))
-    return out
+    """Read examples written by `write_examples_jsonl`; rows are checked by
+    `adapterkit.vl.datasets.validate` (one DataError naming the file and line)."""
+    from adapterkit.vl.datasets.validate import read_jsonl_checked
+
+    return read_jsonl_checked(path)
 
 
 def load_json(path: str | os.PathLike) -> Any:

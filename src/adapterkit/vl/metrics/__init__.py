@@ -49,6 +49,19 @@ __all__ = [
 Metric = Callable[[Mapping[str, str], Mapping[str, "VLExample"]], dict[str, float]]
 
 
+def _keyed(metric):
+    """Let a metric take a list of examples too: a repeated uid is a DataError, never a silent collapse."""
+    import functools
+
+    @functools.wraps(metric)
+    def wrapper(preds, examples):
+        from adapterkit.vl.datasets.validate import examples_by_uid
+
+        return metric(preds, examples_by_uid(examples, f"{metric.__name__} examples"))
+
+    return wrapper
+
+
 def _aligned(preds: Mapping[str, str], examples: Mapping[str, VLExample], task: str) -> list[str]:
     if not examples:
         raise DataError(f"{task} metric: no examples to evaluate")
@@ -65,6 +78,7 @@ def _aligned(preds: Mapping[str, str], examples: Mapping[str, VLExample], task: 
     return list(examples)
 
 
+@_keyed
 def vqa_metric(preds: Mapping[str, str], examples: Mapping[str, VLExample]) -> dict[str, float]:
     """VQA accuracy (official normalisation, leave-one-out min(#matches/3, 1)), percent.
 
@@ -77,12 +91,14 @@ def vqa_metric(preds: Mapping[str, str], examples: Mapping[str, VLExample]) -> d
     return {"accuracy": float(scores.mean() * 100.0)}
 
 
+@_keyed
 def accuracy_metric(preds: Mapping[str, str], examples: Mapping[str, VLExample]) -> dict[str, float]:
     """Exact-match accuracy against the targets (GQA, NLVR2), percent."""
     uids = _aligned(preds, examples, "accuracy")
     return {"accuracy": accuracy({u: preds[u] for u in uids}, {u: examples[u].targets for u in uids})}
 
 
+@_keyed
 def choice_metric(preds: Mapping[str, str], examples: Mapping[str, VLExample]) -> dict[str, float]:
     """Multiple-choice video QA accuracy (prediction = choice text or index), percent."""
     uids = _aligned(preds, examples, "video QA")
@@ -98,6 +114,7 @@ def choice_metric(preds: Mapping[str, str], examples: Mapping[str, VLExample]) -
     }
 
 
+@_keyed
 def caption_metric(preds: Mapping[str, str], examples: Mapping[str, VLExample]) -> dict[str, float]:
     """CIDEr (CIDEr-D) and BLEU-1..4 after PTB-style tokenisation, x100."""
     uids = _aligned(preds, examples, "caption")
