@@ -341,3 +341,167 @@ def test_write_probe_min_free_bytes(tmp_path):
     write_probe(tmp_path, min_free_bytes=1)
     with pytest.raises(CheckpointError, match="disk full.*need at least"):
         write_probe(tmp_path, min_free_bytes=1 << 62)
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def _raw_safetensors(header: dict, data: bytes = b"") -> bytes:
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + data
+
+
+def test_every_written_file_has_a_checksum_that_reads_verify(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    t = {"a": torch.randn(8, 8), "b": torch.arange(5)}
+    path = save_safetensors_atomic(t, tmp_path / "m.safetensors")
+    assert safeio.CHECKSUM_KEY not in read_safetensors_metadata(path)  # internal: not the caller's metadata
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x01  # one bit of the data area: a weight changes, the file is still valid safetensors
+    path.write_bytes(bytes(raw))
+    flipped = load_file(path)
+    assert not all(torch.equal(flipped[k], t[k]) for k in t)
+    with pytest.raises(CheckpointError, match="m.safetensors is corrupt: its tensors do not match the checksum"):
+        load_safetensors_checked(path)
+    # rewritten by another tool with a subset of the keys: no checksum, so the expected keys decide
+    save_file({"a": t["a"]}, tmp_path / "subset.safetensors")
+    assert set(load_safetensors_checked(tmp_path / "subset.safetensors")) == {"a"}
+    with pytest.raises(CheckpointError, match=r"subset.safetensors is missing key 'b'.*1 of the 2 expected"):
+        load_safetensors_checked(tmp_path / "subset.safetensors", expected=t)
+    with pytest.raises(CheckpointError, match="no adapterkit checksum"):
+        load_safetensors_checked(tmp_path / "subset.safetensors", require_checksum=True)
+    good = save_safetensors_atomic(t, tmp_path / "good.safetensors")
+    with pytest.raises(CheckpointError, match=r"shape mismatch for 'a'"):
+        load_safetensors_checked(good, expected={"a": ((8, 9), torch.float32), "b": t["b"]})
+    with pytest.raises(CheckpointError, match=r"dtype mismatch for 'b'"):
+        load_safetensors_checked(good, expected={"a": t["a"], "b": t["b"].int()})
+    with pytest.raises(CheckpointError, match="has key 'b', which the model does not have"):
+        load_safetensors_checked(good, expected={"a": t["a"]})
+    assert torch.equal(load_safetensors_checked(good, expected=t, require_checksum=True)["a"], t["a"])
+    with pytest.raises(CheckpointError, match="reserved"):
+        save_safetensors_atomic(t, tmp_path / "x.safetensors", metadata={safeio.CHECKSUM_KEY: "0"})
+
+
+@pytest.mark.parametrize("header, data, match", [
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 1e999]}}, b"\0" * 8, "invalid data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": [1]}, b"\0" * 8,
+     "__metadata__ must map strings to strings"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"a": 1}}, b"\0" * 8,
+     "__metadata__ must map strings to strings"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, "invalid data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [True, 8]}}, b"\0" * 8, "invalid data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [10**12, 10**12], "data_offsets": [0, 8]}}, b"\0" * 8, "does not fit"),
+    ({"w": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 2**42]}}, b"\0" * 8, "truncated or corrupt"),
+    ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid shape"),
+    ({"w": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unsupported dtype"),
+    ({"w": [1, 2]}, b"", "corrupt"),
+])
+def test_crafted_headers_are_refused_before_allocating(tmp_path, header, data, match):
+    p = tmp_path / "crafted.safetensors"
+    p.write_bytes(_raw_safetensors(header, data))
+    with pytest.raises(CheckpointError, match="crafted.safetensors.*" + match):
+        load_safetensors_checked(p)
+    with pytest.raises(CheckpointError):
+        read_safetensors_metadata(p)
+
+
+def test_header_nesting_and_duplicate_keys(tmp_path):
+    p = tmp_path / "deep.safetensors"
+    p.write_bytes((20002).to_bytes(8, "little") + b"[" * 10001 + b"]" * 10001)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        load_safetensors_checked(p)
+    raw = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    p.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 4)
+    with pytest.raises(CheckpointError, match='key "w" twice'):
+        load_safetensors_checked(p)
+
+
+def test_empty_weights_file_is_refused(tmp_path):
+    (tmp_path / "e.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="e.safetensors.*truncated"):
+        load_safetensors_checked(tmp_path / "e.safetensors")
+
+
+# ----------------------------------------------------------------------------- file modes
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        a = atomic_write_text(tmp_path / "a.txt", "x")
+        b = save_safetensors_atomic({"w": torch.ones(1)}, tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(a.stat().st_mode) == mode
+    assert stat.S_IMODE(b.stat().st_mode) == mode
+
+
+def test_atomic_write_does_not_follow_a_planted_temp_symlink(tmp_path, monkeypatch):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    names = iter(["fixed", "fixed", "other"])
+
+    class FakeUUID:
+        def __init__(self):
+            self.hex = next(names).ljust(12, "0")
+
+    monkeypatch.setattr(safeio.uuid, "uuid4", FakeUUID)
+    (tmp_path / ".t.txt.fixed000000.tmp").symlink_to(victim)
+    atomic_write_text(tmp_path / "t.txt", "new")
+    assert victim.read_text() == "keep" and (tmp_path / "t.txt").read_text() == "new"
+
+
+# ----------------------------------------------------------------------------- write probe size
+
+
+def test_write_probe_reserves_the_needed_space(tmp_path, monkeypatch):
+    calls = []
+    real = os.posix_fallocate
+
+    def fake_fallocate(fd, offset, length):
+        calls.append(length)
+        if length > 10 << 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(safeio.os, "posix_fallocate", fake_fallocate)
+    write_probe(tmp_path, min_free_bytes=1 << 20)
+    assert calls == [1 << 20] and list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckpointError, match=r"disk full: output directory .* need at least 20.0 MiB"):
+        write_probe(tmp_path, min_free_bytes=20 << 20)
+    assert list(tmp_path.iterdir()) == []
+    est = safeio.estimate_checkpoint_bytes({"w": torch.zeros(1000, dtype=torch.float32)})
+    assert est == 4000 * 3 + (1 << 20)
+
+
+# ----------------------------------------------------------------------------- safe JSON / YAML
+
+
+def test_safe_loaders():
+    from adapterkit.errors import ConfigError, DataError
+
+    with pytest.raises(DataError, match="doc is nested too deeply"):
+        safeio.loads_json("[" * 100000 + "]" * 100000, what="doc", error=DataError)
+    with pytest.raises(DataError, match="doc is nested too deeply"):
+        safeio.loads_json("[" * 65 + "]" * 65, what="doc", error=DataError)
+    assert safeio.loads_json("[" * 64 + "]" * 64, what="doc") is not None
+    with pytest.raises(ConfigError, match='doc has the key "a" twice'):
+        safeio.loads_json('{"a": 1, "a": 2}', what="doc", error=ConfigError)
+    assert safeio.loads_json('{"a": 1, "a": 2}', what="doc", reject_duplicates=False) == {"a": 2}
+    with pytest.raises(CheckpointError, match="doc is not valid JSON"):
+        safeio.loads_json("1" * 5000, what="doc")
+    with pytest.raises(CheckpointError, match="not UTF-8"):
+        safeio.loads_json(b"\xff", what="doc")
+    bomb = "a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    with pytest.raises(ConfigError, match="expands to more than"):
+        safeio.loads_yaml(bomb, what="doc")
+    assert safeio.loads_yaml("a: &x [1, 2]\nb: *x\n", what="doc") == {"a": [1, 2], "b": [1, 2]}
+    with pytest.raises(ConfigError, match='line 2: the key "a" is given twice'):
+        safeio.loads_yaml("a: 1\na: 2\n", what="doc")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        safeio.loads_yaml("[" * 3000 + "]" * 3000, what="doc")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        safeio.loads_yaml("a: [", what="doc")

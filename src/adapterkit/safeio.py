@@ -30,6 +30,7 @@ import math
 import os
 import pickle
 import shutil
+import stat
 import struct
 import uuid
 import warnings
@@ -628,8 +629,10 @@ def save_safetensors_atomic(
     tmp: Path | None = None
     try:
         fd, tmp = _create_temp(parent, path.name)
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 less the umask
         os.close(fd)
-        save_file(prepared, str(tmp), metadata=meta)
+        save_file(prepared, str(tmp), metadata=meta)  # it writes a new file of mode 0o600
+        os.chmod(tmp, mode)
         _fsync_file(tmp)
         os.replace(tmp, path)
         tmp = None
