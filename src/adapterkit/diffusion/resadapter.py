@@ -21,6 +21,9 @@ optionally prefixed ``unet.``). LoRA key styles read:
 
 Kohya names are mapped back through the UNet's own module paths (never by guessing
 where underscores were dots). Written: kohya (default) or PEFT style.
+
+Training (the release has none; the paper's recipe: the denoising loss on mixed
+resolutions, base UNet frozen) and multi-resolution sampling: :mod:`adapterkit.diffusion.train`.
 """
 
 from __future__ import annotations
