@@ -212,3 +212,14 @@ def test_image_config_trains_on_the_reference_files(tmp_path):
         warnings.simplefilter("error", vqa_mod.SoftLabelScoreWarning)  # the official accuracy: no fallback
         res = tr.fit()
     assert set(res["test"]) == {"vqa", "gqa", "nlvr", "caption"} and res["checkpoint"] == "last"
+
+
+def test_dry_run_without_the_data_lists_every_missing_split(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no datasets/ here
+    assert cli_main(["train", str(CONFIGS / "vl_bart_paper.yaml"), "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert out.count("missing training data:") == 4 and "vqa/train: VQA data not found" in out
+    assert "unknown until every training split can be read (20 epochs)" in out
+    # what does not need the data is still there: the batches, the learning rate, the trainable share
+    assert "(4.18%)" in out and "learning rate 1.00e-03 (preset lr)" in out
+    assert "4 training split(s) cannot be read" in err

@@ -153,7 +153,9 @@ def training_plan(cfg, world: int = 1, presets: list[str] | None = None) -> dict
     reference caption), the batch size (``round(batch_size * task_batch_scale) * world``) and
     batches per epoch; the schedule (steps, warm-up), the learning rate (``train.lr``, else the
     preset's ``lr`` / ``video_lr``), the trainable parameters, and which weights are reported.
-    `presets` adds the learning rate and trainable parameters of each named preset."""
+    `presets` adds the learning rate and trainable parameters of each named preset. A training
+    split that cannot be read is listed in ``plan["missing"]`` (its counts and the step totals are
+    then None) instead of stopping the plan."""
     from adapterkit.errors import DataError
     from adapterkit.vl.data import CAPTION_TASKS
     from adapterkit.vl.presets import get_preset
@@ -166,27 +168,31 @@ def training_plan(cfg, world: int = 1, presets: list[str] | None = None) -> dict
 
             make_vl_fixture(cfg.data.root, feat_dim=cfg.model.feat_dim)
     cache: dict = {}
+    errors: dict = {}
 
-    def read(task, split, required=False):
+    def read(task, split):
         if (task, split) not in cache:
             try:
                 cache[(task, split)] = _read_split(cfg, task, split)
-            except DataError:
-                if required:
-                    raise
-                cache[(task, split)] = None
+            except DataError as e:
+                cache[(task, split)], errors[(task, split)] = None, str(e)
         return cache[(task, split)]
 
     tr = cfg.train
     tasks = {}
+    missing = []
     for t in cfg.data.tasks:
-        exs = read(t, cfg.data.train_split, required=True)
-        if cfg.data.max_train_examples:
-            exs = exs[: cfg.data.max_train_examples]
-        n = sum(len(e.targets) for e in exs) if t in CAPTION_TASKS else len(exs)
+        exs = read(t, cfg.data.train_split)
         bs = max(1, round(tr.batch_size * tr.task_batch_scale.get(t, 1.0))) * world
-        row = {"examples": n, "batch_size": bs, "steps_per_epoch": math.ceil(n / bs),
+        row = {"examples": None, "batch_size": bs, "steps_per_epoch": None,
                "train_from": _where(cfg, t, cfg.data.train_split)}
+        if exs is None:
+            missing.append(f"{t}/{cfg.data.train_split}: {errors[(t, cfg.data.train_split)]}")
+        else:
+            if cfg.data.max_train_examples:
+                exs = exs[: cfg.data.max_train_examples]
+            n = sum(len(e.targets) for e in exs) if t in CAPTION_TASKS else len(exs)
+            row.update(examples=n, steps_per_epoch=math.ceil(n / bs))
         for name, split in (("val", cfg.data.val_split), ("test", cfg.data.test_split)):
             ev = read(t, split)
             if ev is not None and cfg.data.max_eval_examples:
@@ -194,10 +200,12 @@ def training_plan(cfg, world: int = 1, presets: list[str] | None = None) -> dict
             row[name] = None if ev is None else len(ev)
             row[f"{name}_from"] = _where(cfg, t, split)
         tasks[t] = row
-    spe = sum(r["steps_per_epoch"] for r in tasks.values())
-    total = spe * tr.epochs
-    if tr.max_steps:
-        total = min(total, tr.max_steps)
+    spe = total = None
+    if not missing:
+        spe = sum(r["steps_per_epoch"] for r in tasks.values())
+        total = spe * tr.epochs
+        if tr.max_steps:
+            total = min(total, tr.max_steps)
     preset = cfg.preset_dict()
 
     def lr_of(p):
@@ -212,12 +220,13 @@ def training_plan(cfg, world: int = 1, presets: list[str] | None = None) -> dict
         "steps_per_epoch": spe,
         "epochs": tr.epochs,
         "total_steps": total,
-        "warmup_steps": int(tr.warmup_ratio * total),
+        "warmup_steps": None if total is None else int(tr.warmup_ratio * total),
         "lr": lr_of(preset),
         "lr_from": lr_source,
         "optimizer": {"adam_eps": tr.adam_eps, "weight_decay": tr.weight_decay, "grad_clip": tr.grad_clip},
         "select_on": cfg.eval.select_on,
         "world": world,
+        "missing": missing,
         "trainable": _trainable(cfg, preset, lambda: _corpus(cfg, read)),
     }
     if presets:
@@ -239,12 +248,17 @@ def format_plan(plan: dict) -> str:
            + (f", {plan['world']} processes" if plan["world"] > 1 else "")]
     head = f"  {'task':<9}{'train examples':>15}{'batch':>7}{'steps/epoch':>13}{'val':>9}{'test':>9}"
     out += [head, "  " + "-" * (len(head) - 2)]
+    def num(v):
+        return "-" if v is None else f"{v:,}"
+
     for t, r in plan["tasks"].items():
-        val = "-" if r["val"] is None else f"{r['val']:,}"
-        test = "-" if r["test"] is None else f"{r['test']:,}"
-        out.append(f"  {t:<9}{r['examples']:>15,}{r['batch_size']:>7}{r['steps_per_epoch']:>13,}{val:>9}{test:>9}")
-    out.append(f"  steps: {plan['steps_per_epoch']:,} per epoch x {plan['epochs']} epochs = {plan['total_steps']:,}"
-               f" (linear warm-up {plan['warmup_steps']:,} steps, then linear decay to 0)")
+        out.append(f"  {t:<9}{'missing' if r['examples'] is None else num(r['examples']):>15}{r['batch_size']:>7}"
+                   f"{num(r['steps_per_epoch']):>13}{num(r['val']):>9}{num(r['test']):>9}")
+    if plan["total_steps"] is None:
+        out.append(f"  steps: unknown until every training split can be read ({plan['epochs']} epochs)")
+    else:
+        out.append(f"  steps: {plan['steps_per_epoch']:,} per epoch x {plan['epochs']} epochs = "
+                   f"{plan['total_steps']:,} (linear warm-up {plan['warmup_steps']:,} steps, then linear decay to 0)")
     o = plan["optimizer"]
     out.append(f"  learning rate {plan['lr']:.2e} ({plan['lr_from']}); AdamW eps {o['adam_eps']:g}, "
                f"weight decay {o['weight_decay']:g}, grad clip {o['grad_clip']:g}")
@@ -257,6 +271,8 @@ def format_plan(plan: dict) -> str:
         out.append(f"  {'preset':<22}{'lr':>10}  trainable")
         for n, r in plan["presets"].items():
             out.append(f"  {n:<22}{r['lr']:>10.1e}  {_pct(r)}")
+    for m in plan.get("missing", []):
+        out.append(f"  missing training data: {m}")
     return "\n".join(out)
 
 
@@ -268,5 +284,12 @@ def run_dry(args) -> int:
     cfg = _load(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     presets = list(PRESET_ORDER) if args.preset == "all" else None
-    print(format_plan(training_plan(cfg, world=world, presets=presets)))
+    plan = training_plan(cfg, world=world, presets=presets)
+    print(format_plan(plan))
+    if plan["missing"]:
+        import sys
+
+        print(f"adapterkit train: error: {len(plan['missing'])} training split(s) cannot be read (listed above)",
+              file=sys.stderr)
+        return 2
     return 0
