@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,8 @@ def join_official_answers(examples: list[VLExample], annotation_files: Sequence[
                     f"{where}: question {ex.uid} is about image {image_id}, but the VQA record says "
                     f"{ex.image_ids[0]!r}; are these the VQAv2 annotations of the same release?"
                 )
-            ex.targets = _raw_answers(get_field(ann, "answers", where), where)
+            # interned: 10 answers for each of ~600k training questions share a small vocabulary
+            ex.targets = [sys.intern(a) for a in _raw_answers(get_field(ann, "answers", where), where)]
             ex.extra["raw_answers"] = True
             ex.extra["answers_from"] = afile.name
             for key in ("answer_type", "question_type"):
