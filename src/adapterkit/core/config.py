@@ -132,6 +132,10 @@ def config_from_dict(d: dict | AdapterConfig) -> AdapterConfig:
         _check_fields(cfg, default_caps=True)
         cfg.validate()
         return cfg
+    if isinstance(d, str) or (isinstance(d, dict) and "preset" in d):  # a peer preset: "adapterhub:seq_bn"
+        from adapterkit.core.peer_presets import resolve_preset
+
+        d = resolve_preset(d)
     if not isinstance(d, dict):
         raise ConfigError(f"an adapter config must be a dict or config dataclass, got {type(d).__name__}")
     if "method" not in d:
