@@ -237,7 +237,7 @@ def vqa_example_scores(preds: Mapping[str, str], examples: Mapping[str, Any]) ->
             f"VQA: {len(soft)} of {len(uids)} questions have soft labels but not the 10 human answers, so "
             "their accuracy is the soft score of the prediction, not the official VQA accuracy. Join the "
             "official answers: put v2_mscoco_train2014_annotations.json and v2_mscoco_val2014_annotations.json "
-            "next to the Karpathy files, or give `annotations:` in the task's data source.",
+            "next to the Karpathy files (read_vqa(..., annotations=PATHS) names them elsewhere).",
             SoftLabelScoreWarning,
             stacklevel=2,
         )
