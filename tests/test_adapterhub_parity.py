@@ -267,3 +267,18 @@ def test_ia3_adapterhub_variant_matches_adapterhub(name):
     assert set(model.adapterkit.sets["ia3"].vectors) == {k.split(".loras.")[0].replace(".", "__") for k in ah}
     load_ia3(model, "ia3", ah)
     assert_same(run(model, fam), want)
+
+
+def test_prompt_after_embeddings_matches_adapterhub():
+    ah, want = case("bert_prompt")
+    model = adapterkit.add_adapters(base_model("bert"), {"method": "prompt", "num_tokens": 3,
+                                                         "placement": "after_embeddings", "init": "uniform"})
+    (v,) = ah.values()
+    with torch.no_grad():
+        model.adapterkit.sets["prompt"].embedding[0].copy_(v)
+    assert_same(run(model, "bert"), want)
+    # PEFT's placement (prepended to inputs_embeds) is another function on BERT
+    other = adapterkit.add_adapters(base_model("bert"), {"method": "prompt", "num_tokens": 3})
+    with torch.no_grad():
+        other.adapterkit.sets["prompt"].embedding[0].copy_(v)
+    assert (run(other, "bert")["last_hidden_state"] - want["last_hidden_state"]).abs().max() > 1e-3

@@ -17,8 +17,9 @@ Two styles, as the peers have them:
 - ``peft`` (HF PEFT ``PrefixTuningConfig``; flat table by default, ``reparam`` = PEFT's
   ``prefix_projection``): one table for the decoder's (or causal LM's) self-attention, passed
   as the model's KV cache (transformers' ``DynamicCache`` / ``EncoderDecoderCache``) with V
-  ones prepended to ``attention_mask``, exactly as PEFT does on transformers 5: real tokens
-  then sit at positions V.. (cache semantics). On encoder-decoder models only the decoder's
+  ones prepended to the self-attention mask, exactly as PEFT does on transformers 5: real
+  tokens then sit at positions V.. (cache semantics). The embedding of the MLP (``reparam``)
+  is as wide as the keys/values (PEFT's ``token_dim``: n_kv_heads * head_dim). On encoder-decoder models only the decoder's
   self-attention is prefixed and, as in PEFT, decoder layer j reads table rows 4j, 4j+1 (mod 2L).
 
 ``dropout`` acts on the prefixes (AdapterHub). Per-task prefixes stack like every other method.
@@ -158,7 +159,8 @@ class PrefixSet(AdapterSet):
                               f"the model has {len(attns)}")
         self.n_layers, self.heads, self.hd, self.enc_dec = n_layers, heads, hd, enc_dec
         self.n_decoder = len(attns)
-        self.tables["peft"] = PrefixTable(d, n_layers * 2 * heads * hd, n, self.config)
+        # PEFT's token_dim is the key/value width (n_kv_heads * head_dim under GQA)
+        self.tables["peft"] = PrefixTable(heads * hd, n_layers * 2 * heads * hd, n, self.config)
         self.groups["peft"] = [a.path for a in attns]
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -232,8 +234,14 @@ class PrefixSet(AdapterSet):
             new = DynamicCache([(t[2 * j], t[2 * j + 1]) for j in range(self.n_decoder)])
         kwargs.pop("past_key_values", None)
         kwargs[self._cache_arg] = new
-        if mask is not None:
-            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], V), mask], dim=1)
+        # as PEFT: the self-attention mask gets V ones (the decoder's on encoder-decoder models;
+        # the encoder has no prefix), and given position ids move by V
+        mkey = "decoder_attention_mask" if self.enc_dec else "attention_mask"
+        m = kwargs.get(mkey)
+        if m is not None:
+            kwargs[mkey] = torch.cat([m.new_ones(m.shape[0], V), m], dim=1)
+        if kwargs.get("position_ids") is not None and not self.enc_dec:
+            kwargs["position_ids"] = kwargs["position_ids"] + V
         return args, kwargs
 
 
