@@ -143,5 +143,8 @@ def test_cli_imports_video_npz_resampled_to_64_frames(tmp_path, capsys):
         feats, boxes = store.get(vid)
         np.testing.assert_array_equal(feats, resize_frames(x, 64))
         assert not boxes.any()  # video frames: zero boxes, as the reference
+    np.savez(clips / "flat.npz", features=np.zeros(12, np.float32))
+    with pytest.raises(DataError, match=r"flat\.npz: features must be 2-d"):
+        import_features([clips], tmp_path / "s2", frames=64, progress=False)
     # a bad path: one error line, exit status 2
     assert cli_main(["import-features", "--h5", str(tmp_path / "nope"), "--out", str(tmp_path / "s")]) == 2

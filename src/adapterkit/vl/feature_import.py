@@ -93,7 +93,10 @@ class FeatureSource:
                 with np.load(file) as z:
                     if "features" not in z:
                         raise DataError(f'{file}: no "features" array (found {", ".join(z.files) or "none"})')
-                    return np.asarray(z["features"]), None
+                    feats = np.asarray(z["features"])
+                if feats.ndim != 2:
+                    raise DataError(f"{file}: features must be 2-d (frames, dim), got shape {feats.shape}")
+                return feats, None
             except (OSError, ValueError) as exc:
                 raise DataError(f"{file}: cannot read ({exc})") from None
         if self.kind == "h5-dir":
