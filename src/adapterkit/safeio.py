@@ -290,8 +290,9 @@ def loads_yaml(text: str | bytes, *, what: str, error: type[AdapterKitError] = C
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise error(f"{what} is not UTF-8 text (byte {exc.start})") from None
-    loader = _yaml_loader(what, error, max_depth)(text)
+    loader = None
     try:
+        loader = _yaml_loader(what, error, max_depth)(text)  # the reader checks the characters here
         obj = loader.get_single_data()
     except RecursionError:
         raise error(f"{what} is nested too deeply (more than {max_depth} levels)") from None
@@ -300,7 +301,8 @@ def loads_yaml(text: str | bytes, *, what: str, error: type[AdapterKitError] = C
     except ValueError as exc:  # e.g. an integer with more digits than Python converts
         raise error(f"{what} is not valid YAML/JSON: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return check_nesting(obj, what=what, error=error, max_depth=max_depth, max_nodes=max_nodes)
 
 
