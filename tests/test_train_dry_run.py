@@ -157,6 +157,9 @@ def test_video_paper_config(tmp_path):
     assert {t: r["steps_per_epoch"] for t, r in plan["tasks"].items()} == dict.fromkeys(cfg.data.tasks, 3)
     assert plan["epochs"] == 7 and plan["total_steps"] == 7 * 12
     assert plan["lr"] == 3e-4 and plan["lr_from"] == "preset video_lr"
+    from adapterkit.vl.build import count_params
+
+    assert plan["trainable"] == count_params("vl-bart", "single_adapter", "video")  # the paper's 3.39% row
     cfg.preset = "full_finetune"
     assert training_plan(cfg)["lr"] == 3e-5
     assert cfg.train.max_text_len == 600
