@@ -66,6 +66,7 @@ def _run(model, inputs, want):
 
 EXACT = ["bart_seq_bn", "bart_double_seq_bn", "bart_double_seq_bn_cross", "bart_par_bn", "bart_lora", "bart_lora_ffn",
          "bart_compacter", "bart_compacter++", "bert_double_seq_bn", "bert_lora", "bert_compacter",
+         "bart_prefix_tuning", "bart_prefix_tuning_flat",
          pytest.param("bart_ia3", marks=pytest.mark.skipif("ia3" not in adapterkit.registered_methods(),
                                                             reason="(IA)^3 is not registered in this tree"))]
 
@@ -115,13 +116,6 @@ def test_bert_prompt_tuning_matches_adapterhub():
     _run(model, inputs, want)
 
 
-@pytest.mark.xfail(strict=True, reason="AdapterHub prefix tuning is not mapped by the loader yet")
-def test_bart_prefix_tuning_matches_adapterhub():
-    inputs, want = _io("bart_prefix_tuning")
-    model = adapterkit.import_adapterhub(bart(), FIX / "bart_prefix_tuning")
-    _run(model, inputs, want)
-
-
 def _edited(tmp_path, name, **changes):
     d = tmp_path / name
     shutil.copytree(FIX / name, d)
@@ -168,6 +162,18 @@ def test_bin_files_are_never_unpickled_freely(tmp_path):
     with open(d / "pytorch_adapter.bin", "wb") as f:
         pickle.dump({"x": _Evil()}, f)
     with pytest.raises(adapterkit.CheckpointError, match="refusing"):
+        adapterkit.import_adapterhub(bart(), d)
+
+
+def test_prefix_copies_must_agree(tmp_path):
+    """AdapterHub stores each location's prefix module again in every attention's pool: they must be equal."""
+    d = tmp_path / "p"
+    shutil.copytree(FIX / "bart_prefix_tuning", d)
+    t = torch.load(d / "pytorch_adapter.bin", weights_only=True)
+    k = next(k for k in t if ".pool." in k and k.endswith("wte.weight"))
+    t[k] = t[k] + 1
+    torch.save(t, d / "pytorch_adapter.bin")
+    with pytest.raises(adapterkit.CheckpointError, match="differs"):
         adapterkit.import_adapterhub(bart(), d)
 
 

@@ -39,6 +39,8 @@ AH = {
     "bert_compacter": ("adapterhub:compacter", {"reduction_factor": 4}),
     "bart_ia3": ("adapterhub:ia3", {}),
     "bert_prompt_tuning": ("adapterhub:prompt_tuning", {"num_tokens": 4}),
+    "bart_prefix_tuning": ("adapterhub:prefix_tuning", {"num_tokens": 4, "bottleneck_size": 8}),
+    "bart_prefix_tuning_flat": ("adapterhub:prefix_tuning_flat", {"num_tokens": 3}),
 }
 
 

@@ -232,7 +232,31 @@ def adapterhub_config(ah_config: dict, model: nn.Module, paths: list[str] | None
     return cfg
 
 
-def _map_config(c: dict, model, paths, problems: _Problems, hidden: int | None = None) -> dict:
+def _prefix_config(c: dict, model, locations: list[str], problems: _Problems) -> dict:
+    problems.fixed(c, {"use_gating": (False, "gated prefixes (UniPELT) are not an adapterkit option")})
+    problems.unknown(c, {"encoder_prefix", "cross_prefix", "leave_out", "flat", "prefix_length", "bottleneck_size",
+                         "non_linearity", "dropout", "use_gating", "shared_gating", "init_weights_seed",
+                         "architecture"})
+    if c.get("leave_out"):
+        problems.append(f'"leave_out" = {json.dumps(c["leave_out"])}: AdapterHub sizes a location\'s prefixes for '
+                        "every layer and skips some; adapterkit sizes them for the layers it attaches to")
+    act = str(c.get("non_linearity", "tanh")).lower()
+    if act not in _ACT:
+        problems.append(f'"non_linearity" = "{act}": no adapterkit activation of that name')
+    flat = bool(c.get("flat", False))
+    out = {"method": "prefix", "style": "adapterhub", "num_tokens": int(c.get("prefix_length", 30)),
+           "reparam": not flat, "activation": _ACT.get(act, "tanh"), "dropout": float(c.get("dropout", 0.0))}
+    if not flat:
+        out["bottleneck_size"] = int(c.get("bottleneck_size", 512))
+    # the locations AdapterHub made (its file holds one module per location): encoder / self / cross
+    order = ["encoder", "self", "cross"]
+    out["locations"] = [x for x in order if x in locations] or [x for x in order if x == "self" or
+                                                                 c.get(f"{x}_prefix", True)]
+    return out
+
+
+def _map_config(c: dict, model, paths, problems: _Problems, hidden: int | None = None,
+                locations: list[str] | None = None) -> dict:
     arch = c.get("architecture")
     if arch is None:
         return _bottleneck_config(c, model, hidden or _hidden(model), problems)
@@ -243,7 +267,7 @@ def _map_config(c: dict, model, paths, problems: _Problems, hidden: int | None =
     if arch == "union":
         problems.append('"architecture" = "union": config unions (MAM, UniPELT) are not mapped; load each part')
     elif arch == "prefix_tuning":
-        problems.append('"architecture" = "prefix_tuning": prefix tuning is not mapped')
+        return _prefix_config(c, model, locations or [], problems)
     else:
         problems.append(f'"architecture" = {json.dumps(arch)}: no adapterkit method for it')
     return {}
@@ -326,6 +350,8 @@ _BN_KEY = re.compile(r"^(?P<loc>.+)\.adapters\.(?P<a>[^.]+)\.(?P<part>adapter_do
                      r"(?P<p>weight|bias|W_left|W_right|W|b|phm_rule)$")
 _RULE_KEY = re.compile(r"^(?:.*\.)?shared_parameters\.(?P<a>[^.]+)\.phm_rule$")
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.loras\.(?P<a>[^.]+)\.lora_(?P<w>A|B)$")
+_PREFIX_KEY = re.compile(r"^(?P<pool>.*\.pool\.)?(?:.*\.)?prefix_tunings\.(?P<a>[^.]+)\.(?P<loc>encoder|self|cross)_prefix\."
+                         r"(?P<p>wte\.weight|control_trans(?:\.[02]\.(?:weight|bias))?)$")
 _PROMPT_KEY = re.compile(r"^(?:.*\.)?prompt_tuning\.prompt_tunings\.(?P<a>[^.]+)\.prompt_embedding\.weight$")
 # where AdapterHub's bottleneck layers sit, relative to the transformer layer, in its two naming styles
 _LOCS = ((".cross_attention_adapters", "cross_attn"), (".attention_adapters", "attn"), (".output_adapters", "ffn"),
@@ -442,7 +468,8 @@ def import_adapterhub(model: nn.Module, directory: str | os.PathLike, name: str 
     for p in lora_paths:
         if p not in paths.modules:
             problems.append(f"a LoRA/(IA)^3 tensor sits on {p}, which {type(model).__name__} does not have")
-    cfg = _map_config(meta["config"], model, lora_paths, problems, hidden)
+    locations = sorted({m["loc"] for k in tensors if (m := _PREFIX_KEY.match(k))})
+    cfg = _map_config(meta["config"], model, lora_paths, problems, hidden, locations)
     head_rx, head_tensors = _head(model, head_dir, problems) if head_dir is not None else ([], {})
     if problems:
         raise ConfigError(f"{directory}: this AdapterHub adapter cannot be mapped to adapterkit:\n  - "
@@ -501,11 +528,35 @@ def _copy(model, s, tensors: dict, paths: _Paths, wfile, ah_cfg: dict) -> None:
             _put(s.vectors[key], t.reshape(-1) * float(ah_cfg.get("alpha", 1)), k, wfile)
             done.add(k)
             continue
+        m = _PREFIX_KEY.match(k)
+        if m and method == "prefix":
+            if m["pool"]:  # every attention's pool holds the location's module again: the same tensor
+                continue
+            tab = s.tables[m["loc"]]
+            dst = {"wte.weight": tab.embedding, "control_trans": tab.table,
+                   "control_trans.0.weight": tab.mlp_in.weight if tab.mlp_in is not None else None,
+                   "control_trans.0.bias": tab.mlp_in.bias if tab.mlp_in is not None else None,
+                   "control_trans.2.weight": tab.mlp_out.weight if tab.mlp_out is not None else None,
+                   "control_trans.2.bias": tab.mlp_out.bias if tab.mlp_out is not None else None}[m["p"]]
+            if dst is not None and m["p"] == "control_trans":
+                t = t.reshape(dst.shape[1:]) if t.numel() == dst[0].numel() else t
+            _put(dst, t, k, wfile)
+            done.add(k)
+            continue
         m = _PROMPT_KEY.match(k)
         if m and method == "prompt":
             _put(s.embedding, t, k, wfile)
             done.add(k)
             continue
+    if method == "prefix":  # the per-attention copies must equal the location's module
+        for k, t in tensors.items():
+            m = _PREFIX_KEY.match(k)
+            if m and m["pool"]:
+                top = next((k2 for k2 in done if k2.endswith(k[m.end("pool"):].split("prefix_tunings.", 1)[-1])
+                            and _PREFIX_KEY.match(k2)["loc"] == m["loc"]), None)
+                if top is None or not torch.equal(tensors[top], t):
+                    raise CheckpointError(f"{wfile}: {k!r} differs from its location's prefix module")
+                done.add(k)
     left = [k for k in tensors if k not in done]
     if left:
         raise CheckpointError(f"{wfile}: tensor {left[0]!r} maps to nothing in adapterkit's {method} adapter"
