@@ -164,7 +164,8 @@ class PAdapterLayer(nn.Module):
     def _nodes(self, x: torch.Tensor, task) -> torch.Tensor:
         """(B, L, D) projected tokens -> (B, H, L, f) node features W_i·Dense(x), split into heads."""
         b, L, _ = x.shape
-        z = self.w_i(_frozen_dense(self.dense[0], x), task)
+        w = self.w_i.weight.dtype
+        z = self.w_i(_frozen_dense(self.dense[0], x.to(w)), task).to(x.dtype)
         return z.view(b, L, self.heads, -1).transpose(1, 2)
 
     def graph_features(self, query, key, value, mask, kwargs, task) -> torch.Tensor:
