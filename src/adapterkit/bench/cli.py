@@ -60,6 +60,13 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, print the top N ops (torch.profiler) of each adapterkit case")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--serve", action="store_true",
+                   help="serving benchmark instead: greedy generation with a different adapter per row on a "
+                        "Llama-shaped LM (--d-model, --layers, --heads, --ffn, --vocab, --batch; --src = prompt "
+                        "tokens, --tgt = new tokens), against single-adapter, task-by-task and PEFT mixed batches")
+    p.add_argument("--serve-tasks", default="1,4,16,64", help="--serve: comma list of task counts per batch")
+    p.add_argument("--serve-methods", default="lora,houlsby", help="--serve: comma list (lora, houlsby)")
+    p.add_argument("--repeats", type=int, default=3, help="--serve: timed repeats per case (median reported)")
     return p
 
 
@@ -103,6 +110,8 @@ def run(args) -> int:
     from adapterkit.bench.report import to_markdown, write_outputs
     from adapterkit.bench.runner import run_bench
 
+    if args.serve:
+        return _run_serve(args)
     if args.list:
         for c in CASES:
             print(f"{c.name:<32} {c.kind:<6} {c.group:<11} {c.title}")
@@ -130,6 +139,33 @@ def run(args) -> int:
     if failed:
         print(f"{len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed and len(failed) == len(report["results"]) else 0
+
+
+def _run_serve(args) -> int:
+    from adapterkit.bench.report import write_outputs
+    from adapterkit.bench.serving import ServeSettings, serve_bench, to_markdown
+
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(max(1, args.threads))
+        kw = {"hidden": args.d_model, "layers": args.layers, "heads": args.heads, "ffn": args.ffn,
+              "vocab": args.vocab, "batch": args.batch, "prompt": args.src, "new_tokens": args.tgt}
+        try:
+            tasks = [int(x) for x in args.serve_tasks.split(",") if x.strip()]
+        except ValueError:
+            raise AdapterKitError(f"--serve-tasks must be a comma list of integers, got {args.serve_tasks!r}") from None
+        s = ServeSettings(**{k: v for k, v in kw.items() if v is not None}, tasks=tasks,
+                          methods=[m.strip() for m in args.serve_methods.split(",") if m.strip()],
+                          repeats=args.repeats, seed=args.seed,
+                          device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        report = serve_bench(s, log=lambda x: print(x, file=sys.stderr, flush=True))
+        md = to_markdown(report)
+        write_outputs(report, args.out, args.markdown, md)
+        print(md)
+    except AdapterKitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _profile(cases, shape, settings, top: int) -> None:
