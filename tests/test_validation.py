@@ -288,3 +288,28 @@ def test_yaml_config_file_round_trip(tmp_path, data):
     p = tmp_path / "ok.yaml"
     p.write_text(yaml.safe_dump(_cfg(data, train={"seed": 2**40, "lr": 1e-3})))
     assert load_config(p).train.seed == 2**40
+
+
+# --- warnings print once ------------------------------------------------------------------------
+
+def test_checkpoint_fallback_warning_prints_once_without_a_code_line(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from adapterkit.train.checkpoint import CheckpointManager
+
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    for step in (1, 2):
+        mgr.save(step, {"adapter": {"w": torch.full((4,), float(step))}})
+    f = mgr.path_for(2) / "adapter_model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-2] ^= 0x01
+    f.write_bytes(bytes(raw))
+    code = ("from adapterkit.train.checkpoint import CheckpointManager\n"
+            f"print(CheckpointManager({str(tmp_path)!r}).latest_valid()[1])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "1", r.stderr
+    assert r.stderr.count("skipping checkpoint") == 1, r.stderr
+    assert r.stderr.startswith("adapterkit: warning: skipping checkpoint") and "warn(" not in r.stderr

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from adapterkit.errors import ConfigError
+from adapterkit.errors import ConfigError, warn
 
 
 def _tensor_signature(batch: Mapping) -> tuple:
@@ -224,7 +224,7 @@ class GraphedStep:
             _reset_capture_state(self.device)
             self._restore(snap)
             self.fallback_reason = f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]})"
-            warnings.warn(f"GraphedStep: {self.fallback_reason}; running eagerly", stacklevel=3)
+            warn(f"GraphedStep: {self.fallback_reason}; running eagerly", stacklevel=3)
             self._graphs.clear()
             return None
         # keep the outputs' storage, not their autograd graph (its nodes would outlive the capture)
