@@ -21,7 +21,8 @@ coordinate, as ``torch.norm(graph_grad + e)`` does). Two graphs, as in the refer
   ``image_sample_len`` tokens (16 by default, as the reference's configs): the attention
   probabilities are averaged per bin, not recomputed from pooled keys (padded key tokens
   have zero attention; pooled values average the valid tokens only, which is the
-  reference's plain average when nothing is padded).
+  reference's plain average when nothing is padded). As the reference's adaptive pool,
+  fewer key tokens than ``image_sample_len`` are repeated up to it; ``None`` turns pooling off.
 - ``values`` (self-attention, the default): the graph the reference builds whenever no
   KV cache is passed (training, and every encoder): nodes are the value vectors,
   Â = A itself, and the self term stays: F'_i = α_i Σ_j Ã_ij F_vj + β_i F_vi, where
