@@ -20,6 +20,7 @@ from adapterkit.core.base import (
     trainable_report,
     unmerge_adapters,
 )
+from adapterkit.core.checkpointing import enable_activation_checkpointing
 from adapterkit.core.config import config_from_dict, registered_methods
 from adapterkit.core.graphs import GraphedStep
 from adapterkit.core.io import load_adapters, save_adapters
@@ -31,7 +32,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterKitError", "CheckpointError", "ConfigError", "DataError", "GraphedStep",
-    "add_adapters", "apply_freeze_policy", "cast_frozen", "config_from_dict", "export_peft", "import_adapterhub",
+    "add_adapters", "apply_freeze_policy", "cast_frozen", "config_from_dict", "enable_activation_checkpointing",
+    "export_peft", "import_adapterhub",
     "import_peft",
     "load_adapters", "merge_adapters", "registered_methods", "remove_adapters", "route",
     "save_adapters", "trainable_report", "unmerge_adapters", "__version__",
