@@ -263,3 +263,80 @@ def test_prompt_inputs_embeds_matches_peft_on_bert():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     with pytest.raises(ConfigError, match="encoder-only"):
         adapterkit.add_adapters(bart(), {"method": "prompt", "placement": "after_embeddings"})
+
+
+# -- across the tiny families ----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_ia3_peft_variant_matches_peft_t5_gpt2(family):
+    from adapterkit.testing.tiny import main_output, tiny_inputs, tiny_model
+
+    kw = tiny_inputs(family)
+    pm = peft.get_peft_model(tiny_model(family).eval(), peft.IA3Config())
+    tensors = _peft_tensors(pm, "ia3_l")
+    with torch.no_grad():
+        want = main_output(pm(**kw))
+    model = adapterkit.add_adapters(tiny_model(family).eval(), {"method": "ia3"})
+    s = model.adapterkit.sets["ia3"]
+    assert len(s.vectors) == len(tensors)
+    with torch.no_grad():
+        for k, v in tensors.items():
+            key = k.removeprefix("base_model.model.").removesuffix(".ia3_l.default").replace(".", "__")
+            assert s.paths[key] == ("input" if v.shape[0] == 1 else "output"), key
+            s.vectors[key][0].copy_(v.flatten())
+        torch.testing.assert_close(main_output(model(**kw)), want, atol=1e-5, rtol=0)
+
+
+def test_prefix_peft_style_matches_peft_t5():
+    from adapterkit.testing.tiny import tiny_inputs, tiny_model
+
+    kw = tiny_inputs("t5")
+    pm = peft.get_peft_model(tiny_model("t5").eval(), peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM",
+                                                                               num_virtual_tokens=2))
+    tensors = _peft_tensors(pm, "prompt_encoder")
+    with torch.no_grad():
+        want = pm(**kw).logits
+    model = adapterkit.add_adapters(tiny_model("t5").eval(), {"method": "prefix", "style": "peft", "num_tokens": 2})
+    _load_peft_prefix(model, tensors)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw).logits, want, atol=1e-5, rtol=0)
+
+
+MATRIX = {
+    "ia3": {"method": "ia3"},
+    "ia3_adapterhub": {"method": "ia3", "variant": "adapterhub"},
+    "prefix": {"method": "prefix", "num_tokens": 2, "bottleneck_size": 8},
+    "prefix_peft": {"method": "prefix", "style": "peft", "num_tokens": 2},
+    "seq_bn": {"method": "pfeiffer", "reduction_factor": 4, "adapter_input": "normed_sum"},
+    "houlsby_normed": {"method": "houlsby", "reduction_factor": 4, "adapter_input": "normed_sum"},
+    "compacterpp_normed": {"method": "compacter++", "phm_dim": 2, "reduction_factor": 8,
+                           "adapter_input": "normed_sum"},
+}
+REFUSED = {("ia3_adapterhub", "gpt2")} | {(m, f) for m in ("ia3", "ia3_adapterhub", "prefix_peft")
+                                          for f in ("vit", "clip_text")}
+
+
+@pytest.mark.parametrize("family", ["bart", "t5", "bert", "vit", "clip_text", "whisper", "gpt2", "llama"])
+@pytest.mark.parametrize("method", list(MATRIX))
+def test_new_methods_attach_train_and_save(family, method, tmp_path):
+    from adapterkit.testing.tiny import main_output, tiny_inputs, tiny_model
+
+    model = tiny_model(family).train()
+    if (method, family) in REFUSED:
+        with pytest.raises(ConfigError):
+            adapterkit.add_adapters(model, MATRIX[method])
+        return
+    adapterkit.add_adapters(model, MATRIX[method])
+    kw = tiny_inputs(family, batch=2)
+    main_output(model(**kw)).float().pow(2).mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("adapterkit.")]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert not any(p.grad is not None for n, p in model.named_parameters()
+                   if not n.startswith("adapterkit.") and not p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        want = main_output(model(**kw))
+    adapterkit.save_adapters(model, tmp_path / "a")
+    fresh = adapterkit.load_adapters(tiny_model(family).eval(), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(fresh(**kw)), want, atol=1e-6, rtol=0)

@@ -164,8 +164,9 @@ class PrefixSet(AdapterSet):
         self.groups["peft"] = [a.path for a in attns]
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        if self._cache_arg not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            raise ConfigError(f"{type(model).__name__}.forward takes no KV cache argument; use style adapterhub")
+        if self._cache_arg not in params:
+            raise ConfigError(f"{type(model).__name__}.forward takes no KV cache argument, so PEFT-style prefixes "
+                              '(passed as the cache) cannot reach it; use style "adapterhub"')
         self.add_pre_hook(model, self._inject_cache, with_kwargs=True)
 
     def detach(self) -> None:
