@@ -21,6 +21,7 @@ from adapterkit.core.base import (
     unmerge_adapters,
 )
 from adapterkit.core.checkpointing import enable_activation_checkpointing
+from adapterkit.core.composition import Average, Fuse, Parallel, Stack, compose
 from adapterkit.core.config import config_from_dict, registered_methods
 from adapterkit.core.graphs import GraphedStep
 from adapterkit.core.io import load_adapters, save_adapters
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterKitError", "CheckpointError", "ConfigError", "DataError", "GraphedStep",
+    "Average", "Fuse", "Parallel", "Stack", "compose",
     "add_adapters", "apply_freeze_policy", "cast_frozen", "config_from_dict", "enable_activation_checkpointing",
     "export_peft", "import_adapterhub",
     "import_peft",
