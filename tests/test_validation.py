@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import yaml
@@ -313,3 +314,58 @@ def test_checkpoint_fallback_warning_prints_once_without_a_code_line(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "1", r.stderr
     assert r.stderr.count("skipping checkpoint") == 1, r.stderr
     assert r.stderr.startswith("adapterkit: warning: skipping checkpoint") and "warn(" not in r.stderr
+
+
+# --- adapterkit eval verifies what it loads -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from adapterkit.cli import main
+
+    root = tmp_path_factory.mktemp("evalrun")
+    data = make_vl_fixture(root / "data", n_images=12)
+    cfg = {"model": {"backbone": "tiny-bart", "feat_dim": 16}, "preset": "single_lora",
+           "data": {"root": str(data), "features": str(data / "features")},
+           "train": {"epochs": 1, "max_steps": 2, "batch_size": 4, "checkpoint_every": 2, "max_text_len": 12,
+                     "max_target_len": 6, "task_batch_scale": {"vqa": 1, "gqa": 1, "nlvr": 1, "caption": 1}},
+           "eval": {"batch_size": 16, "max_new_tokens": 2, "caption_max_new_tokens": 3, "caption_beams": 1,
+                    "select_on": "last"}}
+    p = root / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(p), "--output", str(root / "run")]) == 0
+    return p, root / "run"
+
+
+def _damage(f, how):
+    from safetensors.torch import load_file, save_file
+
+    raw = bytearray(f.read_bytes())
+    if how == "bit flip":
+        raw[-5] ^= 0x40  # the exponent's top bit of a float32 near the end: a weight of ~1e38
+        f.write_bytes(bytes(raw))
+    elif how == "empty":
+        f.write_bytes(b"")
+    elif how == "subset":
+        t = load_file(f)
+        save_file(dict(list(t.items())[: len(t) // 2]), f)
+
+
+def test_eval_refuses_a_corrupt_weights_file(trained_run, tmp_path, capsys):
+    """A bit flip, an empty file and a subset of the keys: each one clear error, exit 2 (they all exited 0)."""
+    import shutil
+
+    from adapterkit.cli import main
+
+    cfg, run = trained_run
+    capsys.readouterr()
+    assert main(["eval", str(cfg), "--checkpoint", str(run)]) == 0  # intact: scores
+    for how, match in [("bit flip", "is corrupt: its tensors do not match the checksum"), ("empty", "truncated"),
+                       ("subset", "missing")]:
+        copy = tmp_path / how.replace(" ", "_")
+        shutil.copytree(run, copy, ignore=shutil.ignore_patterns("train.lock"))
+        _damage(copy / "final" / "trainable.safetensors", how)
+        capsys.readouterr()
+        assert main(["eval", str(cfg), "--checkpoint", str(copy)]) == 2, how
+        err = capsys.readouterr().err
+        assert err.startswith("adapterkit eval: error: ") and re.search(match, err), (how, err)
+        assert err.count("\n") == 1, err  # one line, no traceback
