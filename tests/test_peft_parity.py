@@ -92,8 +92,8 @@ def test_per_task_lora_exports_one_peft_adapter_per_task(tmp_path):
 
 def test_import_peft_rejects_unsupported(tmp_path):
     (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    (tmp_path / "x" / "adapter_config.json").write_text('{"peft_type": "LOHA"}')
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(1)}, tmp_path / "x" / "adapter_model.safetensors")
-    with pytest.raises(adapterkit.CheckpointError, match="IA3"):
+    with pytest.raises(adapterkit.CheckpointError, match="LOHA"):
         adapterkit.import_peft(tiny_model("llama"), tmp_path / "x")

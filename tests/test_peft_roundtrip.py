@@ -242,3 +242,61 @@ def test_unknown_tensor_is_never_dropped(tmp_path):
     _write(tmp_path / "x", {"peft_type": "LORA", "r": 2, "bias": "none"}, t)
     with pytest.raises(adapterkit.CheckpointError, match="no_such_module"):
         adapterkit.import_peft(tiny_model("bart"), tmp_path / "x")
+
+
+@pytest.mark.skipif("ia3" not in adapterkit.registered_methods(), reason="(IA)^3 is not registered")
+@pytest.mark.parametrize("family", ["bart", "bert", "gpt2"])
+def test_peft_ia3_round_trip(tmp_path, family):
+    """PEFT's (IA)^3 (output- and input-scaled vectors) -> adapterkit -> PEFT, by outputs and tensors."""
+    make = bert_classifier if family == "bert" else (lambda: tiny_model(family))
+    config = peft.IA3Config(task_type="SEQ_CLS") if family == "bert" else peft.IA3Config()
+    pm = peft.get_peft_model(make(), config)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "in")
+    inputs = tiny_inputs(family)
+    ref = _out(pm, inputs)
+    ours = make()
+    adapterkit.import_peft(ours, tmp_path / "in")
+    torch.testing.assert_close(_out(ours, inputs), ref, atol=1e-5, rtol=1e-5)
+    adapterkit.export_peft(ours, tmp_path / "again")
+    _assert_same_tensors(_read(tmp_path / "in" / "adapter_model.safetensors"),
+                         _read(tmp_path / "again" / "adapter_model.safetensors"))
+    torch.testing.assert_close(_peft_out(tmp_path / "again", make(), inputs), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif("ia3" not in adapterkit.registered_methods(), reason="(IA)^3 is not registered")
+def test_adapterhub_style_ia3_exports_to_peft(tmp_path):
+    ours = tiny_model("bart")
+    adapterkit.add_adapters(ours, {"method": "ia3", "variant": "adapterhub"})
+    with torch.no_grad():
+        for v in ours.adapterkit.sets["ia3"].vectors.values():
+            v.uniform_(0.5, 1.5)
+    inputs = tiny_inputs("bart")
+    ref = _out(ours, inputs)
+    adapterkit.export_peft(ours, tmp_path / "p")
+    torch.testing.assert_close(_peft_out(tmp_path / "p", tiny_model("bart"), inputs), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif("prefix" not in adapterkit.registered_methods(), reason="prefix tuning is not registered")
+@pytest.mark.parametrize("family,task", [("llama", "CAUSAL_LM"), ("bart", "SEQ_2_SEQ_LM")])
+def test_peft_prefix_round_trip(tmp_path, family, task):
+    make = lambda: tiny_model(family)  # noqa: E731
+    pm = peft.get_peft_model(make(), peft.PrefixTuningConfig(num_virtual_tokens=3, task_type=task))
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "in")
+    inputs = tiny_inputs(family)
+    ref = _out(pm, inputs)
+    ours = make()
+    adapterkit.import_peft(ours, tmp_path / "in")
+    torch.testing.assert_close(_out(ours, inputs), ref, atol=1e-5, rtol=1e-5)
+    adapterkit.export_peft(ours, tmp_path / "again")
+    _assert_same_tensors(load_file(tmp_path / "in" / "adapter_model.safetensors"),
+                         load_file(tmp_path / "again" / "adapter_model.safetensors"))
+    torch.testing.assert_close(_peft_out(tmp_path / "again", make(), inputs), ref, atol=1e-5, rtol=1e-5)

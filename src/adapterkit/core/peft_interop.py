@@ -1,4 +1,5 @@
-"""Interop with HF PEFT: LoRA and prompt tuning in PEFT's own files and key names, lossless both ways.
+"""Interop with HF PEFT: LoRA, (IA)^3, prompt and prefix tuning in PEFT's own files and key names,
+lossless both ways.
 
 ``export_peft(model, dir)`` writes ``adapter_config.json`` + ``adapter_model.safetensors``
 that ``peft.PeftModel.from_pretrained(base, dir)`` loads unchanged; ``import_peft``
@@ -57,6 +58,12 @@ _LORA_USED = {"r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "modules_
 _PROMPT_INFO = {"num_attention_heads", "num_layers", "prompt_tuning_init", "prompt_tuning_init_text",
                 "tokenizer_name_or_path", "tokenizer_kwargs"}
 _PROMPT_USED = {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "modules_to_save"}
+_IA3_INFO = {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
+             "init_ia3_weights"}
+_IA3_USED = {"feedforward_modules", "modules_to_save"}
+# prefix: PEFT stores the final table (the projection MLP, if any, is materialised on save)
+_PREFIX_INFO = {"num_attention_heads", "num_layers", "encoder_hidden_size", "prefix_projection", "init_weights"}
+_PREFIX_USED = {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "modules_to_save"}
 _WHY = {
     "use_dora": "DoRA's magnitude vector has no adapterkit counterpart",
     "rank_pattern": "one adapter has one rank in adapterkit",
@@ -99,10 +106,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> list[Path]:
     if container is None:
         raise ConfigError("the model has no adapters attached")
     methods = {s.config.method for s in container.sets.values()}
-    unsupported = methods - {"lora", "prompt"}
+    unsupported = methods - {"lora", "prompt", "ia3", "prefix"}
     if unsupported or len(container.sets) != 1:
         raise ConfigError(
-            f"export_peft supports exactly one LoRA or prompt-tuning adapter; this model has {sorted(methods)}"
+            "export_peft supports exactly one LoRA, (IA)^3, prompt- or prefix-tuning adapter; this model has "
+            f"{sorted(methods)}"
         )
     (name, s), = container.sets.items()
     if s.merged:
@@ -113,10 +121,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> list[Path]:
     out = []
     for i, task in enumerate(tasks):
         d = directory / task if task is not None else directory
-        if s.config.method == "lora":
-            out.append(_export_lora(model, s, i if per_task else None, d))
-        else:
-            out.append(_export_prompt(model, s, i if per_task else None, d))
+        write = {"lora": _export_lora, "ia3": _export_ia3, "prompt": _export_prompt, "prefix": _export_prefix}
+        out.append(write[s.config.method](model, s, i if per_task else None, d))
     return out
 
 
@@ -198,6 +204,52 @@ def _export_lora(model, s, task, d: Path) -> Path:
     return d
 
 
+def _export_ia3(model, s, task, d: Path) -> Path:
+    tensors, ff, fan = {}, [], set()
+    for key, (_, input_side, transposed) in s._targets.items():
+        path = key.replace("__", ".")
+        v = s.vectors[key][0 if s.vectors[key].shape[0] == 1 else task].detach()
+        tensors[f"{PREFIX}{path}.ia3_l"] = v.view(1, -1) if input_side else v.view(-1, 1)  # PEFT's shapes
+        if input_side:
+            ff.append(path)
+        fan.add(transposed)
+    paths = {k.replace("__", ".") for k in s._targets}
+    bias_mode, modules_to_save, extra = _base_extras(model, paths, PREFIX, has_bias_mode=False)
+    tensors.update(extra)
+    peft_cfg = {
+        "peft_type": "IA3", "task_type": None, "target_modules": sorted(paths), "feedforward_modules": sorted(ff),
+        "fan_in_fan_out": any(fan), "init_ia3_weights": True, "inference_mode": True,
+        "modules_to_save": modules_to_save,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+    }
+    save_safetensors_atomic(tensors, d / "adapter_model.safetensors")
+    atomic_write_json(d / "adapter_config.json", peft_cfg)
+    return d
+
+
+def _export_prefix(model, s, task, d: Path) -> Path:
+    if s.config.style != "peft":
+        raise ConfigError('export_peft writes PEFT-style prefixes (style "peft"); this prefix set is '
+                          f'style "{s.config.style}" (per-location prefixes inside attention), which PEFT cannot hold')
+    table = s.tables["peft"]().detach()
+    emb = table[0 if table.shape[0] == 1 else task]
+    mcfg = getattr(model, "config", None)
+    _, modules_to_save, extra = _base_extras(model, set(), PROMPT_PREFIX, has_bias_mode=False)
+    peft_cfg = {
+        "peft_type": "PREFIX_TUNING", "task_type": _task_type(model, s.enc_dec),
+        "num_virtual_tokens": s.config.num_tokens, "token_dim": s.heads * s.hd,
+        "num_transformer_submodules": 2 if s.enc_dec else 1, "num_attention_heads": s.heads,
+        "num_layers": s.n_layers, "encoder_hidden_size": s.heads * s.hd, "prefix_projection": False,
+        "inference_mode": True, "modules_to_save": modules_to_save,
+        "base_model_name_or_path": getattr(mcfg, "_name_or_path", None) or None,
+    }
+    tensors = {"prompt_embeddings": emb.contiguous()}  # PEFT's key for every prompt-learning table
+    tensors.update(extra)
+    save_safetensors_atomic(tensors, d / "adapter_model.safetensors")
+    atomic_write_json(d / "adapter_config.json", peft_cfg)
+    return d
+
+
 def _task_type(model: nn.Module, enc_dec: bool) -> str:
     """PEFT's task type for a prompt-tuned model (it picks PEFT's model class, hence the forward)."""
     cls = type(model).__name__
@@ -255,8 +307,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str | None
     if not isinstance(pcfg, dict):
         raise CheckpointError(f"{cpath} does not hold a JSON object")
     ptype = pcfg.get("peft_type")
-    if ptype not in ("LORA", "PROMPT_TUNING"):
-        raise CheckpointError(f"{cpath}: PEFT type {ptype!r} is not supported (LORA and PROMPT_TUNING are)")
+    if ptype not in ("LORA", "PROMPT_TUNING", "IA3", "PREFIX_TUNING"):
+        raise CheckpointError(f"{cpath}: PEFT type {ptype!r} is not supported (LORA, IA3, PROMPT_TUNING and "
+                              "PREFIX_TUNING are)")
     wfile = directory / "adapter_model.safetensors"
     if not wfile.exists() and (directory / "adapter_model.bin").exists():
         wfile = directory / "adapter_model.bin"
@@ -264,6 +317,12 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str | None
     if ptype == "LORA":
         _check_fields(pcfg, _LORA_USED, _LORA_INFO, cpath)
         return _import_lora(model, pcfg, tensors, wfile, name, overrides)
+    if ptype == "IA3":
+        _check_fields(pcfg, _IA3_USED, _IA3_INFO, cpath)
+        return _import_ia3(model, pcfg, tensors, wfile, name, overrides)
+    if ptype == "PREFIX_TUNING":
+        _check_fields(pcfg, _PREFIX_USED, _PREFIX_INFO, cpath)
+        return _import_prefix(model, pcfg, tensors, wfile, name, overrides)
     _check_fields(pcfg, _PROMPT_USED, _PROMPT_INFO, cpath)
     return _import_prompt(model, pcfg, tensors, wfile, name, overrides)
 
@@ -411,5 +470,66 @@ def _import_prompt(model, pcfg, tensors, wfile, name, overrides):
                               f"{tuple(s.embedding.shape[1:])}")
     with torch.no_grad():
         s.embedding.copy_(emb.to(s.embedding.dtype).unsqueeze(0).expand_as(s.embedding))
+        _load_base(model, base)
+    return model
+
+
+def _import_ia3(model, pcfg, tensors, wfile, name, overrides):
+    vecs = {_strip(k).rsplit(".ia3_l", 1)[0]: v for k, v in tensors.items() if k.endswith(".ia3_l")}
+    if not vecs:
+        raise CheckpointError(f"{wfile} holds no ia3_l vectors")
+    ff_spec = pcfg.get("feedforward_modules") or []
+    if isinstance(ff_spec, str):  # PEFT: a string is a regex over the whole module path
+        ff = [p for p in vecs if re.fullmatch(ff_spec, p)]
+    else:
+        ff = [p for p in vecs if any(p == f or p.endswith(f) for f in ff_spec)]
+    for p, v in vecs.items():  # PEFT's shapes: (1, in) input-scaled, (out, 1) output-scaled
+        if v.dim() != 2 or (v.shape[0] != 1 if p in ff else v.shape[1] != 1):
+            raise CheckpointError(f"{wfile}: ia3_l of {p} has shape {tuple(v.shape)}, which does not match its "
+                                  f"{'feed-forward (input)' if p in ff else 'output'} scaling")
+    modules = _modules_to_save(model, pcfg.get("modules_to_save"))
+    base = _base_tensors(model, {k: v for k, v in tensors.items() if not k.endswith(".ia3_l")}, PREFIX, wfile)
+    paths = sorted(vecs)
+    cfg = {"method": "ia3", "variant": "peft", "target_modules": [_rx(p) for p in paths],
+           "feedforward_modules": [_rx(p) for p in sorted(ff)], **_freeze_extras(model, base, "none", [], modules)}
+    cfg.update(overrides)
+    add_adapters(model, cfg, name=name)
+    s = get_container(model).sets[name or "ia3"]
+    with torch.no_grad():
+        for p, v in vecs.items():
+            dst = s.vectors[p.replace(".", "__")]
+            if v.numel() != dst.shape[1]:
+                raise CheckpointError(f"shape mismatch for {p}.ia3_l: file has {tuple(v.shape)}, model needs "
+                                      f"{dst.shape[1]} values")
+            dst.copy_(v.reshape(1, -1).to(dst.dtype).expand_as(dst))
+        _load_base(model, base)
+    return model
+
+
+def _import_prefix(model, pcfg, tensors, wfile, name, overrides):
+    if "prompt_embeddings" not in tensors:
+        raise CheckpointError(f"{wfile} is missing key 'prompt_embeddings'")
+    emb = tensors["prompt_embeddings"]
+    n = int(pcfg.get("num_virtual_tokens") or emb.shape[0])
+    modules = _modules_to_save(model, pcfg.get("modules_to_save"))
+    base = _base_tensors(model, {k: v for k, v in tensors.items() if k != "prompt_embeddings"}, PROMPT_PREFIX, wfile)
+    cfg = {"method": "prefix", "style": "peft", "num_tokens": n, "reparam": False,
+           **_freeze_extras(model, base, "none", [], modules)}
+    cfg.update(overrides)
+    add_adapters(model, cfg, name=name)
+    s = get_container(model).sets[name or "prefix"]
+    enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    subs = pcfg.get("num_transformer_submodules") or 1
+    if subs != (2 if enc_dec else 1):
+        raise ConfigError(f'{wfile}: "num_transformer_submodules" = {subs} does not fit {type(model).__name__}')
+    if pcfg.get("token_dim") and pcfg["token_dim"] != s.heads * s.hd:
+        raise ConfigError(f'{wfile}: "token_dim" = {pcfg["token_dim"]}, but the model\'s key/value width is '
+                          f"{s.heads * s.hd}")
+    tab = s.tables["peft"].table
+    if tuple(emb.shape) != tuple(tab.shape[1:]):
+        raise CheckpointError(f"shape mismatch for 'prompt_embeddings': file has {tuple(emb.shape)}, model needs "
+                              f"{tuple(tab.shape[1:])}")
+    with torch.no_grad():
+        tab.copy_(emb.to(tab.dtype).unsqueeze(0).expand_as(tab))
         _load_base(model, base)
     return model
