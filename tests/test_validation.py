@@ -369,3 +369,19 @@ def test_eval_refuses_a_corrupt_weights_file(trained_run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("adapterkit eval: error: ") and re.search(match, err), (how, err)
         assert err.count("\n") == 1, err  # one line, no traceback
+
+
+def test_trainer_probes_for_the_space_a_checkpoint_needs(data, tmp_path, monkeypatch):
+    """4 KiB free passed the old probe and failed at the first checkpoint; now the run is refused at once."""
+    import collections
+
+    from adapterkit import safeio
+    from adapterkit.train.trainer import Trainer
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(safeio.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 4096, 4096))
+    cfg = _cfg(data, eval={"select_on": "last"},
+               train={"max_steps": 1, "batch_size": 4, "max_text_len": 12, "max_target_len": 6})
+    with pytest.raises(CheckpointError, match=r"disk full: .* has only 4.0 KiB free, need at least"):
+        Trainer(load_config(cfg), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
