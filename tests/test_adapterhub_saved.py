@@ -51,6 +51,16 @@ def bert_classifier(num_labels=3):
     return m.eval()
 
 
+def roberta_classifier():
+    cfg = tf.RobertaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=FF, max_position_embeddings=40, pad_token_id=1, type_vocab_size=1,
+                           num_labels=3)
+    m = tf.RobertaForSequenceClassification(cfg)
+    missing, unexpected = m.roberta.load_state_dict(load_file(FIX / "roberta_base.safetensors"), strict=False)
+    assert not missing and all(k.startswith("pooler.") for k in unexpected)  # this class has no pooler
+    return m.eval()
+
+
 def _io(name):
     t = load_file(FIX / name / "io.safetensors")
     return ({k[6:]: v for k, v in t.items() if k.startswith("input.")},
@@ -91,6 +101,14 @@ def test_setup_directory_with_classification_head():
     assert s.config.method == "pfeiffer" and s.config.adapter_input == "normed_sum"
     trained = set(model.adapterkit.base_trainable)
     assert {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= trained
+
+
+def test_hub_style_roberta_adapter_with_head():
+    """save_adapter(..., with_head=True) on RoBERTa (the hub's usual form): the head is RoBERTa's classifier."""
+    inputs, want = _io("roberta_seq_bn_head")
+    model = adapterkit.import_adapterhub(roberta_classifier(), FIX / "roberta_seq_bn_head")
+    _run(model, inputs, want)
+    assert {"classifier.dense.weight", "classifier.out_proj.bias"} <= set(model.adapterkit.base_trainable)
 
 
 def test_imported_adapters_save_and_load_the_adapterkit_way(tmp_path):

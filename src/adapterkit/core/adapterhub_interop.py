@@ -9,9 +9,9 @@ or ``model.save_adapter_setup(dir, setup, head_setup)`` writes:
 - for a setup: ``adapter_setup.json`` and one sub-directory per adapter / head,
 
 maps the config to an adapterkit method config (:func:`adapterhub_config`), attaches it and copies
-every tensor. A classification head goes into the model's own head modules (BERT-family
-``*ForSequenceClassification``: AdapterHub's default 2-layer tanh head on the first token is the
-model's pooler dense + classifier). ``.bin`` files are pickles: they are read only through
+every tensor. A classification head goes into the model's own head modules (AdapterHub's default 2-layer tanh head on the first token is a BERT
+``*ForSequenceClassification``'s pooler dense + classifier, and a RoBERTa one's ``classifier.dense`` +
+``classifier.out_proj``). ``.bin`` files are pickles: they are read only through
 :func:`adapterkit.safeio.load_legacy_weights` (``torch.load(weights_only=True)``), never unpickled
 freely.
 
@@ -409,10 +409,14 @@ def _head(model, directory: Path, problems: _Problems):
         return [], {}
     if hc.get("bias", True) is not True:
         problems.append(f'head "{meta.get("name")}": a classifier without bias is not mapped')
-    if layers == 2 and not hc.get("use_pooler") and hc.get("activation_function") == "tanh" and pooler in mods:
+    roberta_style = "classifier.dense" in mods and "classifier.out_proj" in mods
+    if layers == 2 and not hc.get("use_pooler") and hc.get("activation_function") == "tanh" and roberta_style:
+        # Dropout, Linear, Tanh, Dropout, Linear on the first token == RoBERTa's classification head
+        where = {"1": "classifier.dense", "4": "classifier.out_proj"}
+    elif layers == 2 and not hc.get("use_pooler") and hc.get("activation_function") == "tanh" and pooler in mods:
         # Dropout, Linear, Tanh, Dropout, Linear on the first token == the model's pooler + classifier
         where = {"1": pooler, "4": "classifier"}
-    elif layers == 1 and hc.get("use_pooler"):
+    elif layers == 1 and hc.get("use_pooler") and not roberta_style:
         where = {"1": "classifier"}
     else:
         problems.append(f'head "{meta.get("name")}": {layers} layer(s), activation {hc.get("activation_function")!r}, '
