@@ -83,8 +83,8 @@ class _Problems(list):
                 self.append(f'"{k}" = {json.dumps(cfg[k])}: {why}')
 
     def unknown(self, cfg: dict, *known: set) -> None:
-        for k in cfg:
-            if not any(k in s for s in known):
+        for k in cfg:  # an unknown field that is off (null, false, empty) changes nothing
+            if not any(k in s for s in known) and cfg[k] not in (None, False, [], {}, ""):
                 self.append(f'"{k}" = {json.dumps(cfg[k])}: not an AdapterHub 1.x field adapterkit knows')
 
 
