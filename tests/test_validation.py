@@ -385,3 +385,16 @@ def test_trainer_probes_for_the_space_a_checkpoint_needs(data, tmp_path, monkeyp
     with pytest.raises(CheckpointError, match=r"disk full: .* has only 4.0 KiB free, need at least"):
         Trainer(load_config(cfg), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_official_format_json_nesting_is_a_data_error(tmp_path):
+    from adapterkit.vl.datasets.base import load_json, load_json_records
+
+    p = tmp_path / "karpathy_train.json"
+    p.write_text("[" * 100000 + "]" * 100000)
+    for read in (load_json, load_json_records):
+        with pytest.raises(DataError, match="karpathy_train.json: nested too deeply"):
+            read(p)
+    p.write_text('{"a": 1}\n' + "[" * 100000 + "]" * 100000 + "\n")
+    with pytest.raises(DataError, match=r"karpathy_train.json:2: nested too deeply"):
+        load_json_records(p)

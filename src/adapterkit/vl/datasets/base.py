@@ -143,6 +143,8 @@ def load_json(path: str | os.PathLike) -> Any:
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
     except UnicodeDecodeError as exc:
@@ -163,6 +165,8 @@ def load_json_records(path: str | os.PathLike) -> tuple[Any, bool]:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
     try:
         return json.loads(text), False
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply") from None
     except json.JSONDecodeError as exc:
         if exc.msg != "Extra data":
             # a single broken document, or a broken first line of JSON lines
@@ -177,6 +181,8 @@ def load_json_records(path: str | os.PathLike) -> tuple[Any, bool]:
             continue
         try:
             records.append(json.loads(line))
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: nested too deeply") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: invalid JSON line ({exc.msg})") from None
     return records, True
