@@ -41,6 +41,7 @@ AH = {
     "bert_prompt_tuning": ("adapterhub:prompt_tuning", {"num_tokens": 4}),
     "bart_prefix_tuning": ("adapterhub:prefix_tuning", {"num_tokens": 4, "bottleneck_size": 8}),
     "bart_prefix_tuning_flat": ("adapterhub:prefix_tuning_flat", {"num_tokens": 3}),
+    "bart_scaled_par_bn": ("adapterhub:scaled_par_bn", {"reduction_factor": 4}),
 }
 
 

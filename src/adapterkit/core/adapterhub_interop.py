@@ -53,6 +53,7 @@ _BN_FIXED = {
     "use_gating": (False, "gating modules (UniPELT) are not an adapterkit option"),
     "inv_adapter": (None, "invertible adapters (MAD-X) are not an adapterkit method"),
     "inv_adapter_reduction_factor": (None, "invertible adapters (MAD-X) are not an adapterkit method"),
+    "invertible_adapter": (None, "invertible adapters (MAD-X) are not an adapterkit method"),  # adapters 0.x name
     "original_ln_after": (True, "adapterkit keeps the block's own LayerNorm after the adapter"),
     "ln_before": (False, "an adapter LayerNorm inside AdapterHub's adapter is not mapped"),
     "ln_after": (False, "an adapter LayerNorm inside AdapterHub's adapter is not mapped"),
@@ -348,6 +349,7 @@ class _Paths:
 
 _BN_KEY = re.compile(r"^(?P<loc>.+)\.adapters\.(?P<a>[^.]+)\.(?P<part>adapter_down\.0|adapter_up)\."
                      r"(?P<p>weight|bias|W_left|W_right|W|b|phm_rule)$")
+_SCALE_KEY = re.compile(r"^(?P<loc>.+)\.adapters\.(?P<a>[^.]+)\.scaling$")
 _RULE_KEY = re.compile(r"^(?:.*\.)?shared_parameters\.(?P<a>[^.]+)\.phm_rule$")
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.loras\.(?P<a>[^.]+)\.lora_(?P<w>A|B)$")
 _PREFIX_KEY = re.compile(r"^(?P<pool>.*\.pool\.)?(?:.*\.)?prefix_tunings\.(?P<a>[^.]+)\.(?P<loc>encoder|self|cross)_prefix\."
@@ -509,6 +511,12 @@ def _copy(model, s, tensors: dict, paths: _Paths, wfile, ah_cfg: dict) -> None:
             attr = {"b": "bias"}.get(m["p"], m["p"])
             dst = getattr(ad.down if down else ad.up, attr, None)
             _put(dst if isinstance(dst, torch.Tensor) else None, t, k, wfile)
+            done.add(k)
+            continue
+        m = _SCALE_KEY.match(k)
+        if m and index:  # scaling: "learned" (one value)
+            scale = s.adapters[_bn_key(m["loc"], index, paths, k, wfile)].scale
+            _put(scale, t.reshape(()), k, wfile)
             done.add(k)
             continue
         m = _RULE_KEY.match(k)
