@@ -295,3 +295,46 @@ def test_manager_probe_fails_early_for_file_path(tmp_path):
     f.write_text("not a dir")
     with pytest.raises(CheckpointError, match="out"):
         CheckpointManager(f)
+
+
+def test_checkpoint_moved_aside_by_an_interrupted_replace_is_recovered(tmp_path):
+    """A kill between atomic_dir's two renames leaves the only copy under .step-N.old-*."""
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    mgr.save(2, {"adapter": {"w": torch.full((3,), 2.0)}, "trainer": {"step": 2}})
+    aside = mgr.root / ".step-000002.old-0123456789ab"
+    mgr.path_for(2).rename(aside)
+    (mgr.root / ".step-000002.tmp-ba9876543210").mkdir()  # the new copy, never moved in
+    state, step = mgr.load_latest()
+    assert step == 2 and state["trainer"] == {"step": 2}
+    assert mgr.path_for(2).is_dir() and not aside.exists()
+
+
+def test_check_tensors_refuses_shape_dtype_and_key_mismatches():
+    from adapterkit.train.checkpoint import check_tensors
+
+    model = {"a.weight": torch.zeros(3, 4), "b.bias": torch.zeros(4), "c.weight": torch.zeros(2, 2)}
+    check_tensors({k: v.clone() for k, v in model.items()}, model, "ckpt")  # a match passes
+    bad = {"a.weight": torch.ones(1), "b.bias": torch.zeros(4, dtype=torch.int64), "d": torch.zeros(1)}
+    with pytest.raises(CheckpointError) as err:
+        check_tensors(bad, model, "ckpt")
+    msg = str(err.value)
+    assert msg.startswith("ckpt does not match this model:")
+    assert "missing c.weight" in msg and "unexpected d" in msg
+    assert "a.weight: shape [1], the model has [3, 4]" in msg
+    assert "b.bias: dtype torch.int64, the model has torch.float32" in msg
+
+
+def test_config_differences_name_dotted_keys():
+    from adapterkit.train.checkpoint import ABSENT, config_differences
+
+    old = {"train": {"lr": 0.005, "seed": 1, "scale": {"vqa": 1.0}}, "adapters": [{"method": "lora", "r": 8}],
+           "data": {"tasks": ["vqa", "gqa"]}}
+    new = {"train": {"lr": 0.005, "seed": 2, "scale": {"vqa": 1.0, "gqa": 2.0}},
+           "adapters": [{"method": "lora", "r": 4}], "data": {"tasks": ["vqa"]}}
+    assert config_differences(old, json.loads(json.dumps(old))) == {}
+    assert config_differences(old, new) == {
+        "train.seed": (1, 2), "train.scale.gqa": (ABSENT, 2.0), "adapters[0].r": (8, 4),
+        "data.tasks": (["vqa", "gqa"], ["vqa"]),
+    }
+    # tuples and lists, ints and floats compare by value
+    assert config_differences({"a": (1, 2), "b": 1}, {"a": [1, 2], "b": 1.0}) == {}

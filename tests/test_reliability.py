@@ -178,3 +178,158 @@ def test_random_method_configs_get_our_error(d):
         config_from_dict(d)
     except adapterkit.ConfigError as e:
         assert str(e)
+
+
+# --- the log, temp files, divergence, --max-steps ---------------------------------------------
+
+def _tiny(data, **train):
+    from reliability_helpers import tiny_config
+
+    return load_config(tiny_config(data, **train))
+
+
+def _steps_in_log(out: Path) -> list[int]:
+    rows = (out / "train_log.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,task,loss,lr"
+    return [int(r.split(",")[0]) for r in rows[1:]]
+
+
+def _crash_at(monkeypatch, step_no: int):
+    """Make the step that would become ``step_no`` raise (after the ones before it were logged)."""
+    from adapterkit.train.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def step(self, *a, **k):
+        if self.state["step"] + 1 == step_no:
+            raise RuntimeError("simulated crash")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    return real
+
+
+def test_log_rows_after_the_checkpoint_are_not_duplicated_on_resume(data, tmp_path, monkeypatch):
+    from adapterkit.train.trainer import Trainer
+
+    out = tmp_path / "run"
+    real = _crash_at(monkeypatch, 6)  # checkpoint at step 4, step 5 logged, crash in step 6
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(_tiny(data, checkpoint_every=4), out).fit()
+    assert _steps_in_log(out) == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(Trainer, "train_step", real)
+    tr = Trainer(_tiny(data, checkpoint_every=4), out)
+    tr.fit()
+    assert _steps_in_log(out) == list(range(1, tr.state["step"] + 1))
+
+
+def test_a_symlink_at_train_log_is_not_followed(data, tmp_path):
+    from adapterkit.train.trainer import Trainer
+
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_log.csv").symlink_to(outside)
+    tr = Trainer(_tiny(data, max_steps=2), out)
+    with pytest.raises(adapterkit.CheckpointError, match=r"train_log\.csv is a symbolic link"):
+        tr.fit()
+    assert outside.read_text() == "keep me\n"
+    assert not list((out / "checkpoints").glob("step-*"))  # refused before training
+
+
+def test_checkpoint_left_under_old_name_by_a_kill_is_resumed(data, tmp_path, capsys):
+    from adapterkit.train.trainer import Trainer
+
+    out = tmp_path / "run"
+    Trainer(_tiny(data, max_steps=4, keep_last=1), out).fit()
+    ckpt = out / "checkpoints" / "step-000004"
+    ckpt.rename(out / "checkpoints" / ".step-000004.old-0123456789ab")  # killed between the two renames
+    capsys.readouterr()
+    tr = Trainer(_tiny(data, max_steps=4, keep_last=1), out)
+    tr.fit()
+    assert "resumed from step 4" in capsys.readouterr().out
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000004"]
+
+
+def test_no_temp_leftovers_after_a_finished_run_and_keep_last(data, tmp_path):
+    from adapterkit.train.trainer import Trainer
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".step-000002.tmp-0123456789ab").mkdir(parents=True)  # a kill mid-save
+    (out / ".results.json.0123456789ab.tmp").write_text("{")
+    (out / ".best.tmp-0123456789ab").mkdir()
+    (out / "final").mkdir()
+    (out / "final" / ".trainable.safetensors.0123456789ab.tmp").write_bytes(b"x")
+    Trainer(_tiny(data, max_steps=7, checkpoint_every=2, keep_last=2), out).fit()
+    left = [str(p.relative_to(out)) for p in out.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
+    assert left == []
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000007"]
+    assert not (out / "train.lock").exists()
+
+
+@pytest.mark.parametrize("bad", [-5, 0])
+def test_max_steps_must_be_positive(data, tmp_path, capsys, bad):
+    from adapterkit.cli import main
+    from adapterkit.train.trainer import Trainer
+
+    with pytest.raises(adapterkit.ConfigError, match=rf"max_steps must be a positive integer, got {bad}"):
+        Trainer(_tiny(data), tmp_path / "run", max_steps=bad)
+    cfg = _write_cfg(tmp_path, data)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(cfg), "--output", str(tmp_path / "cli"), "--max-steps", str(bad)])
+    assert exit_.value.code == 2
+    assert f"--max-steps: must be a positive integer, got {bad}" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()
+
+
+def _poison(monkeypatch, step_no: int, what: str):
+    """Make a trainable weight infinite at the end of step ``step_no`` (the loss stays finite
+    until the next forward), or make the frozen-side input NaN before step ``step_no`` (its loss is NaN)."""
+    from adapterkit.train.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def step(self, *a, **k):
+        now = self.state["step"] + 1 == step_no
+        if now and what == "loss":
+            with torch.no_grad():
+                self.model.visual.feat_embedding[0].weight.fill_(float("nan"))
+        loss = real(self, *a, **k)
+        if now and what == "weights":
+            with torch.no_grad():
+                next(iter(self.named_trainable.values())).view(-1)[0] = float("inf")
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+
+
+def test_divergence_message_says_exactly_what_was_kept(data, tmp_path, monkeypatch):
+    from adapterkit.train.trainer import Trainer, TrainingError
+
+    _poison(monkeypatch, 5, "loss")  # checkpoints at 2 and 4 hold finite weights, step 5's loss is NaN
+    tr = Trainer(_tiny(data, checkpoint_every=2), tmp_path / "run")
+    with pytest.raises(TrainingError) as err:
+        tr.fit()
+    msg = str(err.value)
+    assert "loss is nan at step 5 (task" in msg
+    assert "kept: checkpoint step 4" in msg and "step-000004" in msg and "largest |weight|" in msg
+
+    tr = Trainer(_tiny(data, checkpoint_every=2), tmp_path / "none")
+    with torch.no_grad():
+        tr.model.visual.feat_embedding[0].weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"loss is nan at step 1 .*no checkpoint was written"):
+        tr.fit()
+
+
+def test_nonfinite_weights_are_never_checkpointed(data, tmp_path, monkeypatch):
+    from adapterkit.train.trainer import Trainer, TrainingError
+
+    _poison(monkeypatch, 4, "weights")  # the step-4 checkpoint would hold an inf weight
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError) as err:
+        Trainer(_tiny(data, checkpoint_every=2), out).fit()
+    msg = str(err.value)
+    assert "not finite" in msg and "step 4" in msg and "no checkpoint was written for step 4" in msg
+    assert "kept: checkpoint step 2" in msg
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]

@@ -15,7 +15,10 @@ def add_parser(sub):
     t = sub.add_parser("train", help="multi-task training from a config file (resumes in the same --output)")
     t.add_argument("config")
     t.add_argument("--output", default=None, help="the run directory (required unless --dry-run)")
-    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps (> 0)")
+    t.add_argument("--allow-changes", default="", metavar="KEY[,KEY]",
+                   help="resume although these keys differ from the checkpoint's run config "
+                        "(only train.max_steps, train.epochs); any other difference is refused")
     t.add_argument("--preset", default=None,
                    help="train this preset instead of the config's (with --dry-run: 'all' lists every preset)")
     t.add_argument("--dry-run", action="store_true",
@@ -28,6 +31,18 @@ def add_parser(sub):
     e.add_argument("--split", default="test")
     e.set_defaults(_run=run_eval)
     return [t, e]
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
+    return n
 
 
 def _print_results(res):
@@ -55,11 +70,22 @@ def run_train(args) -> int:
         raise ConfigError("--output DIR is required (the run directory), unless --dry-run")
     if args.preset == "all":
         raise ConfigError("--preset all only goes with --dry-run; train one preset per --output")
-    from adapterkit.train.trainer import Trainer, _is_main
+    import sys
 
-    trainer = Trainer(_load(args) if args.preset else args.config, args.output, max_steps=args.max_steps)
-    res = trainer.fit()
-    if _is_main():
+    from adapterkit.train import trainer as tr
+
+    allow = tr.check_allow_changes(args.allow_changes)
+    cfg = _load(args)
+    # the run lock before building anything: a second run on this output refuses at once;
+    # SIGTERM / SIGINT: the step finishes, a checkpoint is written, exit 143 / 130
+    with tr.lock_output(args.output):
+        trainer = tr.Trainer(cfg, args.output, max_steps=args.max_steps, allow_changes=allow)
+        try:
+            res = trainer.fit()
+        except tr.TrainingInterrupted as e:
+            print(f"adapterkit train: {e}", file=sys.stderr)
+            return e.exit_code
+    if tr._is_main():
         print(f"results: {args.output}/results.json ({res['checkpoint']})")
         _print_results(res)
     return 0

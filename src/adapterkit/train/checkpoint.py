@@ -12,7 +12,11 @@ A checkpoint is a directory ``OUTPUT/checkpoints/step-000123/`` built with
 
 Nothing is pickled, so loading a checkpoint never executes code. Resuming scans
 checkpoints newest first and skips (with a warning) any whose files fail the
-manifest check, e.g. a truncated or bit-flipped file.
+manifest check, e.g. a truncated or bit-flipped file; a checkpoint that an interrupted
+replace left under its ``.step-N.old-*`` name is moved back first. What a checkpoint
+holds is checked against the model before anything is copied in (:func:`check_tensors`,
+:func:`check_optimizer_state`), and the run config it was written with against the
+current one (:func:`config_differences`).
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapterkit.errors import CheckpointError, ConfigError, did_you_mean
+from adapterkit.errors import CheckpointError, ConfigError, did_you_mean, warn
 from adapterkit.safeio import (
     atomic_dir,
     atomic_write_json,
     load_safetensors_checked,
+    recover_dir,
     remove_stale_temps,
     save_safetensors_atomic,
     sha256_file,
@@ -44,11 +49,15 @@ from adapterkit.safeio import (
 )
 
 __all__ = [
+    "ABSENT",
     "ADAPTER_FILE",
     "FORMAT_VERSION",
     "MANIFEST_FILE",
     "CheckpointManager",
     "capture_rng_state",
+    "check_optimizer_state",
+    "check_tensors",
+    "config_differences",
     "decode_tree",
     "encode_tree",
     "optimizer_state_to_tensors",
@@ -66,6 +75,7 @@ CHECKPOINTS_SUBDIR = "checkpoints"
 STATE_KEYS = ("adapter", "optimizer", "scheduler", "rng", "trainer", "extra")
 _TREE_COMPONENTS = ("optimizer", "scheduler", "rng", "trainer", "extra")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_OLD_STEP_DIR = re.compile(r"^\.(step-\d+)\.old-")
 _MARKERS = ("__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__")
 # numpy dtypes that torch cannot hold as-is are widened (uint16/uint32) or bit-cast (uint64)
 _NP_WIDEN = {np.dtype(np.uint16), np.dtype(np.uint32)}
@@ -237,6 +247,129 @@ def restore_rng_state(rng: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state(torch.as_tensor(s, dtype=torch.uint8).cpu(), device=i)
 
 
+# ----------------------------------------------------------------------------- checks
+
+#: how :func:`config_differences` shows a key that one side does not have
+ABSENT = "<absent>"
+_MAX_LISTED = 6
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _listing(items: list[str]) -> str:
+    more = len(items) - _MAX_LISTED
+    return "; ".join(items[:_MAX_LISTED]) + (f"; and {more} more" if more > 0 else "")
+
+
+def check_tensors(loaded: Mapping[str, Any], expected: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse ``loaded`` unless it has exactly the keys of ``expected``, each a tensor of the
+    same shape and dtype (``Tensor.copy_`` would broadcast a ``[1]`` and cast an integer
+    tensor silently). One :class:`CheckpointError` names every mismatch (the first few)."""
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(loaded))]
+    problems += [f"unexpected {k}" for k in sorted(set(loaded) - set(expected))]
+    for k in sorted(set(loaded) & set(expected)):
+        got, want = loaded[k], expected[k]
+        if not isinstance(got, torch.Tensor):
+            problems.append(f"{k}: a {type(got).__name__}, not a tensor")
+        elif got.shape != want.shape:
+            problems.append(f"{k}: shape {_shape(got)}, the model has {_shape(want)}")
+        elif got.dtype != want.dtype:
+            problems.append(f"{k}: dtype {got.dtype}, the model has {want.dtype}")
+    if problems:
+        raise CheckpointError(f"{where} does not match this model: {_listing(problems)}")
+
+
+def check_optimizer_state(sd: Mapping[str, Any], optimizer: torch.optim.Optimizer, where: str,
+                          names: Mapping[torch.Tensor, str] | None = None) -> None:
+    """Refuse an ``optimizer.state_dict()`` that does not fit ``optimizer``: other parameter
+    groups or counts, state for parameters it does not have, or a per-parameter tensor
+    (``exp_avg``...) whose shape or dtype is not its parameter's. ``step`` must be a
+    single non-negative number. (``Optimizer.load_state_dict`` checks only group sizes and
+    casts the rest.)"""
+    where = f"{where}: the optimizer state"
+    groups, state = sd.get("param_groups"), sd.get("state")
+    if not isinstance(groups, list) or not isinstance(state, Mapping):
+        raise CheckpointError(f"{where} is malformed ('param_groups' or 'state' is missing)")
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"{where} has {len(groups)} parameter groups, the model has "
+                              f"{len(optimizer.param_groups)}")
+    params: dict[Any, torch.Tensor] = {}
+    for i, (g, mine) in enumerate(zip(groups, optimizer.param_groups)):
+        ids = g.get("params") if isinstance(g, Mapping) else None
+        if not isinstance(ids, list):
+            raise CheckpointError(f"{where}: parameter group {i} is malformed")
+        if len(ids) != len(mine["params"]):
+            raise CheckpointError(f"{where}: parameter group {i} has {len(ids)} parameters, the model has "
+                                  f"{len(mine['params'])} (another adapter config?)")
+        params.update(zip(ids, mine["params"]))
+    names = names or {}
+    problems = []
+    for pid, entry in state.items():
+        p = params.get(pid)
+        if p is None:
+            problems.append(f"state for parameter id {pid!r}, which no group lists")
+            continue
+        label = names.get(p, f"parameter {pid}")
+        if not isinstance(entry, Mapping):
+            problems.append(f"{label}: state is a {type(entry).__name__}")
+            continue
+        for k, v in entry.items():
+            if k == "step":
+                n = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+                if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
+                    problems.append(f"{label} step: {v!r} is not a single non-negative number")
+            elif not isinstance(v, torch.Tensor):
+                problems.append(f"{label} {k}: a {type(v).__name__}, not a tensor")
+            elif v.shape != p.shape:
+                problems.append(f"{label} {k}: shape {_shape(v)}, the parameter has {_shape(p)}")
+            elif v.dtype != p.dtype:
+                problems.append(f"{label} {k}: dtype {v.dtype}, the parameter has {p.dtype}")
+    if problems:
+        raise CheckpointError(f"{where} does not match this model: {_listing(problems)}")
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(obj, (list, tuple)) and obj and all(isinstance(v, Mapping) for v in obj):
+        out[f"{prefix}#len"] = len(obj)
+        for i, v in enumerate(obj):
+            _flatten(v, f"{prefix}[{i}]", out)
+    else:
+        out[prefix] = [*obj] if isinstance(obj, tuple) else obj
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
+def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys (``train.lr``, ``adapters[0].r``) whose values differ between two nested
+    configs, as ``key: (stored, current)``; a key one side lacks shows as :data:`ABSENT`.
+    Tuples equal lists and ints equal floats of the same value (what a JSON round trip gives)."""
+    a: dict[str, Any] = {}
+    b: dict[str, Any] = {}
+    _flatten(stored, "", a)
+    _flatten(current, "", b)
+    out = {}
+    for k in list(a) + [k for k in b if k not in a]:
+        va, vb = a.get(k, ABSENT), b.get(k, ABSENT)
+        if k.endswith("#len"):
+            if va != vb:
+                out[k[: -len("#len")]] = (f"{va} entries", f"{vb} entries")
+            continue
+        if not _same(va, vb):
+            out[k] = (va, vb)
+    return out
+
+
 # ----------------------------------------------------------------------------- manager
 
 
@@ -378,7 +511,7 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} has no {MANIFEST_FILE} (incomplete save?)")
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise CheckpointError(f"checkpoint {path}: {MANIFEST_FILE} is unreadable or corrupt ({exc})") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise CheckpointError(f"checkpoint {path}: {MANIFEST_FILE} is not an adapterkit checkpoint manifest")
@@ -410,6 +543,27 @@ class CheckpointManager:
                 raise CheckpointError(f"checkpoint {path}: file {name} is corrupt (sha256 mismatch)")
         return manifest
 
+    def recover_interrupted(self) -> list[Path]:
+        """Move back every checkpoint that an interrupted replace left under its
+        ``.step-N.old-*`` name while ``step-N`` is missing (a kill between
+        :func:`~adapterkit.safeio.atomic_dir`'s two renames); returns the restored paths.
+        Call it only from the process that owns the run (it holds the run lock)."""
+        if not self.root.is_dir():
+            return []
+        restored = []
+        for p in sorted(self.root.iterdir()):
+            m = _OLD_STEP_DIR.match(p.name)
+            if m is None or not p.is_dir():
+                continue
+            final = self.root / m.group(1)
+            try:
+                if recover_dir(final):
+                    restored.append(final)
+                    logger.warning("restored checkpoint %s from %s (an interrupted save)", final, p.name)
+            except OSError as exc:
+                logger.warning("cannot restore checkpoint %s from %s: %s", final, p.name, exc)
+        return restored
+
     def latest_valid(self) -> tuple[Path, int] | None:
         """Newest checkpoint that passes :meth:`verify`, as ``(path, step)``; invalid ones
         are skipped with a warning naming them and the reason. None if there is none."""
@@ -417,9 +571,7 @@ class CheckpointManager:
             try:
                 self.verify(path)
             except CheckpointError as exc:
-                msg = f"skipping checkpoint {path}: {exc}"
-                logger.warning(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                warn(f"skipping checkpoint {path}: {exc}")  # once: a warning, not a log line as well
                 continue
             return path, step
         return None
@@ -448,7 +600,7 @@ class CheckpointManager:
             try:
                 doc = json.loads((path / sname).read_text(encoding="utf-8"))
                 tree = doc["tree"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise CheckpointError(f"checkpoint {path}: {sname} is unreadable or malformed ({exc})") from exc
             tensors: dict[str, torch.Tensor] = {}
             tname = entry.get("tensors")
@@ -456,14 +608,21 @@ class CheckpointManager:
                 if tname not in files:
                     raise CheckpointError(f"checkpoint {path}: tensor file for {name!r} is not in the manifest")
                 tensors = load_safetensors_checked(path / tname)
-            if name == "optimizer":
-                state[name] = tensors_to_optimizer_state(tensors, tree)
-            else:
-                state[name] = decode_tree(tree, tensors)
+            try:
+                if name == "optimizer":
+                    state[name] = tensors_to_optimizer_state(tensors, tree)
+                else:
+                    state[name] = decode_tree(tree, tensors)
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+                raise CheckpointError(f"checkpoint {path}: {sname} holds a malformed structure ({exc!r})") from None
         return state
 
-    def load_latest(self) -> tuple[dict[str, Any], int] | None:
-        """Load the newest valid checkpoint: ``(state, step)``, or None when there is none."""
+    def load_latest(self, *, recover: bool = True) -> tuple[dict[str, Any], int] | None:
+        """Load the newest valid checkpoint: ``(state, step)``, or None when there is none.
+        ``recover`` first moves back checkpoints an interrupted replace left aside
+        (:meth:`recover_interrupted`)."""
+        if recover:
+            self.recover_interrupted()
         found = self.latest_valid()
         if found is None:
             return None

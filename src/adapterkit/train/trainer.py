@@ -7,17 +7,29 @@ with gloo on CPU, NCCL on GPU). Every rank builds the same schedule; rank r take
 r::world of each global batch; gradients are averaged with one all-reduce per step
 (robust to per-task adapters that a batch does not use); rank 0 writes checkpoints and
 all ranks resume from them; evaluation is sharded and gathered.
+
+Reliability: one run per output directory (an OS lock, :mod:`adapterkit.train.lock`); a
+resume checks the checkpoint's run config and every tensor against this run before
+copying anything; SIGTERM / SIGINT finish the current step, write a checkpoint and stop
+with :class:`TrainingInterrupted`; weights are checked finite before every save; the
+log is cut back to the checkpoint's step on resume and never written through a link.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
+import io
 import json
 import logging
 import math
 import os
 import platform
 import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,10 +38,25 @@ import torch
 
 import adapterkit
 from adapterkit.core.optim import TaskAwareAdamW
-from adapterkit.errors import AdapterKitError, ConfigError, DataError
-from adapterkit.safeio import atomic_write_json, write_probe
-from adapterkit.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from adapterkit.errors import AdapterKitError, CheckpointError, ConfigError, DataError, did_you_mean, warn
+from adapterkit.safeio import (
+    atomic_write_json,
+    atomic_write_text,
+    estimate_checkpoint_bytes,
+    remove_stale_temps,
+    write_probe,
+)
+from adapterkit.train.checkpoint import (
+    ABSENT,
+    CheckpointManager,
+    capture_rng_state,
+    check_optimizer_state,
+    check_tensors,
+    config_differences,
+    restore_rng_state,
+)
 from adapterkit.train.config import RunConfig, load_config
+from adapterkit.train.lock import RunLock
 from adapterkit.vl.data import BINARY_TASKS, CAPTION_TASKS, TaskData, TextSpec, _seed, task_schedule
 from adapterkit.vl.datasets.base import read_examples_jsonl
 
@@ -38,6 +65,100 @@ logger = logging.getLogger(__name__)
 
 class TrainingError(AdapterKitError):
     """Training stopped (non-finite loss, out of memory) with a message naming the cause."""
+
+
+class TrainingInterrupted(AdapterKitError):
+    """SIGTERM / SIGINT stopped the run at a step boundary, after a checkpoint was written.
+    ``exit_code`` is the shell's convention for the signal (143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+
+#: train.* keys that do not change what is trained: free to differ on resume
+FREE_TRAIN_KEYS = ("checkpoint_every", "keep_last", "eval_every_epoch", "log_every")
+#: keys a resumed run may change when asked to (``--allow-changes``): they only lengthen or
+#: shorten the schedule (the LR schedule is recomputed for the new length)
+RESUME_CHANGEABLE = ("train.max_steps", "train.epochs")
+LOG_NAME = "train_log.csv"
+LOG_HEADER = ["step", "epoch", "task", "loss", "lr"]
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _show(v) -> str:
+    if v == ABSENT:
+        return "(absent)"
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _abspath(p):
+    return os.path.abspath(os.path.expanduser(p)) if isinstance(p, str) and p else p
+
+
+def check_max_steps(max_steps) -> None:
+    """``max_steps`` given by a caller (the CLI's --max-steps): None or a positive integer."""
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ConfigError(f"max_steps must be a positive integer, got {max_steps!r}")
+
+
+#: data.* keys that define the training data (the others choose eval splits and limits)
+_DATA_KEYS = ("root", "features", "tasks", "train_split", "max_train_examples", "sources")
+
+
+def _config_keys() -> tuple[set[str], set[str]]:
+    """(run-config keys that define the training, run-config keys free to change on resume)."""
+    from adapterkit.train import config as c
+
+    defining, free = {"preset", "adapters"}, {"name"}
+    for section, cls in (("model", c.ModelConfig), ("data", c.DataConfig), ("train", c.TrainConfig),
+                         ("eval", c.EvalConfig)):
+        for f in dataclasses.fields(cls):
+            is_free = section == "eval" or (section == "train" and f.name in FREE_TRAIN_KEYS) or (
+                section == "data" and f.name not in _DATA_KEYS)
+            (free if is_free else defining).add(f"{section}.{f.name}")
+    return defining, free
+
+
+def check_allow_changes(keys) -> tuple[str, ...]:
+    """The keys ``--allow-changes`` names: each one of :data:`RESUME_CHANGEABLE` (keys that do
+    not define the training, e.g. ``eval.*``, may change anyway and are accepted)."""
+    if isinstance(keys, str):
+        keys = keys.split(",")
+    defining, free = _config_keys()
+    out = []
+    for k in keys or ():
+        k = str(k).strip()
+        if not k or k in free:
+            continue
+        if k not in RESUME_CHANGEABLE:
+            if k in defining:
+                why = (f"{k} cannot change on resume (it changes what the checkpoint's weights mean: train into a "
+                       "new --output instead)")
+            else:
+                why = f"unknown key {k!r} for --allow-changes{did_you_mean(k, RESUME_CHANGEABLE)}"
+            raise ConfigError(f"{why}; the keys that may change on resume are {', '.join(RESUME_CHANGEABLE)}")
+        out.append(k)
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def lock_output(output_dir):
+    """Hold the run lock on ``output_dir`` (:class:`~adapterkit.train.lock.RunLock`) in rank 0
+    of a run (other ranks: nothing); prints a note when a dead run's lock was cleared."""
+    rank = _rank() if _dist() else int(os.environ.get("RANK", "0") or 0)
+    if rank != 0:
+        yield None
+        return
+    lock = RunLock(output_dir).acquire()
+    try:
+        if lock.note:
+            print(f"note: {lock.note}", file=sys.stderr)
+        yield lock
+    finally:
+        lock.release()
 
 
 def _progress(iterable=None, **kw):
@@ -84,7 +205,11 @@ def _barrier():
 
 class Trainer:
     def __init__(self, config, output_dir: str | os.PathLike, max_steps: int | None = None,
-                 model=None, tokenizer=None):
+                 model=None, tokenizer=None, allow_changes=()):
+        """``allow_changes``: keys of :data:`RESUME_CHANGEABLE` that may differ from the run
+        config recorded in the checkpoint a resume starts from (else a mismatch is refused)."""
+        check_max_steps(max_steps)
+        self.allow_changes = check_allow_changes(allow_changes)
         self.cfg: RunConfig = config if isinstance(config, RunConfig) else load_config(config)
         if max_steps is not None:
             self.cfg.train.max_steps = max_steps
@@ -148,12 +273,32 @@ class Trainer:
             return max(0.0, (total - step) / max(1, total - warm))
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.ckpt = CheckpointManager(self.out, keep_last=self.cfg.train.keep_last, probe=_is_main())
-        self.state = {"epoch": 0, "pos": 0, "step": 0, "best": None, "best_step": None, "history": []}
+        # the probe reserves what one checkpoint needs (weights + AdamW's two moments): a full disk fails now
+        self.ckpt = CheckpointManager(self.out, keep_last=self.cfg.train.keep_last, probe=_is_main(),
+                                      min_free_bytes=estimate_checkpoint_bytes(self.named_trainable))
+        self.state = {"epoch": 0, "pos": 0, "step": 0, "best": None, "best_step": None, "history": [],
+                      "resume_changes": []}
         self.graph = None  # GraphedStep, made at the first step (after a resume has loaded the optimizer)
         self._graph_task = 0
+        self.run_identity = json.loads(json.dumps(self._run_identity(), default=str))
+        self._last_ckpt = None  # (step, path, largest |weight|) of the newest checkpoint of this run
+        self._stop_signal = None  # set by the SIGTERM / SIGINT handler
+        self._eval_interruptible = False  # training finished and saved: the test evaluation may stop at once
 
     # --- setup helpers ----------------------------------------------------------------------
+    def _run_identity(self) -> dict:
+        """What defines this run's training (stored in every checkpoint, compared on resume):
+        the model, the adapters, the training data and every train.* key but the free ones."""
+        c = self.cfg
+        train = dataclasses.asdict(c.train)
+        for k in FREE_TRAIN_KEYS:
+            train.pop(k, None)
+        train["lr"] = self.lr  # as resolved (the preset's when train.lr is unset)
+        data = {k: getattr(c.data, k) for k in _DATA_KEYS}
+        data.update(root=_abspath(c.data.root), features=_abspath(c.data.features), tasks=list(c.data.tasks))
+        return {"model": dataclasses.asdict(c.model), "preset": c.preset, "adapters": self.preset.get("adapters"),
+                "data": data, "train": train, "world_size": _world()}
+
     @staticmethod
     def _seed_all(seed):
         random.seed(seed)
@@ -215,7 +360,41 @@ class Trainer:
                 {"params": no_decay, "weight_decay": 0.0}]
 
     # --- checkpoints ------------------------------------------------------------------------
+    def _largest_weight(self) -> float:
+        vals = [p.detach().abs().max() for p in self.params if p.numel()]
+        return float(torch.stack(vals).max()) if vals else 0.0
+
+    def _kept(self) -> str:
+        """What a rerun would start from, exactly."""
+        if self._last_ckpt is None:
+            return (f"kept: no checkpoint was written (the first comes at step {self.cfg.train.checkpoint_every}, "
+                    "train.checkpoint_every); a rerun starts from step 0")
+        step, path, big = self._last_ckpt
+        return (f"kept: checkpoint step {step} ({path}; finite weights, largest |weight| {big:.3g}), "
+                "which a rerun resumes from")
+
+    def _check_finite_weights(self, consequence: str) -> None:
+        """Refuse to save non-finite trainable weights or optimizer moments."""
+        tensors = [(n, p) for n, p in self.named_trainable.items()]
+        names = {p: n for n, p in tensors}
+        for p, st in self.optimizer.state.items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "step":
+                    tensors.append((f"the optimizer's {k} of {names.get(p, '?')}", v))
+        if not tensors:
+            return
+        flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in tensors])
+        if bool(flags.all()):
+            return
+        bad = [n for (n, _), ok in zip(tensors, flags.tolist()) if not ok]
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise TrainingError(f"the trainable weights are not finite after step {self.state['step']} "
+                            f"({', '.join(bad[:3])}{more}): {consequence}; {self._kept()}")
+
     def _save_checkpoint(self):
+        step = self.state["step"]
+        self._check_finite_weights(f"no checkpoint was written for step {step}")
+        path = self.ckpt.path_for(step)
         if _is_main():
             state = {
                 "adapter": {n: p.detach() for n, p in self.named_trainable.items()},
@@ -223,34 +402,190 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "rng": capture_rng_state(),
                 "trainer": dict(self.state),
+                "extra": {"run": self.run_identity},
             }
-            self.ckpt.save(self.state["step"], state)
+            path = self.ckpt.save(step, state)
+        self._last_ckpt = (step, path, self._largest_weight())
         _barrier()
 
+    def _check_run_config(self, extra, path, step) -> list[dict]:
+        """Refuse a checkpoint written with another run config (but for allowed keys);
+        returns the allowed changes."""
+        stored = extra.get("run") if isinstance(extra, dict) else None
+        if not isinstance(stored, dict):
+            msg = (f"the checkpoint {path} does not record the run config it was trained with (an older "
+                   "adapterkit wrote it): resuming without checking that it belongs to this config")
+            warn(msg, stacklevel=3)  # once: a warning, not a log line as well
+            return []
+        diffs = config_differences(stored, self.run_identity)
+        refused = {k: v for k, v in diffs.items() if k not in self.allow_changes}
+        if refused:
+            listing = "; ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in refused.items())
+            changeable = [k for k in refused if k in RESUME_CHANGEABLE]
+            if changeable and len(changeable) == len(refused):
+                hint = f", or continue with the new value: --allow-changes {','.join(changeable)}"
+            else:
+                hint = f" (only {', '.join(RESUME_CHANGEABLE)} may change on resume, with --allow-changes)"
+            raise ConfigError(f"the checkpoint {path} (step {step}) was trained with another config: {listing}. "
+                              f"Rerun with the config it was trained with, or train into a new --output{hint}")
+        changes = [{"step": step, "key": k, "old": a, "new": b} for k, (a, b) in diffs.items()]
+        if changes and _is_main():
+            print("resuming with changed " + "; ".join(f"{c['key']} {_show(c['old'])} -> {_show(c['new'])}"
+                                                      for c in changes) + " (--allow-changes)")
+        return changes
+
+    def _checked_trainer_state(self, ts, step, where) -> dict:
+        if not isinstance(ts, dict):
+            raise CheckpointError(f"{where}: the trainer state is missing or malformed")
+        for k in ("epoch", "pos", "step"):
+            v = ts.get(k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise CheckpointError(f"{where}: the trainer state's {k!r} must be a non-negative integer, got {v!r}")
+        if ts["step"] != step:
+            raise CheckpointError(f"{where}: the trainer state is at step {ts['step']}, the checkpoint at step {step}")
+        if ts["pos"] > self.steps_per_epoch:
+            raise CheckpointError(f"{where}: the trainer state's position {ts['pos']} is past the end of an epoch "
+                                  f"({self.steps_per_epoch} steps)")
+        best, best_step = ts.get("best"), ts.get("best_step")
+        if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float)) or not math.isfinite(best)):
+            raise CheckpointError(f"{where}: the trainer state's 'best' must be a finite number or null, got {best!r}")
+        if best_step is not None and (isinstance(best_step, bool) or not isinstance(best_step, int)):
+            raise CheckpointError(f"{where}: the trainer state's 'best_step' must be an integer or null")
+        for k in ("history", "resume_changes"):
+            if not isinstance(ts.get(k, []), list):
+                raise CheckpointError(f"{where}: the trainer state's {k!r} must be a list")
+        return ts
+
     def _resume(self) -> bool:
-        found = self.ckpt.load_latest()
+        if _is_main():
+            self.ckpt.recover_interrupted()  # a checkpoint a kill left under its .old name
+        _barrier()
+        found = self.ckpt.load_latest(recover=False)
         if found is None:
             return False
         state, step = found
+        path = self.ckpt.path_for(step)
+        where = f"the checkpoint {path}"
+        # every check before anything is copied in
+        changes = self._check_run_config(state.get("extra"), path, step)
+        check_tensors(state.get("adapter") or {}, self.named_trainable, where)
+        opt = state.get("optimizer")
+        if not isinstance(opt, dict):
+            raise CheckpointError(f"{where} holds no optimizer state")
+        check_optimizer_state(opt, self.optimizer, where, names={p: n for n, p in self.named_trainable.items()})
+        sched = state.get("scheduler")
+        if not isinstance(sched, dict) or sched.get("last_epoch") != step:
+            raise CheckpointError(f"{where}: the LR scheduler state is missing or not at step {step} "
+                                  f"(last_epoch {sched.get('last_epoch') if isinstance(sched, dict) else None!r})")
+        trainer_state = self._checked_trainer_state(state.get("trainer"), step, where)
         with torch.no_grad():
             for n, t in state["adapter"].items():
-                if n not in self.named_trainable:
-                    raise ConfigError(f"the checkpoint in {self.ckpt.root} does not match this config (key {n!r});"
-                                      " use a new --output directory")
                 self.named_trainable[n].copy_(t.to(self.named_trainable[n].device))
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(opt)
         if not (self.cfg.train.cuda_graphs and self.device.type == "cuda"):
             # a checkpoint of a CUDA-graphed run holds a capturable optimizer with a tensor LR
             for g in self.optimizer.param_groups:
                 g["capturable"] = False
                 if isinstance(g["lr"], torch.Tensor):
                     g["lr"] = float(g["lr"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(sched)
         restore_rng_state(state["rng"])
-        self.state.update(state["trainer"])
+        self.state.update(trainer_state)
+        self.state["resume_changes"] = list(self.state.get("resume_changes") or []) + changes
+        self._last_ckpt = (step, path, self._largest_weight())
         if _is_main():
             print(f"resumed from step {step} (epoch {self.state['epoch']}, position {self.state['pos']})")
         return True
+
+    def _clean_temps(self) -> None:
+        """Leftovers of interrupted atomic writes in the run directory (we hold its lock)."""
+        for d in (self.out, self.ckpt.root, self.out / "best", self.out / "final"):
+            remove_stale_temps(d)
+
+    # --- the log -------------------------------------------------------------------------------
+    def _open_log(self):
+        """``train_log.csv`` cut back to the rows up to the resumed step (a resume never
+        repeats rows), rewritten atomically, then opened for appending; a link planted
+        at its path is refused, never followed."""
+        path = self.out / LOG_NAME
+        if path.is_symlink():
+            raise CheckpointError(f"{path} is a symbolic link (to {os.readlink(path)}); adapterkit writes only "
+                                  "regular files in a run directory: remove the link and rerun")
+        if path.exists() and not path.is_file():
+            raise CheckpointError(f"{path} is not a regular file; remove it and rerun")
+        step = self.state["step"]
+        rows, seen = [], set()
+        if step > 0 and path.exists():
+            try:
+                fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+            except OSError as exc:
+                raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+            with os.fdopen(fd, encoding="utf-8", errors="replace", newline="") as f:
+                for row in csv.reader(f):
+                    if row and row[0].isdigit() and int(row[0]) <= step and row[0] not in seen:
+                        seen.add(row[0])
+                        rows.append(row)
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(LOG_HEADER)
+        w.writerows(rows)
+        atomic_write_text(path, buf.getvalue())  # a rename: replaces the path itself, follows nothing
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | _NOFOLLOW)
+        except OSError as exc:
+            raise CheckpointError(f"cannot open {path} for writing: {exc.strerror}") from None
+        return os.fdopen(fd, "a", newline="")
+
+    # --- signals -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM / SIGINT set a flag; the loop finishes the step, saves and stops. A second
+        signal stops at once (every file on disk is whole: writes are atomic)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            self._stop_signal = signum
+            with contextlib.suppress(OSError):
+                os.write(2, f"\n{signal.Signals(signum).name} received: finishing the current step, then writing a "
+                            "checkpoint (send it again to stop at once)\n".encode())
+
+        previous = {}
+        try:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                previous[s] = signal.signal(s, handler)
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)  # None: set outside Python
+
+    def _stop_requested(self) -> bool:
+        flag = self._stop_signal or 0
+        if _dist():  # every rank stops at the same step
+            t = torch.tensor([flag], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = int(t.item())
+            if flag and self._stop_signal is None:
+                self._stop_signal = flag
+        return bool(flag)
+
+    def _interrupt(self, logf):
+        step = self.state["step"]
+        if logf:
+            logf.flush()
+        if self._last_ckpt is None or self._last_ckpt[0] != step:
+            self._save_checkpoint()
+        name = signal.Signals(self._stop_signal).name
+        raise TrainingInterrupted(f"stopped by {name} after step {step} of {self.total_steps}: checkpoint "
+                                  f"{self._last_ckpt[1]} written; rerun the same command to resume",
+                                  self._stop_signal)
 
     # --- the loop ----------------------------------------------------------------------------
     def _move(self, batch):
@@ -306,7 +641,7 @@ class Trainer:
     def _check_loss(self, val: float, task) -> None:
         if not math.isfinite(val):
             raise TrainingError(f"the loss is {val} at step {self.state['step'] + 1} (task {task!r}); the run "
-                                f"stopped and the last good checkpoint in {self.ckpt.root} is kept")
+                                f"stopped (lower train.lr or raise train.grad_clip?). {self._kept()}")
 
     def train_step(self, task, rows, seed):
         self.model.train()
@@ -338,15 +673,33 @@ class Trainer:
         return float(val)
 
     def fit(self) -> dict:
+        """Train (resuming from the newest valid checkpoint in the output directory), then
+        test; returns the results (also written to ``results.json``)."""
+        err = None
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(lock_output(self.out))
+            except CheckpointError as e:
+                err = e
+            if _dist():  # every rank learns whether rank 0 holds the lock
+                ok = torch.tensor([0 if err is not None else 1], device=self.device)
+                torch.distributed.broadcast(ok, 0)
+                if not int(ok.item()) and err is None:
+                    err = CheckpointError(f"rank 0 could not lock the output directory {self.out}")
+            if err is not None:
+                raise err
+            stack.enter_context(self._stop_on_signals())
+            return self._fit()
+
+    def _fit(self) -> dict:
         t0 = time.time()
         self._resume()
         cfg = self.cfg.train
-        log_path = self.out / "train_log.csv"
-        new_log = not log_path.exists() or self.state["step"] == 0
-        logf = open(log_path, "w" if new_log else "a", newline="") if _is_main() else None
+        logf = None
+        if _is_main():
+            self._clean_temps()
+            logf = self._open_log()
         writer = csv.writer(logf) if logf else None
-        if writer and new_log:
-            writer.writerow(["step", "epoch", "task", "loss", "lr"])
         bar = _progress(total=self.total_steps, initial=self.state["step"], desc="train")
         done = self.state["step"] >= self.total_steps
         try:
@@ -373,22 +726,38 @@ class Trainer:
                     if step >= self.total_steps:
                         done = True
                         break
+                    if self._stop_requested():
+                        self._interrupt(logf)
                 if self.state["pos"] >= len(sched):
                     self.state["epoch"] += 1
                     self.state["pos"] = 0
                 if cfg.eval_every_epoch or done:
                     self._validate()
+                if logf:
+                    logf.flush()
                 self._save_checkpoint()
+                if not done and self._stop_requested():
+                    self._interrupt(logf)
         finally:
             bar.close()
             if logf:
                 logf.close()
         if _is_main():  # the final weights, always: adapter files (+ everything trainable) in OUTPUT/final
             self._save_best("final")
-        results = self.test()
+        if self._stop_requested():
+            name = signal.Signals(self._stop_signal).name
+            raise TrainingInterrupted(f"stopped by {name} after training finished (step {self.state['step']}, "
+                                      f"checkpoint {self._last_ckpt[1]}), before the test evaluation; rerun the "
+                                      "same command to evaluate", self._stop_signal)
+        self._eval_interruptible = not _dist()
+        try:
+            results = self.test()
+        finally:
+            self._eval_interruptible = False
         results["wall_time_s"] = time.time() - t0
         if _is_main():
             atomic_write_json(self.out / "results.json", results)
+            self._clean_temps()
         _barrier()
         return results
 
@@ -410,6 +779,10 @@ class Trainer:
         eos = self.tok.eos_token_id
         pad = self.tok.pad_token_id
         for i in _progress(range(0, len(rows), bs), desc=desc or f"eval {task}/{split}", leave=False):
+            if self._eval_interruptible and self._stop_signal is not None:
+                raise TrainingInterrupted(
+                    f"stopped by {signal.Signals(self._stop_signal).name} during the test evaluation, after training "
+                    f"finished (step {self.state['step']}); rerun the same command to evaluate", self._stop_signal)
             batch = data.eval_batch(rows[i:i + bs])
             uids = batch.pop("uids")
             batch = self._move(batch)
@@ -480,6 +853,7 @@ class Trainer:
         from adapterkit.core.base import get_container
         from adapterkit.safeio import save_safetensors_atomic
 
+        self._check_finite_weights(f"{name}/ was not written")
         best = self.out / name
         if get_container(self.model) is not None:
             adapterkit.save_adapters(self.model, best)
@@ -493,6 +867,7 @@ class Trainer:
         if not f.exists():
             return False
         t = load_safetensors_checked(f)
+        check_tensors(t, self.named_trainable, str(f))
         with torch.no_grad():
             for n, v in t.items():
                 self.named_trainable[n].copy_(v.to(self.named_trainable[n].device))
@@ -515,6 +890,7 @@ class Trainer:
             "test": m,
             "test_avg": float(np.mean([self.main_score(v) for v in m.values()])),
             "val_history": self.state["history"],
+            "resume_changes": self.state.get("resume_changes", []),
             "trainable": rep["trainable"], "total": rep["total"], "percent": rep["percent"],
         }
         if _is_main():
