@@ -111,6 +111,16 @@ def test_hub_style_roberta_adapter_with_head():
     assert {"classifier.dense.weight", "classifier.out_proj.bias"} <= set(model.adapterkit.base_trainable)
 
 
+@pytest.mark.parametrize("name", ["bert_setup_stack", "bert_setup_average", "bert_setup_fuse", "bert_setup_parallel"])
+def test_composed_setup_matches_adapterhub(name):
+    """save_adapter_setup over Stack / Average / Fuse / Parallel of two adapters: one adapterkit set with a
+    copy per adapter, composed with adapterkit's block of the same name."""
+    inputs, want = _io(name)
+    model = adapterkit.import_adapterhub(bert(), FIX / name)
+    assert model.adapterkit.sets["x,y"].config.tasks == ["x", "y"]
+    _run(model, inputs, want)
+
+
 def test_imported_adapters_save_and_load_the_adapterkit_way(tmp_path):
     inputs, want = _io("bert_seq_bn_head")
     model = adapterkit.import_adapterhub(bert_classifier(), FIX / "bert_seq_bn_head")

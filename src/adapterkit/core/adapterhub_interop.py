@@ -6,7 +6,9 @@ or ``model.save_adapter_setup(dir, setup, head_setup)`` writes:
 - ``adapter_config.json`` (``{"config": {...}, "model_type", "hidden_size", "name", ...}``),
 - ``pytorch_adapter.bin`` or ``adapter.safetensors`` with AdapterHub's key names,
 - optionally ``head_config.json`` + ``pytorch_model_head.bin`` / ``model_head.safetensors``,
-- for a setup: ``adapter_setup.json`` and one sub-directory per adapter / head,
+- for a setup: ``adapter_setup.json`` and one sub-directory per adapter / head (and fusion); a
+  Stack / Average / Fuse / Parallel of single bottleneck adapters with one config becomes one
+  adapterkit set with a copy per adapter, composed with adapterkit's block of the same name,
 
 maps the config to an adapterkit method config (:func:`adapterhub_config`), attaches it and copies
 every tensor. A classification head goes into the model's own head modules (AdapterHub's default 2-layer tanh head on the first token is a BERT
@@ -17,7 +19,7 @@ freely.
 
 What cannot be mapped is said, one line per thing, in one :class:`ConfigError` (gating,
 invertible adapters, per-layer reduction factors, ``leave_out`` on encoder-decoders, factorised
-PHM rules, VeRA/DoRA, ...); a tensor that maps nowhere is a :class:`CheckpointError`.
+PHM rules, VeRA/DoRA, nested compositions, ...); a tensor that maps nowhere is a :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -299,31 +301,34 @@ def _weights(directory: Path, names) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"no {' or '.join(names)} in {directory}")
 
 
-def _resolve_setup(directory: Path) -> tuple[Path, Path | None]:
-    """(adapter directory, head directory) of a save_adapter_setup directory with one adapter."""
+def _read_setup(directory: Path) -> tuple[str, list[str], dict, Path | None]:
+    """(block type, adapter names, block kwargs, head directory) of a save_adapter_setup directory."""
     setup = _read_json(directory / SETUP_NAME)
-    block = setup.get("adapter_setup")
-    names = _leaves(block)
-    if len(names) != 1:
-        raise ConfigError(f"{directory / SETUP_NAME}: a composition of {len(names)} adapters ({names}) is not mapped; "
-                          "load each adapter's sub-directory with import_adapterhub and compose them in adapterkit")
+    kind, names, kwargs = _flat_block(setup.get("adapter_setup"), directory / SETUP_NAME)
     head = setup.get("head_setup")
     if head is not None and not isinstance(head, str):
         raise ConfigError(f"{directory / SETUP_NAME}: head setup {head!r} (several heads) is not mapped")
-    adir = directory / names[0]
-    return adir, (directory / head if head else None)
+    return kind, names, kwargs, (directory / head if head else None)
 
 
-def _leaves(block) -> list[str]:
+def _flat_block(block, where) -> tuple[str, list[str], dict]:
+    """A composition of single adapters: (type, names, kwargs); nested compositions are not mapped."""
     if isinstance(block, str):
-        return [block]
-    if isinstance(block, dict):
-        if block.get("type") not in ("Stack", "single", None) and len(block.get("children", [])) > 1:
-            return [str(block.get("type"))] * 2  # Fuse, Average, Split...: more than one adapter
-        return [n for ch in block.get("children", []) for n in _leaves(ch)]
-    if isinstance(block, list):
-        return [n for ch in block for n in _leaves(ch)]
-    raise ConfigError(f"unreadable adapter setup {block!r}")
+        return "single", [block], {}
+    if not isinstance(block, dict) or not isinstance(block.get("children"), list):
+        raise ConfigError(f"{where}: unreadable adapter setup {block!r}")
+    kind = block.get("type", "single")
+    if kind == "single":
+        return kind, [str(c) for c in block["children"]], {}
+    names = []
+    for ch in block["children"]:
+        k, n, _ = _flat_block(ch, where)
+        if k != "single" or len(n) != 1:
+            raise ConfigError(f"{where}: nested composition {block!r} is not mapped; compose single adapters")
+        names += n
+    if len(names) == 1 and kind in ("Stack", "Fuse", "Average", "Parallel"):
+        return "single", names, {}
+    return kind, names, dict(block.get("kwargs") or {})
 
 
 # ----------------------------------------------------------------------------- keys
@@ -443,7 +448,7 @@ def _head(model, directory: Path, problems: _Problems):
 
 
 def import_adapterhub(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> nn.Module:
-    """Load an AdapterHub saved adapter (or one-adapter setup) directory into ``model``.
+    """Load an AdapterHub saved adapter (or adapter setup) directory into ``model``.
 
     The adapter is attached as an adapterkit set named ``name`` (default: AdapterHub's adapter
     name) and a saved classification head is loaded into the model's own classifier (and pooler),
@@ -453,7 +458,10 @@ def import_adapterhub(model: nn.Module, directory: str | os.PathLike, name: str 
     directory = Path(directory)
     head_dir = None
     if (directory / SETUP_NAME).exists():
-        directory, head_dir = _resolve_setup(directory)
+        kind, names, kwargs, head_dir = _read_setup(directory)
+        if kind != "single":
+            return _import_composition(model, directory, kind, names, kwargs, head_dir, name)
+        directory = directory / names[0]
     elif (directory / HEAD_CONFIG_NAME).exists():
         head_dir = directory
     if not (directory / CONFIG_NAME).exists():
@@ -494,7 +502,7 @@ def import_adapterhub(model: nn.Module, directory: str | os.PathLike, name: str 
     return model
 
 
-def _copy(model, s, tensors: dict, paths: _Paths, wfile, ah_cfg: dict) -> None:
+def _copy(model, s, tensors: dict, paths: _Paths, wfile, ah_cfg: dict, task: int | None = None) -> None:
     method = s.config.method
     index = _bn_places(model, s) if method in ("houlsby", "pfeiffer", "parallel", "compacter", "compacter++") else {}
     done = set()
@@ -510,13 +518,13 @@ def _copy(model, s, tensors: dict, paths: _Paths, wfile, ah_cfg: dict) -> None:
                 continue
             attr = {"b": "bias"}.get(m["p"], m["p"])
             dst = getattr(ad.down if down else ad.up, attr, None)
-            _put(dst if isinstance(dst, torch.Tensor) else None, t, k, wfile)
+            _put(dst if isinstance(dst, torch.Tensor) else None, t, k, wfile, task=task)
             done.add(k)
             continue
         m = _SCALE_KEY.match(k)
         if m and index:  # scaling: "learned" (one value)
             scale = s.adapters[_bn_key(m["loc"], index, paths, k, wfile)].scale
-            _put(scale, t.reshape(()), k, wfile)
+            _put(scale, t.reshape(()), k, wfile, task=task)
             done.add(k)
             continue
         m = _RULE_KEY.match(k)
@@ -579,15 +587,93 @@ def _copy(model, s, tensors: dict, paths: _Paths, wfile, ah_cfg: dict) -> None:
                               "model (adapters.init(BartModel(...))); save from an *AdapterModel")
 
 
-def _put(dst, t: torch.Tensor, key: str, wfile, stacked: bool = True) -> None:
-    """Copy ``t`` into every task copy of the stacked parameter ``dst`` (n, *shape)."""
+def _put(dst, t: torch.Tensor, key: str, wfile, stacked: bool = True, task: int | None = None) -> None:
+    """Copy ``t`` into every task copy of the stacked parameter ``dst`` (n, *shape), or into copy ``task``."""
     if dst is None:
         raise CheckpointError(f"{wfile}: {key!r} maps to nothing in adapterkit's adapter")
     shape = tuple(dst.shape[1:]) if stacked else tuple(dst.shape)
     if tuple(t.shape) != shape:
         raise CheckpointError(f"shape mismatch for {key!r}: file has {tuple(t.shape)}, adapterkit needs {shape}")
     t = t.to(dst.dtype)
-    dst.copy_(t.unsqueeze(0).expand_as(dst) if stacked else t)
+    if stacked and task is not None and dst.shape[0] > 1:
+        dst[task].copy_(t)
+    else:
+        dst.copy_(t.unsqueeze(0).expand_as(dst) if stacked else t)
+
+
+_FUSION_KEY = re.compile(r"^(?P<loc>.+)\.adapter_fusion_layer\.(?P<f>[^.]+)\.(?P<m>query|key|value)\."
+                         r"(?P<p>weight|bias)$")
+# AdapterHub's dynamic AdapterFusion, which adapterkit's Fuse computes; regularization / value_initialized
+# / dropout_prob only shape training
+_FUSION_FIXED = {"key": True, "query": True, "value": True, "value_before_softmax": True, "residual_before": False,
+                 "temperature": False, "query_before_ln": False}
+
+
+def _import_composition(model, directory: Path, kind: str, names: list[str], kwargs: dict, head_dir, name):
+    """Stack / Average / Fuse / Parallel over AdapterHub adapters with one config: one adapterkit set with a
+    copy per adapter (``tasks`` = the adapter names), composed with adapterkit's block of the same name."""
+    from adapterkit.core import composition as comp
+
+    blocks = {"Stack": comp.Stack, "Average": comp.Average, "Fuse": comp.Fuse, "Parallel": comp.Parallel}
+    problems = _Problems()
+    if kind not in blocks:
+        raise ConfigError(f"{directory / SETUP_NAME}: {kind} composition is not mapped "
+                          f"(Stack, Average, Fuse and Parallel are)")
+    paths = _Paths(model)
+    parts = []
+    for n in names:
+        meta = _read_json(directory / n / CONFIG_NAME)
+        tensors = _weights(directory / n, WEIGHT_NAMES)
+        cfg = _map_config(meta.get("config") or {}, model, [], problems, meta.get("hidden_size") or _hidden(model))
+        parts.append((n, meta, tensors, cfg))
+    cfgs = [p[3] for p in parts]
+    if any(c != cfgs[0] for c in cfgs):
+        problems.append(f"{kind}({', '.join(names)}): the adapters' configs differ; adapterkit composes the copies of "
+                        "one adapter set (one config)")
+    method = cfgs[0].get("method")
+    if method not in ("houlsby", "pfeiffer"):
+        problems.append(f"{kind}: composing {method} adapters is not mapped (sequential bottleneck adapters are)")
+    cfg = dict(cfgs[0], tasks=list(names), sharing="per_task")
+    fusion = {}
+    if kind == "Fuse":
+        fdir = directory / ",".join(names)
+        fmeta = _read_json(fdir / "adapter_fusion_config.json")
+        fc = fmeta.get("config") or {}
+        for k, want in _FUSION_FIXED.items():
+            if fc.get(k, want) != want:
+                problems.append(f'fusion "{k}" = {json.dumps(fc.get(k))}: only AdapterHub\'s dynamic fusion is mapped')
+        fusion = _weights(fdir, ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin"))
+        drop = fc.get("dropout_prob")
+        if drop is None:  # AdapterHub falls back to the model's attention dropout
+            drop = getattr(getattr(model, "config", None), "attention_probs_dropout_prob", 0.0) or 0.0
+        cfg.update(fusion=list(names), fusion_value=True, fusion_dropout=float(drop))
+    head_rx, head_tensors = _head(model, head_dir, problems) if head_dir is not None else ([], {})
+    if problems:
+        raise ConfigError(f"{directory}: this AdapterHub setup cannot be mapped to adapterkit:\n  - "
+                          + "\n  - ".join(problems))
+    if head_rx:
+        cfg["trainable_modules"] = head_rx
+    name = name or ",".join(names)
+    add_adapters(model, cfg, name=name)
+    s = get_container(model).sets[name]
+    with torch.no_grad():
+        for i, (n, meta, tensors, _) in enumerate(parts):
+            wfile = next(directory / n / w for w in WEIGHT_NAMES if (directory / n / w).exists())
+            _copy(model, s, tensors, paths, wfile, meta["config"], task=i)
+        index = _bn_places(model, s) if fusion else {}
+        for k, t in fusion.items():
+            m = _FUSION_KEY.match(k)
+            if not m:
+                raise CheckpointError(f"{directory}: fusion tensor {k!r} maps to nothing in adapterkit")
+            lin = getattr(s.fusions[_bn_key(m["loc"], index, paths, k, directory)], m["m"])
+            _put(getattr(lin, m["p"], None) if lin is not None else None, t, k, directory, stacked=False)
+        params = dict(model.named_parameters())
+        for n, t in head_tensors.items():
+            params[n].copy_(t.to(params[n].dtype))
+    block = blocks[kind](*names, weights=kwargs["weights"]) if kind == "Average" and kwargs.get("weights") \
+        else blocks[kind](*names)
+    comp.compose(model, block)
+    return model
 
 
 __all__ = ["adapterhub_config", "import_adapterhub"]
