@@ -1,26 +1,181 @@
-"""The flagship demo end to end: tiny mode in CI; the real SmolLM2 run is marked slow."""
+"""The flagship demo and compare end to end at the tiny scale (random-init tiny Llama on tiny
+FashionVL); the real SmolLM2 run is marked slow."""
 
+import csv
 import json
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from adapterkit.vl import benchmark as bm
 from adapterkit.vl.benchmark import pareto
+
+TASKS = ["vqa", "gqa", "nlvr", "caption"]
+TINY_TEST = {"vqa": 24, "gqa": 24, "nlvr": 20, "caption": 8}  # fashionvl.TINY_SIZES test column
+
+
+def _losses(run_dir):
+    with open(run_dir / "train_log.csv") as fh:
+        return [float(r["loss"]) for r in csv.DictReader(fh)]
+
+
+EVAL_N = 6  # test examples per task in the compare tests (the demo test uses the whole tiny split)
+RUN = dict(scale_name="tiny", steps=4, seeds=2, eval_examples=EVAL_N, curve_every=2, curve_examples=3, command="test")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: one thread avoids threads waiting for each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["ADAPTERKIT_NO_PROGRESS"] = "1"
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return bm.prepare(tmp_path_factory.mktemp("fvl") / "fvl", True, 64)
+
+
+@pytest.fixture(scope="module")
+def tiny_compare(tmp_path_factory, tiny_data):
+    out = tmp_path_factory.mktemp("compare")
+    summary = bm.compare(["single_adapter", "full_finetune"], out_dir=out, data_dir=tiny_data[0], estimate=False,
+                         **RUN)
+    return out, summary
 
 
 def test_demo_tiny_mode_end_to_end(tmp_path):
     out = subprocess.run([sys.executable, "-m", "adapterkit", "demo", "--scale", "tiny", "--out", str(tmp_path / "run"),
-                          "--data", str(tmp_path / "fvl")], capture_output=True, text=True,
-                         env={**__import__("os").environ, "ADAPTERKIT_NO_PROGRESS": "1"})
+                          "--data", str(tmp_path / "fvl"), "--steps", "6"], capture_output=True, text=True,
+                         env={**os.environ, "ADAPTERKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "majority" in out.stdout and "average" in out.stdout
+    assert "majority" in out.stdout and "average" in out.stdout and "95% interval" in out.stdout
     res = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert set(res["test"]) == {"vqa", "gqa", "nlvr", "caption"}
-    assert set(res["majority_baseline"]) == {"vqa", "gqa", "nlvr", "caption"}
+    assert set(res["test"]) == set(TASKS)
+    assert set(res["majority_baseline"]) == set(TASKS)
     assert res["fashionvl_stats"]["tasks"]["vqa"]["test"]["examples"] > 0
+    assert res["test_sizes"] == TINY_TEST  # the tiny scale tests on the whole split
+    for t in TASKS:
+        lo, hi = res["intervals"][t]
+        assert lo <= res["test"][t][bm._main_key(res["test"][t])] <= hi
+    lo, hi = res["intervals"]["average"]
+    assert lo <= res["test_avg"] <= hi
     assert (tmp_path / "run" / "demo.png").stat().st_size > 1000
     assert (tmp_path / "run" / "single_adapter" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_compare_json_schema(tiny_compare):
+    out, summary = tiny_compare
+    on_disk = json.loads((out / "compare.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["protocol"]["seeds"] == [0, 1]
+    assert on_disk["protocol"]["test_examples_per_task"] == EVAL_N
+    assert on_disk["protocol"]["command"] == "test"
+    keys = TASKS + ["average"]
+    for name, p in on_disk["presets"].items():
+        assert p["test_sizes"] == {t: EVAL_N for t in TASKS}
+        assert [s["seed"] for s in p["seeds"]] == [0, 1]
+        for s in p["seeds"]:
+            for k in keys:
+                lo, hi = s["intervals"][k]
+                assert lo <= s["scores"][k] <= hi
+            assert s["scores"]["average"] == pytest.approx(np.mean([s["scores"][t] for t in TASKS]))
+        for k in keys:
+            assert p["mean"][k] == pytest.approx(np.mean([s["scores"][k] for s in p["seeds"]]))
+            lo, hi = p["seed_interval"][k]
+            assert lo <= p["mean"][k] <= hi
+            lo, hi = p["example_interval"][k]
+            assert lo - 1e-9 <= p["mean"][k] <= hi + 1e-9
+        assert p["test_avg"] == p["mean"]["average"]
+        run = json.loads((out / name / "seed0" / "run.json").read_text())
+        assert {t: len(run["per_example"][t]["scores"]) for t in TASKS} == {t: EVAL_N for t in TASKS}
+        assert [c["step"] for c in run["curve"]] == [0, 2, 4]  # before training, every 2 steps, the end
+        assert set(run["curve"][0]) == {"step", *keys}
+    vs = on_disk["presets"]["single_adapter"]["vs_reference"]
+    assert vs["seeds_paired"] == 2
+    assert vs["difference"] == pytest.approx(on_disk["presets"]["single_adapter"]["mean"]["average"]
+                                             - on_disk["presets"]["full_finetune"]["mean"]["average"])
+    assert "vs_reference" not in on_disk["presets"]["full_finetune"]
+    md = (out / "compare.md").read_text()
+    assert "single_adapter" in md and "t-interval over seeds" in md and "majority answer" in md
+    for f in ("compare.png", "curves.png"):
+        assert (out / f).stat().st_size > 5000
+
+
+def test_same_seed_reproduces_and_another_seed_changes_the_run(tiny_compare, tiny_data, tmp_path):
+    out, _ = tiny_compare
+    seed0, seed1 = out / "single_adapter" / "seed0", out / "single_adapter" / "seed1"
+    assert _losses(seed0) != _losses(seed1)  # other adapter init, other data order
+    # the same seed again, in another folder and without the learning curve: the same run, exactly
+    scale = {**bm.SCALES["tiny"], "steps": 4, "curve_every": 0, "eval_examples": EVAL_N}
+    again = bm.run_one(*tiny_data, "single_adapter", scale, tmp_path / "again", seed=0, curve=False)
+    assert _losses(tmp_path / "again") == _losses(seed0)
+    first = json.loads((seed0 / "run.json").read_text())
+    assert again["per_example"] == first["per_example"]
+    assert again["scores"] == first["scores"] and again["intervals"] == first["intervals"]
+    assert json.loads((tmp_path / "again" / "predictions.json").read_text()) == \
+        json.loads((seed0 / "predictions.json").read_text())
+
+
+def test_compare_reuses_finished_runs(tiny_compare, tiny_data, capsys):
+    out, summary = tiny_compare
+    again = bm.compare(["single_adapter", "full_finetune"], out_dir=out, data_dir=tiny_data[0], **RUN)
+    assert "cached" in capsys.readouterr().out
+    assert again["presets"] == json.loads(json.dumps(summary["presets"]))
+
+
+def test_per_example_scores_average_to_the_task_metric(tiny_compare, tiny_data):
+    from adapterkit.data.fashionvl import load_fashionvl_examples
+    from adapterkit.vl.metrics import TASK_METRICS
+
+    out, _ = tiny_compare
+    preds = json.loads((out / "full_finetune" / "seed1" / "predictions.json").read_text())
+    for t in TASKS:
+        exs = [e for e in load_fashionvl_examples(tiny_data[0], t, "test") if e.uid in preds[t]]
+        if t == "vqa":  # as the trainer marks single-answer VQA data: scored by its soft score
+            for e in exs:
+                e.extra.setdefault("raw_answers", False)
+        # a prediction that is right for half the examples, so the check is not 0 == 0
+        p = {e.uid: (e.targets[0] if i % 2 else preds[t][e.uid]) for i, e in enumerate(exs)}
+        s = bm.per_example_scores(t, p, exs)
+        m = TASK_METRICS[t](p, {e.uid: e for e in exs})
+        assert s.mean() == pytest.approx(m["CIDEr" if t == "caption" else "accuracy"])
+        assert s.max() > 0
+
+
+def test_estimate_from_measured_costs(tiny_data, tmp_path, capsys):
+    cost = bm.measure_costs(*tiny_data, "single_adapter", {**bm.SCALES["tiny"], "steps": 4}, tmp_path)
+    assert set(cost["step_s"]) == set(TASKS) and all(v > 0 for v in cost["step_s"].values())
+    assert all(v > 0 for v in cost["eval_s_per_example"].values())
+    assert not (tmp_path / "single_adapter").exists()  # the measuring run leaves nothing behind
+    # the formula: build + steps x step + checkpoints + test + curve points
+    c = {"build_s": 10.0, "mean_step_s": 2.0, "checkpoint_s": 1.0, "eval_s_per_example": {t: 0.1 for t in TASKS}}
+    scale = {"steps": 250, "curve_every": 50, "curve_examples": 10}
+    sizes = {t: 100 for t in TASKS}
+    assert bm.estimate_run_s(c, scale, sizes, curve=False) == pytest.approx(10 + 500 + 4 * 1 + 40)
+    assert bm.estimate_run_s(c, scale, sizes, curve=True) == pytest.approx(10 + 500 + 4 + 40 + 6 * 4 * 10 * 0.1)
+    res = bm.compare(["single_adapter"], out_dir=tmp_path / "c", data_dir=tiny_data[0], scale_name="tiny", steps=4,
+                     estimate_only=True)
+    printed = capsys.readouterr().out
+    assert "estimated duration" in printed and res["estimated_s"] > 0
+    assert not (tmp_path / "c" / "single_adapter").exists()  # nothing trained
+
+
+def test_compare_refuses_bad_arguments(tmp_path):
+    from adapterkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="seeds"):
+        bm.compare(["single_adapter"], out_dir=tmp_path, seeds=0)
+    with pytest.raises(ConfigError):
+        bm.compare(["no_such_preset"], out_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_pareto_front():
@@ -31,8 +186,9 @@ def test_pareto_front():
 
 @pytest.mark.slow
 def test_demo_with_smollm2_few_steps(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "adapterkit", "demo", "--steps", "4", "--out", str(tmp_path / "run")],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "adapterkit", "demo", "--steps", "4", "--eval-examples", "40",
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 3.5 < res["percent"] < 5.0  # one shared adapter: about 4% of SmolLM2-VL
+    assert res["test_sizes"] == {t: 40 for t in TASKS}

@@ -314,3 +314,16 @@ def test_errors(tmp_path):
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
         fvl.build_fashionvl(tmp_path / "y", tiny=True, source=tmp_path / "no-data")
     assert not (tmp_path / "y" / "meta.json").exists()
+
+
+def test_default_test_split_and_its_size_leaves_train_and_val_alone(built, tmp_path):
+    # at least 1,000 test examples per task by default: a 95% interval of about +-3 points per task
+    assert all(fvl.DEFAULT_SIZES[t][2] >= 1000 for t in fvl.TASKS)
+    out, meta = built
+    other = fvl.build_fashionvl(tmp_path / "b", seed=0, tiny=True, n_test=30)
+    for task in fvl.TASKS:
+        for split in ("train", "val"):
+            rel = f"{task}/{split}.jsonl"
+            assert other["files"][rel]["sha256"] == meta["files"][rel]["sha256"], rel
+        assert other["files"][f"{task}/test.jsonl"]["sha256"] != meta["files"][f"{task}/test.jsonl"]["sha256"]
+        assert len(read_examples_jsonl(tmp_path / "b" / task / "test.jsonl")) == 30

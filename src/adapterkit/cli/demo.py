@@ -12,6 +12,8 @@ def add_parser(sub):
     d.add_argument("--preset", default="single_adapter")
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--eval-examples", type=_eval_n, default=-1, metavar="N|all",
+                   help="test examples per task (default: 500 at the default scale, all otherwise)")
     d.set_defaults(_run=run_demo)
     c = sub.add_parser("compare", help="run several presets on FashionVL with one budget; table + Pareto plot")
     c.add_argument("--presets", default="full_finetune,single_adapter,multiple_adapters,half_shared_adapters,"
@@ -20,7 +22,21 @@ def add_parser(sub):
     c.add_argument("--data", default="data_cache/fashionvl")
     c.add_argument("--scale", default="default", choices=["tiny", "default", "large"])
     c.add_argument("--steps", type=int, default=None)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="the first seed")
+    c.add_argument("--seeds", type=int, default=1, help="runs per preset (seeds SEED, SEED+1, ...)")
+    c.add_argument("--eval-examples", type=_eval_n, default=-1, metavar="N|all",
+                   help="test examples per task (default: all of the test split)")
+    c.add_argument("--curve-every", type=int, default=None, metavar="K",
+                   help="score the validation subset every K steps (0: no learning curve)")
+    c.add_argument("--curve-examples", type=int, default=None, metavar="N",
+                   help="validation examples per task for the learning curve")
+    c.add_argument("--curve-seeds", type=int, default=None, metavar="N",
+                   help="record the curve for the first N seeds only (default: every seed)")
+    c.add_argument("--lr", type=float, default=None, help="one learning rate for every preset (default: each "
+                   "preset's own)")
+    c.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (each gets cores / jobs threads)")
+    c.add_argument("--no-estimate", action="store_true", help="start without measuring the estimated duration")
+    c.add_argument("--estimate-only", action="store_true", help="measure, print the estimated duration, stop")
     c.set_defaults(_run=run_compare)
     return [d, c]
 
@@ -28,16 +44,37 @@ def add_parser(sub):
 def run_demo(args) -> int:
     from adapterkit.vl.benchmark import demo
 
-    demo(args.out, args.data, args.scale, args.preset, args.steps, args.seed)
+    demo(args.out, args.data, args.scale, args.preset, args.steps, args.seed, args.eval_examples)
     return 0
 
 
 def run_compare(args) -> int:
+    import shlex
+    import sys
+
     from adapterkit.vl.benchmark import compare
 
     compare([p.strip() for p in args.presets.split(",") if p.strip()], args.out, args.data, args.scale, args.steps,
-            args.seed)
+            args.seed, seeds=args.seeds, eval_examples=args.eval_examples, curve_every=args.curve_every,
+            curve_examples=args.curve_examples, curve_seeds=args.curve_seeds, estimate=not args.no_estimate,
+            estimate_only=args.estimate_only, jobs=args.jobs, lr=args.lr,
+            command="adapterkit " + shlex.join(sys.argv[1:]))
     return 0
+
+
+def _eval_n(text: str):
+    """--eval-examples: a positive count, or "all" (None: the whole split)."""
+    import argparse
+
+    if text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return n
 
 
 def run(args) -> int:  # pragma: no cover

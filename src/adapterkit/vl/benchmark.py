@@ -3,34 +3,54 @@
 ``prepare`` builds FashionVL from the real Fashion-MNIST photos and extracts frozen
 EfficientNet-Lite0 grid features (cached); ``run_preset`` trains one preset on all four
 tasks with a causal VL model (SmolLM2-135M with visual prefix tokens by default) and
-evaluates on test; ``demo`` prints the table and writes results + a plot;
-``compare`` runs several presets with the same budget and plots score against
-trainable parameters with the Pareto front.
+evaluates on test; ``demo`` prints the table and writes results + a plot.
+
+``compare`` runs several presets, each with several seeds, on the same budget. Every run
+is scored per test example (the whole test split by default), which gives bootstrap 95%
+intervals per task and for the average (`adapterkit.stats`); over seeds it reports the
+mean and the t-interval. A validation subset is scored every ``curve_every`` steps (the
+learning curves). Before it starts, ``compare`` measures a few training steps and one
+evaluation batch per task of every preset and prints the estimated duration.
+
+Layout of a compare folder: ``<preset>/seed<k>/`` holds the trainer's output (results.json,
+predictions.json, final/) and ``run.json`` (per-example scores, intervals, curve, timings);
+``compare.json`` / ``compare.md`` / ``compare.png`` / ``curves.png`` summarise them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
+import shutil
 import time
 from pathlib import Path
 
-from adapterkit.safeio import atomic_write_json
+import numpy as np
+
+from adapterkit.errors import ConfigError, DataError
+from adapterkit.safeio import atomic_write_json, atomic_write_text
 
 TASKS = ["vqa", "gqa", "nlvr", "caption"]
+REFERENCE = "full_finetune"  # the preset the others are compared with (paired differences)
 
 SCALES = {
-    # name: (fashionvl sizes (None = package default), backbone, steps, batch, eval examples per task, feature px)
+    # fashionvl sizes (None = package default), backbone, steps, batch, test examples per task (None = all),
+    # feature px, validation curve (every K steps, examples per task), eval batch, bf16 autocast
     "tiny": dict(fashionvl_tiny=True, backbone="tiny-llama", steps=24, batch_size=8, eval_examples=None,
-                 resolution=64),
-    "default": dict(fashionvl_tiny=False, backbone="smollm2", steps=260, batch_size=16, eval_examples=120,
-                    resolution=112),
+                 resolution=64, curve_every=8, curve_examples=6, eval_batch_size=32, bf16=False),
+    "default": dict(fashionvl_tiny=False, backbone="smollm2", steps=260, batch_size=16, eval_examples=None,
+                    resolution=112, curve_every=65, curve_examples=100, eval_batch_size=64, bf16=True),
     "large": dict(fashionvl_tiny=False, backbone="smollm2", steps=3000, batch_size=32, eval_examples=None,
-                  resolution=224),
+                  resolution=224, curve_every=300, curve_examples=300, eval_batch_size=64, bf16=True),
 }
+#: the demo's test examples per task at the default scale (its 15-minute budget); compare uses all
+DEMO_EVAL_EXAMPLES = 500
 
 
 def prepare(data_dir: str | Path, tiny: bool, resolution: int, grid: int = 2, seed: int = 0) -> tuple[Path, Path]:
-    """Build FashionVL (if missing) and its EfficientNet-Lite0 feature store (if missing)."""
+    """Build FashionVL (if missing) and its EfficientNet-Lite0 feature store (if missing or stale)."""
     from adapterkit.data.fashionvl import build_fashionvl, iter_fashionvl_images
     from adapterkit.vl.features import FeatureStore, extract_features
 
@@ -38,19 +58,25 @@ def prepare(data_dir: str | Path, tiny: bool, resolution: int, grid: int = 2, se
     print(f"[1/4] FashionVL from Fashion-MNIST photos -> {data_dir}")
     build_fashionvl(data_dir, seed=seed, tiny=tiny)
     feats = data_dir / f"features-effnet-lite0-{resolution}px-g{grid}"
+    images = iter_fashionvl_images(data_dir)
     try:
-        FeatureStore.open(feats)
-        print(f"[2/4] features cached in {feats}")
+        store = FeatureStore.open(feats)
+        stale = store.ids != images.ids  # a store of an earlier build (other sizes): extract again
     except Exception:
+        stale = None
+    if stale is False:
+        print(f"[2/4] features cached in {feats}")
+    else:
+        if stale:
+            shutil.rmtree(feats)
         print(f"[2/4] extracting EfficientNet-Lite0 features ({resolution}px, {grid}x{grid} grid) -> {feats}")
-        extract_features(iter_fashionvl_images(data_dir), "efficientnet-lite0", feats, batch_size=64, grid=grid,
-                         resolution=resolution)
+        extract_features(images, "efficientnet-lite0", feats, batch_size=64, grid=grid, resolution=resolution)
     return data_dir, feats
 
 
 def run_config(data_dir, feats, preset: str, scale: dict, seed: int = 0, lr: float | None = None) -> dict:
-    cpu_eval = {"batch_size": 32, "max_new_tokens": 4, "caption_max_new_tokens": 16, "caption_beams": 1,
-                "select_on": "last"}
+    cpu_eval = {"batch_size": scale.get("eval_batch_size", 32), "max_new_tokens": 4, "caption_max_new_tokens": 16,
+                "caption_beams": 1, "select_on": "last"}
     return {
         "name": f"fashionvl-{preset}",
         "model": {"backbone": scale["backbone"], "feat_dim": 1280, "n_images": 2},
@@ -60,79 +86,284 @@ def run_config(data_dir, feats, preset: str, scale: dict, seed: int = 0, lr: flo
         "train": {"epochs": 100, "max_steps": scale["steps"], "batch_size": scale["batch_size"],
                   "task_batch_scale": {t: 1.0 for t in TASKS}, "seed": seed, "checkpoint_every": 100,
                   "max_text_len": 32, "max_target_len": 24, "eval_every_epoch": False, "warmup_ratio": 0.05,
-                  **({"lr": lr} if lr else {})},
+                  "bf16": bool(scale.get("bf16", False)), **({"lr": lr} if lr else {})},
         "eval": cpu_eval,
     }
 
 
-def run_preset(data_dir, feats, preset, scale, out_dir, seed=0, lr=None) -> dict:
+# ----------------------------------------------------------------------------- the trainer, with a curve
+
+def _bench_trainer_class():
     from adapterkit.train.trainer import Trainer
 
-    trainer = Trainer(run_config(data_dir, feats, preset, scale, seed, lr), out_dir)
-    return trainer.fit()
+    class BenchTrainer(Trainer):
+        """The trainer plus a validation learning curve: before the first step and every
+        ``curve_every`` steps, the average score on the first ``curve_examples`` validation
+        examples of each task (a fixed subset). The RNG states are restored after each
+        point, so a run with a curve trains exactly as one without."""
 
+        CURVE = "curve"  # the split name of the validation subset
+
+        def __init__(self, config, output_dir, curve_every: int = 0, curve_examples: int = 100):
+            super().__init__(config, output_dir)
+            self.curve_every, self.curve_examples = int(curve_every or 0), int(curve_examples)
+            self.curve_file = self.out / "curve.json"
+            self.curve: list[dict] = json.loads(self.curve_file.read_text()) if self.curve_file.exists() else []
+            self.curve_eval_s = 0.0
+
+        def _eval_data(self, task, split):
+            if split != self.CURVE:
+                return super()._eval_data(task, split)
+            key = (task, split)
+            if key not in self._eval_cache:
+                data = self._task_data(task, self.cfg.data.val_split, self.spec, False)
+                data.examples = data.examples[: self.curve_examples]
+                self._eval_cache[key] = data
+            return self._eval_cache[key]
+
+        def curve_point(self, step: int) -> dict:
+            from adapterkit.train.checkpoint import capture_rng_state, restore_rng_state
+
+            t0 = time.perf_counter()
+            rng = capture_rng_state()
+            try:
+                m = self.evaluate(self.CURVE)
+            finally:
+                restore_rng_state(rng)
+            point = {"step": int(step), **{t: self.main_score(v) for t, v in m.items()}}
+            point["average"] = float(np.mean([point[t] for t in m]))
+            self.curve = [c for c in self.curve if c["step"] < step] + [point]
+            atomic_write_json(self.curve_file, self.curve)
+            self.curve_eval_s += time.perf_counter() - t0
+            return point
+
+        def train_step(self, task, rows, seed):
+            if self.curve_every and self.state["step"] == 0:
+                self.curve_point(0)
+            loss = super().train_step(task, rows, seed)
+            step = self.state["step"] + 1  # the trainer counts the step after train_step returns
+            if self.curve_every and (step % self.curve_every == 0 or step == self.total_steps):
+                self.curve_point(step)
+            return loss
+
+    return BenchTrainer
+
+
+def make_trainer(data_dir, feats, preset, scale, out_dir, seed=0, lr=None, curve=True):
+    cls = _bench_trainer_class()
+    return cls(run_config(data_dir, feats, preset, scale, seed, lr), out_dir,
+               curve_every=scale.get("curve_every", 0) if curve else 0,
+               curve_examples=scale.get("curve_examples", 100))
+
+
+def run_preset(data_dir, feats, preset, scale, out_dir, seed=0, lr=None, curve=False) -> dict:
+    """Train and test one preset; the trainer's results dict (+ the curve when asked)."""
+    trainer = make_trainer(data_dir, feats, preset, scale, out_dir, seed, lr, curve)
+    res = trainer.fit()
+    res["lr"] = trainer.lr  # the learning rate used (the preset's own unless one was given)
+    if trainer.curve_every:
+        res["curve"] = trainer.curve
+        res["curve_eval_s"] = trainer.curve_eval_s
+    return res
+
+
+# ----------------------------------------------------------------------------- per-example scores
+
+def _main_key(m: dict) -> str:
+    return "CIDEr" if "CIDEr" in m else "accuracy"
+
+
+def per_example_scores(task: str, preds: dict, examples: list) -> np.ndarray:
+    """Percent-scale score of each example (in `examples` order) whose mean is the task's metric:
+    VQA soft score, exact match (gqa / nlvr), CIDEr-D per image with the document
+    frequencies of the whole evaluated set (caption)."""
+    from adapterkit.vl.metrics import exact_match
+    from adapterkit.vl.metrics.captions import cider_d, tokenize_corpus
+    from adapterkit.vl.metrics.vqa import vqa_example_scores
+
+    missing = [e.uid for e in examples if e.uid not in preds]
+    if missing:
+        raise DataError(f"{task}: {len(missing)} test example(s) have no prediction, e.g. {missing[0]!r}")
+    if task == "caption":
+        refs = tokenize_corpus({e.uid: e.targets for e in examples})
+        cands = tokenize_corpus({e.uid: preds[e.uid] for e in examples})
+        _, items = cider_d(refs, cands, return_per_item=True)
+        return 100.0 * np.array([items[e.uid] for e in examples])
+    if task == "vqa":
+        # marked as the trainer marks them: single-answer VQA-style data is scored by its soft score
+        marked = {e.uid: dataclasses.replace(e, extra={"raw_answers": not (e.target_scores and len(e.targets) < 10),
+                                                       **e.extra}) for e in examples}
+        return 100.0 * vqa_example_scores(preds, marked)
+    return 100.0 * np.array([exact_match(preds[e.uid], e.targets) for e in examples], dtype=float)
+
+
+def score_run(res: dict, run_dir: Path, data_dir, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Per-example test scores of one finished run and their bootstrap intervals."""
+    from adapterkit.data.fashionvl import load_fashionvl_examples
+    from adapterkit.stats import bootstrap_tasks
+
+    preds = json.loads((Path(run_dir) / "predictions.json").read_text())
+    scores, uids = {}, {}
+    for t in TASKS:
+        exs = [e for e in load_fashionvl_examples(data_dir, t, "test") if e.uid in preds[t]]
+        s = per_example_scores(t, preds[t], exs)
+        reported = float(res["test"][t][_main_key(res["test"][t])])
+        if not math.isclose(float(s.mean()), reported, rel_tol=1e-6, abs_tol=1e-6):
+            raise DataError(f"{t}: the per-example scores average {s.mean():.6f} but the trainer reported "
+                            f"{reported:.6f}; the two scorers disagree")
+        scores[t], uids[t] = s, [e.uid for e in exs]
+    iv = bootstrap_tasks(scores, n_resamples=n_resamples, seed=seed)
+    return {"scores": {k: v.mean for k, v in iv.items()},
+            "intervals": {k: [v.low, v.high] for k, v in iv.items()},
+            "test_sizes": {t: len(uids[t]) for t in TASKS},
+            "per_example": {t: {"uids": uids[t], "scores": [round(float(x), 6) for x in scores[t]]} for t in TASKS}}
+
+
+def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True) -> dict:
+    """Train, test and score one (preset, seed); cached in ``run_dir/run.json``."""
+    run_dir = Path(run_dir)
+    done = run_dir / "run.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    res = run_preset(data_dir, feats, preset, scale, run_dir, seed, lr, curve)
+    run = {"preset": preset, "seed": seed, "steps": res["steps"], "trainable": res["trainable"],
+           "total": res["total"], "percent": res["percent"], "lr": res["lr"],
+           **score_run(res, run_dir, data_dir), "curve": res.get("curve", []),
+           "curve_eval_s": res.get("curve_eval_s", 0.0), "wall_time_s": time.perf_counter() - t0}
+    atomic_write_json(done, run)
+    return run
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+def aggregate(runs: list[dict], n_resamples: int = 2000, seed: int = 0) -> dict:
+    """One preset over its seeds: every seed's scores and intervals, the mean, the t-interval over
+    seeds, and the bootstrap interval over examples of the seed-averaged per-example scores."""
+    from adapterkit.stats import bootstrap_tasks, t_interval
+
+    keys = TASKS + ["average"]
+    mean_scores = {t: np.mean([r["per_example"][t]["scores"] for r in runs], axis=0) for t in TASKS}
+    boot = bootstrap_tasks(mean_scores, n_resamples=n_resamples, seed=seed)
+    over_seeds = {k: t_interval([r["scores"][k] for r in runs]) for k in keys}
+    return {
+        "percent": runs[0]["percent"], "trainable": runs[0]["trainable"], "total": runs[0]["total"],
+        "lr": runs[0]["lr"], "steps": runs[0]["steps"],
+        "seeds": [{"seed": r["seed"], "scores": r["scores"], "intervals": r["intervals"],
+                   "wall_time_s": r["wall_time_s"]} for r in runs],
+        "mean": {k: over_seeds[k].mean for k in keys},
+        "seed_interval": {k: None if over_seeds[k].low is None else [over_seeds[k].low, over_seeds[k].high]
+                          for k in keys},
+        "example_interval": {k: [boot[k].low, boot[k].high] for k in keys},
+        "test_sizes": runs[0]["test_sizes"],
+        "test_avg": over_seeds["average"].mean,
+        "wall_time_s": float(np.mean([r["wall_time_s"] for r in runs])),
+    }
+
+
+def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, seed: int = 0) -> dict:
+    """average(preset) - average(reference): paired bootstrap over the same test examples (seed-averaged
+    scores) and, with two or more seeds, the t-interval of the per-seed differences (seeds paired by
+    their number: the same data order)."""
+    from adapterkit.stats import bootstrap_difference, t_interval
+
+    def mean_scores(rs):
+        return {t: np.mean([r["per_example"][t]["scores"] for r in rs], axis=0) for t in TASKS}
+
+    for t in TASKS:
+        if runs[0]["per_example"][t]["uids"] != ref_runs[0]["per_example"][t]["uids"]:
+            raise DataError(f"{t}: the two presets were tested on different examples; cannot pair them")
+    d = bootstrap_difference(mean_scores(runs), mean_scores(ref_runs), n_resamples=n_resamples, seed=seed)
+    ref_by_seed = {r["seed"]: r["scores"]["average"] for r in ref_runs}
+    diffs = [r["scores"]["average"] - ref_by_seed[r["seed"]] for r in runs if r["seed"] in ref_by_seed]
+    over = t_interval(diffs) if diffs else None
+    return {"difference": d.mean, "example_interval": [d.low, d.high],
+            "seed_interval": None if over is None or over.low is None else [over.low, over.high],
+            "seeds_paired": len(diffs)}
+
+
+# ----------------------------------------------------------------------------- tables
 
 def _baseline_percent(b: dict) -> float:
     return 100.0 * b["score"]
 
 
-def table(res: dict, baseline: dict) -> str:
-    rows = [f"{'task':<9}{'metric':<10}{'score':>8}{'majority':>10}"]
+def _iv(iv) -> str:
+    return "" if iv is None else f" [{iv[0]:.1f}, {iv[1]:.1f}]"
+
+
+def table(res: dict, baseline: dict, intervals: dict | None = None) -> str:
+    """The demo's table: score, its 95% bootstrap interval over test examples, the majority answer."""
+    intervals = intervals or {}
+    rows = [f"{'task':<9}{'metric':<10}{'score':>8}  {'95% interval':<16}{'majority':>9}{'n':>7}"]
+    n = res.get("test_sizes", {})
     for t in TASKS:
         m = res["test"][t]
-        key = "CIDEr" if "CIDEr" in m else "accuracy"
-        rows.append(f"{t:<9}{key:<10}{m[key]:>8.1f}{_baseline_percent(baseline[t]):>10.1f}")
-    rows.append(f"{'average':<19}{res['test_avg']:>8.1f}"
-                f"{sum(_baseline_percent(baseline[t]) for t in TASKS) / len(TASKS):>10.1f}")
+        key = _main_key(m)
+        rows.append(f"{t:<9}{key:<10}{m[key]:>8.1f}  {_iv(intervals.get(t)).strip():<16}"
+                    f"{_baseline_percent(baseline[t]):>9.1f}{n.get(t, ''):>7}")
+    rows.append(f"{'average':<19}{res['test_avg']:>8.1f}  {_iv(intervals.get('average')).strip():<16}"
+                f"{sum(_baseline_percent(baseline[t]) for t in TASKS) / len(TASKS):>9.1f}")
     rows.append(f"trainable {res['trainable']:,} of {res['total']:,} parameters ({res['percent']:.2f}%), "
-                f"{res['steps']} steps, wall time {res['wall_time_s']:.0f} s")
+                f"{res['steps']} steps, wall time {res['wall_time_s']:.0f} s; intervals: 95% percentile "
+                "bootstrap over test examples")
     return "\n".join(rows)
 
 
-def plot_demo(res: dict, baseline: dict, path: Path) -> None:
+def compare_table(summary: dict) -> str:
+    """Markdown: per preset and task, mean over seeds +- the t-interval's half-width over seeds, then
+    the 95% bootstrap interval over test examples of the seed-averaged scores."""
+    base = summary["majority_baseline"]
+    n_seeds = len(summary["protocol"]["seeds"])
+    cols = TASKS + ["average"]
+    lines = [f"| preset | trainable % | {' | '.join(cols)} | vs {REFERENCE} | wall s/run |",
+             "|---" * (len(cols) + 4) + "|"]
+
+    def cell(s, k):
+        si = s["seed_interval"][k]
+        pm = f" ±{(si[1] - si[0]) / 2:.1f}" if si is not None else ""
+        return f"{s['mean'][k]:.1f}{pm}{_iv(s['example_interval'][k])}"
+
+    for p, s in summary["presets"].items():
+        vs = s.get("vs_reference")
+        vs_txt = "-" if vs is None else f"{vs['difference']:+.1f}{_iv(vs['example_interval'])}"
+        lines.append(f"| {p} | {s['percent']:.2f} | " + " | ".join(cell(s, k) for k in cols)
+                     + f" | {vs_txt} | {s['wall_time_s']:.0f} |")
+    lines.append("| majority answer | - | " + " | ".join(f"{_baseline_percent(base[t]):.1f}" for t in TASKS)
+                 + f" | {sum(_baseline_percent(base[t]) for t in TASKS) / len(TASKS):.1f} | - | - |")
+    sizes = next(iter(summary["presets"].values()))["test_sizes"]
+    lines.append("")
+    lines.append(f"Mean over {n_seeds} seed(s)" + (" ± half-width of the 95% t-interval over seeds" if n_seeds > 1
+                                                    else "") +
+                 "; [95% percentile bootstrap interval over test examples]; test examples per task: "
+                 + ", ".join(f"{t} {sizes[t]}" for t in TASKS) + ".")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+
+def plot_demo(res: dict, baseline: dict, path: Path, intervals: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    xs = range(len(TASKS))
-    scores = [res["test"][t].get("accuracy", res["test"][t].get("CIDEr")) for t in TASKS]
+    xs = np.arange(len(TASKS))
+    scores = np.array([res["test"][t][_main_key(res["test"][t])] for t in TASKS])
     base = [_baseline_percent(baseline[t]) for t in TASKS]
-    ax.bar([x - 0.2 for x in xs], scores, 0.4, label=f"{res['preset']} ({res['percent']:.1f}% trained)")
-    ax.bar([x + 0.2 for x in xs], base, 0.4, label="majority answer")
+    yerr = None
+    if intervals:
+        yerr = np.array([[scores[i] - intervals[t][0], intervals[t][1] - scores[i]] for i, t in enumerate(TASKS)]).T
+    ax.bar(xs - 0.2, scores, 0.4, yerr=yerr, capsize=3, label=f"{res['preset']} ({res['percent']:.1f}% trained)")
+    ax.bar(xs + 0.2, base, 0.4, label="majority answer")
     ax.set_xticks(list(xs), [f"{t}\n({'CIDEr-D' if t == 'caption' else 'acc.'})" for t in TASKS])
-    ax.set_ylabel("test score")
+    ax.set_ylabel("test score (95% bootstrap interval)")
     ax.set_title("FashionVL: one shared adapter, four tasks")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def demo(out_dir="runs/demo", data_dir="data_cache/fashionvl", scale_name="default", preset="single_adapter",
-         steps=None, seed=0) -> dict:
-    from adapterkit.data.fashionvl import fashionvl_stats, majority_baseline
-
-    t0 = time.time()
-    scale = dict(SCALES[scale_name])
-    if steps:
-        scale["steps"] = steps
-    data_dir, feats = prepare(data_dir, scale["fashionvl_tiny"], scale["resolution"], seed=seed)
-    stats = fashionvl_stats(data_dir)
-    base = majority_baseline(data_dir)
-    out = Path(out_dir)
-    print("[3/4] train " + f"{preset} on {', '.join(TASKS)} with {scale['backbone']} ({scale['steps']} steps)")
-    res = run_preset(data_dir, feats, preset, scale, out / preset, seed)
-    res["majority_baseline"] = base
-    res["fashionvl_stats"] = stats
-    res["total_wall_time_s"] = time.time() - t0
-    atomic_write_json(out / "results.json", res)
-    plot_demo(res, base, out / "demo.png")
-    print("[4/4] test results (FashionVL test split: photos never seen in training)")
-    print(table(res, base))
-    print(f"results: {out / 'results.json'}  plot: {out / 'demo.png'}  total {res['total_wall_time_s']:.0f} s")
-    return res
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -146,65 +377,38 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fashionvl", scale_name="default",
-            steps=None, seed=0) -> dict:
-    from adapterkit.data.fashionvl import majority_baseline
-
-    scale = dict(SCALES[scale_name])
-    if steps:
-        scale["steps"] = steps
-    data_dir, feats = prepare(data_dir, scale["fashionvl_tiny"], scale["resolution"], seed=seed)
-    base = majority_baseline(data_dir)
-    out = Path(out_dir)
-    results = {}
-    for p in presets:
-        done = out / p / "results.json"
-        if done.exists():
-            results[p] = json.loads(done.read_text())
-            print(f"{p}: cached ({results[p]['test_avg']:.2f})")
-            continue
-        print(f"== {p}")
-        results[p] = run_preset(data_dir, feats, p, scale, out / p, seed)
-    summary = {
-        "scale": scale, "majority_baseline": base,
-        "presets": {p: {"percent": r["percent"], "trainable": r["trainable"], "test_avg": r["test_avg"],
-                        "wall_time_s": r["wall_time_s"],
-                        **{t: _main(r["test"][t]) for t in TASKS}} for p, r in results.items()},
-    }
-    atomic_write_json(out / "compare.json", summary)
-    lines = [f"| preset | trainable % | {' | '.join(TASKS)} | average | wall s |", "|---" * (len(TASKS) + 4) + "|"]
-    for p, s in summary["presets"].items():
-        lines.append(f"| {p} | {s['percent']:.2f} | " + " | ".join(f"{s[t]:.1f}" for t in TASKS)
-                     + f" | {s['test_avg']:.1f} | {s['wall_time_s']:.0f} |")
-    lines.append("| majority answer | - | " + " | ".join(f"{_baseline_percent(base[t]):.1f}" for t in TASKS)
-                 + f" | {sum(_baseline_percent(base[t]) for t in TASKS) / 4:.1f} | - |")
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    plot_compare(summary, out / "compare.png")
-    return summary
-
-
-def _main(m: dict) -> float:
-    from adapterkit.train.trainer import Trainer
-
-    return Trainer.main_score(m)
-
-
 def plot_compare(summary: dict, path: Path) -> None:
+    """Seed-mean test average against trainable parameters: black bars = 95% bootstrap interval over
+    test examples, orange bars (offset) = 95% t-interval over seeds, small dots = each seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(summary["presets"])
-    pts = [(summary["presets"][n]["percent"], summary["presets"][n]["test_avg"]) for n in names]
+    pres = [summary["presets"][n] for n in names]
+    pts = [(s["percent"], s["mean"]["average"]) for s in pres]
     front = pareto(pts)
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts])
-    for n, (x, y) in zip(names, pts):
-        ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n, s, (x, y) in zip(names, pres, pts):
+        lo, hi = s["example_interval"]["average"]
+        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", color="tab:blue", ecolor="black", capsize=3,
+                    zorder=3)
+        si = s["seed_interval"]["average"]
+        if si is not None:
+            ax.errorbar([x * 1.12], [y], yerr=[[y - si[0]], [si[1] - y]], fmt="none", ecolor="tab:orange",
+                        capsize=2, lw=1.2)
+        seeds = [r["scores"]["average"] for r in s["seeds"]]
+        if len(seeds) > 1:
+            ax.scatter([x * 0.9] * len(seeds), seeds, s=8, color="tab:gray", zorder=2)
+        ax.annotate(n, (x, y), fontsize=7, xytext=(5, 3), textcoords="offset points")
     fx = sorted(pts[i] for i in front)
-    ax.plot([p[0] for p in fx], [p[1] for p in fx], "o--", color="tab:red", label="Pareto front")
+    ax.plot([p[0] for p in fx], [p[1] for p in fx], "--", color="tab:red", label="Pareto front (means)")
+    ax.errorbar([], [], yerr=[], fmt="o", color="tab:blue", ecolor="black", capsize=3,
+                label="95% bootstrap over test examples")
+    if any(s["seed_interval"]["average"] is not None for s in pres):
+        ax.errorbar([], [], yerr=[], fmt="none", ecolor="tab:orange", capsize=2, label="95% t-interval over seeds")
+        ax.scatter([], [], s=8, color="tab:gray", label="each seed")
     base = summary.get("majority_baseline")
     if base:
         ax.axhline(sum(100.0 * b["score"] for b in base.values()) / len(base), color="gray", lw=0.8, ls=":",
@@ -212,7 +416,289 @@ def plot_compare(summary: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (%)")
     ax.set_ylabel("FashionVL test average")
-    ax.legend(fontsize=8)
+    n_seeds = len(summary["protocol"]["seeds"])
+    ax.set_title(f"FashionVL, {n_seeds} seed(s), whole test split", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
+    """Validation score against step: the average and each task, one line per preset (the mean over
+    seeds; a band from the lowest to the highest seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["average"] + TASKS
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4))
+    for i, (name, per_seed) in enumerate(curves.items()):
+        per_seed = [c for c in per_seed if c]
+        if not per_seed:
+            continue
+        steps = sorted(set.intersection(*[{p["step"] for p in c} for c in per_seed]))
+        if not steps:
+            continue
+        color = plt.cm.tab10(i % 10)
+        for ax, k in zip(axes, keys):
+            vals = np.array([[{p["step"]: p[k] for p in c}[s] for s in steps] for c in per_seed])
+            ax.plot(steps, vals.mean(0), "o-", ms=3, color=color, label=name if k == "average" else None)
+            if len(per_seed) > 1:
+                ax.fill_between(steps, vals.min(0), vals.max(0), color=color, alpha=0.15, lw=0)
+    for ax, k in zip(axes, keys):
+        ax.set_title(k + (" (CIDEr-D)" if k == "caption" else ""), fontsize=9)
+        ax.set_xlabel("training step")
+    axes[0].set_ylabel("validation score (subset)")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- cost estimate
+
+def measure_costs(data_dir, feats, preset: str, scale: dict, work_dir: Path, seed: int = 0) -> dict:
+    """Wall seconds of one preset's pieces on this machine, now: building the model, one training step
+    of each task (after a warm-up step), one checkpoint, and one evaluation batch of each task."""
+    from adapterkit.vl.data import _seed, task_schedule
+
+    t0 = time.perf_counter()
+    work = Path(work_dir) / preset
+    tr = make_trainer(data_dir, feats, preset, scale, work, seed, curve=False)
+    build = time.perf_counter() - t0
+    sched = task_schedule(tr.num_batches, seed, 0)
+    orders = {t: d.epoch_order(seed, 0) for t, d in tr.train_data.items()}
+    step_s: dict[str, float] = {}
+    for i, (task, b) in enumerate(sched):
+        if len(step_s) == len(TASKS):
+            break
+        if i > 0 and task in step_s:
+            continue
+        bs = tr.batch_sizes[task]
+        t = time.perf_counter()
+        tr.train_step(task, orders[task][b * bs:(b + 1) * bs], _seed(seed, 0, task, b))
+        if i > 0:  # the first step warms up (allocations, kernels)
+            step_s[task] = time.perf_counter() - t
+    t = time.perf_counter()
+    tr.state["step"] = 1
+    tr._save_checkpoint()
+    ckpt = time.perf_counter() - t
+    tr.curve_examples = tr.cfg.eval.batch_size  # one eval batch of each task, from the validation split
+    eval_s = {}
+    for task in TASKS:
+        t = time.perf_counter()
+        n = len(tr.predict(task, tr.CURVE))
+        eval_s[task] = (time.perf_counter() - t) / n
+    weights = {t: n / sum(tr.num_batches.values()) for t, n in tr.num_batches.items()}
+    del tr
+    shutil.rmtree(work, ignore_errors=True)
+    return {"build_s": build, "step_s": step_s, "mean_step_s": sum(weights[t] * step_s[t] for t in TASKS),
+            "checkpoint_s": ckpt, "eval_s_per_example": eval_s}
+
+
+def estimate_run_s(cost: dict, scale: dict, test_sizes: dict[str, int], curve: bool = True) -> float:
+    """Seconds of one run from measured costs: build + steps + checkpoints + test + curve points."""
+    steps = scale["steps"]
+    n_ckpt = steps // 100 + 2  # every 100 steps, the end of the loop, the final weights
+    test = sum(test_sizes[t] * cost["eval_s_per_example"][t] for t in TASKS)
+    points = (math.ceil(steps / scale["curve_every"]) + 1) if curve and scale.get("curve_every") else 0
+    curve_s = points * sum(min(scale["curve_examples"], test_sizes.get("val_" + t, scale["curve_examples"]))
+                           * cost["eval_s_per_example"][t] for t in TASKS)
+    return cost["build_s"] + steps * cost["mean_step_s"] + n_ckpt * cost["checkpoint_s"] + test + curve_s
+
+
+def _fmt_s(s: float) -> str:
+    h, rem = divmod(int(round(s)), 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def _test_sizes(data_dir, eval_examples) -> dict[str, int]:
+    from adapterkit.data.fashionvl import fashionvl_stats
+
+    st = fashionvl_stats(data_dir)["tasks"]
+    sizes = {t: st[t]["test"]["examples"] for t in TASKS}
+    if eval_examples:
+        sizes = {t: min(n, eval_examples) for t, n in sizes.items()}
+    sizes.update({"val_" + t: st[t]["val"]["examples"] for t in TASKS})
+    return sizes
+
+
+# ----------------------------------------------------------------------------- demo and compare
+
+def demo(out_dir="runs/demo", data_dir="data_cache/fashionvl", scale_name="default", preset="single_adapter",
+         steps=None, seed=0, eval_examples: int | None = -1) -> dict:
+    """One preset, one seed; ``eval_examples`` test examples per task (-1: the demo's default, None: all)."""
+    from adapterkit.data.fashionvl import fashionvl_stats, majority_baseline
+
+    t0 = time.time()
+    scale = dict(SCALES[scale_name])
+    if steps:
+        scale["steps"] = steps
+    if eval_examples == -1:
+        eval_examples = DEMO_EVAL_EXAMPLES if scale_name == "default" else scale["eval_examples"]
+    scale["eval_examples"] = eval_examples
+    data_dir, feats = prepare(data_dir, scale["fashionvl_tiny"], scale["resolution"])
+    stats = fashionvl_stats(data_dir)
+    base = majority_baseline(data_dir)
+    out = Path(out_dir)
+    print("[3/4] train " + f"{preset} on {', '.join(TASKS)} with {scale['backbone']} ({scale['steps']} steps, "
+          f"seed {seed})")
+    res = run_preset(data_dir, feats, preset, scale, out / preset, seed)
+    scored = score_run(res, out / preset, data_dir)
+    res["intervals"] = scored["intervals"]
+    res["test_sizes"] = scored["test_sizes"]
+    res["majority_baseline"] = base
+    res["fashionvl_stats"] = stats
+    res["total_wall_time_s"] = time.time() - t0
+    atomic_write_json(out / "results.json", res)
+    plot_demo(res, base, out / "demo.png", res["intervals"])
+    print("[4/4] test results (FashionVL test split: photos never seen in training)")
+    print(table(res, base, res["intervals"]))
+    print(f"results: {out / 'results.json'}  plot: {out / 'demo.png'}  total {res['total_wall_time_s']:.0f} s")
+    return res
+
+
+def _run_job(job: dict) -> dict:
+    """One (preset, seed) in a worker process (``compare --jobs``)."""
+    import torch
+
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    os.environ["ADAPTERKIT_NO_PROGRESS"] = "1"
+    return run_one(job["data_dir"], job["feats"], job["preset"], job["scale"], job["run_dir"], job["seed"],
+                   job["lr"], job["curve"])
+
+
+def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fashionvl", scale_name="default",
+            steps=None, seed=0, seeds: int = 1, eval_examples: int | None = -1, curve_every: int | None = None,
+            curve_examples: int | None = None, curve_seeds: int | None = None, estimate: bool = True,
+            estimate_only: bool = False, jobs: int = 1, lr: float | None = None, command: str | None = None,
+            n_resamples: int = 2000) -> dict:
+    """Every preset x ``seeds`` seeds (seed, seed+1, ...) on one budget; see the module doc.
+
+    ``eval_examples``: test examples per task (-1: the scale's setting, None: the whole split);
+    ``curve_every`` / ``curve_examples``: the validation curve (0 turns it off); ``curve_seeds``: how
+    many of the seeds record a curve (default: all); ``jobs``: runs in parallel worker processes,
+    each with cpu_count // jobs threads (on a GPU, several small runs share the device)."""
+    from adapterkit.data.fashionvl import majority_baseline
+    from adapterkit.vl.presets import get_preset
+
+    if not presets:
+        raise ConfigError("compare needs at least one preset")
+    for p in presets:
+        get_preset(p)  # an unknown name fails here, before any work
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs must be a positive integer, got {jobs!r}")
+    scale = dict(SCALES[scale_name])
+    if steps:
+        scale["steps"] = steps
+    if eval_examples != -1:
+        scale["eval_examples"] = eval_examples
+    if curve_every is not None:
+        scale["curve_every"] = curve_every
+    if curve_examples is not None:
+        scale["curve_examples"] = curve_examples
+    seed_list = [seed + k for k in range(seeds)]
+    curve_seed_set = set(seed_list[: seeds if curve_seeds is None else curve_seeds])
+    data_dir, feats = prepare(data_dir, scale["fashionvl_tiny"], scale["resolution"])
+    base = majority_baseline(data_dir)
+    sizes = _test_sizes(data_dir, scale["eval_examples"])
+    out = Path(out_dir)
+    todo = [(p, s) for p in presets for s in seed_list if not (out / p / f"seed{s}" / "run.json").exists()]
+    estimates: dict[str, dict] = {}
+    if (estimate or estimate_only) and todo:
+        t0 = time.perf_counter()
+        print(f"measuring the cost of each preset on this machine ({torch_threads()} threads)")
+        total = 0.0
+        for p in dict.fromkeys(p for p, _ in todo):
+            cost = measure_costs(data_dir, feats, p, scale, out / ".measure", seed)
+            n_curve = sum(1 for q, s in todo if q == p and s in curve_seed_set)
+            n_plain = sum(1 for q, s in todo if q == p and s not in curve_seed_set)
+            run_s = estimate_run_s(cost, scale, sizes, True)
+            plain_s = estimate_run_s(cost, scale, sizes, False)
+            estimates[p] = {**cost, "run_s": run_s, "run_s_without_curve": plain_s}
+            total += n_curve * run_s + n_plain * plain_s
+            print(f"  {p}: step {cost['mean_step_s']:.2f} s, eval {100 * np.mean(list(cost['eval_s_per_example'].values())):.1f}"
+                  f" s / 100 examples, build {cost['build_s']:.0f} s -> {_fmt_s(run_s)} per run")
+        shutil.rmtree(out / ".measure", ignore_errors=True)
+        wall = total / min(jobs, len(todo)) if jobs > 1 else total
+        print(f"estimated duration: {_fmt_s(wall)} for {len(todo)} run(s)"
+              + (f" on {jobs} parallel jobs (assuming they do not slow each other)" if jobs > 1 else "")
+              + f"; measuring took {_fmt_s(time.perf_counter() - t0)}")
+        atomic_write_json(out / "estimate.json", {"presets": estimates, "runs": len(todo), "estimated_s": wall,
+                                                  "jobs": jobs, "scale": scale, "test_sizes": sizes})
+        if estimate_only:
+            return {"estimate": estimates, "estimated_s": wall}
+    elif estimate_only:
+        print("nothing to run: every (preset, seed) has a run.json")
+        return {"estimate": {}, "estimated_s": 0.0}
+
+    t_start = time.perf_counter()
+    runs: dict[str, list[dict]] = {p: [] for p in presets}
+    jobs_list = [dict(data_dir=str(data_dir), feats=str(feats), preset=p, scale=scale, seed=s, lr=lr,
+                      run_dir=str(out / p / f"seed{s}"), curve=s in curve_seed_set) for p in presets for s in seed_list]
+    if jobs > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(_run_job, {**j, "threads": threads}): j for j in jobs_list}
+            for f in cf.as_completed(futs):
+                r = f.result()
+                print(f"{r['preset']} seed {r['seed']}: average {r['scores']['average']:.2f} "
+                      f"({r['wall_time_s']:.0f} s)")
+        for j in jobs_list:
+            runs[j["preset"]].append(json.loads((Path(j["run_dir"]) / "run.json").read_text()))
+    else:
+        for k, j in enumerate(jobs_list):
+            cached = (Path(j["run_dir"]) / "run.json").exists()
+            if not cached:
+                print(f"== {j['preset']} seed {j['seed']} ({k + 1}/{len(jobs_list)})")
+            r = run_one(j["data_dir"], j["feats"], j["preset"], scale, j["run_dir"], j["seed"], lr, j["curve"])
+            runs[j["preset"]].append(r)
+            note = "cached" if cached else f"{r['wall_time_s']:.0f} s, {_fmt_s(time.perf_counter() - t_start)} so far"
+            print(f"{j['preset']} seed {j['seed']}: average {r['scores']['average']:.2f} "
+                  f"{_iv(r['intervals']['average']).strip()} ({note})")
+
+    summary = {
+        "protocol": {
+            "seeds": seed_list, "steps": scale["steps"], "batch_size": scale["batch_size"],
+            "test_examples_per_task": scale["eval_examples"] or "all", "bf16": scale.get("bf16", False),
+            "bootstrap": {"resamples": n_resamples, "level": 0.95, "seed": 0, "kind": "percentile, over test "
+                          "examples, resampled within each task; the average resamples every task"},
+            "seed_interval": "mean over seeds +- t_{0.975, N-1} s / sqrt(N)",
+            "curve": {"every": scale.get("curve_every", 0), "val_examples_per_task": scale.get("curve_examples"),
+                      "seeds": sorted(curve_seed_set)},
+            "command": command,
+        },
+        "scale": scale, "majority_baseline": base,
+        "presets": {p: aggregate(rs, n_resamples) for p, rs in runs.items()},
+        "estimate_s": (sum(estimates[p]["run_s"] for p in estimates) if estimates else None),
+        "wall_time_s": time.perf_counter() - t_start,
+    }
+    if REFERENCE in runs:
+        for p, rs in runs.items():
+            if p != REFERENCE:
+                summary["presets"][p]["vs_reference"] = paired_vs(rs, runs[REFERENCE], n_resamples)
+    atomic_write_json(out / "compare.json", summary)
+    md = compare_table(summary)
+    atomic_write_text(out / "compare.md", md + "\n")
+    print(md)
+    plot_compare(summary, out / "compare.png")
+    curves = {p: [r["curve"] for r in rs if r.get("curve")] for p, rs in runs.items()}
+    if any(curves.values()):
+        plot_curves(curves, out / "curves.png")
+    print(f"results: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}"
+          + (f", {out / 'curves.png'}" if any(curves.values()) else ""))
+    return summary
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
