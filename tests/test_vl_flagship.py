@@ -16,6 +16,15 @@ from adapterkit.vl.data import task_schedule
 from adapterkit.vl.presets import list_presets
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread (a shared, loaded CPU makes two threads spin, not speed up)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def fixture_dir(tmp_path_factory):
     return make_vl_fixture(tmp_path_factory.mktemp("vlfix") / "data", n_images=24)
@@ -98,6 +107,7 @@ def test_feature_dim_mismatch_is_clear(fixture_dir, tmp_path):
 def test_missing_dataset_file_is_clear(fixture_dir, tmp_path):
     cfg = _cfg(fixture_dir)
     cfg["data"]["tasks"] = ["vqa", "okvqa"]
+    cfg["train"]["task_batch_scale"] = {"vqa": 1, "okvqa": 1}
     with pytest.raises(adapterkit.ConfigError, match="missing dataset file .*okvqa"):
         Trainer(load_config(cfg), tmp_path / "run")
 

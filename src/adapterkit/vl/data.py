@@ -22,6 +22,48 @@ PREFIXES = {"vqa": "vqa: ", "gqa": "gqa: ", "nlvr": "nlvr: ", "caption": "captio
             "how2qa": "how2qa: ", "tvc": "tvc: ", "yc2c": "yc2c: "}
 CAPTION_TASKS = {"caption", "tvc", "yc2c"}
 BINARY_TASKS = {"nlvr"}
+# video inputs carry the prompt after the text ("<subtitles, question, choices> tvqa: "), image
+# inputs before it ("vqa: <question>"), as the reference builds them
+VIDEO_TASKS = {"tvqa", "how2qa", "tvc", "yc2c"}
+# the reference's truncation (tokens, special tokens included; None: untruncated): input text,
+# training target, and generated captions (HF max_length, which counts the decoder start token)
+TEXT_LEN = {"vqa": 20, "gqa": 20, "nlvr": None, "caption": 40, "tvqa": 600, "how2qa": 600, "tvc": 600, "yc2c": 600}
+TARGET_LEN = {"vqa": 10, "gqa": None, "nlvr": None, "caption": 40, "tvqa": 20, "how2qa": 20, "tvc": 20, "yc2c": 20}
+CAPTION_MAX_LENGTH = {"caption": 40, "tvc": 20, "yc2c": 20}
+DEFAULT_TEXT_LEN, DEFAULT_TARGET_LEN = 40, 20  # tasks the reference does not have
+
+
+def caption_max_new_tokens(task: str) -> int:
+    """New tokens of a generated caption: the reference's max_length less the decoder start token."""
+    return CAPTION_MAX_LENGTH.get(task, DEFAULT_TEXT_LEN) - 1
+
+
+def answer_prefix(tok, kind: str) -> list[int]:
+    """The special tokens the tokenizer puts before every seq2seq target (BART: [<s>], T5: []):
+    the decoder must read them before the answer's first content token is predicted."""
+    if kind != "seq2seq":
+        return []
+    plain = tok("a", add_special_tokens=False).input_ids
+    full = tok("a").input_ids
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return list(full[:i])
+    raise DataError("cannot locate the target text inside the tokenizer's encoding of it")
+
+
+def choice_first_tokens(tok, kind: str, choices: list[str]) -> list[int]:
+    """Each choice's first content token, tokenised exactly as training targets are."""
+    if kind != "seq2seq":
+        ids = [tok(" " + c, add_special_tokens=False).input_ids for c in choices]
+    else:
+        n = len(answer_prefix(tok, kind))
+        ids = [tok(c).input_ids[n:] for c in choices]
+    if any(not i for i in ids):
+        raise DataError(f"a choice of {choices} tokenises to nothing")
+    first = [i[0] for i in ids]
+    if len(set(first)) != len(first):
+        raise DataError(f"choices {choices} share their first token: first-token scoring cannot tell them apart")
+    return first
 
 
 def _seed(*parts) -> int:
@@ -31,11 +73,12 @@ def _seed(*parts) -> int:
 
 @dataclass
 class TextSpec:
-    kind: str                 # "seq2seq" | "causal"
-    max_text_len: int = 40
-    max_target_len: int = 20
-    use_prefix: bool = True
+    kind: str                         # "seq2seq" | "causal"
+    max_text_len: int | None = None   # None: per task, as the reference (TEXT_LEN)
+    max_target_len: int | None = None  # None: per task, as the reference (TARGET_LEN)
+    use_prefix: bool = True           # task prefixes ("vqa: "...)
     fixed_shapes: bool = False  # pad training batches to the maximum lengths (CUDA-graphed steps need one shape)
+    zero_boxes: bool = True     # all-zero boxes for the visual tokens (the reference's CLIP grid features)
 
 
 class TaskData:
@@ -55,6 +98,9 @@ class TaskData:
                         for ex in examples for j, c in enumerate(ex.targets)]
         self.examples = examples
         self.prefix = PREFIXES.get(task, f"{task}: ") if spec.use_prefix else ""
+        self.text_len = spec.max_text_len or TEXT_LEN.get(task, DEFAULT_TEXT_LEN)
+        self.target_len = spec.max_target_len or TARGET_LEN.get(task, DEFAULT_TARGET_LEN)
+        self._caps: dict[str, int] = {}
 
     def __len__(self):
         return len(self.examples)
@@ -75,7 +121,10 @@ class TaskData:
         feats, boxes = self.store.gather(ids)
         b, k = len(exs), feats.shape[1]
         feats = torch.from_numpy(np.asarray(feats, dtype=np.float32)).view(b, n_img * k, -1)
-        boxes = torch.from_numpy(np.asarray(boxes, dtype=np.float32)).view(b, n_img * k, 4)
+        if self.spec.zero_boxes:
+            boxes = torch.zeros(b, n_img * k, 4)
+        else:
+            boxes = torch.from_numpy(np.asarray(boxes, dtype=np.float32)).view(b, n_img * k, 4)
         order = torch.arange(n_img).repeat_interleave(k).unsqueeze(0).expand(b, -1).contiguous()
         return feats, boxes, order
 
@@ -93,7 +142,28 @@ class TaskData:
         return ex.targets[int(rng.integers(len(ex.targets)))] if len(ex.targets) > 1 else ex.targets[0], 1.0
 
     def _texts(self, exs):
+        if not self.prefix:
+            return [e.text for e in exs]
+        if self.task in VIDEO_TASKS:
+            return [f"{e.text} {self.prefix}" for e in exs]
         return [self.prefix + e.text for e in exs]
+
+    def _cap(self, what: str) -> int | None:
+        """Truncation length of the input text / target (None: untruncated); with fixed shapes an
+        untruncated one is the longest in this task's data (computed once)."""
+        n = self.text_len if what == "text" else self.target_len
+        if n is not None or not self.spec.fixed_shapes:
+            return n
+        if what not in self._caps:
+            causal = self.spec.kind != "seq2seq"
+            if what == "text":
+                texts = [t + " answer:" for t in self._texts(self.examples)] if causal else self._texts(self.examples)
+            else:
+                texts = sorted({t for e in self.examples for t in [*e.targets, *(e.target_scores or {})]})
+                texts = [" " + t for t in texts] if causal else texts
+            enc = self.tok(texts, add_special_tokens=not causal).input_ids if texts else [[]]
+            self._caps[what] = max(map(len, enc)) + (1 if causal and what == "target" else 0)
+        return self._caps[what]
 
     def train_batch(self, rows: np.ndarray, rng_seed: int, rank: int = 0, world: int = 1) -> dict:
         rows = rows[rank::world]
@@ -109,16 +179,19 @@ class TaskData:
     def _encode_train(self, texts, targets):
         tok, sp = self.tok, self.spec
         eos = tok.eos_token_id
+        n_text, n_tgt = self._cap("text"), self._cap("target")
         if sp.kind == "seq2seq":
             padding = "max_length" if sp.fixed_shapes else True
-            enc = tok(texts, max_length=sp.max_text_len, truncation=True, padding=padding, return_tensors="pt")
-            lab = tok(targets, max_length=sp.max_target_len, truncation=True, padding=padding, return_tensors="pt")
+            enc = tok(texts, max_length=n_text, truncation=n_text is not None, padding=padding, return_tensors="pt")
+            lab = tok(targets, max_length=n_tgt, truncation=n_tgt is not None, padding=padding, return_tensors="pt")
             labels = lab.input_ids.masked_fill(lab.attention_mask == 0, -100)
             return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
-        q = tok([t + " answer:" for t in texts], add_special_tokens=False, max_length=sp.max_text_len, truncation=True)
-        a = tok([" " + t for t in targets], add_special_tokens=False, max_length=sp.max_target_len - 1, truncation=True)
+        q = tok([t + " answer:" for t in texts], add_special_tokens=False, max_length=n_text,
+                truncation=n_text is not None)
+        a = tok([" " + t for t in targets], add_special_tokens=False, max_length=None if n_tgt is None else n_tgt - 1,
+                truncation=n_tgt is not None)
         seqs = [qi + ai + [eos] for qi, ai in zip(q.input_ids, a.input_ids)]
-        n = sp.max_text_len + sp.max_target_len if sp.fixed_shapes else max(map(len, seqs))
+        n = n_text + n_tgt if sp.fixed_shapes else max(map(len, seqs))
         pad = tok.pad_token_id
         ids = torch.full((len(seqs), n), pad, dtype=torch.long)
         labels = torch.full((len(seqs), n), -100, dtype=torch.long)
@@ -134,13 +207,14 @@ class TaskData:
         feats, boxes, order = self._visual(exs)
         texts = self._texts(exs)
         tok, sp = self.tok, self.spec
+        n = self.text_len
         if sp.kind == "seq2seq":
-            enc = tok(texts, max_length=sp.max_text_len, truncation=True, padding=True, return_tensors="pt")
+            enc = tok(texts, max_length=n, truncation=n is not None, padding=True, return_tensors="pt")
         else:
             side = tok.padding_side
             tok.padding_side = "left"
-            enc = tok([t + " answer:" for t in texts], add_special_tokens=False, max_length=sp.max_text_len,
-                      truncation=True, padding=True, return_tensors="pt")
+            enc = tok([t + " answer:" for t in texts], add_special_tokens=False, max_length=n,
+                      truncation=n is not None, padding=True, return_tensors="pt")
             tok.padding_side = side
         return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "vis_feats": feats,
                 "vis_boxes": boxes, "img_order": order, "uids": [e.uid for e in exs]}

@@ -64,7 +64,7 @@ class VisualEmbedding(nn.Module):
         self.feat_dim = feat_dim
 
     def forward(self, feats, boxes, img_order, obj_order_emb):
-        """feats (B, N, F), boxes (B, N, 4), img_order (B, N) long, obj_order_emb (N, d) -> (B, N, d)."""
+        """feats (B, N, F), boxes (B, N, 4), img_order (B, N) long, obj_order_emb (B, N, d) -> (B, N, d)."""
         if feats.shape[-1] != self.feat_dim:
             raise ConfigError(f"visual features have dimension {feats.shape[-1]}, the model expects {self.feat_dim}")
         area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).unsqueeze(-1)
@@ -85,6 +85,8 @@ class VLModel(nn.Module):
         self.visual = VisualEmbedding(feat_dim, d, n_images, rms=self.family in ("t5", "mt5"))
         self.register_buffer("vis_token_ids", torch.tensor(vis_token_ids, dtype=torch.long), persistent=False)
         self._layout: tuple[int, int, int] | None = None  # (prompt, text, visual) lengths, BART hooks
+        # special tokens the tokenizer puts before every target (BART: <s>); set by build_vl_model
+        self.answer_prefix_ids: list[int] = []
         self._hooks = []
         if self.family in ("bart", "mbart"):
             enc = lm.get_encoder()
@@ -133,10 +135,15 @@ class VLModel(nn.Module):
             if hasattr(s, "set_visual") and getattr(s.config, "visual_dim", None):
                 s.set_visual(feats.mean(1))
 
+    def object_order(self, img_order):
+        """(B, N) index of each visual token within its own image: 0..K-1 for every image, as the
+        reference numbers them (NLVR2: 0..35 for each of the two images)."""
+        onehot = F.one_hot(img_order, self.visual.img_order_embedding.num_embeddings)
+        return (onehot.cumsum(1) * onehot).sum(-1) - 1
+
     def visual_embeds(self, feats, boxes, img_order):
-        n = feats.shape[1]
         per_img = int(self.vis_token_ids.numel())
-        obj_ids = self.vis_token_ids[torch.arange(n, device=feats.device) % per_img]
+        obj_ids = self.vis_token_ids[self.object_order(img_order) % per_img]
         obj = self.lm.get_input_embeddings()(obj_ids)
         return self.visual(feats, boxes, img_order, obj)
 
@@ -238,14 +245,22 @@ class VLModel(nn.Module):
 
     @torch.no_grad()
     def first_token_scores(self, input_ids, attention_mask, vis_feats, vis_boxes, img_order, candidate_ids,
-                           task_ids=None):
-        """Logits of each candidate's first token at the first decoding step (NLVR2 true/false)."""
+                           task_ids=None, answer_prefix=None):
+        """Logits of each candidate's first token where the answer's first content token is
+        predicted (NLVR2 true/false), the step greedy decoding would emit it at.
+
+        seq2seq: the decoder reads its start token plus the special tokens the tokenizer puts
+        before every target (``answer_prefix``; default ``self.answer_prefix_ids``): BART's
+        targets are ``<s> true </s>``, so the decoder reads ``[</s>, <s>]`` and step 1 is
+        scored (as the reference does); T5's targets start with the answer, step 0 is scored.
+        causal: the last position of the left-padded prompt."""
         with self._routed(task_ids):
             embeds, mask, _ = self.build_inputs(input_ids, attention_mask, vis_feats, vis_boxes, img_order)
             if self.kind == "seq2seq":
-                start = torch.full((embeds.shape[0], 1), self.lm.config.decoder_start_token_id, dtype=torch.long,
-                                   device=embeds.device)
-                logits = self.lm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=start).logits[:, 0]
+                prefix = self.answer_prefix_ids if answer_prefix is None else list(answer_prefix)
+                dec = torch.tensor([self.lm.config.decoder_start_token_id, *prefix], dtype=torch.long,
+                                   device=embeds.device).expand(embeds.shape[0], -1)
+                logits = self.lm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec).logits[:, -1]
             else:
                 # eval batches are left-padded for causal LMs: the last position predicts the answer
                 logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
