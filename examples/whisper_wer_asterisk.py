@@ -55,6 +55,7 @@ def main() -> None:
         iv = corpus_rate_interval(e, n)
         res[f"{'wer' if unit == 'word' else 'cer'}"] = {"rate": iv.mean, "ci95": [iv.low, iv.high],
                                                         "reference_units": int(n.sum())}
+    res["transcripts"] = [{"file": str(p.relative_to(p.parents[1])), "ref": r, "hyp": h} for (p, r), h in zip(items, hyps)]
     res["worst"] = sorted(({"file": p.name, "ref": r, "hyp": h} for (p, r), h in zip(items, hyps)),
                           key=lambda x: -error_counts([x["ref"]], [x["hyp"]])[0][0])[:10]
     w, c = res["wer"], res["cer"]

@@ -197,7 +197,7 @@ def test_asterisk_reader_on_a_fixture_layout(tmp_path):
     doc = tmp_path / "doc" / "asterisk-core-sounds-xx"
     doc.mkdir(parents=True)
     (doc / "core-sounds-xx.txt.gz").write_bytes(gzip.compress(
-        b"; comment\nhello: Hello there.\ndigits/1: One.\nbeep: [a beep]\nmissing: Not recorded.\n"))
+        b"; comment\nhello: Hello there.\ndigits/1: One.\nbeep: [a beep]\nsilence/1: (1 second of silence)\nmissing: Not recorded.\n"))
     items = asterisk_prompts("xx", tmp_path / "sounds", tmp_path / "doc")
     assert [(p.relative_to(voice).as_posix(), t) for p, t in items] == [("digits/1.wav", "One."), ("hello.wav", "Hello there.")]
     with pytest.raises(DataError, match="asterisk-core-sounds-zz"):

@@ -234,12 +234,12 @@ def asterisk_voice_dir(lang: str, root: str | Path = ASTERISK_SOUNDS) -> Path:
 def asterisk_prompts(lang: str, root: str | Path = ASTERISK_SOUNDS, doc_root: str | Path = ASTERISK_DOCS,
                      spoken_only: bool = True) -> list[tuple[Path, str]]:
     """``(wav path, transcript)`` of every prompt that has both a recording and a transcript,
-    sorted by name. ``spoken_only`` drops non-speech entries (``[beep tone]``-style transcripts)."""
+    sorted by name. ``spoken_only`` drops non-speech entries (``[beep tone]``, ``(silence)`` transcripts)."""
     voice, tr = asterisk_voice_dir(lang, root), asterisk_transcripts(lang, doc_root)
     items = []
     for name in sorted(tr):
         text = tr[name]
-        if spoken_only and text.startswith("["):
+        if spoken_only and text.startswith(("[", "(")):  # "[beep tone]", "(1 second of silence)"
             continue
         f = voice / f"{name}.wav"
         if f.is_file():
