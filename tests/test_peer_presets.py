@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from test_adapterhub_saved import FIX, _io, _prompt_placement, _run, bart, bert
+from test_adapterhub_saved import FIX, _io, _run, bart, bert
 
 import adapterkit
 from adapterkit.core.adapterhub_interop import adapterhub_config
@@ -20,10 +20,6 @@ from adapterkit.core.peer_presets import peer_presets, resolve_preset
 from adapterkit.testing.tiny import main_output, tiny_inputs, tiny_model
 
 peft = pytest.importorskip("peft")
-
-
-def _registered(method):
-    return pytest.mark.skipif(method not in adapterkit.registered_methods(), reason=f"{method} is not registered")
 
 
 # fixture -> (preset, overrides the tiny fixture needed)
@@ -45,16 +41,7 @@ AH = {
 }
 
 
-def _marks(fixture):
-    if "ia3" in fixture:
-        return [_registered("ia3")]
-    if "prompt" in fixture:
-        return [pytest.mark.xfail(not _prompt_placement(), strict=True,
-                                  reason="no after-the-embedding-layer prompt placement in this tree")]
-    return []
-
-
-@pytest.mark.parametrize("fixture", [pytest.param(f, marks=_marks(f)) for f in AH])
+@pytest.mark.parametrize("fixture", list(AH))
 def test_adapterhub_preset_computes_adapterhubs_function(fixture):
     preset, over = AH[fixture]
     make = bart if fixture.startswith("bart") else bert
@@ -108,7 +95,6 @@ def test_peft_lora_preset_is_peft_default_lora(family):
         torch.testing.assert_close(main_output(ours(**inputs)), main_output(pm(**inputs)), atol=1e-5, rtol=1e-5)
 
 
-@_registered("ia3")
 @pytest.mark.parametrize("family", ["bart", "bert", "llama"])
 def test_peft_ia3_preset_is_peft_default_ia3(family):
     pm = peft.get_peft_model(tiny_model(family), peft.IA3Config())
@@ -147,8 +133,6 @@ def test_peft_prompt_tuning_preset_is_peft_prompt_tuning(family, task):
 
 def test_every_preset_builds_a_valid_config():
     for name, entry in peer_presets().items():
-        if "placement" in entry["config"] and not _prompt_placement():
-            continue  # the prompt placement option is not in this tree
         need = {k: 4 for k in entry.get("required", [])}
         cfg = config_from_dict({"preset": name, **need})
         assert cfg.method == entry["config"]["method"]

@@ -244,7 +244,6 @@ def test_unknown_tensor_is_never_dropped(tmp_path):
         adapterkit.import_peft(tiny_model("bart"), tmp_path / "x")
 
 
-@pytest.mark.skipif("ia3" not in adapterkit.registered_methods(), reason="(IA)^3 is not registered")
 @pytest.mark.parametrize("family", ["bart", "bert", "gpt2"])
 def test_peft_ia3_round_trip(tmp_path, family):
     """PEFT's (IA)^3 (output- and input-scaled vectors) -> adapterkit -> PEFT, by outputs and tensors."""
@@ -269,7 +268,6 @@ def test_peft_ia3_round_trip(tmp_path, family):
     torch.testing.assert_close(_peft_out(tmp_path / "again", make(), inputs), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif("ia3" not in adapterkit.registered_methods(), reason="(IA)^3 is not registered")
 def test_adapterhub_style_ia3_exports_to_peft(tmp_path):
     ours = tiny_model("bart")
     adapterkit.add_adapters(ours, {"method": "ia3", "variant": "adapterhub"})
@@ -282,7 +280,6 @@ def test_adapterhub_style_ia3_exports_to_peft(tmp_path):
     torch.testing.assert_close(_peft_out(tmp_path / "p", tiny_model("bart"), inputs), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif("prefix" not in adapterkit.registered_methods(), reason="prefix tuning is not registered")
 @pytest.mark.parametrize("family,task", [("llama", "CAUSAL_LM"), ("bart", "SEQ_2_SEQ_LM")])
 def test_peft_prefix_round_trip(tmp_path, family, task):
     make = lambda: tiny_model(family)  # noqa: E731

@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from adapterkit.core.base import add_adapters, get_container, paired_places, sublayer_places
-from adapterkit.core.config import method_entry
 from adapterkit.core.profiles import profile_for_model
 from adapterkit.errors import CheckpointError, ConfigError
 from adapterkit.safeio import load_weights
@@ -209,19 +208,9 @@ def _prompt_config(c: dict, model, problems: _Problems) -> dict:
                          "init_weights_seed", "architecture"})
     if c.get("combine", "prefix") != "prefix":
         problems.append(f'"combine" = {json.dumps(c["combine"])}: only "prefix" prompts are mapped')
-    cls, _ = method_entry("prompt")
-    fields = getattr(cls, "__dataclass_fields__", {})
-    # AdapterHub inserts the prompt after the embedding layer (positions, token types and the
-    # embedding LayerNorm apply to the real tokens only); adapterkit needs that placement
-    place = next((f for f in ("placement", "position", "insert") if f in fields), None)
-    want = next((v for v in ("after_embeddings", "adapterhub", "embeddings_output")
-                 if place and v in fields[place].metadata.get("choices", ())), None)
-    if want is None:
-        problems.append("prompt tuning: AdapterHub inserts the prompt after the embedding layer (the real tokens keep "
-                        "positions 0..L-1); adapterkit's prompt tuning prepends it to the input embeddings, a "
-                        "different function")
-        return {}
-    return {"method": "prompt", "num_tokens": int(c.get("prompt_length", 10)), place: want}
+    # AdapterHub inserts the prompt after the embedding layer (positions, token types and the embedding
+    # LayerNorm apply to the real tokens only): adapterkit's placement "after_embeddings"
+    return {"method": "prompt", "num_tokens": int(c.get("prompt_length", 10)), "placement": "after_embeddings"}
 
 
 def adapterhub_config(ah_config: dict, model: nn.Module, paths: list[str] | None = None) -> dict:
