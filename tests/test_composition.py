@@ -12,7 +12,15 @@ from transformers import BartConfig, BartModel, LlamaConfig, LlamaForCausalLM
 
 import adapterkit
 from adapterkit import ConfigError
-from adapterkit.core.composition import Average, Fuse, Parallel, Stack, compose, current, fusion_regularization
+from adapterkit.core.composition import (
+    Average,
+    Fuse,
+    Parallel,
+    Stack,
+    compose,
+    current,
+    fusion_regularization,
+)
 
 
 def tiny_bart():
@@ -132,6 +140,11 @@ def test_parallel_equals_routing_each_copy():
         with adapterkit.route("c"):
             want_c = model(**BATCH).last_hidden_state
     torch.testing.assert_close(got, torch.cat([want_b, want_c]), atol=1e-6, rtol=0)
+    compose(model, Parallel("a", "b"))
+    adapterkit.remove_adapters(model)              # Parallel ends with the adapters
+    with torch.no_grad():
+        assert model(**BATCH).last_hidden_state.shape[0] == 2
+    assert current(model) is None
 
 
 def test_composition_errors():

@@ -202,11 +202,15 @@ def compose(model: nn.Module, block: Block | None) -> _Handle:
     return _Handle(lambda: compose(model, previous) if get_container(model) is not None else None)
 
 
-def _clear(model: nn.Module, container) -> None:
+def _clear_parallel(model: nn.Module) -> None:
     entry = _PARALLEL.pop(model, None)
     if entry is not None:
         for h in entry[0]:
             h.remove()
+
+
+def _clear(model: nn.Module, container) -> None:
+    _clear_parallel(model)
     for s in container.sets.values():
         if getattr(s, "composition", None) is not None:
             s.set_composition(None)
@@ -234,6 +238,11 @@ def _install_parallel(model: nn.Module, block: Parallel, container) -> None:
         return t.shape[0] if isinstance(t, torch.Tensor) else None
 
     def pre(module, args, kwargs):
+        from adapterkit.core.base import get_container
+
+        if get_container(module) is None:  # the adapters were removed: Parallel ends with them
+            _clear_parallel(module)
+            return None
         b = batch_size(args, kwargs)
         if b is None:
             raise ConfigError("Parallel composition needs the batch as input_ids=/inputs_embeds= (or a first tensor)")
