@@ -340,3 +340,19 @@ def test_new_methods_attach_train_and_save(family, method, tmp_path):
     fresh = adapterkit.load_adapters(tiny_model(family).eval(), tmp_path / "a")
     with torch.no_grad():
         torch.testing.assert_close(main_output(fresh(**kw)), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("style", ["adapterhub", "peft"])
+def test_prefix_eject_keeps_outputs_and_saves_flat(style, tmp_path):
+    model = adapterkit.add_adapters(llama(), {"method": "prefix", "style": style, "num_tokens": 2, "reparam": True,
+                                              "bottleneck_size": 8, "tasks": ["a", "b"], "sharing": "per_task"})
+    with torch.no_grad(), adapterkit.route(["a", "b"]):
+        want = model(input_ids=IDS, attention_mask=MASK).logits
+        n_before = adapterkit.trainable_report(model)["trainable"]
+        model.adapterkit.sets["prefix"].eject()
+        assert adapterkit.trainable_report(model)["trainable"] < n_before
+        torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, want, atol=1e-5, rtol=0)
+        adapterkit.save_adapters(model, tmp_path / "p")
+        fresh = adapterkit.load_adapters(llama(), tmp_path / "p")
+        assert fresh.adapterkit.sets["prefix"].config.reparam is False
+        torch.testing.assert_close(fresh(input_ids=IDS, attention_mask=MASK).logits, want, atol=1e-5, rtol=0)

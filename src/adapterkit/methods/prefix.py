@@ -169,6 +169,19 @@ class PrefixSet(AdapterSet):
                               '(passed as the cache) cannot reach it; use style "adapterhub"')
         self.add_pre_hook(model, self._inject_cache, with_kwargs=True)
 
+    @torch.no_grad()
+    def eject(self) -> None:
+        """Replace every MLP-reparameterised table by the flat prefixes it computes (AdapterHub's
+        ``eject``; PEFT saves this form): the same outputs, no MLP, ``reparam`` false in the config."""
+        for name, tab in list(self.tables.items()):
+            if tab.table is None:
+                flat = PrefixTable(1, tab.mlp_out.out_features, tab.embedding.shape[0],
+                                   PrefixConfig(num_tokens=tab.P, reparam=False))
+                flat.table.copy_(tab())
+                self.tables[name] = flat.to(device=tab.embedding.device, dtype=tab.embedding.dtype)
+        self.config.reparam = False
+        self._cache.clear()
+
     def detach(self) -> None:
         super().detach()
         for r in self._removers:
