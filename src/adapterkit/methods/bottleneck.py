@@ -67,7 +67,7 @@ class BottleneckConfig(AdapterConfig):
     places: dict = field(default_factory=dict)  # explicit {position: [module path patterns]}
     fusion: list[str] = field(default_factory=list)  # tasks an AdapterFusion layer attends over
     fusion_value: bool = True                        # dynamic fusion (value matrix); False: static
-    fusion_dropout: float = bounded(0.0, lo=0.0, hi=0.99)
+    fusion_dropout: float | None = bounded(None, lo=0.0, hi=0.99)  # None: attention_probs_dropout_prob (AdapterHub)
     train_adapters: bool = True                      # False: only the fusion layers train
 
     def validate(self) -> None:
@@ -198,7 +198,9 @@ class BottleneckSet(AdapterSet):
             ad = Bottleneck(d, cfg.hidden(d), cfg)
             self.adapters[place.key] = ad
             if cfg.fusion:
-                self.fusions[place.key] = Fusion(d, cfg.fusion_value, cfg.fusion_dropout)
+                p = cfg.fusion_dropout if cfg.fusion_dropout is not None else \
+                    float(getattr(getattr(model, "config", None), "attention_probs_dropout_prob", 0.0) or 0.0)
+                self.fusions[place.key] = Fusion(d, cfg.fusion_value, p)
             self.add_forward_hook(place.module, self._sequential_hook(place.key, ad, sums.get(place.path)))
 
     def _sequential_hook(self, key: str, ad: Bottleneck, tap):
