@@ -1,6 +1,7 @@
 """VL-Adapter as its reference code (ylsung/VL_adapter) sets it up: freeze policies and the
 parameter table, decoder scoring positions, task prefixes, visual inputs, lengths."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,8 +96,6 @@ WORDS_TRUE, WORDS_FALSE = ["cat", "bird", "tree", "boat"], ["dog", "car", "fish"
 
 def _binary_fixture(root, feat_dim=8, boxes=4, seed=0):
     """An NLVR2-shaped task (two images, true/false) whose answer the sentence decides."""
-    import numpy as np
-
     from adapterkit.vl.datasets.base import VLExample, write_examples_jsonl
     from adapterkit.vl.features import FeatureStoreWriter
 
@@ -139,8 +138,6 @@ def _binary_data(tmp_path, style, backbone, preset="full_finetune"):
 @pytest.mark.parametrize("style,backbone,steps", [("bart", "tiny-bart", 120), ("t5", "tiny-t5", 80),
                                                   ("causal", "tiny-llama", 80)])
 def test_first_token_scoring_agrees_with_greedy_generation_after_training(tmp_path, style, backbone, steps):
-    import numpy as np
-
     from adapterkit.vl.data import choice_first_tokens
 
     model, tok, data = _binary_data(tmp_path, style, backbone)
@@ -179,8 +176,6 @@ def test_first_token_scoring_agrees_with_greedy_generation_after_training(tmp_pa
 def test_first_token_scores_are_the_teacher_forced_logits_of_the_first_answer_token(tmp_path, style, backbone):
     """At any weights: the scores equal the training forward's logits at the label position of the
     answer's first content token (BART: after <s>, T5: the first step, causal: after the prompt)."""
-    import numpy as np
-
     from adapterkit.vl.data import choice_first_tokens
 
     model, tok, data = _binary_data(tmp_path, style, backbone, "single_adapter")
@@ -209,3 +204,159 @@ def test_first_token_scores_are_the_teacher_forced_logits_of_the_first_answer_to
             first = (tr["labels"] != -100).int().argmax(1)  # the answer's first label position
             ref = logits[torch.arange(4), first - 1][:, cand]
     torch.testing.assert_close(scores, ref, atol=1e-4, rtol=1e-4)
+
+
+# --- 3./4./5. prefixes, visual inputs, lengths ------------------------------------------------
+
+@pytest.fixture()
+def store(tmp_path):
+    from adapterkit.vl.features import FeatureStore
+
+    _binary_fixture(tmp_path)
+    return FeatureStore.open(tmp_path / "features")
+
+
+def _task(store, task, texts, targets=None, image_ids=None, **spec):
+    from adapterkit.vl.build import word_tokenizer
+    from adapterkit.vl.data import TaskData, TextSpec
+    from adapterkit.vl.datasets.base import VLExample
+
+    targets = targets or ["yes"] * len(texts)
+    exs = [VLExample(f"u{i}", task, image_ids or ["im0"], t, [y]) for i, (t, y) in enumerate(zip(texts, targets))]
+    tok = word_tokenizer(texts + targets + ["vqa: tvqa: nlvr: caption: answer:"])
+    kind = spec.pop("kind", "seq2seq")
+    return TaskData(task, exs, store, tok, TextSpec(kind=kind, **spec), 2, True)
+
+
+def test_object_order_restarts_for_each_image():
+    m, _ = build_vl_model({"backbone": "tiny-bart", "feat_dim": 8, "corpus": ["a"]})
+    img_order = torch.tensor([[0] * 36 + [1] * 36])  # NLVR2: two images of 36 grid tokens
+    assert m.object_order(img_order).tolist() == [list(range(36)) * 2]
+    feats, boxes = torch.randn(1, 1, 8).expand(1, 72, 8), torch.zeros(1, 72, 4)
+    with torch.no_grad():
+        v = m.visual_embeds(feats, boxes, img_order)[0]
+        img = m.visual.img_order_embedding.weight
+    # token k of image 2 differs from token k of image 1 (same feature) by the image-order embedding only
+    torch.testing.assert_close(v[36:] - v[:36], (img[1] - img[0]).expand(36, -1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(v[1], v[0])  # object order still tells tokens of one image apart
+    single = m.object_order(torch.zeros(2, 64, dtype=torch.long))  # video: 64 frames, one "image"
+    assert single.tolist() == [list(range(64))] * 2
+
+
+def test_nlvr_batches_number_each_image_from_zero_and_zero_boxes_by_default(store):
+    t = _task(store, "nlvr", ["the cat is here ."] * 2, ["true", "false"], image_ids=["im0", "im1"])
+    b = t.train_batch(np.arange(2), 0)
+    k = store.num_boxes
+    assert b["img_order"].tolist() == [[0] * k + [1] * k] * 2
+    assert (b["vis_boxes"] == 0).all()  # the reference feeds its CLIP grid features with all-zero boxes
+    stored = _task(store, "nlvr", ["the cat is here ."] * 2, ["true", "false"], image_ids=["im0", "im1"],
+                   zero_boxes=False)
+    np.testing.assert_array_equal(stored.train_batch(np.arange(2), 0)["vis_boxes"][0, :k].numpy(),
+                                  store.get("im0")[1])
+
+
+def test_prefix_before_image_inputs_and_after_video_inputs(store):
+    vqa = _task(store, "vqa", ["what is it ?"])
+    assert vqa._texts(vqa.examples) == ["vqa: what is it ?"]
+    tvqa = _task(store, "tvqa", ["[Q] why ? [Choices] a0: yes."])
+    assert tvqa._texts(tvqa.examples) == ["[Q] why ? [Choices] a0: yes. tvqa: "]  # f"{sent} {prompt}"
+    off = _task(store, "vqa", ["what is it ?"], use_prefix=False)
+    assert off._texts(off.examples) == ["what is it ?"]
+    gqa = _task(store, "gqa", ["what colour ?"])
+    assert gqa._texts(gqa.examples) == ["gqa: what colour ?"]  # not the reference's typo "gpa: "
+
+
+def test_which_presets_get_prefixes_as_the_reference_scripts():
+    from adapterkit.vl.presets import get_preset, list_presets, uses_task_prefix
+
+    image = {n for n in list_presets() if uses_task_prefix(get_preset(n))}
+    assert {"single_adapter", "single_compacter", "single_lora", "single_prompt"} <= image
+    assert not image & {"full_finetune", "multiple_adapters", "half_shared_adapters", "hyperformer",
+                        "multiple_compacters", "multiple_lora", "multiple_prompts"}
+    for n in ("full_finetune", "single_adapter", "single_lora", "single_prompt"):  # the video scripts
+        assert uses_task_prefix(get_preset(n), video=True)
+    assert uses_task_prefix(get_preset("full_finetune"), override=True)
+    assert not uses_task_prefix(get_preset("single_adapter"), override=False)
+
+
+def test_config_switch_turns_prefixes_on_and_off(tmp_path):
+    from adapterkit.testing.fixtures import make_vl_fixture
+    from adapterkit.train.config import load_config
+    from adapterkit.train.trainer import Trainer
+
+    root = make_vl_fixture(tmp_path / "data", n_images=12)
+
+    def prefix(preset, switch):
+        cfg = {"model": {"backbone": "tiny-bart", "feat_dim": 16}, "preset": preset,
+               "data": {"root": str(root), "features": str(root / "features"), "tasks": ["vqa", "nlvr"],
+                        "task_prefix": switch},
+               "train": {"epochs": 1, "task_batch_scale": {"vqa": 1, "nlvr": 1}}}
+        tr = Trainer(load_config(cfg), tmp_path / f"{preset}-{switch}")
+        return tr.train_data["vqa"].prefix, tr.train_data["nlvr"].prefix
+
+    assert prefix("single_adapter", None) == ("vqa: ", "nlvr: ")
+    assert prefix("multiple_adapters", None) == ("", "")
+    assert prefix("multiple_adapters", True) == ("vqa: ", "nlvr: ")
+    assert prefix("single_adapter", False) == ("", "")
+
+
+def test_question_lengths_as_the_reference(store):
+    long = " ".join(["word"] * 60)
+    vqa = _task(store, "vqa", [long], [" ".join(["yes"] * 30)])
+    b = vqa.train_batch(np.arange(1), 0)
+    assert b["input_ids"].shape[1] == 20  # "vqa: " + question, special tokens included, as max_length=20
+    assert (b["labels"] != -100).sum() == 10  # VQA answers: 10 tokens
+    nlvr = _task(store, "nlvr", [long], ["true"], image_ids=["im0", "im1"])
+    b = nlvr.train_batch(np.arange(1), 0)
+    assert b["input_ids"].shape[1] == 2 + 60 + 1  # "nlvr" ":" + 60 words + </s>: untruncated
+    assert nlvr.eval_batch(np.arange(1))["input_ids"].shape[1] == 63
+    cap = _task(store, "caption", [""], [" ".join(["yes"] * 50)])
+    assert (cap.train_batch(np.arange(1), 0)["labels"] != -100).sum() == 40
+    # a number in the config applies to every task
+    assert _task(store, "nlvr", [long], ["true"], max_text_len=12).train_batch(np.arange(1), 0)["input_ids"].shape[1] == 12
+    # fixed shapes (CUDA graphs) pad an untruncated task to its longest example
+    fixed = _task(store, "nlvr", [long, "short ."], ["true", "false"], fixed_shapes=True)
+    assert fixed.train_batch(np.arange(2), 0)["input_ids"].shape == (2, 63)
+    # causal LMs: the text is truncated, the answer cue never is
+    causal = _task(store, "vqa", [long], kind="causal")
+    ids = causal.eval_batch(np.arange(1))["input_ids"][0].tolist()
+    assert causal.tok.decode(ids[-2:]) == "answer :" and len(ids) == 20 + 2
+
+
+def test_generation_lengths_as_the_reference():
+    from adapterkit.train.config import load_config
+    from adapterkit.vl.data import caption_max_new_tokens
+
+    cfg = load_config({"preset": "single_adapter", "data": {"root": "x"}})
+    assert cfg.eval.caption_max_new_tokens is None and cfg.eval.caption_beams == 5
+    assert cfg.train.max_text_len is None and cfg.train.max_target_len is None
+    # the reference generates with max_length 40 (image captions) / 20 (video), counting the start token
+    assert caption_max_new_tokens("caption") == 39 and caption_max_new_tokens("tvc") == 19
+
+
+def test_clip_backends_resize_bicubically_as_the_reference():
+    from PIL import Image
+
+    from adapterkit.vl import backends as bk
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    mean, std = bk.CLIP_MEAN, bk.CLIP_STD
+    # the reference: Resize((224, 224), BICUBIC) on the PIL image, ToTensor, CLIP's mean/std
+    ref = np.asarray(Image.fromarray(img).resize((32, 32), Image.Resampling.BICUBIC), np.float32) / 255.0
+    ref = (ref - np.array(mean, np.float32)) / np.array(std, np.float32)
+    ours = bk.images_to_tensor([img], 32, mean, std, "bicubic")[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    assert not np.allclose(bk.images_to_tensor([img], 32, mean, std)[0].permute(1, 2, 0).numpy(), ref, atol=1e-3)
+    with pytest.raises(bk.ConfigError, match="interpolation"):
+        bk.images_to_tensor([img], 32, mean, std, "nearest")
+    visual = torch.nn.Module()  # the shape of CLIP's ModifiedResNet the backend needs: a layer4
+    visual.layer4 = torch.nn.Conv2d(3, 4, 1)
+    rn = bk.OpenAIClipRN101Backend(clip_model=visual, resolution=32)
+    np.testing.assert_allclose(rn.preprocess([img])[0].permute(1, 2, 0).numpy(), ref, atol=1e-6)
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    tiny = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=32, patch_size=8))
+    assert bk.HFVisionBackend(model=tiny, kind="clip").interpolation == "bicubic"
+    assert bk.HFVisionBackend(model=tiny, kind="auto").interpolation == "bilinear"

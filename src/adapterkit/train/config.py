@@ -60,6 +60,12 @@ class DataConfig:
     # Official / VL-T5 files instead of root/<task>/<split>.jsonl, per task:
     #   {vqa: {format: vqa, path: DIR_OR_FILE, splits: {train: karpathy_train, val: karpathy_val, test: karpathy_test}}}
     sources: dict = field(default_factory=dict)
+    # task prefixes ("vqa: " before an image task's input, "tvqa: " after a video task's): null = as
+    # the reference for the preset (its single presets' image runs, every video run), or true / false
+    task_prefix: bool | None = None
+    # all-zero boxes for the visual tokens, as the reference feeds its CLIP grid features
+    # (false: the feature store's boxes)
+    zero_boxes: bool = True
 
     def validate(self):
         if not self.tasks:
@@ -114,8 +120,10 @@ class TrainConfig:
     checkpoint_every: int = bounded(100, lo=1, hi=MAX_COUNT)
     keep_last: int = bounded(3, lo=1, hi=1000)
     eval_every_epoch: bool = True
-    max_text_len: int = bounded(40, lo=1, hi=MAX_TOKENS)
-    max_target_len: int = bounded(20, lo=2, hi=MAX_TOKENS)
+    # null: per task as the reference (input text: VQA/GQA 20 tokens, NLVR2 untruncated, captions 40,
+    # video 600; target: VQA 10, GQA/NLVR2 untruncated, captions 40, video 20); a number: every task
+    max_text_len: int | None = bounded(None, lo=1, hi=MAX_TOKENS)
+    max_target_len: int | None = bounded(None, lo=2, hi=MAX_TOKENS)
     video: bool = False
     log_every: int = bounded(10, lo=1, hi=MAX_COUNT)
     # replay each training step as a CUDA graph (adapterkit.GraphedStep): batches are padded to
@@ -139,7 +147,9 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = bounded(64, lo=1, hi=MAX_BATCH)
     max_new_tokens: int = bounded(10, lo=1, hi=4096)
-    caption_max_new_tokens: int = bounded(25, lo=1, hi=4096)
+    # null: as the reference's generation max_length (40 image captions, 20 video; it counts the
+    # decoder start token, so 39 / 19 new tokens)
+    caption_max_new_tokens: int | None = bounded(None, lo=1, hi=4096)
     caption_beams: int = bounded(5, lo=1, hi=64)
     select_on: str = choice("val", "last", default="val")
 

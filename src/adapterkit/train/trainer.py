@@ -245,8 +245,12 @@ class Trainer:
                 spec["lm"] = self.cfg.model.lm
             model, tokenizer = build_vl_model(spec, self.preset, tasks)
         self.model, self.tok = model.to(self.device), tokenizer
+        from adapterkit.vl.presets import uses_task_prefix
+
         spec = TextSpec(kind=self.model.kind, max_text_len=self.cfg.train.max_text_len,
-                        max_target_len=self.cfg.train.max_target_len, fixed_shapes=self.cfg.train.cuda_graphs)
+                        max_target_len=self.cfg.train.max_target_len, fixed_shapes=self.cfg.train.cuda_graphs,
+                        use_prefix=uses_task_prefix(self.preset, self.cfg.train.video, self.cfg.data.task_prefix),
+                        zero_boxes=self.cfg.data.zero_boxes)
         self.train_data = {t: self._task_data(t, self.cfg.data.train_split, spec, True) for t in tasks}
         self.spec = spec
         self._eval_cache: dict = {}
@@ -796,16 +800,17 @@ class Trainer:
         return preds
 
     def _predict_batch(self, task, tid, batch, eos, pad) -> list[str]:
-        if task in BINARY_TASKS:
-            from adapterkit.vl.data import choice_first_tokens
+        from adapterkit.vl.data import caption_max_new_tokens, choice_first_tokens
 
+        if task in BINARY_TASKS:
             cand = choice_first_tokens(self.tok, self.model.kind, ["true", "false"])  # as targets are tokenised
             scores = self.model.first_token_scores(**batch, candidate_ids=cand, task_ids=tid)
             texts = ["true" if s[0] >= s[1] else "false" for s in scores.tolist()]
         else:
             cap = task in CAPTION_TASKS
             out = self.model.generate(**batch, task_ids=tid, pad_token_id=pad, eos_token_id=eos,
-                                      max_new_tokens=self.cfg.eval.caption_max_new_tokens if cap
+                                      max_new_tokens=(self.cfg.eval.caption_max_new_tokens
+                                                      or caption_max_new_tokens(task)) if cap
                                       else self.cfg.eval.max_new_tokens,
                                       num_beams=self.cfg.eval.caption_beams if cap else 1)
             texts = [t.strip() for t in self.tok.batch_decode(out, skip_special_tokens=True)]

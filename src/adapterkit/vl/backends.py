@@ -40,6 +40,7 @@ __all__ = [
     "images_to_tensor",
     "pool_features",
     "grid_boxes",
+    "INTERPOLATIONS",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -76,32 +77,48 @@ def _as_array(image: Any) -> np.ndarray:
     return image
 
 
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
 def images_to_tensor(
     images: Sequence[Any],
     resolution: int | tuple[int, int],
     mean: Sequence[float],
     std: Sequence[float],
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Resize and normalise images into a float tensor (B, 3, H, W).
 
-    Images of the same shape are stacked and resized in one call; sizes smaller
-    than `resolution` are upsampled bilinearly, larger ones downsampled with
-    antialiasing. Non-square images are stretched to the square resolution.
+    Non-square images are stretched to the square resolution. ``bilinear``: images of
+    the same shape are stacked and resized in one call (upsampled bilinearly, downsampled
+    with antialiasing). ``bicubic``: PIL's bicubic resize of the uint8 image, what the
+    reference's CLIP extraction does (torchvision ``Resize((224, 224), BICUBIC)`` on a PIL
+    image, then ``ToTensor``) and what CLIP's own preprocessing uses.
     """
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     if isinstance(resolution, int):
         resolution = (resolution, resolution)
     arrays = [_as_array(im) for im in images]
     out = torch.empty(len(arrays), 3, resolution[0], resolution[1])
-    # group by shape so that a batch of equal-sized images is one interpolate call
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, a in enumerate(arrays):
-        groups.setdefault(a.shape, []).append(i)
-    for shape, idx in groups.items():
-        x = torch.from_numpy(np.stack([arrays[i] for i in idx])).permute(0, 3, 1, 2).float().div_(255.0)
-        if (shape[0], shape[1]) != tuple(resolution):
-            down = shape[0] > resolution[0] or shape[1] > resolution[1]
-            x = F.interpolate(x, size=resolution, mode="bilinear", align_corners=False, antialias=down)
-        out[idx] = x
+    if interpolation == "bicubic":
+        from PIL import Image
+
+        for i, a in enumerate(arrays):
+            if a.shape[:2] != tuple(resolution):
+                a = np.array(Image.fromarray(a).resize((resolution[1], resolution[0]), Image.Resampling.BICUBIC))
+            out[i] = torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0)
+    else:
+        # group by shape so that a batch of equal-sized images is one interpolate call
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, a in enumerate(arrays):
+            groups.setdefault(a.shape, []).append(i)
+        for shape, idx in groups.items():
+            x = torch.from_numpy(np.stack([arrays[i] for i in idx])).permute(0, 3, 1, 2).float().div_(255.0)
+            if (shape[0], shape[1]) != tuple(resolution):
+                down = shape[0] > resolution[0] or shape[1] > resolution[1]
+                x = F.interpolate(x, size=resolution, mode="bilinear", align_corners=False, antialias=down)
+            out[idx] = x
     m = torch.tensor(mean, dtype=out.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=out.dtype).view(1, 3, 1, 1)
     return out.sub_(m).div_(s)
@@ -155,11 +172,12 @@ class VisionBackend:
     resolution: int = 224
     mean: Sequence[float] = (0.5, 0.5, 0.5)
     std: Sequence[float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bilinear"  # CLIP backends: "bicubic", as CLIP and the reference resize
     device: torch.device = torch.device("cpu")
 
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
         """Images -> normalised pixels (B, 3, R, R) on the backend's device."""
-        return images_to_tensor(images, self.resolution, self.mean, self.std).to(self.device)
+        return images_to_tensor(images, self.resolution, self.mean, self.std, self.interpolation).to(self.device)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -244,8 +262,10 @@ class HFVisionBackend(VisionBackend):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         dtype: torch.dtype | None = None,
+        interpolation: str | None = None,
     ) -> None:
         self.name = "hf-clip-vision" if kind == "clip" else "hf-vision"
+        self.interpolation = interpolation or ("bicubic" if kind == "clip" else "bilinear")
         if model is None:
             raise ConfigError(f"backend {self.name} needs --model (a hub id or a local model folder)")
         self.device = _resolve_device(device)
@@ -338,8 +358,10 @@ class OpenAIClipRN101Backend(VisionBackend):
         resolution: int = 224,
         device: str | torch.device | None = "cpu",
         clip_model: Any = None,
+        interpolation: str = "bicubic",
     ) -> None:
         self.device = _resolve_device(device)
+        self.interpolation = interpolation
         self.resolution = int(resolution)
         if clip_model is None:
             try:

@@ -8,9 +8,11 @@ takes rows r::world of each global batch).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ TEXT_LEN = {"vqa": 20, "gqa": 20, "nlvr": None, "caption": 40, "tvqa": 600, "how
 TARGET_LEN = {"vqa": 10, "gqa": None, "nlvr": None, "caption": 40, "tvqa": 20, "how2qa": 20, "tvc": 20, "yc2c": 20}
 CAPTION_MAX_LENGTH = {"caption": 40, "tvc": 20, "yc2c": 20}
 DEFAULT_TEXT_LEN, DEFAULT_TARGET_LEN = 40, 20  # tasks the reference does not have
+ANSWER_CUE = " answer:"  # causal LMs read "<input text> answer:" and continue with the answer
 
 
 def caption_max_new_tokens(task: str) -> int:
@@ -148,6 +151,16 @@ class TaskData:
             return [f"{e.text} {self.prefix}" for e in exs]
         return [self.prefix + e.text for e in exs]
 
+    @functools.cached_property
+    def _answer_cue(self) -> list[int]:
+        return self.tok(ANSWER_CUE, add_special_tokens=False).input_ids
+
+    def _causal_prompts(self, texts, n) -> list[list[int]]:
+        """Causal LMs: the (truncated) input text, then the answer cue, which truncation never cuts."""
+        ids = self.tok(texts, add_special_tokens=False, max_length=n, truncation=n is not None).input_ids
+        cue = self._answer_cue
+        return [i + cue for i in ids]
+
     def _cap(self, what: str) -> int | None:
         """Truncation length of the input text / target (None: untruncated); with fixed shapes an
         untruncated one is the longest in this task's data (computed once)."""
@@ -157,7 +170,7 @@ class TaskData:
         if what not in self._caps:
             causal = self.spec.kind != "seq2seq"
             if what == "text":
-                texts = [t + " answer:" for t in self._texts(self.examples)] if causal else self._texts(self.examples)
+                texts = self._texts(self.examples)
             else:
                 texts = sorted({t for e in self.examples for t in [*e.targets, *(e.target_scores or {})]})
                 texts = [" " + t for t in texts] if causal else texts
@@ -186,17 +199,16 @@ class TaskData:
             lab = tok(targets, max_length=n_tgt, truncation=n_tgt is not None, padding=padding, return_tensors="pt")
             labels = lab.input_ids.masked_fill(lab.attention_mask == 0, -100)
             return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
-        q = tok([t + " answer:" for t in texts], add_special_tokens=False, max_length=n_text,
-                truncation=n_text is not None)
+        q = self._causal_prompts(texts, n_text)
         a = tok([" " + t for t in targets], add_special_tokens=False, max_length=None if n_tgt is None else n_tgt - 1,
                 truncation=n_tgt is not None)
-        seqs = [qi + ai + [eos] for qi, ai in zip(q.input_ids, a.input_ids)]
-        n = n_text + n_tgt if sp.fixed_shapes else max(map(len, seqs))
+        seqs = [qi + ai + [eos] for qi, ai in zip(q, a.input_ids)]
+        n = n_text + len(self._answer_cue) + n_tgt if sp.fixed_shapes else max(map(len, seqs))
         pad = tok.pad_token_id
         ids = torch.full((len(seqs), n), pad, dtype=torch.long)
         labels = torch.full((len(seqs), n), -100, dtype=torch.long)
         mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, (s, qi) in enumerate(zip(seqs, q.input_ids)):
+        for i, (s, qi) in enumerate(zip(seqs, q)):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
             labels[i, len(qi): len(s)] = torch.tensor(s[len(qi):])
@@ -211,11 +223,14 @@ class TaskData:
         if sp.kind == "seq2seq":
             enc = tok(texts, max_length=n, truncation=n is not None, padding=True, return_tensors="pt")
         else:
-            side = tok.padding_side
-            tok.padding_side = "left"
-            enc = tok([t + " answer:" for t in texts], add_special_tokens=False, max_length=n,
-                      truncation=n is not None, padding=True, return_tensors="pt")
-            tok.padding_side = side
+            q = self._causal_prompts(texts, n)  # left-padded: the last position predicts the answer
+            width = max(map(len, q))
+            ids = torch.full((len(q), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(q), width), dtype=torch.long)
+            for i, qi in enumerate(q):
+                ids[i, width - len(qi):] = torch.tensor(qi)
+                mask[i, width - len(qi):] = 1
+            enc = SimpleNamespace(input_ids=ids, attention_mask=mask)
         return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "vis_feats": feats,
                 "vis_boxes": boxes, "img_order": order, "uids": [e.uid for e in exs]}
 

@@ -35,3 +35,13 @@ def get_preset(name: str) -> dict:
         raise ConfigError(f'unknown preset "{name}"{did_you_mean(name, presets)}; known: {list_presets()}')
     p = presets[name]
     return {**p, "adapters": [dict(a) for a in p["adapters"]]}
+
+
+def uses_task_prefix(preset: dict, video: bool = False, override: bool | None = None) -> bool:
+    """Whether the inputs carry task prefixes ("vqa: ", "tvqa: "...). As the reference's scripts:
+    image runs of the single (fully shared) presets, and every video run; ``override`` (the
+    config's ``data.task_prefix``) wins when set. Presets without the field (custom adapter
+    lists) use prefixes."""
+    if override is not None:
+        return bool(override)
+    return bool(preset.get("video_task_prefix" if video else "task_prefix", True))
