@@ -71,8 +71,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
     n1, w1 = _final_weights(tmp_path / "clean")
     n2, w2 = _final_weights(tmp_path / "crash")
     assert n1 == n2 and w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-6, rtol=0)
+    for k in w1:  # bit for bit
+        assert torch.equal(w2[k], w1[k]), k
 
 
 def test_corrupt_latest_checkpoint_falls_back(data, tmp_path):
