@@ -51,6 +51,34 @@ def bert_classifier(num_labels=3):
     return m.eval()
 
 
+def _bart_cfg(**kw):
+    return tf.BartConfig(vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                         decoder_attention_heads=2, encoder_ffn_dim=FF, decoder_ffn_dim=FF, max_position_embeddings=32,
+                         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+                         forced_eos_token_id=None, dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, **kw)
+
+
+HEADS = {
+    "bert_tagging_head": lambda: tf.BertForTokenClassification(_bert_cfg(num_labels=4)),
+    "bert_qa_head": lambda: tf.BertForQuestionAnswering(_bert_cfg()),
+    "bart_classification_head": lambda: tf.BartForSequenceClassification(_bart_cfg(num_labels=3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_default_heads_load_into_the_models_own_head(name):
+    """AdapterHub's default tagging / QA heads (BERT) and classification head (BART, last <eos>)."""
+    inputs, want = _io(name)
+    model = HEADS[name]()
+    fam = name.split("_")[0]
+    missing, unexpected = getattr(model, "bert" if fam == "bert" else "model").load_state_dict(
+        load_file(FIX / f"{fam}_base.safetensors"), strict=False)
+    assert not missing and all(k.startswith("pooler.") for k in unexpected)  # token / QA classes have no pooler
+    model.eval()
+    adapterkit.import_adapterhub(model, FIX / name)
+    _run(model, inputs, want)
+
+
 def roberta_classifier():
     cfg = tf.RobertaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=FF, max_position_embeddings=40, pad_token_id=1, type_vocab_size=1,

@@ -11,9 +11,10 @@ or ``model.save_adapter_setup(dir, setup, head_setup)`` writes:
   adapterkit set with a copy per adapter, composed with adapterkit's block of the same name,
 
 maps the config to an adapterkit method config (:func:`adapterhub_config`), attaches it and copies
-every tensor. A classification head goes into the model's own head modules (AdapterHub's default 2-layer tanh head on the first token is a BERT
-``*ForSequenceClassification``'s pooler dense + classifier, and a RoBERTa one's ``classifier.dense`` +
-``classifier.out_proj``). ``.bin`` files are pickles: they are read only through
+every tensor. AdapterHub's default heads go into the model's own head modules: its 2-layer tanh
+classification head is a BERT ``*ForSequenceClassification``'s pooler dense + classifier, a RoBERTa
+one's ``classifier.dense`` + ``out_proj``, BART's ``classification_head`` (on the last ``<eos>``); its
+tagging and question-answering heads are ``classifier`` / ``qa_outputs``. ``.bin`` files are pickles: they are read only through
 :func:`adapterkit.safeio.load_legacy_weights` (``torch.load(weights_only=True)``), never unpickled
 freely.
 
@@ -382,6 +383,49 @@ def _bn_key(loc: str, index: dict, paths: _Paths, key: str, wfile) -> str:
 # ----------------------------------------------------------------------------- heads
 
 
+def _head_modules(meta, hc, htype, layers, cls, mods, pooler, model, problems: _Problems) -> dict | None:
+    """AdapterHub head layer index -> the model's own module, or None (a problem said why)."""
+    head = f'head "{meta.get("name")}"'
+    tanh2 = layers == 2 and not hc.get("use_pooler") and hc.get("activation_function") == "tanh"
+    kinds = {"classification": "ForSequenceClassification", "multilabel_classification": "ForSequenceClassification",
+             "tagging": "ForTokenClassification", "question_answering": "ForQuestionAnswering"}
+    if htype not in kinds:
+        problems.append(f'{head}: head_type "{htype}" is not mapped (classification, tagging and question answering '
+                        "heads are)")
+        return None
+    if not cls.endswith(kinds[htype]):
+        problems.append(f"{head}: a {htype} head loads into a *{kinds[htype]} model's own head, not into {cls}")
+        return None
+    want = hc.get("num_labels")
+    have = 2 if htype == "question_answering" else getattr(model.config, "num_labels", None)
+    if want != have:
+        problems.append(f"{head}: num_labels {want} but the model has {have}")
+        return None
+    if hc.get("bias", True) is not True:
+        problems.append(f"{head}: a head without bias is not mapped")
+        return None
+    if htype == "tagging" and layers == 1 and "classifier" in mods:
+        return {"1": "classifier"}
+    if htype == "question_answering" and layers == 1 and "qa_outputs" in mods:
+        return {"1": "qa_outputs"}
+    if htype in ("classification", "multilabel_classification"):
+        if tanh2 and "classification_head.dense" in mods and "classification_head.out_proj" in mods:
+            # BART: both on the last <eos> token, Dropout, Linear, Tanh, Dropout, Linear
+            return {"1": "classification_head.dense", "4": "classification_head.out_proj"}
+        if tanh2 and "classifier.dense" in mods and "classifier.out_proj" in mods:
+            # RoBERTa's classification head on the first token
+            return {"1": "classifier.dense", "4": "classifier.out_proj"}
+        if tanh2 and pooler in mods and "classifier" in mods:
+            # BERT: the pooler (Linear + tanh on the first token) and the classifier
+            return {"1": pooler, "4": "classifier"}
+        if layers == 1 and hc.get("use_pooler") and pooler in mods and "classifier" in mods:
+            return {"1": "classifier"}
+    problems.append(f"{head}: {htype} with {layers} layer(s), activation {hc.get('activation_function')!r}, use_pooler "
+                    f"{hc.get('use_pooler')} has no counterpart among {cls}'s own modules (AdapterHub's default "
+                    "heads do)")
+    return None
+
+
 def _head(model, directory: Path, problems: _Problems):
     """(trainable_modules, {model parameter name: tensor}) for the head saved in ``directory``."""
     meta = _read_json(directory / HEAD_CONFIG_NAME)
@@ -392,32 +436,8 @@ def _head(model, directory: Path, problems: _Problems):
     bp = getattr(model, "base_model_prefix", "")
     mods = dict(model.named_modules())
     pooler = f"{bp}.pooler.dense"
-    if htype not in ("classification", "multilabel_classification"):
-        problems.append(f'head "{meta.get("name")}": head_type "{htype}" is not mapped (classification heads are)')
-        return [], {}
-    if not cls.endswith("ForSequenceClassification") or "classifier" not in mods:
-        problems.append(f'head "{meta.get("name")}": a classification head loads into a BERT-family '
-                        f"*ForSequenceClassification model's own classifier, not into {cls}")
-        return [], {}
-    if getattr(model.config, "num_labels", None) != hc.get("num_labels"):
-        problems.append(f'head "{meta.get("name")}": num_labels {hc.get("num_labels")} but the model has '
-                        f"{getattr(model.config, 'num_labels', None)}")
-        return [], {}
-    if hc.get("bias", True) is not True:
-        problems.append(f'head "{meta.get("name")}": a classifier without bias is not mapped')
-    roberta_style = "classifier.dense" in mods and "classifier.out_proj" in mods
-    if layers == 2 and not hc.get("use_pooler") and hc.get("activation_function") == "tanh" and roberta_style:
-        # Dropout, Linear, Tanh, Dropout, Linear on the first token == RoBERTa's classification head
-        where = {"1": "classifier.dense", "4": "classifier.out_proj"}
-    elif layers == 2 and not hc.get("use_pooler") and hc.get("activation_function") == "tanh" and pooler in mods:
-        # Dropout, Linear, Tanh, Dropout, Linear on the first token == the model's pooler + classifier
-        where = {"1": pooler, "4": "classifier"}
-    elif layers == 1 and hc.get("use_pooler") and not roberta_style:
-        where = {"1": "classifier"}
-    else:
-        problems.append(f'head "{meta.get("name")}": {layers} layer(s), activation {hc.get("activation_function")!r}, '
-                        f"use_pooler {hc.get('use_pooler')}: only AdapterHub's default 2-layer tanh head and a 1-layer "
-                        "head on the pooler map onto the model's own pooler and classifier")
+    where = _head_modules(meta, hc, htype, layers, cls, mods, pooler, model, problems)
+    if where is None:
         return [], {}
     params = dict(model.named_parameters())
     out = {}
