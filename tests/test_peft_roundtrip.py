@@ -297,3 +297,16 @@ def test_peft_prefix_round_trip(tmp_path, family, task):
     _assert_same_tensors(load_file(tmp_path / "in" / "adapter_model.safetensors"),
                          load_file(tmp_path / "again" / "adapter_model.safetensors"))
     torch.testing.assert_close(_peft_out(tmp_path / "again", make(), inputs), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_export_refuses_what_peft_cannot_hold(tmp_path):
+    """AdapterHub-placed prompts (after the embedding layer) and per-location prefixes are other functions."""
+    bert = tiny_model("bert")
+    adapterkit.add_adapters(bert, {"method": "prompt", "num_tokens": 2, "placement": "after_embeddings"})
+    with pytest.raises(adapterkit.ConfigError, match="after_embeddings"):
+        adapterkit.export_peft(bert, tmp_path / "p")
+    bart = tiny_model("bart")
+    adapterkit.add_adapters(bart, {"method": "prefix", "style": "adapterhub", "num_tokens": 2, "bottleneck_size": 4})
+    with pytest.raises(adapterkit.ConfigError, match="adapterhub"):
+        adapterkit.export_peft(bart, tmp_path / "q")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()

@@ -265,6 +265,10 @@ def _task_type(model: nn.Module, enc_dec: bool) -> str:
 
 
 def _export_prompt(model, s, task, d: Path) -> Path:
+    placement = getattr(s.config, "placement", "inputs_embeds")
+    if placement != "inputs_embeds" or s.config.inject != "input":
+        raise ConfigError(f'export_peft: PEFT prepends prompts to the input embeddings; this prompt set is placed '
+                          f'"{placement}" (inject "{s.config.inject}"), a different function PEFT cannot hold')
     table = s.table().detach()
     emb = table[0 if task is None else task]
     mcfg = getattr(model, "config", None)
