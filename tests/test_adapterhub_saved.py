@@ -105,6 +105,7 @@ def _run(model, inputs, want):
 EXACT = ["bart_seq_bn", "bart_double_seq_bn", "bart_double_seq_bn_cross", "bart_par_bn", "bart_lora", "bart_lora_ffn",
          "bart_compacter", "bart_compacter++", "bert_double_seq_bn", "bert_lora", "bert_compacter",
          "bart_prefix_tuning", "bart_prefix_tuning_flat", "bart_scaled_par_bn", "bert_seq_bn_leave_out",
+         "bart_seq_bn_ln_before", "bart_double_seq_bn_ln_after",
          "bart_ia3"]
 
 

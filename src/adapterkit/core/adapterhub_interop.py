@@ -57,15 +57,13 @@ _BN_FIXED = {
     "inv_adapter_reduction_factor": (None, "invertible adapters (MAD-X) are not an adapterkit method"),
     "invertible_adapter": (None, "invertible adapters (MAD-X) are not an adapterkit method"),  # adapters 0.x name
     "original_ln_after": (True, "adapterkit keeps the block's own LayerNorm after the adapter"),
-    "ln_before": (False, "an adapter LayerNorm inside AdapterHub's adapter is not mapped"),
-    "ln_after": (False, "an adapter LayerNorm inside AdapterHub's adapter is not mapped"),
     "stochastic_depth": (0.0, "stochastic depth (DropPath) is not an adapterkit option"),
     "factorized_phm_rule": (False, "factorised PHM rules are not an adapterkit option"),
     "shared_W_phm": (False, "PHM weights shared across layers are not an adapterkit option"),
     "learn_phm": (True, "frozen PHM rules are not an adapterkit option"),
     "phm_bias": (True, "adapterkit's PHM layers always have a bias"),
 }
-_BN_USED = {"mh_adapter", "output_adapter", "cross_adapter", "reduction_factor", "non_linearity",
+_BN_USED = {"ln_before", "ln_after", "mh_adapter", "output_adapter", "cross_adapter", "reduction_factor", "non_linearity",
             "original_ln_before", "residual_before_ln", "adapter_residual_before_ln", "is_parallel", "scaling",
             "leave_out", "dropout", "phm_layer", "phm_dim", "shared_phm_rule", "factorized_phm_W", "phm_rank"}
 _LORA_INFO = {"init_weights", "init_weights_seed", "dtype", "architecture"}
@@ -175,6 +173,16 @@ def _bottleneck_config(c: dict, model, hidden, problems: _Problems) -> dict:
         out["dropout"] = float(c.get("dropout", 0.0))
         init = c.get("init_weights", "bert")
         out["init"] = {"mam_adapter": "lora", "houlsby": "houlsby"}.get(init, "bert")
+    lb, la = bool(c.get("ln_before")), bool(c.get("ln_after"))
+    if lb and la:
+        problems.append('"ln_before" and "ln_after": adapterkit\'s adapter has one LayerNorm, before or after')
+    elif (lb or la) and phm:
+        problems.append(f'"{"ln_before" if lb else "ln_after"}": Compacter adapters have no LayerNorm of their own')
+    elif la and (c.get("adapter_residual_before_ln") or float(scaling if scaling != "learned" else 0) != 1.0):
+        problems.append('"ln_after" with "adapter_residual_before_ln" or a scale: adapterkit normalises the '
+                        "branch output before scaling it and adds the residual after")
+    elif lb or la:
+        out["adapter_layernorm"] = "before" if lb else "after"
     layers = _layers(model, c.get("leave_out"), problems)
     if layers is not None:
         out["layers"] = layers
@@ -342,7 +350,8 @@ class _Paths:
         return self.target + p
 
 
-_BN_KEY = re.compile(r"^(?P<loc>.+)\.adapters\.(?P<a>[^.]+)\.(?P<part>adapter_down\.0|adapter_up)\."
+_BN_KEY = re.compile(r"^(?P<loc>.+)\.adapters\.(?P<a>[^.]+)\.(?P<part>adapter_down\.\d|adapter_up|adapter_norm_before|"
+                     r"adapter_norm_after)\."
                      r"(?P<p>weight|bias|W_left|W_right|W|b|phm_rule)$")
 _SCALE_KEY = re.compile(r"^(?P<loc>.+)\.adapters\.(?P<a>[^.]+)\.scaling$")
 _RULE_KEY = re.compile(r"^(?:.*\.)?shared_parameters\.(?P<a>[^.]+)\.phm_rule$")
@@ -519,6 +528,16 @@ def _copy(model, s, tensors: dict, paths: _Paths, wfile, ah_cfg: dict, task: int
         m = _BN_KEY.match(k)
         if m and index:
             ad = s.adapters[_bn_key(m["loc"], index, paths, k, wfile)]
+            ln_first = bool(ah_cfg.get("ln_before"))  # then adapter_down is (LayerNorm, Linear, act)
+            if m["part"] in ("adapter_norm_before", "adapter_norm_after") or (ln_first and m["part"] == "adapter_down.0"):
+                # the adapter's own LayerNorm (AdapterHub registers the "before" one twice: the same tensor)
+                dst = getattr(ad, "ln_weight" if m["p"] == "weight" else "ln_bias", None) if m["p"] in ("weight", "bias") \
+                    else None
+                _put(dst, t, k, wfile, task=task)
+                done.add(k)
+                continue
+            if m["part"] != ("adapter_down.1" if ln_first else "adapter_down.0") and m["part"] != "adapter_up":
+                raise CheckpointError(f"{wfile}: {k!r} maps to nothing in adapterkit's adapter")
             down = m["part"].startswith("adapter_down")
             if m["p"] == "phm_rule":  # per-layer rules (shared_phm_rule false): one for down, one for up
                 rules = getattr(ad, "rules", None)
