@@ -285,6 +285,8 @@ def test_ia3_peft_variant_matches_peft_t5_gpt2(family):
             assert s.paths[key] == ("input" if v.shape[0] == 1 else "output"), key
             s.vectors[key][0].copy_(v.flatten())
         torch.testing.assert_close(main_output(model(**kw)), want, atol=1e-5, rtol=0)
+        adapterkit.merge_adapters(model)  # GPT-2's Conv1D weights are stored (in, out)
+        torch.testing.assert_close(main_output(model(**kw)), want, atol=1e-5, rtol=0)
 
 
 def test_prefix_peft_style_matches_peft_t5():
