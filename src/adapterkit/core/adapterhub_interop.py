@@ -469,9 +469,11 @@ def import_adapterhub(model: nn.Module, directory: str | os.PathLike, name: str 
     """Load an AdapterHub saved adapter (or adapter setup) directory into ``model``.
 
     The adapter is attached as an adapterkit set named ``name`` (default: AdapterHub's adapter
-    name) and a saved classification head is loaded into the model's own classifier (and pooler),
-    which then train with the adapter. Everything that cannot be mapped is named, one line
-    each, in one ConfigError before anything is attached.
+    name) and a saved head is loaded into the model's own head modules (classifier, pooler, ...),
+    which then train with the adapter (``remove_adapters`` does not restore their old values). A
+    composed setup is composed again here; after ``load_adapters`` call ``compose`` yourself.
+    Everything that cannot be mapped is named, one line each, in one ConfigError before anything
+    is attached.
     """
     directory = Path(directory)
     head_dir = None

@@ -16,7 +16,9 @@ What travels besides the adapter itself (both ways):
   ``train_layernorms``...) are PEFT's ``modules_to_save`` (each module by its full path).
 - PEFT's ``lora_bias=True`` (a bias on ``lora_B``) adds ``scaling * b`` to the layer's output,
   which is what the layer's own bias does: it is folded into that bias, which becomes a trained
-  tensor of the adapter (written back as ``bias="lora_only"``; same function).
+  tensor of the adapter (written back as ``bias="lora_only"``; same function). Like every base tensor
+  a file holds (biases, heads), it is written into the model's own parameter: ``remove_adapters``
+  does not restore the old value.
 - With ``bias="all"`` PEFT also writes a ``modules_to_save`` module's bias twice more
   (``<m>.modules_to_save.bias``, the same value, and ``<m>.original_module.bias``, the untouched
   base value its forward does not read); the trained value is loaded, the untouched copy is not.
