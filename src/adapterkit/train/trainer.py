@@ -482,6 +482,7 @@ class Trainer:
             raise CheckpointError(f"{where}: the LR scheduler state is missing or not at step {step} "
                                   f"(last_epoch {sched.get('last_epoch') if isinstance(sched, dict) else None!r})")
         trainer_state = self._checked_trainer_state(state.get("trainer"), step, where)
+        restore_rng_state(state.get("rng") or {})  # raises CheckpointError on a malformed state: before copying
         with torch.no_grad():
             for n, t in state["adapter"].items():
                 self.named_trainable[n].copy_(t.to(self.named_trainable[n].device))
@@ -493,7 +494,6 @@ class Trainer:
                 if isinstance(g["lr"], torch.Tensor):
                     g["lr"] = float(g["lr"])
         self.scheduler.load_state_dict(sched)
-        restore_rng_state(state["rng"])
         self.state.update(trainer_state)
         self.state["resume_changes"] = list(self.state.get("resume_changes") or []) + changes
         self._last_ckpt = (step, path, self._largest_weight())
