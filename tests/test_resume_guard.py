@@ -122,3 +122,29 @@ def test_checkpoint_tensors_must_match_the_model(data, trained, tmp_path, damage
         tr.fit()
     for n, p in tr.named_trainable.items():  # refused before anything was copied in
         assert torch.equal(p, before[n]), n
+
+
+def test_checkpoint_without_a_recorded_config_resumes_with_a_warning(data, trained, tmp_path):
+    out = copy_run(trained, tmp_path / "run")
+    mgr = CheckpointManager(out)
+    state, step = mgr.load_latest()
+    del state["extra"]  # as an adapterkit from before run configs were recorded wrote it
+    mgr.save(step, state)
+    tr = Trainer(load_config(tiny_config(data, max_steps=4)), out)
+    with pytest.warns(RuntimeWarning, match="does not record the run config"):
+        tr.fit()
+    assert tr.state["step"] == 4
+
+
+def test_trained_weights_loaded_for_eval_must_match_the_model(data, trained, tmp_path):
+    from adapterkit.safeio import load_safetensors_checked, save_safetensors_atomic
+
+    out = copy_run(trained, tmp_path / "run")
+    f = out / "final" / "trainable.safetensors"
+    weights = load_safetensors_checked(f)
+    key = _first(weights)
+    weights[key] = torch.ones(1)  # a consistent file (its checksum matches), of the wrong shape
+    save_safetensors_atomic(weights, f)
+    tr = Trainer(load_config(tiny_config(data, max_steps=4)), out)
+    with pytest.raises(CheckpointError, match=rf"{key}: shape \[1\]"):
+        tr._load_best("final")
