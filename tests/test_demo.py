@@ -185,6 +185,18 @@ def test_pareto_front():
 
 
 @pytest.mark.slow
+def test_parallel_jobs_give_the_same_runs(tiny_compare, tiny_data, tmp_path):
+    out, _ = tiny_compare
+    par = bm.compare(["single_adapter"], out_dir=tmp_path / "par", data_dir=tiny_data[0], estimate=False, jobs=2,
+                     threads=1, **RUN)
+    for s in (0, 1):
+        a = json.loads((tmp_path / "par" / "single_adapter" / f"seed{s}" / "run.json").read_text())
+        b = json.loads((out / "single_adapter" / f"seed{s}" / "run.json").read_text())
+        assert a["per_example"] == b["per_example"] and a["curve"] == b["curve"]
+    assert par["protocol"]["jobs"] == 2
+
+
+@pytest.mark.slow
 def test_demo_with_smollm2_few_steps(tmp_path):
     out = subprocess.run([sys.executable, "-m", "adapterkit", "demo", "--steps", "4", "--eval-examples", "40",
                           "--out", str(tmp_path / "run")], capture_output=True, text=True)

@@ -417,7 +417,9 @@ def plot_compare(summary: dict, path: Path) -> None:
     ax.set_xlabel("trainable parameters (%)")
     ax.set_ylabel("FashionVL test average")
     n_seeds = len(summary["protocol"]["seeds"])
-    ax.set_title(f"FashionVL, {n_seeds} seed(s), whole test split", fontsize=9)
+    sizes = pres[0]["test_sizes"]
+    ax.set_title(f"FashionVL, {n_seeds} seed(s), test examples per task: "
+                 + ", ".join(f"{t} {sizes[t]}" for t in TASKS), fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -575,13 +577,15 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
             steps=None, seed=0, seeds: int = 1, eval_examples: int | None = -1, curve_every: int | None = None,
             curve_examples: int | None = None, curve_seeds: int | None = None, estimate: bool = True,
             estimate_only: bool = False, jobs: int = 1, lr: float | None = None, command: str | None = None,
-            n_resamples: int = 2000) -> dict:
+            n_resamples: int = 2000, threads: int | None = None) -> dict:
     """Every preset x ``seeds`` seeds (seed, seed+1, ...) on one budget; see the module doc.
 
     ``eval_examples``: test examples per task (-1: the scale's setting, None: the whole split);
     ``curve_every`` / ``curve_examples``: the validation curve (0 turns it off); ``curve_seeds``: how
     many of the seeds record a curve (default: all); ``jobs``: runs in parallel worker processes,
-    each with cpu_count // jobs threads (on a GPU, several small runs share the device)."""
+    each with ``threads`` (default cpu_count // jobs) threads (on a GPU, several small runs share the
+    device); ``threads``: torch threads (on a CPU shared with other jobs, 1 is much faster than 2:
+    OpenMP threads that wait for a descheduled sibling stall every matmul)."""
     from adapterkit.data.fashionvl import majority_baseline
     from adapterkit.vl.presets import get_preset
 
@@ -593,6 +597,14 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs must be a positive integer, got {jobs!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
+    if jobs > 1 and not threads:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+    if threads:  # the parent measures the costs with the threads a run will have
+        import torch
+
+        torch.set_num_threads(threads)
     scale = dict(SCALES[scale_name])
     if steps:
         scale["steps"] = steps
@@ -645,7 +657,6 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         import concurrent.futures as cf
         import multiprocessing as mp
 
-        threads = max(1, (os.cpu_count() or 1) // jobs)
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
             futs = {pool.submit(_run_job, {**j, "threads": threads}): j for j in jobs_list}
             for f in cf.as_completed(futs):
@@ -669,6 +680,7 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         "protocol": {
             "seeds": seed_list, "steps": scale["steps"], "batch_size": scale["batch_size"],
             "test_examples_per_task": scale["eval_examples"] or "all", "bf16": scale.get("bf16", False),
+            "threads": torch_threads(), "jobs": jobs,
             "bootstrap": {"resamples": n_resamples, "level": 0.95, "seed": 0, "kind": "percentile, over test "
                           "examples, resampled within each task; the average resamples every task"},
             "seed_interval": "mean over seeds +- t_{0.975, N-1} s / sqrt(N)",
