@@ -334,12 +334,9 @@ class Trainer:
         src = self.cfg.data.sources.get(task)
         if src is None:
             return read_examples_jsonl(self._split_file(task, split))
-        from adapterkit.vl.datasets import read_task
+        from adapterkit.vl.datasets import read_source
 
-        exs = read_task(src.get("format", task), src["path"], src.get("splits", {}).get(split, split))
-        for e in exs:
-            e.task = task
-        return exs
+        return read_source(task, src, split)  # the source's reader options (annotations, subtitles) included
 
     def _task_data(self, task, split, spec, train):
         exs = self._read(task, split)
@@ -635,8 +632,7 @@ class Trainer:
         self._graph_task = tid  # a Python-side branch: one graph per (task, batch size)
         loss = self.graph({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)},
                           key=(tid, batch["input_ids"].shape[0]))
-        if self.graph.mode != "graph":  # the capture found a host sync and ran this step eagerly
-            logger.warning("train.cuda_graphs: %s; training eagerly", self.graph.fallback_reason)
+        # a failed capture (a host sync) ran this step eagerly and GraphedStep said so, once
         self.scheduler.step()
         val = float(loss)
         self._check_loss(val, task)
