@@ -129,6 +129,10 @@ def test_compare_reuses_finished_runs(tiny_compare, tiny_data, capsys):
     again = bm.compare(["single_adapter", "full_finetune"], out_dir=out, data_dir=tiny_data[0], **RUN)
     assert "cached" in capsys.readouterr().out
     assert again["presets"] == json.loads(json.dumps(summary["presets"]))
+    from adapterkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="another --out"):  # a finished run of another budget is not reused
+        bm.compare(["single_adapter"], out_dir=out, data_dir=tiny_data[0], estimate=False, **{**RUN, "steps": 5})
 
 
 def test_per_example_scores_average_to_the_task_metric(tiny_compare, tiny_data):

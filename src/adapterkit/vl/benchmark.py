@@ -226,11 +226,16 @@ def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True
     run_dir = Path(run_dir)
     done = run_dir / "run.json"
     if done.exists():
-        return json.loads(done.read_text())
+        run = json.loads(done.read_text())
+        want = {"steps": scale["steps"], "bf16": bool(scale.get("bf16", False)), **({"lr": lr} if lr else {})}
+        have = {k: run.get(k) for k in want}
+        if have != want:
+            raise ConfigError(f"{done} was made with {have}, this compare asks for {want}; use another --out")
+        return run
     t0 = time.perf_counter()
     res = run_preset(data_dir, feats, preset, scale, run_dir, seed, lr, curve)
     run = {"preset": preset, "seed": seed, "steps": res["steps"], "trainable": res["trainable"],
-           "total": res["total"], "percent": res["percent"], "lr": res["lr"],
+           "total": res["total"], "percent": res["percent"], "lr": res["lr"], "bf16": bool(scale.get("bf16", False)),
            **score_run(res, run_dir, data_dir), "curve": res.get("curve", []),
            "curve_eval_s": res.get("curve_eval_s", 0.0), "wall_time_s": time.perf_counter() - t0}
     atomic_write_json(done, run)
@@ -245,6 +250,11 @@ def aggregate(runs: list[dict], n_resamples: int = 2000, seed: int = 0) -> dict:
     from adapterkit.stats import bootstrap_tasks, t_interval
 
     keys = TASKS + ["average"]
+    for r in runs[1:]:
+        for t in TASKS:
+            if r["per_example"][t]["uids"] != runs[0]["per_example"][t]["uids"]:
+                raise DataError(f"{r['preset']}: seeds {runs[0]['seed']} and {r['seed']} were tested on different "
+                                f"{t} examples (another --eval-examples?); rerun them into one folder")
     mean_scores = {t: np.mean([r["per_example"][t]["scores"] for r in runs], axis=0) for t in TASKS}
     boot = bootstrap_tasks(mean_scores, n_resamples=n_resamples, seed=seed)
     over_seeds = {k: t_interval([r["scores"][k] for r in runs]) for k in keys}
