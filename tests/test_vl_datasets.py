@@ -3,6 +3,7 @@ layout written to tmp_path, parsed fields, soft scores and clear DataErrors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -236,6 +237,13 @@ def test_vqa_karpathy_joins_the_official_answers(tmp_path):
         vqa_metric(preds, {e.uid: e for e in soft})
     msgs = [str(w.message) for w in caught if issubclass(w.category, vqa_mod.SoftLabelScoreWarning)]
     assert len(msgs) == 1 and "2 of 2 questions have soft labels" in msgs[0] and "annotations" in msgs[0]
+    # single-answer data soft-scored by design (FashionVL, custom sets): no advice to fetch VQAv2 files
+    by_design = {e.uid: dataclasses.replace(e, extra={"raw_answers": False}) for e in soft}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vqa_mod._warned_soft = False
+        vqa_metric(preds, by_design)
+    assert not [w for w in caught if issubclass(w.category, vqa_mod.SoftLabelScoreWarning)]
     # annotations of another release: the image disagrees -> one clear error
     anns = json.loads((kdir / "v2_mscoco_val2014_annotations.json").read_text())
     anns["annotations"][0]["image_id"] = 999

@@ -148,6 +148,7 @@ def join_official_answers(examples: list[VLExample], annotation_files: Sequence[
             # interned: 10 answers for each of ~600k training questions share a small vocabulary
             ex.targets = [sys.intern(a) for a in _raw_answers(get_field(ann, "answers", where), where)]
             ex.extra["raw_answers"] = True
+            ex.extra.pop("official_answers_missing", None)
             ex.extra["answers_from"] = afile.name
             for key in ("answer_type", "question_type"):
                 if key in ann:
@@ -201,6 +202,7 @@ def _read_vlt5(file: Path, records: list) -> list[VLExample]:
         else:
             targets = sorted(scores, key=lambda a: -scores[a]) if scores else []
             extra["raw_answers"] = False
+            extra["official_answers_missing"] = True  # VQAv2 has 10 answers per question: join them
         for key in ("answer_type", "question_type", "is_topk_optimal"):
             if key in rec:
                 extra[key] = rec[key]

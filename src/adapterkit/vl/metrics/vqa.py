@@ -231,10 +231,13 @@ def vqa_example_scores(preds: Mapping[str, str], examples: Mapping[str, Any]) ->
         table = examples[uids[i]].target_scores or {}
         p = normalize_answer(preds[uids[i]])
         scores[i] = max((s for a, s in table.items() if a == p or normalize_answer(a) == p), default=0.0)
-    if soft and not _warned_soft:
+    # single-answer data (FashionVL, custom sets) is soft-scored by design; only VQAv2 records that lost
+    # their 10 official answers (VL-T5's Karpathy files) deserve the warning
+    missing = sum(1 for i in soft if examples[uids[i]].extra.get("official_answers_missing"))
+    if missing and not _warned_soft:
         _warned_soft = True
         warnings.warn(
-            f"VQA: {len(soft)} of {len(uids)} questions have soft labels but not the 10 human answers, so "
+            f"VQA: {missing} of {len(uids)} questions have soft labels but not the 10 human answers, so "
             "their accuracy is the soft score of the prediction, not the official VQA accuracy. Join the "
             "official answers: put v2_mscoco_train2014_annotations.json and v2_mscoco_val2014_annotations.json "
             "next to the Karpathy files (read_vqa(..., annotations=PATHS) names them elsewhere).",
