@@ -68,18 +68,10 @@ def run_compare(args) -> int:
 
 
 def _eval_n(text: str):
-    """--eval-examples: a positive count, or "all" (None: the whole split)."""
-    import argparse
+    """--eval-examples: a positive count, or "all" (None: the whole split; the option's metavar says so)."""
+    from adapterkit.cli.train import _positive_int
 
-    if text == "all":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
-    return n
+    return None if text == "all" else _positive_int(text)
 
 
 def run(args) -> int:  # pragma: no cover
