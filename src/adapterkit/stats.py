@@ -29,6 +29,7 @@ __all__ = [
     "bootstrap_interval",
     "bootstrap_tasks",
     "bootstrap_difference",
+    "bootstrap_ratio",
     "t_interval",
 ]
 
@@ -73,19 +74,37 @@ def _check(level: float, n_resamples: int) -> None:
         raise ConfigError(f"the number of bootstrap resamples must be an integer >= 10, got {n_resamples!r}")
 
 
-def bootstrap_means(scores, n_resamples: int = 2000, rng: np.random.Generator | int = 0) -> np.ndarray:
-    """(n_resamples,) means of `scores` resampled with replacement (same size as `scores`)."""
-    arr = _scores(scores, "bootstrap")
-    _check(0.95, n_resamples)
+def _resampled_means(rows: np.ndarray, n_resamples: int, rng: np.random.Generator | int) -> np.ndarray:
+    """(k, n_resamples) means of each row of `rows` (k, n) under the same resamples of its n columns."""
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    n = arr.size
-    out = np.empty(n_resamples, dtype=np.float64)
+    n = rows.shape[1]
+    out = np.empty((rows.shape[0], n_resamples), dtype=np.float64)
     per_chunk = max(1, _CHUNK_ELEMENTS // n)
     for start in range(0, n_resamples, per_chunk):  # a few chunks, each one vectorised gather
         stop = min(n_resamples, start + per_chunk)
         idx = rng.integers(0, n, size=(stop - start, n), dtype=np.int32 if n < 2**31 else np.int64)
-        out[start:stop] = arr[idx].mean(axis=1)
+        out[:, start:stop] = rows[:, idx].mean(axis=2)
     return out
+
+
+def bootstrap_means(scores, n_resamples: int = 2000, rng: np.random.Generator | int = 0) -> np.ndarray:
+    """(n_resamples,) means of `scores` resampled with replacement (same size as `scores`)."""
+    arr = _scores(scores, "bootstrap")
+    _check(0.95, n_resamples)
+    return _resampled_means(arr[None], n_resamples, rng)[0]
+
+
+def bootstrap_ratio(numerators, denominators, level: float = 0.95, n_resamples: int = 2000,
+                    seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of sum(numerators) / sum(denominators), resampling the
+    (numerator, denominator) pairs together: a corpus rate such as WER = errors / reference words."""
+    _check(level, n_resamples)
+    num, den = _scores(numerators, "ratio numerators"), _scores(denominators, "ratio denominators")
+    if num.shape != den.shape:
+        raise DataError(f"ratio bootstrap: {num.size} numerators but {den.size} denominators")
+    means = _resampled_means(np.stack([num, den]), n_resamples, seed)
+    boot = means[0] / np.maximum(means[1], np.finfo(np.float64).tiny)
+    return _percentile(float(num.sum() / max(den.sum(), np.finfo(np.float64).tiny)), boot, num.size, level)
 
 
 def _percentile(point: float, boot: np.ndarray, n: int, level: float) -> Interval:

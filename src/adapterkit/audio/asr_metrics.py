@@ -65,14 +65,7 @@ def cer(refs: list[str], hyps: list[str]) -> float:
 def corpus_rate_interval(errors: np.ndarray, lengths: np.ndarray, level: float = 0.95, n_resamples: int = 2000,
                          seed: int = 0):
     """A corpus error rate sum(errors) / sum(lengths) with its percentile-bootstrap interval
-    over utterances (each resample draws utterances with replacement, errors and lengths together)."""
-    from adapterkit.stats import Interval
+    over utterances (errors and lengths resampled together): :func:`adapterkit.stats.bootstrap_ratio`."""
+    from adapterkit.stats import bootstrap_ratio
 
-    e, n = np.asarray(errors, dtype=np.float64), np.asarray(lengths, dtype=np.float64)
-    if e.shape != n.shape or e.ndim != 1 or e.size == 0:
-        raise ValueError(f"errors and lengths must be equal-length 1-d arrays, got {e.shape} and {n.shape}")
-    idx = np.random.default_rng(seed).integers(0, e.size, size=(n_resamples, e.size))
-    rates = e[idx].sum(1) / np.maximum(n[idx].sum(1), 1.0)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(rates, [alpha, 1.0 - alpha])
-    return Interval(float(e.sum() / max(n.sum(), 1.0)), float(lo), float(hi), int(e.size), level)
+    return bootstrap_ratio(errors, lengths, level, n_resamples, seed)
