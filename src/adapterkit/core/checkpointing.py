@@ -30,24 +30,10 @@ from adapterkit.core import routing
 from adapterkit.errors import ConfigError
 
 
-@contextlib.contextmanager
-def _reenter(r: routing.Route | None):
-    if r is None:
-        yield
-        return
-    token = routing._CURRENT.set(r)
-    prev, routing._ACTIVE_SPEC = routing._ACTIVE_SPEC, r.spec
-    try:
-        yield
-    finally:
-        routing._CURRENT.reset(token)
-        routing._ACTIVE_SPEC = prev
-
-
 def route_context():
     """``context_fn`` for ``torch.utils.checkpoint``: (forward ctx, recompute ctx), the second
     re-entering the route that was active when the block first ran."""
-    return contextlib.nullcontext(), _reenter(routing.current_route())
+    return contextlib.nullcontext(), routing.reenter(routing.current_route())
 
 
 def checkpoint_kwargs() -> dict:

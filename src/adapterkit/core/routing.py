@@ -77,12 +77,21 @@ def _resolve(spec: TaskSpec, tasks: tuple[str, ...], device) -> Resolved:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-@contextlib.contextmanager
 def route(tasks: TaskSpec):
     """Route the forward passes inside the block to ``tasks`` (one name/id, or one per example)."""
+    return reenter(Route(tasks))
+
+
+@contextlib.contextmanager
+def reenter(r: Route | None):
+    """Make ``r`` the active route inside the block (None: leave the routing as it is); e.g. to
+    recompute a checkpointed block under the route it first ran with, keeping its resolve cache."""
     global _ACTIVE_SPEC
-    token = _CURRENT.set(Route(tasks))
-    prev, _ACTIVE_SPEC = _ACTIVE_SPEC, tasks
+    if r is None:
+        yield
+        return
+    token = _CURRENT.set(r)
+    prev, _ACTIVE_SPEC = _ACTIVE_SPEC, r.spec
     try:
         yield
     finally:
