@@ -135,6 +135,17 @@ def _trained_base(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if n in names}
 
 
+def _base_name(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def _write_peft(d: Path, tensors: dict, peft_cfg: dict) -> Path:
+    """adapter_model.safetensors + adapter_config.json, each written atomically."""
+    save_safetensors_atomic(tensors, d / "adapter_model.safetensors")
+    atomic_write_json(d / "adapter_config.json", peft_cfg)
+    return d
+
+
 def _base_extras(model: nn.Module, lora_paths: set[str], prefix: str, has_bias_mode: bool = True):
     """(bias mode, modules_to_save, tensors) for the trained base parameters.
 
@@ -199,34 +210,30 @@ def _export_lora(model, s, task, d: Path) -> Path:
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": modules_to_save,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "base_model_name_or_path": _base_name(model),
     }
-    save_safetensors_atomic(tensors, d / "adapter_model.safetensors")
-    atomic_write_json(d / "adapter_config.json", peft_cfg)
-    return d
+    return _write_peft(d, tensors, peft_cfg)
 
 
 def _export_ia3(model, s, task, d: Path) -> Path:
-    tensors, ff, fan = {}, [], set()
+    tensors, ff, fan, paths = {}, [], set(), set()
     for key, (_, input_side, transposed) in s._targets.items():
         path = key.replace("__", ".")
+        paths.add(path)
         v = s.vectors[key][0 if s.vectors[key].shape[0] == 1 else task].detach()
         tensors[f"{PREFIX}{path}.ia3_l"] = v.view(1, -1) if input_side else v.view(-1, 1)  # PEFT's shapes
         if input_side:
             ff.append(path)
         fan.add(transposed)
-    paths = {k.replace("__", ".") for k in s._targets}
-    bias_mode, modules_to_save, extra = _base_extras(model, paths, PREFIX, has_bias_mode=False)
+    _, modules_to_save, extra = _base_extras(model, paths, PREFIX, has_bias_mode=False)
     tensors.update(extra)
     peft_cfg = {
         "peft_type": "IA3", "task_type": None, "target_modules": sorted(paths), "feedforward_modules": sorted(ff),
         "fan_in_fan_out": any(fan), "init_ia3_weights": True, "inference_mode": True,
         "modules_to_save": modules_to_save,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "base_model_name_or_path": _base_name(model),
     }
-    save_safetensors_atomic(tensors, d / "adapter_model.safetensors")
-    atomic_write_json(d / "adapter_config.json", peft_cfg)
-    return d
+    return _write_peft(d, tensors, peft_cfg)
 
 
 def _export_prefix(model, s, task, d: Path) -> Path:
@@ -247,9 +254,7 @@ def _export_prefix(model, s, task, d: Path) -> Path:
     }
     tensors = {"prompt_embeddings": emb.contiguous()}  # PEFT's key for every prompt-learning table
     tensors.update(extra)
-    save_safetensors_atomic(tensors, d / "adapter_model.safetensors")
-    atomic_write_json(d / "adapter_config.json", peft_cfg)
-    return d
+    return _write_peft(d, tensors, peft_cfg)
 
 
 def _task_type(model: nn.Module, enc_dec: bool) -> str:
@@ -291,9 +296,7 @@ def _export_prompt(model, s, task, d: Path) -> Path:
     }
     tensors = {"prompt_embeddings": emb.contiguous()}
     tensors.update(extra)
-    save_safetensors_atomic(tensors, d / "adapter_model.safetensors")
-    atomic_write_json(d / "adapter_config.json", peft_cfg)
-    return d
+    return _write_peft(d, tensors, peft_cfg)
 
 
 # ----------------------------------------------------------------------------- import

@@ -344,8 +344,10 @@ class Trainer:
         if limit:
             exs = exs[:limit]
         if task == "vqa":
+            from adapterkit.vl.metrics.vqa import soft_scored
+
             for e in exs:  # single-answer VQA-style data: score by soft score, not leave-one-out
-                if e.target_scores and len(e.targets) < 10:
+                if soft_scored(e):
                     e.extra.setdefault("raw_answers", False)
         return TaskData(task, exs, self.store, self.tok, spec, self.cfg.model.n_images, train)
 

@@ -181,7 +181,7 @@ def per_example_scores(task: str, preds: dict, examples: list) -> np.ndarray:
     frequencies of the whole evaluated set (caption)."""
     from adapterkit.vl.metrics import exact_match
     from adapterkit.vl.metrics.captions import cider_d, tokenize_corpus
-    from adapterkit.vl.metrics.vqa import vqa_example_scores
+    from adapterkit.vl.metrics.vqa import soft_scored, vqa_example_scores
 
     missing = [e.uid for e in examples if e.uid not in preds]
     if missing:
@@ -193,7 +193,7 @@ def per_example_scores(task: str, preds: dict, examples: list) -> np.ndarray:
         return 100.0 * np.array([items[e.uid] for e in examples])
     if task == "vqa":
         # marked as the trainer marks them: single-answer VQA-style data is scored by its soft score
-        marked = {e.uid: dataclasses.replace(e, extra={"raw_answers": not (e.target_scores and len(e.targets) < 10),
+        marked = {e.uid: dataclasses.replace(e, extra={"raw_answers": not soft_scored(e),
                                                        **e.extra}) for e in examples}
         return 100.0 * vqa_example_scores(preds, marked)
     return 100.0 * np.array([exact_match(preds[e.uid], e.targets) for e in examples], dtype=float)

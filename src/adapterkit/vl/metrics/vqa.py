@@ -208,6 +208,13 @@ class SoftLabelScoreWarning(UserWarning):
 _warned_soft = False
 
 
+def soft_scored(example) -> bool:
+    """Single-answer VQA-style data (soft labels, fewer than the 10 human answers): scored by its
+    soft score rather than the official leave-one-out accuracy, unless it says otherwise
+    (``extra["raw_answers"]``)."""
+    return bool(example.target_scores) and len(example.targets) < 10
+
+
 def vqa_example_scores(preds: Mapping[str, str], examples: Mapping[str, Any]) -> np.ndarray:
     """Per-question VQA accuracies in [0, 1] of `preds` {uid: answer} for
     `examples` {uid: VLExample}, in the order of `examples`.
