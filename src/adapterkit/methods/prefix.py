@@ -193,8 +193,9 @@ class PrefixSet(AdapterSet):
         if not torch.compiler.is_compiling():
             self._calls += 1
 
-    def group_prefixes(self, group: str, device, batch: int) -> torch.Tensor:
-        """(b, P, 2L, H, hd) prefixes of a group for the routed task(s); b is 1 or the batch."""
+    def group_prefixes(self, group: str, device, batch: int, cols: slice | None = None) -> torch.Tensor:
+        """(b, P, width) prefixes of a group for the routed task(s) (width = 2L x H x hd, or the
+        ``cols`` slice of it: one layer's keys and values); b is 1 or the batch."""
         tab = self.tables[group]
         hit = None if torch.compiler.is_compiling() else self._cache.get(group)
         key = (self._calls, tab.versions(), self.training)
@@ -205,7 +206,7 @@ class PrefixSet(AdapterSet):
             hit = (key, t)
             if not torch.compiler.is_compiling():
                 self._cache[group] = hit
-        t = hit[1]
+        t = hit[1] if cols is None else hit[1][..., cols]  # slice first: a per-row gather copies one layer only
         if not self.per_task:
             t = t[:1]
         else:
@@ -215,9 +216,10 @@ class PrefixSet(AdapterSet):
 
     def _extender(self, group: str, i: int, heads: int, hd: int):
         def extend(module, query, key, value):
-            t = self.group_prefixes(group, key.device, key.shape[0])
-            t = t.view(t.shape[0], t.shape[1], -1, heads, hd)              # (b, P, 2L, H, hd)
-            return t[:, :, 2 * i].transpose(1, 2), t[:, :, 2 * i + 1].transpose(1, 2)
+            w = heads * hd  # layer i's keys and values are columns [2i w, (2i + 2) w) of the table
+            t = self.group_prefixes(group, key.device, key.shape[0], slice(2 * i * w, (2 * i + 2) * w))
+            t = t.view(t.shape[0], t.shape[1], 2, heads, hd)                # (b, P, 2, H, hd)
+            return t[:, :, 0].transpose(1, 2), t[:, :, 1].transpose(1, 2)
         return extend
 
     def _inject_cache(self, module, args, kwargs):
