@@ -220,18 +220,22 @@ class BottleneckSet(AdapterSet):
             return
         if self.config.method == "parallel":
             raise ConfigError("Stack/Average/Fuse compose sequential bottleneck adapters, not parallel ones")
-        self._plan = self._resolve(block)
+        p = next(self.parameters(), None)
+        self._plan = self._resolve(block, p.device if p is not None else None)
         self.composition = block
 
-    def _resolve(self, block):
+    def _resolve(self, block, device=None):
+        """The block as a plan whose index/weight tensors sit on the adapters' device (made once
+        here, not at every forward)."""
         tasks = self.config.tasks
         if isinstance(block, str):
             return ("one", tasks.index(block))
         if isinstance(block, Stack):
-            return ("stack", [self._resolve(c) for c in block.children])
-        idx = torch.tensor([tasks.index(t) for t in block.children], dtype=torch.long)
+            return ("stack", [self._resolve(c, device) for c in block.children])
+        idx = torch.tensor([tasks.index(t) for t in block.children], dtype=torch.long, device=device)
         if isinstance(block, Average):
-            return ("average", idx, torch.tensor(block.weights))
+            w = torch.tensor(block.weights, device=device)
+            return ("average", idx, w, float(w.sum()))
         if isinstance(block, Fuse):
             if set(block.children) != set(self.config.fusion):
                 raise ConfigError(f"{block!r} does not match this set's fusion layers over {self.config.fusion}")
@@ -247,11 +251,11 @@ class BottleneckSet(AdapterSet):
                 h = self._composed(key, ad, h, pre, p)
             return h
         x = pre(h)
-        idx = plan[1].to(h.device)
+        idx = plan[1].to(h.device)  # a no-op unless the model moved after compose()
         ups = ad.branches(x, idx)                                   # (..., k, d)
         if kind == "average":  # AdapterHub: mean_i(w_i * (A_i(x) + h))
-            w = plan[2].to(device=h.device, dtype=h.dtype)
-            return ((ups * w.unsqueeze(-1)).sum(-2) + w.sum() * h) / idx.numel()
+            w = plan[2].to(device=h.device, dtype=ups.dtype)
+            return (torch.matmul(w, ups) + plan[3] * h) / idx.numel()
         return self.fusions[key](x, ups, h)
 
     def _attach_parallel(self, model, profile):
