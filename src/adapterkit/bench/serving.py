@@ -100,9 +100,9 @@ def row_tasks(batch: int, n: int) -> list[str]:
     return [names[i % n] for i in range(batch)]
 
 
-def _generate(model, ids, new_tokens: int):
+def _generate(model, ids, new_tokens: int, **kw):
     return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kw)
 
 
 def generate_per_row(model, ids: torch.Tensor, tasks: list[str], new_tokens: int) -> torch.Tensor:
@@ -126,15 +126,16 @@ def generate_sequential(model, ids: torch.Tensor, tasks: list[str], new_tokens: 
 
 
 def _time(fn, repeats: int, device: str) -> float:
+    from adapterkit.bench.runner import _sync
+
+    kind = torch.device(device).type
     fn()  # warm-up (allocations, first-call paths)
     times = []
     for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(kind)
         t0 = time.perf_counter()
         fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(kind)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -209,9 +210,7 @@ def _bench_method(method: str, s: ServeSettings, ids: torch.Tensor, log) -> list
                 log("serve: peft not installed, PEFT cases skipped")
                 break
             tasks = row_tasks(s.batch, n)
-            rec("peft_mixed", n, lambda pm=pm, tasks=tasks: pm.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=tasks,
-                max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens, do_sample=False, pad_token_id=0))
+            rec("peft_mixed", n, lambda pm=pm, tasks=tasks: _generate(pm, ids, s.new_tokens, adapter_names=tasks))
     return results
 
 
