@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from adapterkit.core.base import add_adapters, get_container, paired_places, sublayer_places
+from adapterkit.core.io import read_json_object
 from adapterkit.core.profiles import profile_for_model
 from adapterkit.errors import CheckpointError, ConfigError
 from adapterkit.safeio import load_weights
@@ -282,16 +283,6 @@ def _hidden(model) -> int | None:
 # ----------------------------------------------------------------------------- files
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return obj
-
-
 def _weights(directory: Path, names) -> dict[str, torch.Tensor]:
     for n in names:
         if (directory / n).exists():
@@ -301,7 +292,7 @@ def _weights(directory: Path, names) -> dict[str, torch.Tensor]:
 
 def _read_setup(directory: Path) -> tuple[str, list[str], dict, Path | None]:
     """(block type, adapter names, block kwargs, head directory) of a save_adapter_setup directory."""
-    setup = _read_json(directory / SETUP_NAME)
+    setup = read_json_object(directory / SETUP_NAME)
     kind, names, kwargs = _flat_block(setup.get("adapter_setup"), directory / SETUP_NAME)
     head = setup.get("head_setup")
     if head is not None and not isinstance(head, str):
@@ -437,7 +428,7 @@ def _head_modules(meta, hc, htype, layers, cls, mods, pooler, model, problems: _
 
 def _head(model, directory: Path, problems: _Problems):
     """(trainable_modules, {model parameter name: tensor}) for the head saved in ``directory``."""
-    meta = _read_json(directory / HEAD_CONFIG_NAME)
+    meta = read_json_object(directory / HEAD_CONFIG_NAME)
     hc = meta.get("config") or {}
     tensors = _weights(directory, HEAD_WEIGHT_NAMES)
     htype, layers = hc.get("head_type"), hc.get("layers", 1)
@@ -486,7 +477,7 @@ def import_adapterhub(model: nn.Module, directory: str | os.PathLike, name: str 
         head_dir = directory
     if not (directory / CONFIG_NAME).exists():
         raise CheckpointError(f"no {CONFIG_NAME} in {directory}: not an AdapterHub adapter directory")
-    meta = _read_json(directory / CONFIG_NAME)
+    meta = read_json_object(directory / CONFIG_NAME)
     if "config" not in meta or not isinstance(meta["config"], dict):
         raise CheckpointError(f"{directory / CONFIG_NAME} is not an AdapterHub adapter config (no \"config\")")
     tensors = _weights(directory, WEIGHT_NAMES)
@@ -652,7 +643,7 @@ def _import_composition(model, directory: Path, kind: str, names: list[str], kwa
     paths = _Paths(model)
     parts = []
     for n in names:
-        meta = _read_json(directory / n / CONFIG_NAME)
+        meta = read_json_object(directory / n / CONFIG_NAME)
         tensors = _weights(directory / n, WEIGHT_NAMES)
         cfg = _map_config(meta.get("config") or {}, model, [], problems, meta.get("hidden_size") or _hidden(model))
         parts.append((n, meta, tensors, cfg))
@@ -667,7 +658,7 @@ def _import_composition(model, directory: Path, kind: str, names: list[str], kwa
     fusion = {}
     if kind == "Fuse":
         fdir = directory / ",".join(names)
-        fmeta = _read_json(fdir / "adapter_fusion_config.json")
+        fmeta = read_json_object(fdir / "adapter_fusion_config.json")
         fc = fmeta.get("config") or {}
         for k, want in _FUSION_FIXED.items():
             if fc.get(k, want) != want:

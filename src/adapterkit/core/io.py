@@ -141,6 +141,15 @@ def _config_problem(cfg: dict) -> str | None:
     return None
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A small JSON config file (ours or a peer's) as a dict: the safe reader's limits (size,
+    depth, duplicate keys, UTF-8), one CheckpointError naming the file otherwise."""
+    obj = read_json_file(path, error=CheckpointError, max_bytes=MAX_CONFIG_BYTES)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return obj
+
+
 def read_adapter_config(directory: str | os.PathLike) -> dict:
     """Read and verify ``adapter_config.json``: valid JSON within the depth limit, the
     adapterkit format, a well-formed structure and (when recorded) its checksum."""

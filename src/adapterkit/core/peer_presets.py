@@ -11,9 +11,8 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
-import yaml
-
 from adapterkit.errors import ConfigError, did_you_mean
+from adapterkit.safeio import loads_yaml
 
 
 @cache
@@ -23,7 +22,7 @@ def peer_presets() -> dict[str, dict]:
     folder = resources.files("adapterkit.presets").joinpath("peers")
     for f in sorted(folder.iterdir(), key=lambda f: f.name):
         if f.name.endswith(".yaml"):
-            data = yaml.safe_load(f.read_text())
+            data = loads_yaml(f.read_text(), what=f"peer preset file {f.name}", error=ConfigError)
             for name, entry in data["presets"].items():
                 out[f"{data['peer']}:{name}"] = {**entry, "peer": data["peer"], "version": data["version"]}
     return out

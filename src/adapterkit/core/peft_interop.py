@@ -309,12 +309,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str | None
     cpath = directory / "adapter_config.json"
     if not cpath.exists():
         raise CheckpointError(f"no adapter_config.json in {directory}")
-    try:
-        pcfg = json.loads(cpath.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{cpath} is not valid JSON: {e}") from None
-    if not isinstance(pcfg, dict):
-        raise CheckpointError(f"{cpath} does not hold a JSON object")
+    from adapterkit.core.io import read_json_object
+
+    pcfg = read_json_object(cpath)
     ptype = pcfg.get("peft_type")
     if ptype not in ("LORA", "PROMPT_TUNING", "IA3", "PREFIX_TUNING"):
         raise CheckpointError(f"{cpath}: PEFT type {ptype!r} is not supported (LORA, IA3, PROMPT_TUNING and "
