@@ -201,8 +201,8 @@ class RunConfig:
             return get_preset(self.preset)
         return {"name": "custom", "lr": 1e-3, "video_lr": 3e-4, "adapters": [dict(a) for a in self.adapters]}
 
-    def check_paths(self, need_splits=("train",)) -> None:
-        """Missing data files: one clear error before any work starts."""
+    def check_paths(self, need_splits=("train",)) -> dict:
+        """Missing data files: one clear error before any work starts; returns `check_data`'s examples."""
         root = Path(self.data.root)
         if not root.is_dir() and not all(t in self.data.sources for t in self.data.tasks):
             raise ConfigError(f"data.root {str(root)!r} is not a directory")
@@ -221,18 +221,21 @@ class RunConfig:
                 f = root / t / f"{split_names[s]}.jsonl"
                 if not f.exists():
                     raise ConfigError(f"missing dataset file {f} (task {t!r}, split {split_names[s]!r})")
-        self.check_data(need_splits)
+        return self.check_data(need_splits)
 
-    def check_data(self, need_splits=("train",)) -> None:
+    def check_data(self, need_splits=("train",)) -> dict:
         """Every split's rows, before any work (``adapterkit.vl.datasets.validate``): unique uids,
         targets, target scores, image counts per task, image ids present in the feature store,
         the ``task`` field. Checks the ``need_splits`` and every other split whose file exists
-        (data.sources: the needed splits and the test split); one DataError naming file and line."""
+        (data.sources: the needed splits and the test split); one DataError naming file and line.
+        Returns the checked examples, ``{(task, split file name): [VLExample]}``, so a trainer need
+        not read them again."""
         from adapterkit.vl.datasets.validate import read_jsonl_checked, validate_examples
         from adapterkit.vl.features import FeatureStore
 
         store = FeatureStore.open(self.data.features)
         split_names = {"train": self.data.train_split, "val": self.data.val_split, "test": self.data.test_split}
+        checked: dict = {}
         for t in self.data.tasks:
             src = self.data.sources.get(t)
             for s, name in split_names.items():
@@ -241,12 +244,14 @@ class RunConfig:
                 if src is None:
                     f = Path(self.data.root) / t / f"{name}.jsonl"
                     if s in need_splits or f.exists():
-                        read_jsonl_checked(f, **checks)
+                        checked[(t, name)] = read_jsonl_checked(f, **checks)
                 elif s in need_splits or s == "test":
                     from adapterkit.vl.datasets import read_source
 
                     exs = read_source(t, src, name)
                     validate_examples(exs, f"{src['path']} (task {t!r}, split {name!r})", **checks)
+                    checked[(t, name)] = exs
+        return checked
 
 
 def load_config(src) -> RunConfig:

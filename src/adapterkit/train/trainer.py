@@ -223,7 +223,8 @@ class Trainer:
 
                 make_vl_fixture(self.cfg.data.root, feat_dim=self.cfg.model.feat_dim)
             _barrier()
-        self.cfg.check_paths(("train",) + (("val",) if self.cfg.eval.select_on == "val" else ()))
+        # every split's rows are checked before any work; the checked examples are kept for _read
+        self._checked = self.cfg.check_paths(("train",) + (("val",) if self.cfg.eval.select_on == "val" else ()))
         if _is_main():
             write_probe(self.out)  # read-only / full disk: fail before any work
         self._seed_all(self.cfg.train.seed)
@@ -331,6 +332,9 @@ class Trainer:
         return lines
 
     def _read(self, task, split) -> list:
+        hit = getattr(self, "_checked", {}).get((task, split))
+        if hit is not None:
+            return list(hit)
         src = self.cfg.data.sources.get(task)
         if src is None:
             return read_examples_jsonl(self._split_file(task, split))
