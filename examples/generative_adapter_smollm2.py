@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import adapterkit
-from adapterkit.generative import completion_loss, continuation_loss, generative_set, split_documents
+from adapterkit.methods.generative import completion_loss, continuation_loss, generative_set, split_documents
 
 
 def load_smollm2():

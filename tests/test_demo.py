@@ -136,7 +136,7 @@ def test_compare_reuses_finished_runs(tiny_compare, tiny_data, capsys):
 
 
 def test_per_example_scores_average_to_the_task_metric(tiny_compare, tiny_data):
-    from adapterkit.data.fashionvl import load_fashionvl_examples
+    from adapterkit.vl.datasets.fashionvl import load_fashionvl_examples
     from adapterkit.vl.metrics import TASK_METRICS
 
     out, _ = tiny_compare

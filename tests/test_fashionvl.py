@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapterkit.data import fashionvl as fvl
 from adapterkit.errors import ConfigError, DataError
+from adapterkit.vl.datasets import fashionvl as fvl
 from adapterkit.vl.datasets.base import read_examples_jsonl
 
 SOURCE = Path("/usr/share/datasets/fashion-mnist")

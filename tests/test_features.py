@@ -303,7 +303,7 @@ def test_image_folder(tmp_path):
 def fashion_images(tmp_path_factory):
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Fashion-MNIST is not installed")
-    from adapterkit.data.fashionvl import build_fashionvl, iter_fashionvl_images
+    from adapterkit.vl.datasets.fashionvl import build_fashionvl, iter_fashionvl_images
 
     out = tmp_path_factory.mktemp("fvl")
     build_fashionvl(out, seed=0, tiny=True)

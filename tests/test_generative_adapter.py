@@ -5,7 +5,7 @@ import torch
 
 import adapterkit
 from adapterkit.errors import ConfigError
-from adapterkit.generative import (
+from adapterkit.methods.generative import (
     absorb_context,
     completion_loss,
     generative_set,

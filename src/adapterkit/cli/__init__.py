@@ -15,7 +15,7 @@ COMMANDS = [
     "adapterkit.cli.demo",
     "adapterkit.vl.features",
     "adapterkit.vl.feature_import",
-    "adapterkit.data.fashionvl",
+    "adapterkit.vl.datasets.fashionvl",
     "adapterkit.bench.cli",
     "adapterkit.cache.pipeline",
     "adapterkit.sft.cli",

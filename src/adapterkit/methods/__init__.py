@@ -8,6 +8,3 @@ import pkgutil
 
 for _m in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_m.name}")
-
-# methods defined next to their systems
-importlib.import_module("adapterkit.generative")

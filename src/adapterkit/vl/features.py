@@ -563,7 +563,7 @@ def run(args: argparse.Namespace) -> int:
     from adapterkit.vl.backends import get_backend
 
     if args.fashionvl:
-        from adapterkit.data.fashionvl import iter_fashionvl_images
+        from adapterkit.vl.datasets.fashionvl import iter_fashionvl_images
 
         images: Any = iter_fashionvl_images(args.fashionvl)
     else:
