@@ -53,7 +53,7 @@ DEMO_EVAL_EXAMPLES = 500
 
 def prepare(data_dir: str | Path, tiny: bool, resolution: int, grid: int = 2, seed: int = 0) -> tuple[Path, Path]:
     """Build FashionVL (if missing) and its EfficientNet-Lite0 feature store (if missing or stale)."""
-    from adapterkit.data.fashionvl import build_fashionvl, iter_fashionvl_images
+    from adapterkit.vl.datasets.fashionvl import build_fashionvl, iter_fashionvl_images
     from adapterkit.vl.features import FeatureStore, extract_features
 
     data_dir = Path(data_dir)
@@ -201,8 +201,8 @@ def per_example_scores(task: str, preds: dict, examples: list) -> np.ndarray:
 
 def score_run(res: dict, run_dir: Path, data_dir, n_resamples: int = 2000, seed: int = 0) -> dict:
     """Per-example test scores of one finished run and their bootstrap intervals."""
-    from adapterkit.data.fashionvl import load_fashionvl_examples
     from adapterkit.stats import bootstrap_tasks
+    from adapterkit.vl.datasets.fashionvl import load_fashionvl_examples
 
     preds = json.loads((Path(run_dir) / "predictions.json").read_text())
     scores, uids = {}, {}
@@ -529,7 +529,7 @@ def _fmt_s(s: float) -> str:
 
 
 def _test_sizes(data_dir, eval_examples) -> dict[str, int]:
-    from adapterkit.data.fashionvl import fashionvl_stats
+    from adapterkit.vl.datasets.fashionvl import fashionvl_stats
 
     st = fashionvl_stats(data_dir)["tasks"]
     sizes = {t: st[t]["test"]["examples"] for t in TASKS}
@@ -544,7 +544,7 @@ def _test_sizes(data_dir, eval_examples) -> dict[str, int]:
 def demo(out_dir="runs/demo", data_dir="data_cache/fashionvl", scale_name="default", preset="single_adapter",
          steps=None, seed=0, eval_examples: int | None = -1) -> dict:
     """One preset, one seed; ``eval_examples`` test examples per task (-1: the demo's default, None: all)."""
-    from adapterkit.data.fashionvl import fashionvl_stats, majority_baseline
+    from adapterkit.vl.datasets.fashionvl import fashionvl_stats, majority_baseline
 
     t0 = time.time()
     scale = dict(SCALES[scale_name])
@@ -598,7 +598,7 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
     each with ``threads`` (default cpu_count // jobs) threads (on a GPU, several small runs share the
     device); ``threads``: torch threads (on a CPU shared with other jobs, 1 is much faster than 2:
     OpenMP threads that wait for a descheduled sibling stall every matmul)."""
-    from adapterkit.data.fashionvl import majority_baseline
+    from adapterkit.vl.datasets.fashionvl import majority_baseline
     from adapterkit.vl.presets import get_preset
 
     if not presets:
