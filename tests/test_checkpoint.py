@@ -1,4 +1,4 @@
-"""Tests for adapterkit.train.checkpoint: exact resume, pruning, corruption fallback."""
+"""Tests for adapterkit.engine.checkpoint: exact resume, pruning, corruption fallback."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from adapterkit.errors import CheckpointError, ConfigError
-from adapterkit.train.checkpoint import (
+from adapterkit.engine.checkpoint import (
     ADAPTER_FILE,
     MANIFEST_FILE,
     CheckpointManager,
@@ -310,7 +310,7 @@ def test_checkpoint_moved_aside_by_an_interrupted_replace_is_recovered(tmp_path)
 
 
 def test_check_tensors_refuses_shape_dtype_and_key_mismatches():
-    from adapterkit.train.checkpoint import check_tensors
+    from adapterkit.engine.checkpoint import check_tensors
 
     model = {"a.weight": torch.zeros(3, 4), "b.bias": torch.zeros(4), "c.weight": torch.zeros(2, 2)}
     check_tensors({k: v.clone() for k, v in model.items()}, model, "ckpt")  # a match passes
@@ -325,7 +325,7 @@ def test_check_tensors_refuses_shape_dtype_and_key_mismatches():
 
 
 def test_config_differences_name_dotted_keys():
-    from adapterkit.train.checkpoint import ABSENT, config_differences
+    from adapterkit.engine.checkpoint import ABSENT, config_differences
 
     old = {"train": {"lr": 0.005, "seed": 1, "scale": {"vqa": 1.0}}, "adapters": [{"method": "lora", "r": 8}],
            "data": {"tasks": ["vqa", "gqa"]}}

@@ -170,7 +170,7 @@ def test_fuzz_adapter_configs(saved_adapter, tmp_path_factory, data):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from adapterkit.train.checkpoint import CheckpointManager, capture_rng_state
+    from adapterkit.engine.checkpoint import CheckpointManager, capture_rng_state
 
     out = tmp_path_factory.mktemp("ckpt")
     w = torch.nn.Parameter(torch.randn(3, 2))
@@ -187,7 +187,7 @@ def checkpoint(tmp_path_factory):
 @given(data=st.data())
 def test_fuzz_checkpoint_manifests(checkpoint, tmp_path_factory, data):
     from adapterkit.safeio import sha256_file
-    from adapterkit.train.checkpoint import CheckpointManager
+    from adapterkit.engine.checkpoint import CheckpointManager
 
     out, path = checkpoint
     target = data.draw(st.sampled_from(["manifest.json", "trainer.json", "optimizer.json", "rng.json"]))

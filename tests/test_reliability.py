@@ -76,7 +76,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back(data, tmp_path):
-    from adapterkit.train.checkpoint import CheckpointManager
+    from adapterkit.engine.checkpoint import CheckpointManager
 
     cfg = _write_cfg(tmp_path, data, epochs=1)
     subprocess.run(_train_cmd(cfg, tmp_path / "run"), check=True, env=ENV, capture_output=True)

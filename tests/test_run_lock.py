@@ -58,7 +58,7 @@ def test_second_trainer_on_one_output_refuses_naming_the_holder(data, tmp_path):
 
 
 def _holder_script(out) -> str:
-    return (f"import sys, time; from adapterkit.train.lock import RunLock; lock = RunLock({str(out)!r}).acquire(); "
+    return (f"import sys, time; from adapterkit.engine.lock import RunLock; lock = RunLock({str(out)!r}).acquire(); "
             "print('locked', flush=True); sys.stdin.read()")
 
 
@@ -101,7 +101,7 @@ def test_stale_lock_of_a_dead_process_is_reported_and_cleared(data, tmp_path, ca
 
 
 def test_lock_is_released_when_training_fails(data, tmp_path, monkeypatch):
-    from adapterkit.train.lock import RunLock
+    from adapterkit.engine.lock import RunLock
     from adapterkit.train.trainer import Trainer
 
     out = tmp_path / "run"
@@ -126,7 +126,7 @@ def test_lock_is_released_when_training_fails(data, tmp_path, monkeypatch):
 
 
 def test_lock_is_reentrant_in_one_process(tmp_path):
-    from adapterkit.train.lock import RunLock
+    from adapterkit.engine.lock import RunLock
 
     with RunLock(tmp_path) as a:
         with RunLock(tmp_path) as b:  # the CLI takes it, then Trainer.fit takes it again

@@ -299,7 +299,7 @@ def test_checkpoint_fallback_warning_prints_once_without_a_code_line(tmp_path):
 
     import torch
 
-    from adapterkit.train.checkpoint import CheckpointManager
+    from adapterkit.engine.checkpoint import CheckpointManager
 
     mgr = CheckpointManager(tmp_path, keep_last=None)
     for step in (1, 2):
@@ -308,7 +308,7 @@ def test_checkpoint_fallback_warning_prints_once_without_a_code_line(tmp_path):
     raw = bytearray(f.read_bytes())
     raw[-2] ^= 0x01
     f.write_bytes(bytes(raw))
-    code = ("from adapterkit.train.checkpoint import CheckpointManager\n"
+    code = ("from adapterkit.engine.checkpoint import CheckpointManager\n"
             f"print(CheckpointManager({str(tmp_path)!r}).latest_valid()[1])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "1", r.stderr

@@ -61,6 +61,23 @@ def _load(args):
     return cfg
 
 
+def generate_data(cfg) -> None:
+    """``data.generate: tiny_fixture``: build the tiny V&L data set at ``data.root`` if it is
+    missing (rank 0 of a distributed run; the others wait for it)."""
+    if cfg.data.generate != "tiny_fixture":
+        return
+    from pathlib import Path
+
+    from adapterkit.engine import distributed as d
+
+    d.init_distributed()
+    if d.is_main() and not Path(cfg.data.root).exists():
+        from adapterkit.testing.fixtures import make_vl_fixture
+
+        make_vl_fixture(cfg.data.root, feat_dim=cfg.model.feat_dim)
+    d.barrier()
+
+
 def run_train(args) -> int:
     from adapterkit.errors import ConfigError
 
@@ -76,6 +93,7 @@ def run_train(args) -> int:
 
     allow = tr.check_allow_changes(args.allow_changes)
     cfg = _load(args)
+    generate_data(cfg)
     # the run lock before building anything: a second run on this output refuses at once;
     # SIGTERM / SIGINT: the step finishes, a checkpoint is written, exit 143 / 130
     with tr.lock_output(args.output):
@@ -186,13 +204,7 @@ def training_plan(cfg, world: int = 1, presets: list[str] | None = None) -> dict
     from adapterkit.vl.data import CAPTION_TASKS
     from adapterkit.vl.presets import get_preset
 
-    if cfg.data.generate == "tiny_fixture":
-        from pathlib import Path
-
-        if not Path(cfg.data.root).exists():
-            from adapterkit.testing.fixtures import make_vl_fixture
-
-            make_vl_fixture(cfg.data.root, feat_dim=cfg.model.feat_dim)
+    generate_data(cfg)
     cache: dict = {}
     errors: dict = {}
 

@@ -9,7 +9,6 @@ takes rows r::world of each global batch).
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -17,6 +16,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from adapterkit.engine.domain import stable_seed
+from adapterkit.engine.engine import task_schedule  # noqa: F401  (re-exported)
 from adapterkit.errors import DataError
 from adapterkit.vl.datasets.base import VLExample
 
@@ -69,9 +70,7 @@ def choice_first_tokens(tok, kind: str, choices: list[str]) -> list[int]:
     return first
 
 
-def _seed(*parts) -> int:
-    h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(h[:8], "little")
+_seed = stable_seed  # one seed function for every domain (adapterkit.engine.domain)
 
 
 @dataclass
@@ -235,9 +234,3 @@ class TaskData:
                 "vis_boxes": boxes, "img_order": order, "uids": [e.uid for e in exs]}
 
 
-def task_schedule(num_batches: dict[str, int], seed: int, epoch: int) -> list[tuple[str, int]]:
-    """Each task once per batch of its loader, shuffled with a seed derived from the epoch
-    (identical on every rank): sampling proportional to dataset size."""
-    items = [(t, b) for t in sorted(num_batches) for b in range(num_batches[t])]
-    perm = np.random.default_rng(_seed(seed, "schedule", epoch)).permutation(len(items))
-    return [items[i] for i in perm]

@@ -1,0 +1,40 @@
+"""The process group of a ``torchrun`` / ``accelerate launch`` run (gloo on CPU, NCCL on GPU)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _dist() else 0
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if _dist() else 1
+
+
+def _is_main() -> bool:
+    return _rank() == 0
+
+
+def init_distributed() -> None:
+    """Join the process group torchrun / accelerate launch describe in the environment."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _dist():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _barrier() -> None:
+    if _dist():
+        torch.distributed.barrier()
+
+
+rank, world_size, is_main, barrier = _rank, _world, _is_main, _barrier
