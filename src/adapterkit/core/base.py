@@ -8,6 +8,7 @@ keys) and the hooks that wire them in at the profile's places.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from adapterkit.core.config import AdapterConfig, config_from_dict, method_entry
 from adapterkit.core.profiles import Place, find_places, norm_style, profile_for_model
-from adapterkit.core.routing import TaskRouter
+from adapterkit.core.routing import TaskRouter, _task_index, check_rows, current_route
 from adapterkit.errors import ConfigError
 
 CONTAINER = "adapterkit"
@@ -26,6 +27,9 @@ class AdapterSet(nn.Module):
 
     can_merge = False
     merge_note = "it applies a non-linear function of the hidden states, which no weight update reproduces"
+    #: a per-task set with one task merged still answers rows routed to other tasks (LoRA);
+    #: for the others a forward routed to another task is refused (see ``_root_pre_hook``)
+    routes_while_merged = False
 
     def __init__(self, config: AdapterConfig):
         super().__init__()
@@ -86,6 +90,7 @@ class AdapterContainer(nn.Module):
         super().__init__()
         self.sets = nn.ModuleDict()
         self.base_trainable: list[str] = []  # base parameter names unfrozen by policy
+        self.root_hook = None  # the model-level forward pre-hook (route rows, merged-task guard)
 
     def forward(self, x, *args, **kwargs):
         """Identity: lets containers such as nn.Sequential, which call every child, pass through."""
@@ -167,19 +172,63 @@ def paired_places(model: nn.Module, profile: dict | None, config, src_kind: str,
     return out
 
 
-def add_adapters(model: nn.Module, config, name: str | None = None) -> nn.Module:
+#: HF model classes whose task head is new (randomly initialised) when the class is loaded from a
+#: backbone checkpoint: add_adapters trains that head by default
+NEW_HEAD_CLASSES = ("ForSequenceClassification", "ForTokenClassification")
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """The task head of an HF ``*For<Task>`` model: its top-level children, other than the
+    backbone (``base_model_prefix``) and the adapters, that hold parameters (``classifier``,
+    ``score``, ``pre_classifier`` + ``classifier``, ``classification_head``...)."""
+    prefix = getattr(model, "base_model_prefix", None)
+    if not prefix or not isinstance(getattr(model, prefix, None), nn.Module):
+        return []
+    return [n for n, child in model.named_children()
+            if n not in (prefix, CONTAINER) and next(child.parameters(), None) is not None]
+
+
+def _with_head(cfg: AdapterConfig, model: nn.Module, train_head: bool | None) -> AdapterConfig:
+    """``cfg`` with the model's head added to ``trainable_modules`` (so the saved config says so)."""
+    if train_head is False or not cfg.freeze_base:
+        return cfg
+    if train_head is None and not type(model).__name__.endswith(NEW_HEAD_CLASSES):
+        return cfg
+    heads = head_modules(model)
+    if not heads:
+        if train_head:
+            raise ConfigError(f"train_head=True, but {type(model).__name__} has no task head outside its backbone "
+                              f'"{getattr(model, "base_model_prefix", None)}" (name the modules in trainable_modules)')
+        return cfg
+    patterns = [f"^{re.escape(h)}\\." for h in heads]
+    extra = [p for p in patterns if p not in cfg.trainable_modules]
+    return dataclasses.replace(cfg, trainable_modules=list(cfg.trainable_modules) + extra) if extra else cfg
+
+
+def add_adapters(model: nn.Module, config, name: str | None = None, *, train_head: bool | None = None) -> nn.Module:
     """Attach the adapters described by ``config`` to ``model``, freeze by policy, return it.
 
     ``config`` is a method config dataclass or a plain dict such as
     ``{"method": "houlsby", "reduction_factor": 8, "tasks": ["vqa", "gqa"], "sharing": "shared"}``.
     Several configs can be attached to one model under different names.
+
+    ``train_head``: on an HF ``*ForSequenceClassification`` / ``*ForTokenClassification``
+    model the task head (``classifier``, ``score``...: see :func:`head_modules`) is new, so by
+    default (None) it is trained: its module path is added to the config's
+    ``trainable_modules`` and it is saved with the adapters. ``False`` keeps it frozen;
+    ``True`` trains the head of any ``*For<Task>`` model (an error if it has none).
+
+    On an HF model, ``model.save_pretrained`` (and so ``transformers.Trainer``) then writes
+    the adapters only, and ``model.print_trainable_parameters()`` / ``model.merge_and_unload()``
+    exist (see :mod:`adapterkit.core.hf`); :func:`remove_adapters` takes them away again.
     """
-    cfg = config_from_dict(config)
+    cfg = _with_head(config_from_dict(config), model, train_head)
     _, builder = method_entry(cfg.method)
+    existing = get_container(model)
+    if existing is not None and (name or cfg.method) in existing.sets:
+        raise ConfigError(f'an adapter named "{name or cfg.method}" is already attached; pass another name=')
     container = get_container(model, create=True)
     name = name or cfg.method
-    if name in container.sets:
-        raise ConfigError(f'an adapter named "{name}" is already attached; pass another name=')
     profile = profile_for_model(model, cfg.profile)
     adapter_set: AdapterSet = builder(cfg)
     adapter_set.norm = norm_style(profile, model)
@@ -197,7 +246,54 @@ def add_adapters(model: nn.Module, config, name: str | None = None) -> nn.Module
             f'method "{cfg.method}" leaves nothing trainable on {type(model).__name__} '
             "(e.g. BitFit on a model without biases)"
         )
+    if container.root_hook is None:
+        container.root_hook = model.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
+    from adapterkit.core import hf
+
+    hf.install(model)
     return model
+
+
+# inputs whose first dimension is the batch, in the order a model-level check looks for them
+_BATCH_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "pixel_values",
+                 "input_features", "input_values")
+
+
+def _root_pre_hook(model: nn.Module, args, kwargs):
+    """Once per forward of the model adapters were added to: the active route must fit the
+    batch (:func:`~adapterkit.core.routing.check_rows`, HF models), and a per-task set with
+    one task merged that cannot answer other tasks (``routes_while_merged``) refuses them."""
+    if torch.compiler.is_compiling():
+        return None
+    r = current_route()
+    if r is None:
+        return None
+    container = get_container(model)
+    if container is None:
+        return None
+    if r.rows is not None and hasattr(model, "main_input_name"):
+        names = (model.main_input_name,) + _BATCH_INPUTS
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else next(
+            (kwargs[n] for n in names if isinstance(kwargs.get(n), torch.Tensor)), None)
+        if x is not None and x.dim() >= 1:
+            check_rows(x.shape[0])
+    for name, s in container.sets.items():
+        m = getattr(s, "_merged_task", None)
+        if not s.merged or s.routes_while_merged or m is None or not getattr(s, "per_task", False):
+            continue
+        t = s.router.resolve_or(m, _device_of(s))
+        if isinstance(t, int) and t == m or not isinstance(t, int) and bool((t == m).all()):
+            continue
+        raise ConfigError(
+            f'adapter "{name}" ({s.config.method}) has task "{s.router.tasks[m]}" merged into the base weights and '
+            "cannot answer rows routed to another task: call adapterkit.merge_adapters(model, task=...) for that "
+            "task, or adapterkit.unmerge_adapters(model) to serve mixed tasks")
+    return None
+
+
+def _device_of(module: nn.Module):
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def apply_freeze_policy(model: nn.Module, profile: dict | None = None) -> None:
@@ -246,7 +342,10 @@ def apply_freeze_policy(model: nn.Module, profile: dict | None = None) -> None:
 
 
 def remove_adapters(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Detach adapters (all, or the named set) and unfreeze the base model."""
+    """Detach adapters (all, or the named set) and unfreeze the base model.
+
+    A merged set is unmerged first (the base weights are restored): to keep a merged LoRA in
+    the weights and drop everything else, use :func:`merge_and_unload`."""
     container = get_container(model)
     if container is None:
         return model
@@ -260,9 +359,45 @@ def remove_adapters(model: nn.Module, name: str | None = None) -> nn.Module:
         s.detach()
         del container.sets[n]
     if not container.sets:
-        delattr(model, CONTAINER)
-        for p in model.parameters():
-            p.requires_grad_(True)
+        _unload(model)
+    return model
+
+
+def _unload(model: nn.Module) -> None:
+    """Take the (empty) container, its model hook and the HF integration off ``model``."""
+    container = get_container(model)
+    if container.root_hook is not None:
+        container.root_hook.remove()
+        container.root_hook = None
+    delattr(model, CONTAINER)
+    from adapterkit.core import hf
+
+    hf.uninstall(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def merge_and_unload(model: nn.Module, task: str | int | None = None) -> nn.Module:
+    """Fold every adapter into the base weights and take adapterkit off the model: what is
+    returned is the plain model (e.g. a plain HF model, ready for ``save_pretrained`` of the
+    full weights), with no adapter modules, hooks or patched methods left, and every
+    parameter trainable again (as after :func:`remove_adapters`). Trained base modules
+    (a head, LayerNorms) keep their trained values.
+
+    ``task``: for per-task adapters, the task whose weights are folded in. An adapter that
+    cannot be merged (a bottleneck adapter, a prompt...) is one :class:`ConfigError`
+    naming it, and the model is left as it was."""
+    container = get_container(model)
+    if container is None:
+        raise ConfigError("the model has no adapters to merge and unload")
+    bad = [f'"{n}" ({s.config.method}: {s.merge_note})' for n, s in container.sets.items() if not s.can_merge]
+    if bad:
+        raise ConfigError(f"merge_and_unload: adapter {', '.join(bad)} cannot be folded into the base weights; "
+                          "keep the adapters attached (save_adapters) or remove_adapters(model) to drop them")
+    merge_adapters(model, task)
+    for s in container.sets.values():
+        s.detach()  # the merged weights stay; every hook goes
+    _unload(model)
     return model
 
 
@@ -300,7 +435,13 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mod
 
 
 def merge_adapters(model: nn.Module, task: str | int | None = None) -> nn.Module:
-    """Fold mergeable adapters (LoRA) into the base weights; others raise a clear error."""
+    """Fold mergeable adapters (LoRA) into the base weights; others raise a clear error.
+
+    A per-task adapter merges the named ``task``; merging another task later unmerges the
+    first one, then merges the new one. While a per-task LoRA has a task merged, a forward
+    routed to another task is still answered right (the LoRA adds that task's update and
+    takes the merged one out for those rows); other per-task methods refuse such a route
+    with a :class:`ConfigError` naming the merged task."""
     container = get_container(model)
     if container is None:
         raise ConfigError("the model has no adapters to merge")
@@ -308,8 +449,12 @@ def merge_adapters(model: nn.Module, task: str | int | None = None) -> nn.Module
         if not s.can_merge:
             s.merge(task)  # raises with the method's reason
     for s in container.sets.values():
-        if not s.merged:
-            s.merge(task)
+        if s.merged:
+            merged = getattr(s, "_merged_task", None)
+            if merged is None or task is None or _task_index(task, s.router.tasks) == merged:
+                continue  # a shared set is merged already, or this very task is
+            s.unmerge()
+        s.merge(task)
     return model
 
 

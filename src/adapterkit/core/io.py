@@ -17,12 +17,13 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from adapterkit.core.base import add_adapters, get_container
+from adapterkit.core.base import NEW_HEAD_CLASSES, add_adapters, get_container
 from adapterkit.core.config import check_name
 from adapterkit.errors import CheckpointError, ConfigError
 from adapterkit.safeio import (
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+#: the same weights under the name transformers.Trainer reloads (core/hf.py); never read by load_adapters
+TRAINER_WEIGHTS_NAME = "model.safetensors"
 FORMAT = "adapterkit"
 FORMAT_VERSION = 1
 CHECKSUM_FIELD = "config_sha256"
@@ -69,23 +72,41 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapters(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write the adapters of ``model`` to ``directory`` (created if needed)."""
+def save_adapters(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None,
+                  state_dict: dict | None = None, trainer_copy: bool = False) -> Path:
+    """Write the adapters of ``model`` to ``directory`` (created if needed).
+
+    ``state_dict``: take the tensors from it (by model parameter name) rather than from the
+    model, e.g. a state dict gathered from a sharded model; every adapter key must be in it.
+    ``trainer_copy``: also make ``model.safetensors`` (a hard link to the weights file, a copy
+    where links are not possible), the file ``transformers.Trainer`` reloads checkpoints from
+    (see :mod:`adapterkit.core.hf`). A folder that has one already gets it refreshed anyway.
+    """
     directory = Path(directory)
     container = get_container(model)
     if container is None:
         raise ConfigError("the model has no adapters attached (call adapterkit.add_adapters first)")
     if any(s.merged for s in container.sets.values()):
         raise ConfigError("unmerge the adapters before saving (adapterkit.unmerge_adapters(model))")
-    write_adapter_files(directory, adapter_state_dict(model), container.configs(), container.base_trainable,
-                        _base_info(model), extra)
+    tensors = adapter_state_dict(model)
+    if state_dict is not None:
+        missing = [k for k in tensors if k not in state_dict]
+        if missing:
+            raise ConfigError(f"the state_dict given to save has no {missing[0]!r}, an adapter tensor of the model"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        tensors = {k: state_dict[k].detach() for k in tensors}
+    write_adapter_files(directory, tensors, container.configs(), container.base_trainable,
+                        _base_info(model), extra, trainer_copy=trainer_copy)
     return directory
 
 
 def write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor], adapters: dict[str, dict],
-                        base_trainable, base_model: dict, extra: dict | None = None) -> None:
+                        base_trainable, base_model: dict, extra: dict | None = None,
+                        trainer_copy: bool = False) -> None:
     """The weights file, then the config that records its checksum, shapes and dtypes."""
     weights = save_safetensors_atomic(tensors, directory / WEIGHTS_NAME, metadata={"format": FORMAT})
+    if trainer_copy or (directory / TRAINER_WEIGHTS_NAME).exists():
+        _link_trainer_copy(weights, directory / TRAINER_WEIGHTS_NAME)
     cfg = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -105,9 +126,26 @@ def write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor], adapt
     atomic_write_json(directory / CONFIG_NAME, cfg)
 
 
+def _link_trainer_copy(weights: Path, dst: Path) -> None:
+    """``dst`` = the same bytes as ``weights``: a hard link, or a copy; replaced atomically."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(weights, tmp)
+    except OSError:
+        shutil.copyfile(weights, tmp)
+    os.replace(tmp, dst)
+
+
 def _base_info(model: nn.Module) -> dict:
     cfg = getattr(model, "config", None)
-    return {"class": type(model).__name__, "model_type": getattr(cfg, "model_type", None)}
+    info = {"class": type(model).__name__, "model_type": getattr(cfg, "model_type", None)}
+    name = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if isinstance(name, str) and name:
+        info["name_or_path"] = name
+    if type(model).__name__.endswith(NEW_HEAD_CLASSES) and isinstance(getattr(cfg, "num_labels", None), int):
+        info["num_labels"] = cfg.num_labels
+    return info
 
 
 def _config_problem(cfg: dict) -> str | None:
@@ -220,7 +258,7 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike, strict_dtype: 
     for name, acfg in cfg["adapters"].items():
         if container is None or name not in container.sets:
             try:
-                add_adapters(model, dict(acfg), name=name)
+                add_adapters(model, dict(acfg), name=name, train_head=False)  # the config says what is trained
             except ConfigError as e:
                 raise CheckpointError(f"cannot rebuild adapter \"{name}\" from {directory / CONFIG_NAME}: {e}") from None
             container = get_container(model)
@@ -250,4 +288,7 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike, strict_dtype: 
             p.copy_(t)
             if k in container.base_trainable and p.is_floating_point():
                 p.requires_grad_(True)
+    from adapterkit.core import hf
+
+    hf.sync_ignored_keys(model)
     return model

@@ -5,6 +5,14 @@ by every attached module. ``tasks`` is a task name, a task id, or a per-example 
 or LongTensor of names/ids. A batch that uses a single task resolves to a plain int
 (fast path: ordinary matmuls); a mixed batch resolves to a LongTensor of ids that
 modules serve with gathered/batched matmuls.
+
+Rows and tasks: a per-example list (or 1-D tensor) of ``n`` tasks must match a batch of
+``n`` rows. The one exception is a batch of ``k * n`` rows, which is read as each example
+repeated ``k`` times in a row (what ``generate(num_beams=k)`` and ``num_return_sequences``
+do to the batch with ``repeat_interleave``): example ``i``'s task then serves rows
+``i*k .. i*k + k-1``. Any other row count is one :class:`ConfigError`; a model with
+adapters attached checks this once per forward (``check_rows``) as well as at every place
+that gathers per-row weights.
 """
 
 from __future__ import annotations
@@ -31,10 +39,17 @@ _ACTIVE_SPEC: TaskSpec | None = None
 class Route:
     """The active routing request; resolves lazily against each model's task list."""
 
-    __slots__ = ("spec", "_cache")
+    __slots__ = ("spec", "rows", "_cache")
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
+        # how many rows the request names (None: one task for any batch)
+        if isinstance(spec, torch.Tensor):
+            self.rows = int(spec.shape[0]) if spec.dim() == 1 else None
+        elif isinstance(spec, (str, int)):
+            self.rows = None
+        else:
+            self.rows = len(spec)
         self._cache: dict = {}
 
     def resolve(self, tasks: tuple[str, ...], device: torch.device) -> Resolved:
@@ -120,6 +135,14 @@ class TaskRouter:
             return self._unrouted()
         return r.resolve(self.tasks, device)
 
+    def resolve_or(self, default: Resolved, device: torch.device) -> Resolved:
+        """Like :meth:`resolve`, but ``default`` when no route is active (e.g. a merged task)."""
+        if torch.compiler.is_compiling():
+            spec = _ACTIVE_SPEC
+            return default if spec is None else _resolve(spec, self.tasks, device)
+        r = _CURRENT.get()
+        return default if r is None else r.resolve(self.tasks, device)
+
     def _unrouted(self) -> int:
         if len(self.tasks) == 1:
             return 0
@@ -142,11 +165,30 @@ def task_one_hot(task: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor
     return hit[1]
 
 
+def _rows_error(n: int, batch: int) -> ConfigError:
+    return ConfigError(
+        f"route() was given {n} per-example tasks but the batch has {batch} rows: give one task per row "
+        f"or one task for the whole batch (a batch of k*{n} rows is read as each example repeated k times, "
+        "as generate(num_beams=k) expands it)")
+
+
+def check_rows(batch: int) -> None:
+    """Raise unless the active route fits a batch of ``batch`` rows: one task for any batch,
+    ``n`` per-example tasks for ``n`` rows, or ``k * n`` rows (beam / repeat expansion)."""
+    if torch.compiler.is_compiling():
+        return
+    r = _CURRENT.get()
+    if r is None or r.rows is None or batch == r.rows:
+        return
+    if r.rows == 0 or batch == 0 or batch % r.rows:
+        raise _rows_error(r.rows, batch)
+
+
 def expand_to_batch(task: Resolved, batch: int) -> Resolved:
     """Match a per-example task tensor to a batch expanded by beams/repeats (B*k rows)."""
     if isinstance(task, int) or task.shape[0] == batch:
         return task
     n = task.shape[0]
-    if batch % n:
-        raise ConfigError(f"routed {n} per-example tasks but the batch has {batch} rows")
+    if n == 0 or batch % n:
+        raise _rows_error(n, batch)
     return task.repeat_interleave(batch // n)

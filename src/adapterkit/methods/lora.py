@@ -2,8 +2,11 @@
 
 A is Kaiming-uniform, B zero (so the model starts unchanged). Works on nn.Linear and
 GPT-2's Conv1D (weights stored (in, out)). Shared LoRAs merge into the base weights
-(no inference cost); per-task LoRAs merge one chosen task at a time. Mixed-task
-batches use gathered batched matmuls.
+(no inference cost: no hooks are left). Per-task LoRAs merge one chosen task at a time;
+their hooks stay, cost nothing for rows of the merged task (or an unrouted forward), and
+answer rows routed to another task with that task's update (its LoRA output minus the
+merged task's). Merging another task unmerges the first. Mixed-task batches use
+gathered batched matmuls.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 
 from adapterkit.core.base import AdapterSet, linear_targets
 from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
+from adapterkit.core.routing import _task_index, expand_to_batch
 from adapterkit.core.task_linear import TaskLinear, init_weight, task_pair
 from adapterkit.errors import ConfigError
 
@@ -83,6 +87,7 @@ class LoraLayer(nn.Module):
 
 class LoraSet(AdapterSet):
     can_merge = True
+    routes_while_merged = True  # see _merged_out
 
     def __init__(self, cfg: LoraConfig):
         super().__init__(cfg)
@@ -101,12 +106,25 @@ class LoraSet(AdapterSet):
 
     def _hook(self, layer: LoraLayer):
         def hook(module, args, out):
-            if self.merged:
-                return out
             x = args[0]
+            if self.merged:
+                return self._merged_out(layer, x, out)
             task = self.router.resolve(x.device) if self.per_task else None
             return out + layer(x, task)
         return hook
+
+    def _merged_out(self, layer: LoraLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A per-task LoRA with task m merged: rows of m (or an unrouted forward) are the base
+        output as is; a row routed to task t gets LoRA_t(x) - LoRA_m(x) added."""
+        m = self._merged_task
+        if m is None:
+            return out
+        task = self.router.resolve_or(m, x.device)
+        if isinstance(task, int):
+            return out if task == m else out + (layer(x, task) - layer(x, m))
+        rows = expand_to_batch(task, x.shape[0])
+        other = (rows != m).view((-1,) + (1,) * (out.dim() - 1))
+        return out + (layer(x, rows) - layer(x, m)) * other.to(out.dtype)
 
     def _resolve_merge_task(self, task):
         if not self.per_task:
@@ -116,20 +134,23 @@ class LoraSet(AdapterSet):
                 f"this LoRA has per-task weights for {list(self.config.tasks)}: merge_adapters(model, task=...) "
                 "must name the task to merge"
             )
-        return self.router.tasks.index(task) if isinstance(task, str) else int(task)
+        return _task_index(task, self.router.tasks)
 
     @torch.no_grad()
     def merge(self, task=None) -> None:
-        if self.merged:
-            raise ConfigError("LoRA weights are already merged; unmerge first")
         t = self._resolve_merge_task(task)
+        if self.merged:
+            if t == self._merged_task:
+                return  # that task is merged already
+            self.unmerge()  # another task is merged: take it out first
         for layer in self.layers.values():
             base = layer.target[0]
             d = layer.delta(t).to(base.weight.dtype)
             base.weight += d.T if layer.fan_in_fan_out else d
         self._merged_task = t
         self.merged = True
-        self.suspend_hooks()  # merged: no hooks at all, so inference costs exactly the base model
+        if not self.per_task:
+            self.suspend_hooks()  # merged shared LoRA: no hooks at all, inference costs exactly the base model
 
     @torch.no_grad()
     def unmerge(self) -> None:
