@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from adapterkit.errors import CheckpointError, ConfigError
 from adapterkit.engine.checkpoint import (
     ADAPTER_FILE,
     MANIFEST_FILE,
@@ -25,6 +24,7 @@ from adapterkit.engine.checkpoint import (
     restore_rng_state,
     tensors_to_optimizer_state,
 )
+from adapterkit.errors import CheckpointError, ConfigError
 
 
 def _model(seed: int) -> nn.Module:

@@ -186,8 +186,8 @@ def checkpoint(tmp_path_factory):
 @settings(max_examples=50, **BUDGET)
 @given(data=st.data())
 def test_fuzz_checkpoint_manifests(checkpoint, tmp_path_factory, data):
-    from adapterkit.safeio import sha256_file
     from adapterkit.engine.checkpoint import CheckpointManager
+    from adapterkit.safeio import sha256_file
 
     out, path = checkpoint
     target = data.draw(st.sampled_from(["manifest.json", "trainer.json", "optimizer.json", "rng.json"]))

@@ -11,9 +11,9 @@ import torch
 from reliability_helpers import copy_run, snapshot, tiny_config, write_config
 
 from adapterkit.cli import main
+from adapterkit.engine.checkpoint import CheckpointManager
 from adapterkit.errors import CheckpointError, ConfigError
 from adapterkit.testing.fixtures import make_vl_fixture
-from adapterkit.engine.checkpoint import CheckpointManager
 from adapterkit.train.config import load_config
 from adapterkit.train.trainer import Trainer
 

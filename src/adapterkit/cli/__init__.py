@@ -24,6 +24,7 @@ COMMANDS = [
     "adapterkit.vision.cli",
     "adapterkit.audio.cli",
     "adapterkit.rec.cli",
+    "adapterkit.text.cli",
 ]
 
 

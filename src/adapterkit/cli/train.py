@@ -89,21 +89,37 @@ def run_train(args) -> int:
         raise ConfigError("--preset all only goes with --dry-run; train one preset per --output")
     import sys
 
-    from adapterkit.train import trainer as tr
+    from adapterkit.engine import engine as eng
+    from adapterkit.engine.registry import domain_module, domain_of
 
-    allow = tr.check_allow_changes(args.allow_changes)
-    cfg = _load(args)
-    generate_data(cfg)
+    domain = domain_of(args.config)
+    if domain == "vl":
+        from adapterkit.train import trainer as tr
+
+        allow = tr.check_allow_changes(args.allow_changes)
+        cfg = _load(args)
+        generate_data(cfg)
+        build = tr.build_engine
+    else:
+        allow = eng.check_allow_changes(args.allow_changes)
+        mod = domain_module(domain)
+        cfg = mod.load_config(args.config)
+        if args.preset:
+            cfg.preset, cfg.adapters = args.preset, None
+            cfg.validate()
+        build = mod.build_engine
     # the run lock before building anything: a second run on this output refuses at once;
     # SIGTERM / SIGINT: the step finishes, a checkpoint is written, exit 143 / 130
-    with tr.lock_output(args.output):
-        trainer = tr.Trainer(cfg, args.output, max_steps=args.max_steps, allow_changes=allow)
+    with eng.lock_output(args.output):
+        engine = build(cfg, args.output, max_steps=args.max_steps, allow_changes=allow)
         try:
-            res = trainer.fit()
-        except tr.TrainingInterrupted as e:
+            res = engine.fit()
+        except eng.TrainingInterrupted as e:
             print(f"adapterkit train: {e}", file=sys.stderr)
             return e.exit_code
-    if tr._is_main():
+    from adapterkit.engine.distributed import is_main
+
+    if is_main():
         print(f"results: {args.output}/results.json ({res['checkpoint']})")
         _print_results(res)
     return 0

@@ -532,14 +532,23 @@ class Engine:
     def _all_reduce_grads(self):
         if not _dist():
             return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+        # one all-reduce: the gradients, then one flag per parameter (did any rank's graph use it?).
+        # A parameter no rank used (another task's head) keeps no gradient, as in a one-process run,
+        # so the optimizer leaves it (and its moments) alone
+        ref = self.params[0]
+        used = torch.tensor([float(p.grad is not None) for p in self.params], dtype=ref.dtype, device=ref.device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params]
+                         + [used])
         torch.distributed.all_reduce(flat)
-        flat /= _world()
+        used = flat[-len(self.params):].tolist()
+        flat = flat[:-len(self.params)] / _world()
         i = 0
-        for p in self.params:
+        for p, u in zip(self.params, used):
             n = p.numel()
             g = flat[i:i + n].view_as(p)
-            if p.grad is None:
+            if not u:
+                p.grad = None
+            elif p.grad is None:
                 p.grad = g.clone()
             else:
                 p.grad.copy_(g)

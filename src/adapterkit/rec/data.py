@@ -173,7 +173,11 @@ def read_bbc(root: str | Path | None = None, topics: tuple[str, ...] = BBC_TOPIC
         if not folder.is_dir():
             raise DataError(f"BBC topic folder not found: {folder}")
         for f in sorted(folder.glob("*.txt")):
-            text = f.read_bytes().decode("latin-1")
+            raw = f.read_bytes()
+            try:  # the corpus is UTF-8 but for one Latin-1 file
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")
             lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
             if not lines:
                 continue

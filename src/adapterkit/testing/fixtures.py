@@ -50,3 +50,44 @@ def make_vl_fixture(root: str | Path, n_images: int = 48, feat_dim: int = 16, bo
         for t, exs in per.items():
             write_examples_jsonl(root / t / f"{split}.jsonl", exs)
     return root
+
+
+def make_text_fixture(root, n_train: int = 96, n_eval: int = 32, seed: int = 0, fmt: str = "jsonl") -> dict:
+    """A tiny text data set in the text domain's layout, ``ROOT/<task>/<split>.jsonl``:
+    ``sentiment`` (2 classes, told by a cue word), ``topic`` (3 classes, by a cue word) and
+    ``copy`` (generation: the target is the text's cue word). Learnable in a few steps."""
+    import csv
+    import io
+
+    from adapterkit.text.data import write_jsonl
+
+    rng = np.random.default_rng(seed)
+    filler = ["the", "a", "day", "it", "was", "quite", "very", "and", "so", "then", "we", "saw"]
+    cues = {"sentiment": {"pos": ["good", "great"], "neg": ["bad", "awful"]},
+            "topic": {"sport": ["goal", "match"], "money": ["bank", "price"], "tech": ["phone", "code"]}}
+    counts = {}
+    for task in ("sentiment", "topic", "copy"):
+        for split, n in (("train", n_train), ("val", n_eval), ("test", n_eval)):
+            rows = []
+            for i in range(n):
+                words = list(rng.choice(filler, size=5))
+                if task == "copy":
+                    cue = str(rng.choice(["red", "blue", "green", "gold"]))
+                    words.insert(int(rng.integers(0, 6)), cue)
+                    rows.append({"id": f"{task}-{split}-{i}", "text": " ".join(words), "target": cue})
+                    continue
+                label = str(rng.choice(sorted(cues[task])))
+                words.insert(int(rng.integers(0, 6)), str(rng.choice(cues[task][label])))
+                rows.append({"id": f"{task}-{split}-{i}", "text": " ".join(words), "label": label})
+            folder = Path(root) / task
+            folder.mkdir(parents=True, exist_ok=True)
+            if fmt == "csv":
+                buf = io.StringIO()
+                w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+                (folder / f"{split}.csv").write_text(buf.getvalue())
+            else:
+                write_jsonl(folder / f"{split}.jsonl", rows)
+            counts[(task, split)] = n
+    return counts

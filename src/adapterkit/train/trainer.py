@@ -310,3 +310,8 @@ class Trainer(Engine):
             if k in task_metrics:
                 return float(task_metrics[k])
         return float(next(v for k, v in task_metrics.items() if not k.startswith("_")))
+
+
+def build_engine(cfg, output_dir, max_steps=None, allow_changes=()):
+    """The engine for a V&L run config (``data.generate`` is done by the caller)."""
+    return Trainer(cfg, output_dir, max_steps=max_steps, allow_changes=allow_changes)
