@@ -140,3 +140,16 @@ def test_route_over_a_repeated_batch_is_the_beam_expansion():
     doubled = {k: v.repeat_interleave(2, 0) for k, v in inputs.items()}
     got = _out(model, doubled, ["a", "c"])
     torch.testing.assert_close(got, _out(model, doubled, ["a", "a", "c", "c"]), atol=0, rtol=0)
+
+
+def test_merge_and_unload_of_a_per_task_lora_folds_the_named_task():
+    model = _lora()
+    inputs = tiny_inputs("llama")
+    want = _out(model, inputs, "b")
+    with pytest.raises(adapterkit.ConfigError, match="must name the task"):
+        adapterkit.merge_and_unload(model)
+    plain = adapterkit.merge_and_unload(model, task="b")
+    assert not hasattr(plain, "adapterkit")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(plain(**inputs)), want, atol=1e-5, rtol=0)
