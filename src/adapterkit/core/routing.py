@@ -93,7 +93,10 @@ def _resolve(spec: TaskSpec, tasks: tuple[str, ...], device) -> Resolved:
 
 
 def route(tasks: TaskSpec):
-    """Route the forward passes inside the block to ``tasks`` (one name/id, or one per example)."""
+    """Route the forward passes inside the block to ``tasks``: one name/id for the whole batch,
+    or one per example. ``n`` per-example tasks fit a batch of ``n`` rows, or of ``k * n`` rows
+    read as each example repeated ``k`` times (``generate(num_beams=k)``); any other row count
+    is a :class:`ConfigError` (see the module docstring)."""
     return reenter(Route(tasks))
 
 
