@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
 import stat
 import struct
@@ -243,11 +244,40 @@ def read_json_file(path: str | os.PathLike, *, what: str | None = None,
     return loads_json(raw, what=what, error=error, **kw)
 
 
+#: YAML 1.2 floats as well as YAML 1.1's: ``1e-3``, ``1E5``, ``2e+2`` and ``-.5`` are numbers
+#: (PyYAML's YAML 1.1 resolver needs a dot and a signed exponent, so it reads ``1e-3`` as the
+#: string "1e-3"); plus YAML 1.1's ``1_000.5``, ``190:20:30.15``, ``.inf`` and ``.nan``
+_YAML_FLOAT = re.compile(r"""^(?:
+      [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    | [-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    | [-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    | [-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    | [-+]?\.(?:inf|Inf|INF)
+    | \.(?:nan|NaN|NAN)
+    )$""", re.X)
+_YAML_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+
+def _yaml_resolvers(base) -> dict:
+    """``base.yaml_implicit_resolvers`` with the float resolver's pattern replaced by
+    :data:`_YAML_FLOAT` (in place, so the other resolvers keep their order)."""
+    out = {first: [(tag, _YAML_FLOAT if tag == _YAML_FLOAT_TAG else rx) for tag, rx in entries]
+           for first, entries in base.yaml_implicit_resolvers.items()}
+    for first in "-+0123456789.":
+        entries = out.setdefault(first, [])
+        if not any(tag == _YAML_FLOAT_TAG for tag, _ in entries):
+            entries.append((_YAML_FLOAT_TAG, _YAML_FLOAT))
+    return out
+
+
 def _yaml_loader(what: str, error: type[AdapterKitError], max_depth: int):
     import yaml
 
     class Loader(yaml.SafeLoader):
-        """SafeLoader that refuses duplicate keys and deep nesting while composing."""
+        """SafeLoader that refuses duplicate keys and deep nesting while composing, and reads
+        YAML 1.2 floats (``1e-3``) as numbers."""
+
+        yaml_implicit_resolvers = _yaml_resolvers(yaml.SafeLoader)
 
         def compose_node(self, parent, index):
             self._depth = getattr(self, "_depth", 0) + 1

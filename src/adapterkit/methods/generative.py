@@ -47,16 +47,18 @@ class GenerativeAdapterConfig(AdapterConfig):
     o_proj); ``target_modules`` overrides them with names/regexes."""
 
     method: str = "generative_adapter"
-    sharing: str = choice("shared", default="shared")
-    r1: int = bounded(64, lo=1)
-    r2: int = bounded(64, lo=1)
-    max_rank: int = bounded(16, lo=1)
-    alpha: float = bounded(16.0, lo=0.0, lo_open=True)
-    norm: str = choice(*NORMS, default="svd")
-    svd_niter: int = bounded(1, lo=0)
-    segment_len: int = bounded(1024, lo=1)
-    rms_eps: float = bounded(1e-6, lo=0.0, lo_open=True)
-    degenerate_tol: float = bounded(1e-6, lo=0.0)
+    sharing: str = choice("shared", default="shared", help="shared only (one generator for every task)")
+    r1: int = bounded(64, lo=1, help="rank of A1 / A2 (the keys K of the context state S)")
+    r2: int = bounded(64, lo=1, help="rank of A3 / B (the values V of the context state S)")
+    max_rank: int = bounded(16, lo=1, help="rank q of the low-rank SVD of S (norm svd; at most r1, r2)")
+    alpha: float = bounded(16.0, lo=0.0, lo_open=True, help="the generated update is scaled by alpha / r1")
+    norm: str = choice(*NORMS, default="svd", help="how S is normalised: svd (U V^T of its low-rank SVD), "
+                                                  "frobenius (S / ||S||_F), spectral (S / sigma_max), none")
+    svd_niter: int = bounded(1, lo=0, help="subspace iterations of torch.svd_lowrank")
+    segment_len: int = bounded(1024, lo=1, help="a context is absorbed in segments of this many tokens")
+    rms_eps: float = bounded(1e-6, lo=0.0, lo_open=True, help="epsilon of the RMSNorm on the context states")
+    degenerate_tol: float = bounded(1e-6, lo=0.0, help="in training, an example whose singular values of S "
+                                                      "are closer than this (relative) gets a zero adapter")
     targets: list[str] = field(default_factory=lambda: ["o"])
     target_modules: list[str] | None = None
 

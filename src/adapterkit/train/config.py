@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapterkit.core.config import bounded, check_name, choice, dataclass_from_dict
+from adapterkit.core.config import _NAME, bounded, check_name, choice, dataclass_from_dict, option
 from adapterkit.errors import ConfigError, did_you_mean
 from adapterkit.safeio import MAX_CONFIG_NODES, MAX_DEPTH, check_nesting, loads_yaml
 
@@ -33,39 +34,49 @@ MAX_TOKENS = 8192
 MAX_COUNT = 10**12            # example counts, steps
 MAX_CONFIG_FILE_BYTES = 10 << 20
 _SPLIT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_+.\-]{0,127}")
+_NAME_PATTERN = "^" + _NAME.pattern + "$"  # check_name's names, for the JSON schema
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "vl-bart"
-    lm: str | None = None
-    feat_dim: int = bounded(2048, lo=1, hi=65536)
-    n_images: int = bounded(2, lo=1, hi=16)
-    random_init: bool = False
-    init_seed: int = bounded(0, lo=0, hi=MAX_SEED)
-    dtype: str = choice("float32", "bfloat16", "float16", default="float32")
+    backbone: str = option("vl-bart", help="vl-bart (facebook/bart-base), vl-t5 (t5-base), smollm2 (SmolLM2-135M, "
+                                           "offline GGUF), tiny-bart / tiny-t5 / tiny-llama (random-init tiny "
+                                           "models for tests and smoke runs), or a hub id / local path")
+    lm: str | None = option(None, help="hub id or local path of the language model (null: the backbone's)")
+    feat_dim: int = bounded(2048, lo=1, hi=65536, help="width of the visual features (the feature store's dim)")
+    n_images: int = bounded(2, lo=1, hi=16, help="most images one example may have (NLVR2 pairs need 2)")
+    random_init: bool = option(False, help="build the backbone from its config with random weights (no download)")
+    init_seed: int = bounded(0, lo=0, hi=MAX_SEED, help="seed of the random initial weights of tiny-* backbones")
+    dtype: str = choice("float32", "bfloat16", "float16", default="float32", help="dtype of the model weights")
 
 
 @dataclass
 class DataConfig:
-    root: str = ""                     # DIR/<task>/<split>.jsonl (VLExample JSON lines)
-    features: str = ""                 # feature store directory
-    tasks: list[str] = field(default_factory=lambda: ["vqa", "gqa", "nlvr", "caption"])
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
-    max_train_examples: int | None = bounded(None, lo=1, hi=MAX_COUNT)
-    max_eval_examples: int | None = bounded(None, lo=1, hi=MAX_COUNT)
-    generate: str | None = choice(None, "tiny_fixture", default=None)  # build this data set if root is missing
-    # Official / VL-T5 files instead of root/<task>/<split>.jsonl, per task:
-    #   {vqa: {format: vqa, path: DIR_OR_FILE, splits: {train: karpathy_train, val: karpathy_val, test: karpathy_test}}}
-    sources: dict = field(default_factory=dict)
-    # task prefixes ("vqa: " before an image task's input, "tvqa: " after a video task's): null = as
-    # the reference for the preset (its single presets' image runs, every video run), or true / false
-    task_prefix: bool | None = None
-    # all-zero boxes for the visual tokens, as the reference feeds its CLIP grid features
-    # (false: the feature store's boxes)
-    zero_boxes: bool = True
+    root: str = option("", help="data directory: ROOT/<task>/<split>.jsonl, one VLExample JSON object a line")
+    features: str = option("", help="feature store directory (adapterkit extract-features --out DIR)")
+    tasks: list[str] = option(factory=lambda: ["vqa", "gqa", "nlvr", "caption"],
+                              help="the tasks trained and evaluated: built-in ones (vqa, gqa, nlvr, caption, "
+                                   "tvqa, how2qa, tvc, yc2c) or custom ones with ROOT/<task>/ files")
+    train_split: str = option("train", help="file name (without .jsonl) of the training split")
+    val_split: str = option("val", help="file name of the validation split")
+    test_split: str = option("test", help="file name of the test split")
+    max_train_examples: int | None = bounded(None, lo=1, hi=MAX_COUNT,
+                                             help="use only the first N training examples of each task")
+    max_eval_examples: int | None = bounded(None, lo=1, hi=MAX_COUNT,
+                                            help="evaluate only the first N examples of each task and split")
+    generate: str | None = choice(None, "tiny_fixture", default=None,
+                                  help="tiny_fixture: the CLI builds the tiny V&L test data set at root "
+                                       "(and its features) if root is missing")
+    sources: dict = option(factory=dict,
+                           help="official / VL-T5 files instead of ROOT/<task>/<split>.jsonl, per task: "
+                                "{vqa: {format: vqa, path: DIR_OR_FILE, splits: {train: karpathy_train, "
+                                "val: karpathy_val, test: karpathy_test}}}")
+    task_prefix: bool | None = option(None, help='task prefixes ("vqa: " before an image task\'s input, '
+                                                 '"tvqa: " after a video task\'s); null: as the reference '
+                                                 "for the preset (its single presets' image runs, every video "
+                                                 "run)")
+    zero_boxes: bool = option(True, help="all-zero boxes for the visual tokens, as the reference feeds its CLIP "
+                                         "grid features (false: the feature store's boxes)")
 
     def validate(self):
         if not self.tasks:
@@ -107,33 +118,38 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = bounded(20, lo=1, hi=100_000)
-    max_steps: int | None = bounded(None, lo=1, hi=MAX_COUNT)
-    batch_size: int = bounded(32, lo=1, hi=MAX_BATCH)
-    task_batch_scale: dict = field(default_factory=lambda: dict(DEFAULT_BATCH_SCALE))
-    lr: float | None = bounded(None, lo=0.0, hi=10.0, lo_open=True)
-    warmup_ratio: float = bounded(0.1, lo=0.0, hi=1.0)
-    weight_decay: float = bounded(0.01, lo=0.0, hi=10.0)
-    adam_eps: float = bounded(1e-6, lo=0.0, hi=1.0, lo_open=True)
-    grad_clip: float = bounded(5.0, lo=0.0, hi=1e6)
-    seed: int = bounded(0, lo=0, hi=MAX_SEED)
-    checkpoint_every: int = bounded(100, lo=1, hi=MAX_COUNT)
-    keep_last: int = bounded(3, lo=1, hi=1000)
-    eval_every_epoch: bool = True
-    # null: per task as the reference (input text: VQA/GQA 20 tokens, NLVR2 untruncated, captions 40,
-    # video 600; target: VQA 10, GQA/NLVR2 untruncated, captions 40, video 20); a number: every task
-    max_text_len: int | None = bounded(None, lo=1, hi=MAX_TOKENS)
-    max_target_len: int | None = bounded(None, lo=2, hi=MAX_TOKENS)
-    video: bool = False
-    log_every: int = bounded(10, lo=1, hi=MAX_COUNT)
-    # replay each training step as a CUDA graph (adapterkit.GraphedStep): batches are padded to
-    # max_text_len / max_target_len; one graph per (task, batch size); eager on CPU or multi-process runs.
-    # A resumed graphed run continues from the same weights and optimizer state, but its dropout
-    # masks are not bit-identical to an uninterrupted run (graph replays draw from CUDA's RNG their own way)
-    cuda_graphs: bool = False
-    # bf16 autocast for training and evaluation; frozen weights are stored in bf16
-    # (adapterkit.cast_frozen), trainable weights and optimizer state stay fp32
-    bf16: bool = False
+    epochs: int = bounded(20, lo=1, hi=100_000, help="passes over the training data")
+    max_steps: int | None = bounded(None, lo=1, hi=MAX_COUNT,
+                                    help="stop after this many optimizer steps (null: epochs decide)")
+    batch_size: int = bounded(32, lo=1, hi=MAX_BATCH, help="examples per step (times task_batch_scale per task)")
+    task_batch_scale: dict = option(factory=lambda: dict(DEFAULT_BATCH_SCALE),
+                                    help="{task: factor}: a task's batch is batch_size x factor (default: "
+                                         "VL-Adapter's VQA 1, GQA 100/60, NLVR2 20/60, captions 50/60)")
+    lr: float | None = bounded(None, lo=0.0, hi=10.0, lo_open=True,
+                               help="learning rate (null: the preset's lr, or video_lr with train.video)")
+    warmup_ratio: float = bounded(0.1, lo=0.0, hi=1.0, help="fraction of the steps with a linear warm-up")
+    weight_decay: float = bounded(0.01, lo=0.0, hi=10.0, help="AdamW weight decay")
+    adam_eps: float = bounded(1e-6, lo=0.0, hi=1.0, lo_open=True, help="AdamW epsilon")
+    grad_clip: float = bounded(5.0, lo=0.0, hi=1e6, help="max gradient norm")
+    seed: int = bounded(0, lo=0, hi=MAX_SEED, help="seed of the data order and dropout")
+    checkpoint_every: int = bounded(100, lo=1, hi=MAX_COUNT, help="steps between checkpoints")
+    keep_last: int = bounded(3, lo=1, hi=1000, help="checkpoints kept")
+    eval_every_epoch: bool = option(True, help="validate after every epoch (false: after the last)")
+    max_text_len: int | None = bounded(None, lo=1, hi=MAX_TOKENS,
+                                       help="input tokens kept (null: per task as the reference: VQA/GQA 20, "
+                                            "NLVR2 untruncated, captions 40, video 600)")
+    max_target_len: int | None = bounded(None, lo=2, hi=MAX_TOKENS,
+                                         help="target tokens kept (null: per task as the reference: VQA 10, "
+                                              "GQA/NLVR2 untruncated, captions 40, video 20)")
+    video: bool = option(False, help="the video setting (the preset's video_lr, video task prefixes)")
+    log_every: int = bounded(10, lo=1, hi=MAX_COUNT, help="steps between log lines")
+    cuda_graphs: bool = option(False, help="replay each training step as a CUDA graph (adapterkit.GraphedStep): "
+                                           "batches padded to max_text_len / max_target_len, one graph per "
+                                           "(task, batch size); eager on CPU or multi-process runs; a resumed "
+                                           "graphed run's dropout masks are not bit-identical to an "
+                                           "uninterrupted run's")
+    bf16: bool = option(False, help="bf16 autocast for training and evaluation; frozen weights stored in bf16, "
+                                    "trainable weights and optimizer state fp32")
 
     def validate(self):
         for t, s in self.task_batch_scale.items():
@@ -145,24 +161,28 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = bounded(64, lo=1, hi=MAX_BATCH)
-    max_new_tokens: int = bounded(10, lo=1, hi=4096)
-    # null: as the reference's generation max_length (40 image captions, 20 video; it counts the
-    # decoder start token, so 39 / 19 new tokens)
-    caption_max_new_tokens: int | None = bounded(None, lo=1, hi=4096)
-    caption_beams: int = bounded(5, lo=1, hi=64)
-    select_on: str = choice("val", "last", default="val")
+    batch_size: int = bounded(64, lo=1, hi=MAX_BATCH, help="examples per evaluation batch")
+    max_new_tokens: int = bounded(10, lo=1, hi=4096, help="tokens generated for an answer (non-caption tasks)")
+    caption_max_new_tokens: int | None = bounded(None, lo=1, hi=4096,
+                                                 help="tokens generated for a caption (null: as the reference's "
+                                                      "max_length, 39 image / 19 video)")
+    caption_beams: int = bounded(5, lo=1, hi=64, help="beam width of caption generation")
+    select_on: str = choice("val", "last", default="val",
+                            help="the weights tested: the best on validation, or the last")
 
 
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    preset: str | None = None
-    adapters: list[dict] | None = None
+    preset: str | None = option(None, help="a VL-Adapter preset (its adapters, lr and video_lr); "
+                                           "give either preset or adapters")
+    adapters: list[dict] | None = option(None, help="adapter configs, each {method: NAME, ...its keys} (the "
+                                                    "adapter config keys); each serves data.tasks unless "
+                                                    "it names tasks")
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    name: str = "run"
+    name: str = option("run", help="the run's name (a plain name, not a path)")
 
     def validate(self):
         from adapterkit.core.config import config_from_dict
@@ -217,11 +237,29 @@ class RunConfig:
                 if not Path(src["path"]).exists():
                     raise ConfigError(f"missing dataset file {src['path']} (data.sources for task {t!r})")
                 continue
+            if not (root / t).is_dir():
+                self._no_task_data(t, root, split_names["train"])
             for s in need_splits:
                 f = root / t / f"{split_names[s]}.jsonl"
                 if not f.exists():
                     raise ConfigError(f"missing dataset file {f} (task {t!r}, split {split_names[s]!r})")
         return self.check_data(need_splits)
+
+    def _no_task_data(self, task: str, root: Path, train_file: str):
+        """The error for a task with neither a data.sources entry nor a directory ROOT/<task>: an
+        unknown name (a typo, or a custom task whose files are elsewhere), or a built-in task
+        whose data is missing."""
+        from adapterkit.vl.datasets import READERS
+
+        where = f"no directory {root / task} and no data.sources entry"
+        if task in READERS:
+            raise ConfigError(f"no data for task {task!r}: {where} (write {root / task / train_file}.jsonl, "
+                              f'or name the official files in data.sources["{task}"])')
+        dirs = sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.glob("*.jsonl"))) \
+            if root.is_dir() else []
+        raise ConfigError(f"unknown task {task!r}: {where}; known built-in tasks: {', '.join(READERS)}"
+                          + (f"; task directories in {root}: {', '.join(dirs[:20])}" if dirs else "")
+                          + did_you_mean(task, [*READERS, *dirs]))
 
     def check_data(self, need_splits=("train",)) -> dict:
         """Every split's rows, before any work (``adapterkit.vl.datasets.validate``): unique uids,
@@ -273,3 +311,159 @@ def load_config(src) -> RunConfig:
         d = check_nesting(src, what="the config", error=ConfigError, max_depth=MAX_DEPTH,
                           max_nodes=MAX_CONFIG_NODES)
     return dataclass_from_dict(RunConfig, d)
+
+
+# ----------------------------------------------------------------------------- documentation
+
+#: the meaning of each VLExample field (a JSON-lines row); tests check every field is covered
+EXAMPLE_FIELDS = {
+    "uid": "unique id of the example within its split (scores are keyed by it)",
+    "task": "the task name; must equal the split's task (the directory name)",
+    "image_ids": "keys into the feature store: one image (two for nlvr; the video id for video tasks)",
+    "text": "the question / statement / prompt, without a task prefix",
+    "targets": "every acceptable target string (VQA: the raw answers; GQA: [answer]; nlvr: "
+               '["true"] or ["false"]; captions: all reference captions); may be [] outside training splits',
+    "target_scores": "optional {answer: score in [0, 1]} (VQA soft scores)",
+    "choices": "optional answer candidates (multiple-choice video QA)",
+    "label": "optional index of the correct choice",
+    "extra": "optional free-form metadata, carried through",
+}
+
+
+def describe_config() -> list:
+    """Every key of the run config, as :class:`adapterkit.core.config.KeyDoc` rows (``key`` dotted:
+    ``model.backbone``, ``train.lr``...), read from the dataclasses so the docs cannot drift."""
+    from dataclasses import replace
+
+    from adapterkit.core.config import describe_dataclass
+    from adapterkit.vl.datasets import READERS
+    from adapterkit.vl.presets import list_presets
+
+    rows = describe_dataclass(RunConfig)
+    filled = {"preset": ", ".join(list_presets()),
+              "data.tasks": "names; built-in: " + ", ".join(READERS)}
+    return [replace(r, allowed=filled[r.key]) if r.key in filled else r for r in rows]
+
+
+def data_layout_text(width: int = 100, markdown: bool = True) -> str:
+    """The V&L data layout (``data.root``, ``data.sources``, ``data.features``), wrapped to
+    ``width``: Markdown for docs/config.md, plain text (``markdown=False``) for ``--help``."""
+    import dataclasses as dc
+    import textwrap
+
+    from adapterkit.core.config import _type_name
+    from adapterkit.vl.datasets import READER_OPTIONS, READERS
+    from adapterkit.vl.datasets.base import VLExample
+    from adapterkit.vl.datasets.validate import IMAGES_PER_TASK
+
+    missing = [f.name for f in dc.fields(VLExample) if f.name not in EXAMPLE_FIELDS]
+    if missing:  # a new VLExample field must be documented here
+        raise RuntimeError(f"EXAMPLE_FIELDS does not document {missing}")
+    hints = typing.get_type_hints(VLExample)
+    builtin = ", ".join(READERS)
+    items: list[tuple[int, str]] = [  # (level, paragraph): 0 a bullet, 1 a sub-bullet, 2 text under a bullet
+        (0, "`ROOT/<task>/<split>.jsonl` for each task of `data.tasks` and each split (`data.train_split`, "
+            "`data.val_split`, `data.test_split`: `train.jsonl`, `val.jsonl`, `test.jsonl` by default). "
+            "Training needs the train split (and the val split with `eval.select_on: val`); the test split "
+            "is scored at the end. One JSON object a line, with the fields of "
+            "`adapterkit.vl.datasets.VLExample`:"),
+    ]
+    for f in dc.fields(VLExample):
+        required = f.default is dc.MISSING and f.default_factory is dc.MISSING
+        items.append((1, f"`{f.name}` ({_type_name(hints[f.name])}{', required' if required else ''}): "
+                         f"{EXAMPLE_FIELDS[f.name]}"))
+    items += [
+        (2, 'Example: `{"uid": "q1", "task": "vqa", "image_ids": ["img0001"], "text": "what colour is the '
+            'cup?", "targets": ["red"]}`. Images per example: '
+            + ", ".join(f"{t} {n}" for t, n in IMAGES_PER_TASK.items())
+            + "; a custom task 1 .. `model.n_images`. Every row is checked before training (unique uids, "
+              "targets, scores, image counts, image ids present in the feature store); an error names the "
+              "file and line."),
+        (0, "A custom task is any plain name with a directory `ROOT/<task>/`: its answers are generated "
+            "(`eval.max_new_tokens`) and scored by exact-match accuracy, as gqa's. Built-in tasks: "
+            f"{builtin}."),
+        (0, "`data.sources.<task>`: read official / VL-T5 files instead: `{format: FORMAT, path: DIR_OR_FILE, "
+            f"splits: {{train: NAME, val: NAME, test: NAME}}}}`. Formats: {builtin}; their extra options: "
+            + "; ".join(f"{k}: {', '.join(v)}" for k, v in READER_OPTIONS.items()) + "."),
+        (0, "`data.features`: a feature store directory (`adapterkit extract-features --images DIR --out "
+            "FEATURES`, or `adapterkit import-features`): `features.npy` (N, K, D) float16, `boxes.npy` "
+            "(N, K, 4) float32 normalised x1, y1, x2, y2, `index.json` {ids, num_boxes, dim, dtype, backend, "
+            "complete, version}. D must equal `model.feat_dim` and every image id of the data must be in ids."),
+    ]
+    lines = []
+    for level, text in items:
+        if not markdown:
+            text = text.replace("`", "")
+        first, rest = {0: ("- ", "  "), 1: ("  - ", "    "), 2: ("  ", "  ")}[level]
+        if level == 2 and markdown:
+            lines.append("")
+        lines += textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest,
+                               break_on_hyphens=False, break_long_words=False)
+        if level == 2 and markdown:
+            lines.append("")
+    return "\n".join(lines)
+
+
+def config_help_text(width: int = 100) -> str:
+    """The run config's keys (default, allowed values, meaning), the adapter config keys and the
+    data layout, for ``adapterkit train --help``'s epilog (use
+    ``argparse.RawDescriptionHelpFormatter`` to keep the layout)."""
+    import textwrap
+
+    from adapterkit.core.config import describe_shared_keys, registered_methods
+
+    def block(rows, indent="  "):
+        out = []
+        for r in rows:
+            head = f"{r.key} ({r.type}; default {r.default}" + (f"; {r.allowed})" if r.allowed else ")")
+            out += textwrap.wrap(head, width, initial_indent=indent, subsequent_indent=indent + "      ",
+                                 break_on_hyphens=False)
+            if r.meaning:
+                out += textwrap.wrap(r.meaning, width, initial_indent=indent + "    ",
+                                     subsequent_indent=indent + "    ")
+        return out
+
+    lines = ["run config keys (YAML or JSON; docs/config.md has them all with the adapter keys per method,",
+             "docs/config.schema.json is a JSON schema for editors):", ""]
+    lines += block(describe_config())
+    lines += ["", "adapter config keys every method has (adapters: [{method: ..., ...}]):", ""]
+    lines += block(r for r in describe_shared_keys() if r.key != "method")
+    lines += [""] + textwrap.wrap("methods: " + ", ".join(registered_methods())
+                                  + " (each method's own keys: docs/config.md)", width) + [""]
+    lines += ["V&L data layout:", "", data_layout_text(width, markdown=False)]
+    return "\n".join(lines)
+
+
+def json_schema() -> dict:
+    """A JSON schema of the run config (for editors: YAML language servers read it too): every
+    key with its type, default, allowed values and meaning; adapter configs per method."""
+    from adapterkit.core.config import adapter_config_schema, dataclass_schema
+    from adapterkit.vl.datasets import READER_OPTIONS, READERS
+    from adapterkit.vl.presets import list_presets
+
+    schema = dataclass_schema(RunConfig)
+    props = schema["properties"]
+    props["preset"]["enum"] = [*list_presets(), None]
+    props["preset"].pop("type", None)
+    props["adapters"] = {"type": ["array", "null"], "minItems": 1, "items": adapter_config_schema(),
+                         "default": None, "description": props["adapters"].get("description", "")}
+    options = sorted({o for opts in READER_OPTIONS.values() for o in opts})
+    source = {"type": "object", "required": ["path"], "additionalProperties": False,
+              "properties": {"format": {"enum": list(READERS), "description": "the reader (default: the task name)"},
+                             "path": {"type": "string", "minLength": 1, "description": "a file or directory"},
+                             "splits": {"type": "object", "additionalProperties": {"type": "string"},
+                                        "description": "{split: file name} (train/val/test)"},
+                             **{o: {"type": "string", "description": "reader option of "
+                                    + ", ".join(t for t, v in READER_OPTIONS.items() if o in v)} for o in options}}}
+    data = props["data"]["properties"]
+    data["sources"].update({"additionalProperties": source})
+    name_pattern = _NAME_PATTERN
+    data["tasks"].update({"items": {"type": "string", "pattern": name_pattern}, "minItems": 1, "uniqueItems": True})
+    for key in ("train_split", "val_split", "test_split"):
+        data[key]["pattern"] = "^" + _SPLIT.pattern + "$"
+    props["name"]["pattern"] = name_pattern
+    props["train"]["properties"]["task_batch_scale"].update(
+        {"additionalProperties": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000}})
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "https://adapterkit.invalid/config.schema.json",
+            "title": "adapterkit V&L run config (adapterkit train CONFIG)", **schema}

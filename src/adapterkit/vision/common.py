@@ -78,15 +78,18 @@ def load_pretrained(loader, name_or_path: str, what: str, error=ConfigError):
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
-    import yaml
+    """A config file through the library's safe YAML reader (``safeio.loads_yaml``: duplicate
+    keys, deep nesting and alias bombs refused; ``1e-3`` read as a number)."""
+    from adapterkit.safeio import loads_yaml
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    data = loads_yaml(raw, what=f"config file {p}", error=ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a mapping at the top level")
     return data
