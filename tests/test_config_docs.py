@@ -308,3 +308,9 @@ def test_a_builtin_task_without_data_and_a_custom_task_with_a_directory(fixture_
         (root / "vqa" / "val.jsonl").read_text().replace('"task": "vqa"', '"task": "mytask"'))
     checked = _task_cfg(root, ["mytask"]).check_paths(("train", "val"))
     assert len(checked[("mytask", "train")]) > 0
+
+
+def test_task_data_problem_is_none_for_tasks_with_data(fixture_root):
+    cfg = _task_cfg(fixture_root, ["vqa", "okvqa"], sources={"okvqa": {"format": "vqa", "path": "x"}})
+    assert cfg.task_data_problem("vqa") is None and cfg.task_data_problem("okvqa") is None
+    assert cfg.task_data_problem("vqa2").startswith("unknown task 'vqa2'")

@@ -237,29 +237,34 @@ class RunConfig:
                 if not Path(src["path"]).exists():
                     raise ConfigError(f"missing dataset file {src['path']} (data.sources for task {t!r})")
                 continue
-            if not (root / t).is_dir():
-                self._no_task_data(t, root, split_names["train"])
+            problem = self.task_data_problem(t)
+            if problem:
+                raise ConfigError(problem)
             for s in need_splits:
                 f = root / t / f"{split_names[s]}.jsonl"
                 if not f.exists():
                     raise ConfigError(f"missing dataset file {f} (task {t!r}, split {split_names[s]!r})")
         return self.check_data(need_splits)
 
-    def _no_task_data(self, task: str, root: Path, train_file: str):
-        """The error for a task with neither a data.sources entry nor a directory ROOT/<task>: an
-        unknown name (a typo, or a custom task whose files are elsewhere), or a built-in task
-        whose data is missing."""
+    def task_data_problem(self, task: str) -> str | None:
+        """Why ``task`` has no data, or None: a task with neither a data.sources entry nor a
+        directory ROOT/<task> is an unknown name (a typo, or a custom task whose files are
+        elsewhere), or a built-in task whose data is missing (``adapterkit train --dry-run``
+        lists this too)."""
         from adapterkit.vl.datasets import READERS
 
+        root = Path(self.data.root)
+        if task in self.data.sources or (root / task).is_dir():
+            return None
         where = f"no directory {root / task} and no data.sources entry"
         if task in READERS:
-            raise ConfigError(f"no data for task {task!r}: {where} (write {root / task / train_file}.jsonl, "
-                              f'or name the official files in data.sources["{task}"])')
+            return (f"no data for task {task!r}: {where} (write {root / task / self.data.train_split}.jsonl, "
+                    f'or name the official files in data.sources["{task}"])')
         dirs = sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.glob("*.jsonl"))) \
             if root.is_dir() else []
-        raise ConfigError(f"unknown task {task!r}: {where}; known built-in tasks: {', '.join(READERS)}"
-                          + (f"; task directories in {root}: {', '.join(dirs[:20])}" if dirs else "")
-                          + did_you_mean(task, [*READERS, *dirs]))
+        return (f"unknown task {task!r}: {where}; known built-in tasks: {', '.join(READERS)}"
+                + (f"; task directories in {root}: {', '.join(dirs[:20])}" if dirs else "")
+                + did_you_mean(task, [*READERS, *dirs]))
 
     def check_data(self, need_splits=("train",)) -> dict:
         """Every split's rows, before any work (``adapterkit.vl.datasets.validate``): unique uids,
