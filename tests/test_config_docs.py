@@ -148,8 +148,9 @@ def test_data_layout_documents_every_example_field(monkeypatch):
 def validator():
     jsonschema = pytest.importorskip("jsonschema")
     schema = json_schema()
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
+    jsonschema.Draft7Validator.check_schema(schema)
+    assert jsonschema.validators.validator_for(schema) is jsonschema.Draft7Validator
+    return jsonschema.Draft7Validator(schema)
 
 
 @pytest.mark.parametrize("name", VL_CONFIGS)

@@ -722,7 +722,7 @@ def field_schema(f: dataclasses.Field, tp, default_caps: bool = False, glossary:
 
 def dataclass_schema(cls, default_caps: bool = False, glossary: dict | None = None,
                      overrides: dict | None = None) -> dict:
-    """A JSON schema (draft 2020-12 keywords) of a config dataclass: its keys (no others),
+    """A JSON schema (draft-07 keywords) of a config dataclass: its keys (no others),
     their types, choices, ranges, defaults and meanings; ``overrides`` replace fields' schemas."""
     hints = typing.get_type_hints(cls)
     meanings = _meanings(cls)

@@ -469,6 +469,7 @@ def json_schema() -> dict:
     props["name"]["pattern"] = name_pattern
     props["train"]["properties"]["task_batch_scale"].update(
         {"additionalProperties": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000}})
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$id": "https://adapterkit.invalid/config.schema.json",
+    # draft-07 keywords only (if/then, const, numeric exclusiveMinimum): what editors' JSON and
+    # YAML language servers support best
+    return {"$schema": "http://json-schema.org/draft-07/schema#",
             "title": "adapterkit V&L run config (adapterkit train CONFIG)", **schema}
