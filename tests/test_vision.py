@@ -13,9 +13,10 @@ from torch import nn
 
 import adapterkit
 from adapterkit.core.base import get_container
+from adapterkit.engine.engine import lr_factor
 from adapterkit.errors import ConfigError, DataError
 from adapterkit.testing.tiny import tiny_inputs, tiny_model
-from adapterkit.vision.common import lr_at, section
+from adapterkit.vision.common import section
 from adapterkit.vision.data import read_idx, select_classes
 from adapterkit.vision.models import ADAPTFORMER, ADAPTFORMER_SEQUENTIAL, LinearProbeHead, attach_method
 from adapterkit.vision.pipeline import run_vision
@@ -156,11 +157,13 @@ def test_linear_probe_head_and_schedule():
     head = LinearProbeHead(256, 10)
     assert not head.norm.affine and torch.count_nonzero(head.fc.bias) == 0
     assert 0.009 < float(head.fc.weight.detach().std()) < 0.011  # trunc_normal(std=0.01), as MAE's linear probe
-    assert lr_at(0, 100, 10, 1.0, 0.0) == 0.0
-    assert lr_at(5, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
-    assert lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
-    assert lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
-    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    # the engine's warm-up then half-cycle cosine (MAE): step 0 at 1/warm, the floor at the end
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(4, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
 
 
 def test_config_errors():

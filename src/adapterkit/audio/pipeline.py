@@ -44,9 +44,9 @@ from adapterkit.vision.common import (
     method_name,
     section,
     top_level,
-    train_classifier,
     write_outputs,
 )
+from adapterkit.vision.domain import train_classifier
 
 DATA_DEFAULTS = {"source": "asterisk", "root": None, "test_folds": [5], "words": None, "subdir": "digits",
                  "clip_seconds": None, "sample_rate": 16000, "train_copies": 0, "test_copies": 0,
@@ -55,7 +55,7 @@ DATA_DEFAULTS = {"source": "asterisk", "root": None, "test_folds": [5], "words":
 MODEL_DEFAULTS = {"backbone": "ast", "name_or_path": None, "ast": None, "whisper": None, "init_seed": 0}
 AUDIO_TRAIN_DEFAULTS = {**TRAIN_DEFAULTS, "optimizer": "adamw", "lr": 5e-3, "betas": [0.9, 0.98],
                         "weight_decay": 0.1, "warmup_epochs": 0.0}
-TOP_KEYS = ("data", "model", "method", "adapter", "train", "output_dir", "name")
+TOP_KEYS = ("domain", "data", "model", "method", "adapter", "train", "output_dir", "name")
 
 
 def _items(d: dict):
@@ -153,7 +153,7 @@ def featurize(waves: np.ndarray, family: str, backbone, sample_rate: int, batch:
     return torch.from_numpy(np.ascontiguousarray(feats[..., :frames])).float()
 
 
-def run_audio(config: dict, log=print) -> dict:
+def run_audio(config: dict, log=print, max_steps: int | None = None, allow_changes=()) -> dict:
     top_level(config, TOP_KEYS, "audio")
     d = section(config.get("data"), DATA_DEFAULTS, "data")
     m = section(config.get("model"), MODEL_DEFAULTS, "model")
@@ -170,9 +170,21 @@ def run_audio(config: dict, log=print) -> dict:
     log(f"audio: {method} on {family}, {len(ftr)} train / {len(fte)} test clips, {len(names)} classes, "
         f"features {tuple(ftr.shape[1:])} in {feat_s:.1f}s")
     res = train_classifier(model, backbone, full, (ftr, torch.from_numpy(ytr).long()),
-                           (fte, torch.from_numpy(yte).long()), t, lambda x, training: x, log)
+                           (fte, torch.from_numpy(yte).long()), t, lambda x, training: x, log,
+                           output_dir=config.get("output_dir"), max_steps=max_steps, allow_changes=allow_changes,
+                           identity={"data": d, "model": m, "method": method, "adapter": config.get("adapter")})
     res.update({"method": method, "adapter": config.get("adapter"), "backbone": m["backbone"], "classes": names,
                 "n_train": len(ftr), "n_test": len(fte), "feature_seconds": round(feat_s, 2),
                 "wall_seconds": round(time.time() - t0, 2)})
     write_outputs(config.get("output_dir"), model, res, config)
     return res
+
+
+def run_training(config, output_dir, max_steps: int | None = None, allow_changes=()) -> dict:
+    """``adapterkit train CONFIG --output DIR`` for ``domain: audio``: the run folder is DIR
+    (a rerun resumes from its newest checkpoint)."""
+    from adapterkit.text.config import read_config_dict
+
+    cfg = dict(read_config_dict(config) if not isinstance(config, dict) else config)
+    cfg["output_dir"] = str(output_dir)
+    return run_audio(cfg, max_steps=max_steps, allow_changes=allow_changes)

@@ -11,8 +11,28 @@ import json
 import math
 
 
+DOMAINS_HELP = """domains (the config's `domain:` key; docs/config.md lists every key of each):
+  vl      VL-BART / VL-T5 multi-task V&L (the keys below); data ROOT/<task>/<split>.jsonl + a feature store
+  text    any HF model: classification (a head per task) or generation; data ROOT/<task>/<split>.jsonl|csv
+          rows {"text": ..., "label": ...} or {"text": ..., "target": ...}; sections model/adapters|preset/data/train/eval
+  vision  image classification (AdaptFormer, VPT, LoRA, linear probe ...): the vision pipeline's config
+  audio   audio classification (PETL-AST methods on AST / Whisper encoders): the audio pipeline's config
+  rec     Adapter4Rec transferable recommendation (source pre-training, target adaptation)"""
+
+
 def add_parser(sub):
-    t = sub.add_parser("train", help="multi-task training from a config file (resumes in the same --output)")
+    import argparse
+    import sys
+
+    epilog = None
+    if any(a in ("-h", "--help") for a in sys.argv[1:]) and "train" in sys.argv[1:]:  # built only when shown
+        from adapterkit.train.config import config_help_text
+
+        epilog = (DOMAINS_HELP + "\n\n" + config_help_text())
+    t = sub.add_parser("train", help="multi-task training from a config file (resumes in the same --output)",
+                       description="Train any domain from a config file; the config's `domain:` key picks it "
+                                   "(vl, the default; text; vision; audio; rec). Rerun the same command to resume.",
+                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config")
     t.add_argument("--output", default=None, help="the run directory (required unless --dry-run)")
     t.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps (> 0)")
@@ -103,6 +123,22 @@ def run_train(args) -> int:
     else:
         allow = eng.check_allow_changes(args.allow_changes)
         mod = domain_module(domain)
+        if hasattr(mod, "run_training"):  # a pipeline with its own config format / stages
+            if args.preset:
+                raise ConfigError(f"--preset goes with V&L and text configs, not domain {domain!r}")
+            with eng.lock_output(args.output):
+                try:
+                    res = mod.run_training(args.config, args.output, max_steps=args.max_steps, allow_changes=allow)
+                except eng.TrainingInterrupted as e:
+                    print(f"adapterkit train: {e}", file=sys.stderr)
+                    return e.exit_code
+            from adapterkit.engine.distributed import is_main
+
+            if is_main():
+                shown = {k: v for k, v in res.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+                print(f"results: {args.output}/results.json")
+                print(json.dumps(shown, indent=1))
+            return 0
         cfg = mod.load_config(args.config)
         if args.preset:
             cfg.preset, cfg.adapters = args.preset, None

@@ -166,6 +166,20 @@ def batch_seed(seed: int, epoch: int, task: str, b: int) -> int:
     return stable_seed(seed, epoch, task, b)
 
 
+def lr_factor(step: int, total: int, warm: int, kind: str = "linear", floor: float = 0.0) -> float:
+    """The learning rate of ``step`` (0-based) as a fraction of train.lr: a linear warm-up over
+    ``warm`` steps (step 0 at 1/warm), then ``linear`` decay to 0 at ``total``, a half-cycle
+    ``cosine`` from 1 to ``floor`` (MAE / AdaptFormer), or ``constant``."""
+    if step < warm:
+        return (step + 1) / max(1, warm)
+    if kind == "constant":
+        return 1.0
+    if kind == "cosine":
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
 def _get(cfg, key, default):
     return getattr(cfg, key, default) if cfg is not None else default
 
@@ -222,14 +236,7 @@ class Engine:
         floor = float(_get(self.tcfg, "min_lr_ratio", 0.0) or 0.0)
 
         def schedule(step):
-            if step < warm:
-                return (step + 1) / max(1, warm)
-            frac = min(1.0, (step - warm) / max(1, total - warm))
-            if kind == "constant":
-                return 1.0
-            if kind == "cosine":
-                return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
-            return max(0.0, (total - step) / max(1, total - warm))
+            return lr_factor(step, total, warm, kind, floor)
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         # the probe reserves what one checkpoint needs (weights + the optimizer's moments): a full disk fails now

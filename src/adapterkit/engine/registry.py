@@ -2,7 +2,9 @@
 
 Each entry is a module with ``load_config(path_or_dict)`` (validated, one ConfigError per
 problem) and ``build_engine(cfg, output_dir, max_steps=None, allow_changes=())`` returning an
-:class:`adapterkit.engine.Engine` ready to ``fit()``.
+:class:`adapterkit.engine.Engine` ready to ``fit()``; or, for a pipeline of several stages or
+with its own config format, ``run_training(config_path, output_dir, max_steps=None,
+allow_changes=())`` returning the results dict.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from adapterkit.errors import ConfigError, did_you_mean
 DOMAINS = {
     "vl": "adapterkit.train.trainer",
     "text": "adapterkit.text.domain",
+    "vision": "adapterkit.vision.pipeline",
+    "audio": "adapterkit.audio.pipeline",
 }
 
 

@@ -1,21 +1,19 @@
 """Pieces shared by the vision, audio and rec pipelines: config sections with defaults,
-optimiser/schedule construction, a classification training loop, result writing."""
+the learning rate, train mode for a frozen backbone, result writing (the training itself is
+:func:`adapterkit.vision.domain.train_classifier`, on the engine)."""
 
 from __future__ import annotations
 
 import math
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from adapterkit.core.base import get_container, trainable_report
+from adapterkit.core.base import get_container
 from adapterkit.errors import ConfigError, did_you_mean
 from adapterkit.safeio import atomic_write_json, save_safetensors_atomic
 
@@ -112,7 +110,11 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_batch_size": 256,
     "seed": 0,
     "label_smoothing": 0.0,
-    "eval_each_epoch": True,     # False: evaluate once, after the last epoch
+    "eval_each_epoch": True,     # with val_fraction: validate after every epoch (False: after the last)
+    "val_fraction": 0.0,         # hold out this fraction of the training set; the best epoch on it is tested
+    "schedule": "cosine",        # after the warm-up: cosine to min_lr (MAE), linear, or constant
+    "checkpoint_every": 100,     # steps between checkpoints (and at every epoch's end) in output_dir
+    "adam_eps": 1e-8,
 }
 
 
@@ -120,28 +122,6 @@ def learning_rate(t: dict) -> float:
     if t["lr"] is not None:
         return float(t["lr"])
     return float(t["blr"]) * t["batch_size"] / 256.0
-
-
-def make_optimizer(params: list[nn.Parameter], t: dict) -> torch.optim.Optimizer:
-    lr = learning_rate(t)
-    if not params:
-        raise ConfigError("nothing to train: the method leaves no trainable parameter")
-    if t["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=t["momentum"], weight_decay=t["weight_decay"])
-    if t["optimizer"] == "adamw":
-        b1, b2 = t["betas"]
-        return torch.optim.AdamW(params, lr=lr, betas=(b1, b2), weight_decay=t["weight_decay"])
-    raise ConfigError(f'"train.optimizer" must be "sgd" or "adamw", got "{t["optimizer"]}"{did_you_mean(t["optimizer"], ["sgd", "adamw"])}')
-
-
-def lr_at(step: float, total: float, warmup: float, base: float, floor: float) -> float:
-    """Linear warmup, then a half-cycle cosine from ``base`` to ``floor`` (MAE / AdaptFormer schedule)."""
-    if warmup > 0 and step < warmup:
-        return base * step / warmup
-    if total <= warmup:
-        return base
-    frac = (step - warmup) / (total - warmup)
-    return floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
 
 
 def set_train_mode(model: nn.Module, backbone: nn.Module, full: bool) -> None:
@@ -153,60 +133,6 @@ def set_train_mode(model: nn.Module, backbone: nn.Module, full: bool) -> None:
         c = get_container(backbone)
         if c is not None:
             c.train()
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch: int, prepare: Callable) -> torch.Tensor:
-    model.eval()
-    outs = [model(prepare(x[i:i + batch], False)) for i in range(0, len(x), batch)]
-    return torch.cat(outs) if outs else torch.empty(0)
-
-
-def train_classifier(model: nn.Module, backbone: nn.Module, full: bool, train: tuple[torch.Tensor, torch.Tensor],
-                     test: tuple[torch.Tensor, torch.Tensor], t: dict, prepare: Callable,
-                     log: Callable[[str], None] = print) -> dict:
-    """Train ``model`` (logits = model(prepare(x, training))) with cross-entropy; return metrics."""
-    torch.manual_seed(t["seed"])
-    gen = torch.Generator().manual_seed(t["seed"])
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, t)
-    base_lr = learning_rate(t)
-    x, y = train
-    n, bs = len(x), t["batch_size"]
-    if n == 0:
-        raise ConfigError("the training set is empty")
-    steps_per_epoch = max(1, math.ceil(n / bs))
-    total = steps_per_epoch * t["epochs"]
-    warm = steps_per_epoch * t["warmup_epochs"]
-    step, t0, history = 0, time.time(), []
-    for epoch in range(t["epochs"]):
-        set_train_mode(model, backbone, full)
-        perm = torch.randperm(n, generator=gen)
-        run_loss = 0.0
-        for i in range(0, n, bs):
-            idx = perm[i:i + bs]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, warm, base_lr, t["min_lr"])
-            logits = model(prepare(x[idx], True))
-            loss = F.cross_entropy(logits, y[idx], label_smoothing=t["label_smoothing"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if t["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
-            opt.step()
-            run_loss += loss.item() * len(idx)
-            step += 1
-        acc = float("nan")
-        if t["eval_each_epoch"] or epoch == t["epochs"] - 1:
-            acc = accuracy(predict(model, test[0], t["eval_batch_size"], prepare), test[1])
-        history.append({"epoch": epoch + 1, "train_loss": run_loss / n, "test_acc": acc})
-        log(f"epoch {epoch + 1}/{t['epochs']}  loss {run_loss / n:.4f}  test acc {acc:.2f}")
-    rep = trainable_report(model)
-    return {"test_acc": history[-1]["test_acc"] if history else
-            accuracy(predict(model, test[0], t["eval_batch_size"], prepare), test[1]),
-            "history": history, "train_seconds": round(time.time() - t0, 2),
-            "trainable_params": rep["trainable"], "total_params": rep["total"],
-            "trainable_percent": rep["percent"], "lr": base_lr}
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -228,7 +154,9 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_outputs(output_dir: str | None, model: nn.Module, results: dict, config: dict) -> None:
-    if not output_dir:
+    from adapterkit.engine.distributed import is_main
+
+    if not output_dir or not is_main():  # rank 0 of a multi-process run writes
         return
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,10 @@ from adapterkit.vision.common import (
     method_name,
     section,
     top_level,
-    train_classifier,
     write_outputs,
 )
 from adapterkit.vision.data import FASHION_MNIST_DIR, load_fashion_mnist, load_image_folder, select_classes
+from adapterkit.vision.domain import train_classifier
 from adapterkit.vision.models import (
     ImageClassifier,
     attach_method,
@@ -42,7 +42,7 @@ DATA_DEFAULTS = {"source": "fashion_mnist", "root": FASHION_MNIST_DIR, "train_di
 MODEL_DEFAULTS = {"backbone": "vit", "name_or_path": None, "vit": None, "init_from": None, "image_size": None,
                   "channels": None, "mean": None, "std": None, "pool": "cls", "init_seed": 0}
 VISION_TRAIN_DEFAULTS = {**TRAIN_DEFAULTS, "flip": False}
-TOP_KEYS = ("data", "model", "method", "adapter", "train", "output_dir", "save_backbone", "name")
+TOP_KEYS = ("domain", "data", "model", "method", "adapter", "train", "output_dir", "save_backbone", "name")
 
 
 def load_data(d: dict, image_size: int, channels: int):
@@ -64,7 +64,7 @@ def load_data(d: dict, image_size: int, channels: int):
     return (xtr, ytr), (xte, yte), num_classes, names
 
 
-def run_vision(config: dict, log=print) -> dict:
+def run_vision(config: dict, log=print, max_steps: int | None = None, allow_changes=()) -> dict:
     """Run one training job from a config dict; return the results (also written to output_dir)."""
     top_level(config, TOP_KEYS, "vision")
     d = section(config.get("data"), DATA_DEFAULTS, "data")
@@ -89,7 +89,9 @@ def run_vision(config: dict, log=print) -> dict:
     prepare = make_prepare(size, channels, mean, std, t.pop("flip"))
     log(f"vision: {method} on {m['backbone']} ({kind}), {len(train[0])} train / {len(test[0])} test images, "
         f"{num_classes} classes")
-    res = train_classifier(model, backbone, full, train, test, t, prepare, log)
+    res = train_classifier(model, backbone, full, train, test, t, prepare, log, output_dir=config.get("output_dir"),
+                           max_steps=max_steps, allow_changes=allow_changes,
+                           identity={"data": d, "model": m, "method": method, "adapter": config.get("adapter")})
     res.update({"method": method, "backbone": m["backbone"], "num_classes": num_classes,
                 "n_train": len(train[0]), "n_test": len(test[0]), "wall_seconds": round(time.time() - t0, 2)})
     write_outputs(config.get("output_dir"), model, res, config)
@@ -102,3 +104,13 @@ def run_vision(config: dict, log=print) -> dict:
         res["backbone_path"] = str(path)
     return res
 
+
+
+def run_training(config, output_dir, max_steps: int | None = None, allow_changes=()) -> dict:
+    """``adapterkit train CONFIG --output DIR`` for ``domain: vision``: the run folder is DIR
+    (a rerun resumes from its newest checkpoint)."""
+    from adapterkit.text.config import read_config_dict
+
+    cfg = dict(read_config_dict(config) if not isinstance(config, dict) else config)
+    cfg["output_dir"] = str(output_dir)
+    return run_vision(cfg, max_steps=max_steps, allow_changes=allow_changes)

@@ -124,7 +124,7 @@ def _bench_trainer_class():
             return self._eval_cache[key]
 
         def curve_point(self, step: int) -> dict:
-            from adapterkit.train.checkpoint import capture_rng_state, restore_rng_state
+            from adapterkit.engine.checkpoint import capture_rng_state, restore_rng_state
 
             t0 = time.perf_counter()
             rng = capture_rng_state()
