@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 
-
 DOMAINS_HELP = """domains (the config's `domain:` key; docs/config.md lists every key of each):
   vl      VL-BART / VL-T5 multi-task V&L (the keys below); data ROOT/<task>/<split>.jsonl + a feature store
   text    any HF model: classification (a head per task) or generation; data ROOT/<task>/<split>.jsonl|csv
