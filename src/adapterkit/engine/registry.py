@@ -18,6 +18,7 @@ DOMAINS = {
     "text": "adapterkit.text.domain",
     "vision": "adapterkit.vision.pipeline",
     "audio": "adapterkit.audio.pipeline",
+    "rec": "adapterkit.rec.domain",
 }
 
 

@@ -191,18 +191,28 @@ class Adapter4Rec(nn.Module):
     def user_states(self, seq_emb: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         return self.user_encoder(seq_emb, attention_mask=seq > 0)
 
-    def loss(self, seq: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """BCE next-item loss on left-padded sequences (B, L+1), one sampled negative per position."""
+    def loss(self, seq: torch.Tensor, generator: torch.Generator | None = None, negatives: torch.Tensor | None = None,
+             normalizer: torch.Tensor | float | None = None) -> torch.Tensor:
+        """BCE next-item loss on left-padded sequences (B, L+1), one sampled negative per position.
+
+        ``negatives`` (B, L+1): the negatives to use (else sampled with ``generator``, see
+        :func:`sample_negatives`). ``normalizer``: the loss is the sum of the BCE terms over it
+        (default: their number, i.e. the mean); a shard of a larger batch passes the whole
+        batch's term count over the number of shards, so the shards' mean is the batch's loss."""
         inp, pos = seq[:, :-1], seq[:, 1:]
         valid = (inp > 0) & (pos > 0)
-        neg = sample_negatives(seq, len(self.tokens) - 1, generator)[:, 1:]
+        if negatives is None:
+            negatives = sample_negatives(seq, len(self.tokens) - 1, generator)
+        neg = negatives[:, 1:]
         emb = self.embed_items(torch.cat([inp, pos, neg], dim=1))
         e_in, e_pos, e_neg = emb.split(inp.shape[1], dim=1)
         u = self.user_states(e_in, inp)
         lp, ln = (u * e_pos).sum(-1), (u * e_neg).sum(-1)
         logits = torch.cat([lp[valid], ln[valid]])
         labels = torch.cat([torch.ones_like(lp[valid]), torch.zeros_like(ln[valid])])
-        return F.binary_cross_entropy_with_logits(logits, labels)
+        if normalizer is None:
+            return F.binary_cross_entropy_with_logits(logits, labels)
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum") / normalizer
 
 
 def sample_negatives(seq: torch.Tensor, num_items: int, generator: torch.Generator | None = None,
