@@ -66,7 +66,14 @@ def _positive_int(text: str) -> int:
 
 def _print_results(res):
     for task, m in res["test"].items():
-        print(f"  {task:<10}" + "  ".join(f"{k} {v:.2f}" for k, v in m.items() if not k.startswith("_")))
+        shown = []
+        for k, v in m.items():
+            if k.startswith("_") or k.endswith("_ci95"):
+                continue
+            iv = m.get(f"{k}_ci95")
+            shown.append(f"{k} {v:.2f}" + (f" [{iv[0]:.1f}, {iv[1]:.1f}]" if isinstance(iv, list) else "")
+                         if isinstance(v, float) else f"{k} {v}")
+        print(f"  {task:<10}" + "  ".join(shown))
     print(f"  trainable {res['trainable']:,} / {res['total']:,} ({res['percent']:.2f}%)")
 
 

@@ -19,6 +19,7 @@ DOMAINS = {
     "vision": "adapterkit.vision.pipeline",
     "audio": "adapterkit.audio.pipeline",
     "rec": "adapterkit.rec.domain",
+    "asr": "adapterkit.audio.asr",
 }
 
 

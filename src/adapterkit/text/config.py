@@ -78,28 +78,35 @@ class TextRunConfig:
     name: str = "run"
 
     def validate(self):
-        from adapterkit.core.config import config_from_dict
-
         if self.domain != "text":
             raise ConfigError(f'a text run config has domain "text", got {self.domain!r}')
         check_name(self.name, "name: the run name")
-        if self.preset is not None and self.adapters is not None:
+        self.validate_adapters(self)
+
+    @staticmethod
+    def validate_adapters(cfg) -> None:
+        """``preset`` xor ``adapters``; each adapter config valid, its tasks among data.tasks (any
+        domain config with these keys)."""
+        from adapterkit.core.config import config_from_dict
+
+        if cfg.preset is not None and cfg.adapters is not None:
             raise ConfigError('give either "preset" or "adapters", not both')
-        if self.preset is None and self.adapters is None:
+        if cfg.preset is None and cfg.adapters is None:
             raise ConfigError('the config needs "adapters" (a list of adapter configs; [] for full fine-tuning) '
                               'or a "preset" (e.g. single_lora)')
-        for t in self.train.task_batch_scale:
-            if t not in self.data.tasks:
+        tasks = cfg.data.tasks
+        for t in cfg.train.task_batch_scale:
+            if t not in tasks:
                 raise ConfigError(f'train.task_batch_scale["{t}"]: {t!r} is not one of data.tasks '
-                                  f"{self.data.tasks}{did_you_mean(t, self.data.tasks)}")
-        for i, a in enumerate(self.adapter_configs()):
+                                  f"{tasks}{did_you_mean(t, tasks)}")
+        for i, a in enumerate(cfg.adapter_configs()):
             if not isinstance(a, dict):
                 raise ConfigError(f"adapters[{i}] must be a mapping, got {type(a).__name__}")
-            extra = [t for t in a.get("tasks", []) if isinstance(a.get("tasks"), list) and t not in self.data.tasks]
+            extra = [t for t in a.get("tasks", []) if isinstance(a.get("tasks"), list) and t not in tasks]
             if extra:
-                raise ConfigError(f"adapters[{i}].tasks: {extra[0]!r} is not one of data.tasks {self.data.tasks}")
+                raise ConfigError(f"adapters[{i}].tasks: {extra[0]!r} is not one of data.tasks {tasks}")
             try:
-                config_from_dict(dict(a, tasks=a.get("tasks", self.data.tasks)))
+                config_from_dict(dict(a, tasks=a.get("tasks", tasks)))
             except ConfigError as e:
                 raise ConfigError(f"adapters[{i}]: {e}") from None
 
