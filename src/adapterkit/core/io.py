@@ -9,6 +9,14 @@ half-replaced pair or a corrupt weights file is detected on load, and a SHA-256 
 own canonical content (``config_sha256``), so an edited or bit-flipped config (another
 ``alpha``, another ``r``) is refused before anything is built from it. Configs without
 that field (older files) still load, with a log note.
+
+Adapters saved from a wrapper around an HF model (the V&L model: ``VLModel.lm``) record the
+wrapper's ``inner_model_prefix`` and the inner model's class (``base_model.inner``), so the
+folder also loads into the plain HF model it was built on: the tensor and module paths lose
+the prefix (``lm.model.encoder...`` -> ``model.encoder...``), task names and per-task routing
+stay. What lives on the wrapper's own modules (the visual embedding, trained through
+``trainable_modules``) is left out with a warning naming it; an adapter placed on such a
+module cannot be loaded, and the error says so.
 """
 
 from __future__ import annotations
@@ -17,15 +25,16 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from adapterkit.core.base import NEW_HEAD_CLASSES, add_adapters, get_container
+from adapterkit.core.base import CONTAINER, NEW_HEAD_CLASSES, add_adapters, get_container
 from adapterkit.core.config import check_name
-from adapterkit.errors import CheckpointError, ConfigError
+from adapterkit.errors import CheckpointError, ConfigError, warn
 from adapterkit.safeio import (
     atomic_write_json,
     load_weights,
@@ -46,6 +55,11 @@ FORMAT = "adapterkit"
 FORMAT_VERSION = 1
 CHECKSUM_FIELD = "config_sha256"
 MAX_CONFIG_BYTES = 64 << 20
+#: a wrapper model's attribute naming the submodule that is the HF model it wraps (``"lm"``)
+INNER_PREFIX_ATTR = "inner_model_prefix"
+#: wrappers whose files predate ``base_model.inner``: class name -> inner prefix
+_LEGACY_INNER = {"VLModel": "lm"}
+_PREFIX_RX = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 
 def config_checksum(cfg: dict) -> str:
@@ -145,6 +159,14 @@ def _base_info(model: nn.Module) -> dict:
         info["name_or_path"] = name
     if type(model).__name__.endswith(NEW_HEAD_CLASSES) and isinstance(getattr(cfg, "num_labels", None), int):
         info["num_labels"] = cfg.num_labels
+    prefix = getattr(model, INNER_PREFIX_ATTR, None)
+    if isinstance(prefix, str) and prefix:
+        try:
+            inner = model.get_submodule(prefix)
+        except AttributeError:
+            raise ConfigError(f"{type(model).__name__}.{INNER_PREFIX_ATTR} is {prefix!r}, which is not one of its "
+                              "submodules") from None
+        info["inner"] = {"prefix": prefix, **_base_info(inner)}
     return info
 
 
@@ -173,6 +195,10 @@ def _config_problem(cfg: dict) -> str | None:
     for key in ("base_model", "extra"):
         if key in cfg and not isinstance(cfg[key], dict):
             return f'"{key}" must be an object'
+    inner = cfg.get("base_model", {}).get("inner")
+    if inner is not None and not (isinstance(inner, dict) and isinstance(inner.get("prefix"), str)
+                                  and _PREFIX_RX.fullmatch(inner["prefix"])):
+        return '"base_model.inner" must be an object whose "prefix" is a module path'
     for key in ("weights_sha256", CHECKSUM_FIELD):
         if key in cfg and not isinstance(cfg[key], str):
             return f'"{key}" must be a hex string'
@@ -227,12 +253,90 @@ def _weights_file(directory: Path) -> Path:
     raise CheckpointError(f"no {WEIGHTS_NAME} in {directory}")
 
 
+def _inner_prefix(cfg: dict, model: nn.Module, directory: Path) -> str | None:
+    """The wrapper prefix to drop when a folder saved from a wrapper model (``base_model.inner``)
+    is loaded into a model that is not that wrapper (no submodule at the prefix); else None."""
+    base = cfg.get("base_model") or {}
+    inner = base.get("inner")
+    if inner is None and base.get("class") in _LEGACY_INNER:  # written before base_model.inner
+        prefix = _LEGACY_INNER[base["class"]]
+        if not any(n.startswith(prefix + ".") for n in cfg.get("base_trainable", [])):
+            return None
+        inner = {"prefix": prefix, "model_type": base.get("model_type")}
+        cfg["base_model"] = {**base, "inner": inner}
+    if inner is None:
+        return None
+    prefix = inner["prefix"]
+    try:
+        model.get_submodule(prefix)
+        return None  # the wrapper itself (or one with the same layout): the paths fit as saved
+    except AttributeError:
+        pass
+    have = getattr(getattr(model, "config", None), "model_type", None)
+    want = inner.get("model_type")
+    if have and want and have != want:
+        raise CheckpointError(f"{directory} holds adapters of a {base.get('class')} around a "
+                              f"{inner.get('class') or want} (model_type {want!r}); {type(model).__name__} is a "
+                              f"{have!r} model")
+    return prefix
+
+
+def _to_inner(cfg: dict, tensors: dict, prefix: str, model: nn.Module, directory: Path) -> tuple[dict, dict]:
+    """(config, tensors) of a wrapper's folder, renamed for the inner model it wraps: base
+    parameter names lose ``prefix.``, adapter place keys (module paths with ``__``) lose
+    ``prefix__``. The wrapper's own trained modules are left out with one warning naming them;
+    adapters the plain model cannot apply (conditioned on or injected by the wrapper) get one too."""
+    dot, key = prefix + ".", prefix.replace(".", "__") + "__"
+
+    def rename(n: str) -> str | None:
+        if n.startswith(CONTAINER + "."):
+            return ".".join(p[len(key):] if p.startswith(key) else p for p in n.split("."))
+        return n[len(dot):] if n.startswith(dot) else None
+
+    out, left = {}, []
+    for n, t in tensors.items():
+        m = rename(n)
+        if m is None:
+            left.append(n)
+        else:
+            out[m] = t
+    cfg = dict(cfg)
+    cfg["base_trainable"] = [m for m in (rename(n) for n in cfg.get("base_trainable", [])) if m is not None]
+    adapters = {}
+    for name, acfg in cfg["adapters"].items():
+        acfg = dict(acfg)
+        if isinstance(acfg.get("widths"), dict):  # pruned bottleneck: widths keyed by place key
+            acfg["widths"] = {k[len(key):] if k.startswith(key) else k: v for k, v in acfg["widths"].items()}
+        adapters[name] = acfg
+    cfg["adapters"] = adapters
+    wrapper, plain = cfg["base_model"].get("class"), type(model).__name__
+    if left:
+        modules = sorted({n.rpartition(".")[0] or n for n in left})
+        shown = ", ".join(modules[:8]) + (f" and {len(modules) - 8} more" if len(modules) > 8 else "")
+        warn(f"{directory}: {len(left)} trained tensor(s) of {wrapper}'s own modules outside {prefix!r} ({shown}) "
+             f"are not loaded: {plain} has no such modules (e.g. the visual embedding of a V&L model); the "
+             f"adapters inside {prefix!r} are loaded", stacklevel=3)
+    for name, acfg in adapters.items():
+        if acfg.get("method") == "prompt" and acfg.get("inject") == "manual":
+            warn(f'{directory}: adapter "{name}" (prompt, inject: manual) was prepended to the input by {wrapper}; '
+                 f"on {plain} nothing applies it: prepend model.adapterkit.sets[{name!r}].prompts(batch, task) to "
+                 "inputs_embeds yourself", stacklevel=3)
+        if acfg.get("visual_dim"):
+            warn(f'{directory}: adapter "{name}" ({acfg["method"]}) is conditioned on pooled visual features, '
+                 f"which {wrapper} supplied; on {plain} that part of its input is zero unless you call "
+                 f"model.adapterkit.sets[{name!r}].set_visual(features)", stacklevel=3)
+    return cfg, out
+
+
 def load_adapters(model: nn.Module, directory: str | os.PathLike, strict_dtype: bool = True) -> nn.Module:
     """Load adapters saved by :func:`save_adapters` into ``model``.
 
     Adapter sets named in the config that the model lacks are attached first (the
     base model must be the same architecture). Every key, shape and dtype is checked;
     a mismatch raises one :class:`CheckpointError` naming the key.
+
+    A folder saved from a wrapper (the V&L model) loads into the wrapper, or into the plain HF
+    model it wraps: see the module docstring.
     """
     directory = Path(directory)
     cfg = read_adapter_config(directory)
@@ -254,13 +358,21 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike, strict_dtype: 
                 raise CheckpointError(f"shape mismatch for {k!r}: {wfile.name} has {tuple(shape)}, "
                                       f"{CONFIG_NAME} says {tuple(said[k])}")
     tensors = load_weights(wfile)
+    prefix = _inner_prefix(cfg, model, directory)
+    note = ""
+    if prefix is not None:  # saved from a wrapper, loaded into the HF model it wraps
+        cfg, tensors = _to_inner(cfg, tensors, prefix, model, directory)
+        inner = cfg["base_model"]["inner"]
+        note = (f" (saved from a {cfg['base_model'].get('class')} around a "
+                f"{inner.get('class') or inner.get('model_type') or 'model'}; paths read without its "
+                f"{prefix + '.'!r} prefix)")
     container = get_container(model)
     for name, acfg in cfg["adapters"].items():
         if container is None or name not in container.sets:
             try:
                 add_adapters(model, dict(acfg), name=name, train_head=False)  # the config says what is trained
             except ConfigError as e:
-                raise CheckpointError(f"cannot rebuild adapter \"{name}\" from {directory / CONFIG_NAME}: {e}") from None
+                raise CheckpointError(f"cannot rebuild adapter \"{name}\" from {directory / CONFIG_NAME}{note}: {e}") from None
             container = get_container(model)
         elif container.sets[name].config.to_dict() != acfg:
             diff = {k for k in acfg if container.sets[name].config.to_dict().get(k) != acfg[k]}
@@ -273,9 +385,16 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike, strict_dtype: 
     expected = adapter_state_dict(model)
     missing = [k for k in expected if k not in tensors]
     if missing:
-        raise CheckpointError(f"{wfile} is missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(f"{wfile} is missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + note)
     unexpected = [k for k in tensors if k not in params]
     if unexpected:
+        if prefix is not None:
+            raise CheckpointError(
+                f"{wfile} has key {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                + f", which {type(model).__name__} does not have{note}: the adapter sits on a module of the "
+                f"wrapper outside {prefix!r}, which the plain model lacks; load this folder into the "
+                f"{cfg['base_model'].get('class')} instead")
         raise CheckpointError(f"{wfile} has key {unexpected[0]!r}, which the model does not have")
     with torch.no_grad():
         for k, t in tensors.items():

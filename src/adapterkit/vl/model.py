@@ -73,7 +73,13 @@ class VisualEmbedding(nn.Module):
 
 
 class VLModel(nn.Module):
-    """A pretrained LM plus the visual embedding. ``kind`` is "seq2seq" or "causal"."""
+    """A pretrained LM plus the visual embedding. ``kind`` is "seq2seq" or "causal".
+
+    ``inner_model_prefix`` names the wrapped HF model (``self.lm``): adapters saved from a
+    VLModel record it, so :func:`adapterkit.load_adapters` loads them into the plain HF
+    model too (module paths without the ``lm.`` prefix; the visual embedding stays behind)."""
+
+    inner_model_prefix = "lm"
 
     def __init__(self, lm: nn.Module, feat_dim: int, vis_token_ids: list[int], n_images: int = 2):
         super().__init__()
