@@ -294,27 +294,25 @@ class RecEngine(Engine):
 
 
 def _epoch_history(engine: RecEngine, task: str) -> list[dict]:
-    """Per epoch: the mean training loss (over examples, from the log) and the validation metrics."""
+    """Per epoch trained: its last step, the mean training loss over its examples (from the
+    log) and the validation metrics when it was validated (``valid_HR@10``, ``valid_NDCG@10``)."""
     path = engine.out / LOG_NAME
-    losses: dict[int, list[float]] = {}
+    rows: dict[int, list[tuple[int, float]]] = {}
     if path.is_file():
         with open(path, encoding="utf-8", newline="") as f:
             for row in csv.reader(f):
                 if row and row[0].isdigit():
-                    losses.setdefault(int(row[1]), []).append(float(row[3]))
+                    rows.setdefault(int(row[1]), []).append((int(row[0]), float(row[3])))
+    val = {h["step"]: (h.get("metrics") or {}).get(task, {}) for h in engine.state["history"]}
     n, bs = engine.domain.num_train(task), engine.batch_sizes[task]
-    mean = {}
-    for ep, vals in losses.items():
-        sched = task_schedule(engine.num_batches, engine.tcfg.seed, ep)[:len(vals)]
-        sizes = np.array([min(bs, n - b * bs) for _, b in sched], dtype=float)
-        mean[ep] = float(np.dot(vals, sizes) / sizes.sum())
-    spe = engine.steps_per_epoch
     out = []
-    for h in engine.state["history"]:
-        ep = max(0, (h["step"] - 1) // spe)
-        row = {"epoch": ep + 1, "step": h["step"], "loss": mean.get(ep)}
-        row.update({f"valid_{k}": v for k, v in (h.get("metrics") or {}).get(task, {}).items()})
-        out.append(row)
+    for ep in sorted(rows):
+        steps, losses = zip(*rows[ep])
+        sched = task_schedule(engine.num_batches, engine.tcfg.seed, ep)[:len(losses)]
+        sizes = np.array([min(bs, n - b * bs) for _, b in sched], dtype=float)
+        entry = {"epoch": ep + 1, "step": steps[-1], "loss": float(np.dot(losses, sizes) / sizes.sum())}
+        entry.update({f"valid_{k}": v for k, v in val.get(steps[-1], {}).items()})
+        out.append(entry)
     return out
 
 
