@@ -186,3 +186,23 @@ def test_target_refuses_to_resume_from_other_source_weights(data, tmp_path):
         cfgo = load_config(c)
         cfgo.preset = "single_lora"
         cfgo.validate()
+
+
+def test_parallel_adapters_in_the_user_encoder_read_the_block_input():
+    from adapterkit.core.base import get_container
+    from adapterkit.rec.model import Adapter4Rec, ItemEncoder, SASRecEncoder, attach_rec_method
+    from adapterkit.rec.pipeline import tokenize
+    from adapterkit.testing.tiny import tiny_model
+
+    ids, mask = tokenize([""] + [f"item {i}" for i in range(1, 9)], None, 6, 101)
+    torch.manual_seed(0)
+    model = Adapter4Rec(ItemEncoder(tiny_model("bert"), 16), SASRecEncoder(16, 2, 2, 5, 0.0), ids, mask)
+    attach_rec_method(model, "parallel", {"item": {"bottleneck_dim": 4}, "user": {"bottleneck_dim": 2}})
+    user = get_container(model.user_encoder).sets["user"]
+    assert sorted(user.adapters) == [f"blocks__{i}__{p}" for i in (0, 1) for p in ("attention__out", "ffn__fc2")]
+    seen = {}
+    model.user_encoder.blocks[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("block", a[0]))
+    user.adapters["blocks__1__attention__out"].register_forward_pre_hook(lambda m, a: seen.__setitem__("ad", a[0]))
+    model.eval()
+    model.user_encoder(torch.randn(2, 5, 16), attention_mask=torch.ones(2, 5))
+    torch.testing.assert_close(seen["ad"], seen["block"])  # parallel to the attention, from the residual stream

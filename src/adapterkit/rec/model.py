@@ -31,6 +31,7 @@ SASREC_PLACES = {
     "k": [r"blocks\.(?P<layer>\d+)\.attention\.key$"],
     "v": [r"blocks\.(?P<layer>\d+)\.attention\.value$"],
     "attn_in": [r"blocks\.(?P<layer>\d+)\.attention$"],
+    "attn_stream": [r"blocks\.(?P<layer>\d+)\.attention$"],  # the residual stream entering the block
     "ffn_in": [r"blocks\.(?P<layer>\d+)\.ffn\.fc1$"],
     "ffn_stream": [r"blocks\.(?P<layer>\d+)\.ffn\.fc1$"],
     "ffn_out": [r"blocks\.(?P<layer>\d+)\.ffn\.fc2$"],
