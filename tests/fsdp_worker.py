@@ -1,0 +1,144 @@
+"""One training run of tests/test_fsdp.py: a tiny random-init HF model with a LoRA, a few
+AdamW steps on a fixed global batch, either in one process on the whole batch (``--mode
+single``) or FSDP2-sharded under ``torch.distributed.run`` (``--mode fsdp``), each rank on its
+rows r::world. Writes (rank 0) the trained weights and facts about the run to ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import transformers
+
+import adapterkit
+from adapterkit.core.optim import TaskAwareAdamW
+from adapterkit.engine import fsdp
+
+ROWS, SEQ, VOCAB = 8, 12, 96
+
+
+def build(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model = transformers.LlamaForCausalLM(cfg)
+        adapterkit.add_adapters(model, {"method": "lora", "r": 4})
+    else:  # a classification head (trained by default) in the root unit, blocks found by nn.ModuleList
+        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=64, num_labels=3,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model = transformers.BertForSequenceClassification(cfg)
+        adapterkit.add_adapters(model, {"method": "lora", "r": 4, "tasks": ["a", "b"], "sharing": "per_task"})
+    return model
+
+
+def batch(kind: str):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (ROWS, SEQ), generator=g)
+    labels = ids if kind == "llama" else torch.randint(0, 3, (ROWS,), generator=g)
+    return ids, labels
+
+
+def train(model, opt, ids, labels, steps, kind):
+    losses = []
+    for _ in range(steps):
+        if kind == "llama":
+            loss = model(input_ids=ids, labels=labels).loss
+        else:
+            with adapterkit.route("a"):
+                loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def make_opt(model):
+    return TaskAwareAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["single", "fsdp"], required=True)
+    ap.add_argument("--model", choices=["llama", "bert"], default="llama")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--resume-at", type=int, default=0, help="fsdp: gather the state after this many steps, "
+                    "load it into a freshly sharded model and optimizer, train on")
+    ap.add_argument("--bf16", action="store_true", help="fsdp: the bf16 mixed-precision policy")
+    ap.add_argument("--autocast", action="store_true", help="train under bf16 autocast")
+    ap.add_argument("--cast-frozen", action="store_true", help="frozen weights stored in bf16 (train.bf16 does so)")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    ids, labels = batch(a.model)
+    rank, world = 0, 1
+    if a.mode == "fsdp":
+        torch.distributed.init_process_group("gloo")
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    ids, labels = ids[rank::world], labels[rank::world]
+    model = build(a.model)
+    tagged_before = sorted(n for n, p in model.named_parameters() if getattr(p, "_adapterkit_task_stacked", False))
+    if a.cast_frozen:
+        adapterkit.cast_frozen(model, torch.bfloat16)
+    seen = set()
+    first_block = fsdp.block_modules(model)[0][1]
+    first_block.register_forward_hook(lambda m, args, out: seen.add(str((out[0] if isinstance(out, tuple) else out).dtype)))
+    mp = fsdp.mixed_precision(a.bf16)
+    if a.mode == "fsdp":
+        fsdp.shard_model(model, mp_policy=mp)
+    elif a.bf16:
+        raise SystemExit("--bf16 is for --mode fsdp")
+    opt = make_opt(model)
+    facts = {"sharded": fsdp.is_sharded(model), "world": world, "numel": fsdp.local_numel(model),
+             "tagged_before": tagged_before,
+             "tagged_after": sorted(n for n, p in model.named_parameters()
+                                    if getattr(p, "_adapterkit_task_stacked", False)),
+             "dtensors": sum(type(p).__name__ == "DTensor" for p in model.parameters())}
+    facts["stored_dtypes"] = sorted({f"{'trainable' if p.requires_grad else 'frozen'} {p.dtype}"
+                                     for p in model.parameters()})
+    first = a.resume_at if a.resume_at else a.steps
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.autocast)
+    with amp:
+        losses = train(model, opt, ids, labels, first, a.model)
+    if a.resume_at:
+        state, ostate = fsdp.full_trainable_state(model), fsdp.full_optimizer_state(opt)
+        if rank == 0:  # what the engine does: rank 0 writes, every rank reads the file back
+            torch.save({"state": state, "opt": ostate}, a.out + ".ckpt")
+        torch.distributed.barrier()
+        ck = torch.load(a.out + ".ckpt", weights_only=True)
+        model = build(a.model)  # the initial weights again: everything trained comes from the checkpoint
+        if a.cast_frozen:
+            adapterkit.cast_frozen(model, torch.bfloat16)
+        fsdp.shard_model(model, mp_policy=mp)
+        opt = make_opt(model)
+        fsdp.load_trainable_state(model, ck["state"])
+        fsdp.load_optimizer_state(opt, ck["opt"])
+        again = fsdp.full_trainable_state(model)
+        facts["reload_exact"] = all(torch.equal(again[n], ck["state"][n]) for n in ck["state"])
+        o2 = fsdp.full_optimizer_state(opt)
+        facts["reload_opt_exact"] = all(
+            torch.equal(o2["state"][k][s], v) for k, st in ck["opt"]["state"].items() for s, v in st.items())
+        with amp:
+            losses += train(model, opt, ids, labels, a.steps - a.resume_at, a.model)
+    state = fsdp.full_trainable_state(model)
+    ostate = fsdp.full_optimizer_state(opt)
+    facts["block_output_dtypes"] = sorted(seen)
+    facts["state_types"] = sorted({type(t).__name__ for t in state.values()})
+    facts["trainable_dtypes"] = sorted({str(t.dtype) for t in state.values()})
+    if world > 1:  # the mean loss over the global batch, as one process sees it
+        t = torch.tensor(losses)
+        torch.distributed.all_reduce(t)
+        losses = (t / world).tolist()
+    if rank == 0:
+        torch.save({"state": state, "opt": ostate, "facts": facts, "losses": losses}, a.out)
+    if a.mode == "fsdp":
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    main()
