@@ -18,19 +18,21 @@ from adapterkit.engine import fsdp
 ROWS, SEQ, VOCAB = 8, 12, 96
 
 
-def build(kind: str):
+def build(kind: str, adapters: bool = True):
     torch.manual_seed(0)
     if kind == "llama":
         cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         model = transformers.LlamaForCausalLM(cfg)
-        adapterkit.add_adapters(model, {"method": "lora", "r": 4})
-    else:  # a classification head (trained by default) in the root unit, blocks found by nn.ModuleList
+        if adapters:
+            adapterkit.add_adapters(model, {"method": "lora", "r": 4})
+    else:  # a classification head (trained by default) in the root unit; blocks: embeddings + layers
         cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, max_position_embeddings=64, num_labels=3,
                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         model = transformers.BertForSequenceClassification(cfg)
-        adapterkit.add_adapters(model, {"method": "lora", "r": 4, "tasks": ["a", "b"], "sharing": "per_task"})
+        if adapters:
+            adapterkit.add_adapters(model, {"method": "lora", "r": 4, "tasks": ["a", "b"], "sharing": "per_task"})
     return model
 
 
@@ -132,7 +134,9 @@ def main(argv=None):
         t = torch.tensor(losses)
         torch.distributed.all_reduce(t)
         losses = (t / world).tolist()
+    adapters = fsdp.full_adapter_state(model)
     if rank == 0:
+        adapterkit.save_adapters(model, a.out + ".adapters", state_dict=adapters)
         torch.save({"state": state, "opt": ostate, "facts": facts, "losses": losses}, a.out)
     if a.mode == "fsdp":
         torch.distributed.destroy_process_group()

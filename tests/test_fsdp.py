@@ -88,6 +88,15 @@ def test_two_processes_sharded_match_one_and_resume(tmp_path):
     assert n2["frozen_local"] <= 0.5 * n2["frozen_full"] + 64
     assert n2["trainable_local"] <= 0.5 * n2["trainable_full"] + 64
     assert n2["trainable_full"] == n1["trainable_full"]
+    # the adapter folder rank 0 wrote from the gathered state loads into a plain model: the 1-process outputs
+    ids = torch.randint(0, fsdp_worker.VOCAB, (3, 7))
+    outs = []
+    for d in ("single.pt.adapters", "fsdp.pt.adapters"):
+        m = fsdp_worker.build("llama", adapters=False)
+        adapterkit.load_adapters(m, tmp_path / d)
+        with torch.no_grad():
+            outs.append(m(input_ids=ids).logits)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
 @pytest.mark.slow
@@ -181,6 +190,14 @@ def test_trainable_and_optimizer_state_round_trip_unsharded():
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], ostate["state"][0]["exp_avg"])
     with torch.no_grad():
         assert torch.equal(other(input_ids=ids).logits, m(input_ids=ids).logits)
+
+
+def test_full_adapter_state_unsharded_is_what_save_adapters_writes():
+    from adapterkit.core.io import adapter_state_dict
+
+    m = _tiny_llama()
+    a, b = fsdp.full_adapter_state(m), adapter_state_dict(m)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_load_trainable_state_refuses_a_state_that_does_not_fit():

@@ -46,6 +46,7 @@ from adapterkit.errors import ConfigError
 __all__ = [
     "block_modules",
     "fsdp_unavailable",
+    "full_adapter_state",
     "full_optimizer_state",
     "full_trainable_state",
     "is_sharded",
@@ -281,6 +282,17 @@ def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     a collective on a sharded model: every rank calls it (each gets the whole state). On an
     unsharded model: the parameters themselves."""
     return {n: _full(p.detach()) for n, p in _trainable(model).items()}
+
+
+def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What :func:`adapterkit.save_adapters` writes (the adapters' parameters and buffers, the
+    base modules the freeze policy trains), as full tensors: pass it as ``state_dict=`` to
+    ``save_adapters`` on rank 0. A collective on a sharded model: every rank calls it."""
+    from adapterkit.core.io import adapter_state_dict
+
+    if is_sharded(model):
+        _resharded(model)
+    return {n: _full(t) for n, t in adapter_state_dict(model).items()}
 
 
 def _shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
