@@ -212,6 +212,16 @@ def test_load_trainable_state_refuses_a_state_that_does_not_fit():
         fsdp.load_trainable_state(m, {**state, "lm_head.weight": torch.zeros(2)})
 
 
+def test_even_rows_give_every_rank_the_same_count_and_cover_every_row():
+    for n, world in [(7, 2), (8, 2), (1, 3), (10, 4)]:
+        parts = [fsdp.even_rows(n, r, world) for r in range(world)]
+        assert len({len(p) for p in parts}) == 1 and len(parts[0]) == -(-n // world)
+        assert sorted(set(int(i) for p in parts for i in p)) == list(range(n))
+    assert fsdp.even_rows(7, 1, 2).tolist() == [1, 3, 5, 5]
+    with pytest.raises(ConfigError, match="even_rows"):
+        fsdp.even_rows(5, 2, 2)
+
+
 def test_mixed_precision_policy():
     assert fsdp.mixed_precision(False) is None
     p = fsdp.mixed_precision(True)

@@ -37,6 +37,7 @@ shards.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,6 +46,7 @@ from adapterkit.errors import ConfigError
 
 __all__ = [
     "block_modules",
+    "even_rows",
     "fsdp_unavailable",
     "full_adapter_state",
     "full_optimizer_state",
@@ -354,6 +356,19 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
         return v
 
     optimizer.load_state_dict(_map_state(state, shard))
+
+
+def even_rows(n: int, rank: int, world: int) -> np.ndarray:
+    """Rows ``rank::world`` of ``range(n)``, padded to ``ceil(n / world)`` by repeating the rank's
+    last row (row 0 for a rank with none): under FSDP every rank must run the same number of
+    forward passes, and a repeated row only repeats a prediction under the same example id."""
+    if n < 1 or world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"even_rows needs n >= 1 and 0 <= rank < world, got n={n}, rank={rank}, world={world}")
+    rows = np.arange(n)[rank::world]
+    need = -(-n // world)
+    if len(rows) < need:
+        rows = np.concatenate([rows, np.full(need - len(rows), rows[-1] if len(rows) else 0)])
+    return rows
 
 
 def local_numel(model: nn.Module) -> dict[str, int]:
