@@ -102,8 +102,8 @@ DICT_MEANINGS = {
             "method": "adaptformer, adaptformer_sequential, vpt, vpt_deep (presets), linear_probe, full, or any "
                       "adapterkit method name",
             "adapter": "overrides of the method's adapterkit config (e.g. {r: 8} for lora)",
-            "output_dir": "the run folder: results.json, trainable.safetensors, checkpoints (adapterkit train "
-                          "--output sets it)",
+            "output_dir": "the run folder: results.json, the trained weights (final/, best/), checkpoints/ "
+                          "(a rerun resumes); adapterkit train --output sets it",
             "save_backbone": "also write the backbone's weights to output_dir/backbone.safetensors (a later run's "
                              "model.init_from)",
             "name": "the run's name",
@@ -141,8 +141,8 @@ DICT_MEANINGS = {
             "method": "petl_adapter (PETL-AST adapters: the adapter keys below), lora, prompt, linear_probe, full, "
                       "or any adapterkit method name",
             "adapter": "petl_adapter: the keys below; other methods: overrides of the method's adapterkit config",
-            "output_dir": "the run folder: results.json, trainable.safetensors, checkpoints (adapterkit train "
-                          "--output sets it)",
+            "output_dir": "the run folder: results.json, the trained weights (final/, best/), checkpoints/ "
+                          "(a rerun resumes); adapterkit train --output sets it",
             "name": "the run's name",
         },
         "data": {
