@@ -36,6 +36,32 @@ def build(kind: str, adapters: bool = True):
     return model
 
 
+def generation_check(out: str):
+    """Sharded ``generate()`` of a tiny BART with a LoRA (its encoder runs before any root forward;
+    the ranks get different row counts and lengths): rank 0's output must be the unsharded one."""
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                                  eos_token_id=2, decoder_start_token_id=2)
+    model = transformers.BartForConditionalGeneration(cfg)
+    adapterkit.add_adapters(model, {"method": "lora", "r": 4})
+    with torch.no_grad():  # a LoRA that changes the outputs
+        for p in adapterkit.core.base.get_container(model).parameters():
+            p.normal_(0, 0.5)
+    model.eval()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    ids = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(2))
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 1, "num_beams": 1}
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids[0::2], **kw)
+        fsdp.shard_model(model)
+        mine = ids[rank::world]  # rank 0: rows 0, 2; rank 1: row 1
+        got = model.generate(input_ids=mine, **{**kw, "max_new_tokens": 6 if rank == 0 else 3})
+    if rank == 0:
+        torch.save({"ref": ref, "got": got}, out)
+
+
 def batch(kind: str):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (ROWS, SEQ), generator=g)
@@ -66,7 +92,7 @@ def make_opt(model):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["single", "fsdp"], required=True)
-    ap.add_argument("--model", choices=["llama", "bert"], default="llama")
+    ap.add_argument("--model", choices=["llama", "bert", "bart-generate"], default="llama")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--resume-at", type=int, default=0, help="fsdp: gather the state after this many steps, "
                     "load it into a freshly sharded model and optimizer, train on")
@@ -75,6 +101,11 @@ def main(argv=None):
     ap.add_argument("--cast-frozen", action="store_true", help="frozen weights stored in bf16 (train.bf16 does so)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    if a.model == "bart-generate":
+        torch.distributed.init_process_group("gloo")
+        generation_check(a.out)
+        torch.distributed.destroy_process_group()
+        return
     ids, labels = batch(a.model)
     rank, world = 0, 1
     if a.mode == "fsdp":

@@ -133,6 +133,16 @@ def test_two_processes_bf16_mixed_precision(tmp_path):
     assert all(torch.isfinite(t).all() for t in two["state"].values())
 
 
+@pytest.mark.slow
+@needs_fsdp
+def test_two_processes_sharded_generate(tmp_path):
+    """generate() on a sharded encoder-decoder (its encoder runs before any forward of the root
+    unit), the ranks with different row counts and output lengths (synced steps): the outputs
+    of one process."""
+    out = _two(tmp_path, "--model", "bart-generate")
+    assert torch.equal(out["got"], out["ref"]) and out["ref"].shape[1] > 3
+
+
 # --- one process (no process group): fast ------------------------------------------------------------------
 def _tiny_llama():
     return fsdp_worker.build("llama")

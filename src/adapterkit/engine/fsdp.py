@@ -248,6 +248,7 @@ def shard_model(model: nn.Module, mesh=None, *, layer_classes=None, reshard_afte
         if not _shares_parameters(m, model):
             fully_shard(m, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+    _generation_ready(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     for n, a in attrs.items():
         if n in params:
@@ -255,6 +256,21 @@ def shard_model(model: nn.Module, mesh=None, *, layer_classes=None, reshard_afte
                 if not hasattr(params[n], k):
                     setattr(params[n], k, v)
     return model
+
+
+def _generation_ready(model: nn.Module) -> None:
+    """``generate()`` on a sharded model: the root unit is gathered around the whole call (an
+    encoder-decoder's generate runs its encoder before any forward of the root), and Hugging Face
+    models generate with ``synced_gpus`` (every rank keeps stepping until all ranks are done:
+    each step's gathers are collectives), which transformers turns on for models marked as
+    FSDP-managed."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    if callable(getattr(model, "generate", None)):
+        register_fsdp_forward_method(model, "generate")
+    for m in model.modules():
+        if callable(getattr(m, "generate", None)) and hasattr(m, "config"):
+            m._is_fsdp_managed_module = True
 
 
 def _fsdp_modules(model: nn.Module) -> list:
