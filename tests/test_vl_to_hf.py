@@ -173,3 +173,28 @@ def test_older_files_without_the_inner_record_load(tmp_path):
         adapterkit.load_adapters(plain, tmp_path / "old")
     n = len([k for k in adapter_state_dict(vl) if not k.startswith("visual.")])
     assert len(adapter_state_dict(plain)) == n
+
+
+@pytest.mark.parametrize("backbone, preset", [("tiny-t5", "multiple_lora"), ("tiny-llama", "single_adapter")])
+def test_other_backbones_load_into_their_plain_model(tmp_path, backbone, preset):
+    """T5 and a causal LM: the same text through the wrapper's LM and the plain model gives the same logits."""
+    corpus = ["what colour is the cube ?", "a red ball", "is there a ball ?"]
+    spec = {"backbone": backbone, "feat_dim": 16, "corpus": corpus, "init_seed": 5}
+    vl, _ = build_vl_model(spec, preset, TASKS)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in vl.parameters():
+            if p.requires_grad:  # adapters and the trained LayerNorms / biases
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    adapterkit.save_adapters(vl, tmp_path / "a")
+    plain, tok = build_backbone(spec)
+    with pytest.warns(AdapterKitWarning, match="visual"):
+        adapterkit.load_adapters(plain, tmp_path / "a")
+    vl.eval(), plain.eval()
+    enc = tok(corpus, return_tensors="pt", padding=True)
+    kw = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    if backbone == "tiny-t5":
+        kw["decoder_input_ids"] = torch.tensor([[0, 4, 5], [0, 6, 7], [0, 8, 9]])
+    vocab = plain.config.vocab_size
+    with torch.no_grad(), adapterkit.route(["vqa", "caption", "gqa"]):
+        torch.testing.assert_close(plain(**kw).logits, vl.lm(**kw).logits[..., :vocab], rtol=1e-5, atol=1e-5)
