@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 ENV = {**os.environ, "ADAPTERKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY_VIT = {"image_size": 16, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -91,8 +90,10 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path, domain):
     done = subprocess.run(_cmd(p, tmp_path / "crash"), env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from step" in done.stdout
-    a = load_file(tmp_path / "clean" / "trainable.safetensors")
-    b = load_file(tmp_path / "crash" / "trainable.safetensors")
+    from adapterkit.engine.engine import read_trained
+
+    a = read_trained(tmp_path / "clean" / "final")
+    b = read_trained(tmp_path / "crash" / "final")
     assert a.keys() == b.keys() and any("adapterkit" in k for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -140,7 +140,7 @@ def test_trained_weights_loaded_for_eval_must_match_the_model(data, trained, tmp
     from adapterkit.safeio import load_safetensors_checked, save_safetensors_atomic
 
     out = copy_run(trained, tmp_path / "run")
-    f = out / "final" / "trainable.safetensors"
+    f = out / "final" / "adapter_model.safetensors"  # the adapters (trainable.safetensors: the rest)
     weights = load_safetensors_checked(f)
     key = _first(weights)
     weights[key] = torch.ones(1)  # a consistent file (its checksum matches), of the wrong shape

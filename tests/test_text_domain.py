@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from adapterkit.errors import ConfigError, DataError
 from adapterkit.testing.fixtures import make_text_fixture
@@ -129,8 +128,10 @@ def test_sigkill_then_rerun_is_bit_identical(data, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     done = subprocess.run(_cmd(p, tmp_path / "crash"), check=True, env=ENV, capture_output=True, text=True)
     assert "resumed from step" in done.stdout
-    a = load_file(tmp_path / "clean" / "final" / "trainable.safetensors")
-    b = load_file(tmp_path / "crash" / "final" / "trainable.safetensors")
+    from adapterkit.engine.engine import read_trained
+
+    a = read_trained(tmp_path / "clean" / "final")
+    b = read_trained(tmp_path / "crash" / "final")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

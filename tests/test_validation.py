@@ -363,7 +363,7 @@ def test_eval_refuses_a_corrupt_weights_file(trained_run, tmp_path, capsys):
                        ("subset", "missing")]:
         copy = tmp_path / how.replace(" ", "_")
         shutil.copytree(run, copy, ignore=shutil.ignore_patterns("train.lock"))
-        _damage(copy / "final" / "trainable.safetensors", how)
+        _damage(copy / "final" / "adapter_model.safetensors", how)
         capsys.readouterr()
         assert main(["eval", str(cfg), "--checkpoint", str(copy)]) == 2, how
         err = capsys.readouterr().err

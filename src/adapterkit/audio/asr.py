@@ -95,7 +95,7 @@ class ASRRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: ASREvalConfig = field(default_factory=ASREvalConfig)
     name: str = "run"
-    init_from: str | None = None   # a run folder (its final/ or best/) or a trainable.safetensors to start from
+    init_from: str | None = None   # a run folder (or its final/ or best/) whose trained weights to start from
 
     def validate(self):
         from adapterkit.text.config import TextRunConfig
@@ -298,7 +298,12 @@ class ASRDomain(Domain):
 
     def loss(self, batch, task_index):
         with self._route(task_index):
-            return self.model(**batch).loss
+            loss = self.model(**batch).loss
+        c = adapterkit.core.base.get_container(self.model)
+        for s in (c.sets.values() if c is not None else ()):  # a method's own loss terms (sim_adapter)
+            if hasattr(s, "training_loss"):
+                loss = loss + s.training_loss()
+        return loss
 
     def eval_size(self, task, split):
         return len(self.utts[(task, split)])
@@ -359,18 +364,18 @@ def _length(path) -> int:
 
 
 def load_trainable(model, src) -> None:
-    """Copy trainable weights saved by an engine run (its folder, final/ or best/, or a
-    trainable.safetensors file) into ``model``: names must match (a subset is fine)."""
-    from adapterkit.safeio import load_safetensors_checked
+    """Copy the trained weights of an engine run (its folder, or its final/ or best/) into
+    ``model``: names must match (a subset is fine)."""
+    from adapterkit.engine.engine import TRAINABLE_FILE, read_trained
 
     p = Path(src)
-    for cand in (p, p / "final" / "trainable.safetensors", p / "trainable.safetensors"):
-        if cand.is_file():
+    for cand in (p, p / "final"):
+        if (cand / TRAINABLE_FILE).is_file():
             p = cand
             break
     else:
-        raise ConfigError(f"init_from {src}: no trainable.safetensors there (a run folder, its final/ or the file)")
-    state = load_safetensors_checked(p)
+        raise ConfigError(f"init_from {src}: no trained run there (a run folder, or its final/ or best/)")
+    state = read_trained(p)
     own = dict(model.named_parameters())
     unknown = [k for k in state if k not in own]
     if unknown:

@@ -12,7 +12,7 @@ Config (YAML) sections::
     adapter: {adapter_type: pfeiffer|houlsby, placement: parallel|sequential,
               block: bottleneck|conformer, reduction_rate, residual, ...} (petl_adapter)
     train:  {epochs, batch_size, optimizer: adamw, lr: 5e-3, betas: [0.9, 0.98], weight_decay: 0.1, ...}
-    output_dir: results.json + trainable.safetensors
+    output_dir: the run folder: results.json, final/ and best/ (adapters + trainable.safetensors), checkpoints/
 
 ``asterisk`` / ``folder`` sources hold few recordings, so each clip is expanded into
 ``train_copies`` augmented training clips and ``test_copies`` differently augmented test
@@ -176,7 +176,7 @@ def run_audio(config: dict, log=print, max_steps: int | None = None, allow_chang
     res.update({"method": method, "adapter": config.get("adapter"), "backbone": m["backbone"], "classes": names,
                 "n_train": len(ftr), "n_test": len(fte), "feature_seconds": round(feat_s, 2),
                 "wall_seconds": round(time.time() - t0, 2)})
-    write_outputs(config.get("output_dir"), model, res, config)
+    write_outputs(config.get("output_dir"), model, res, config, weights=False)  # the engine wrote final/
     return res
 
 

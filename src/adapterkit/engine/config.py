@@ -20,7 +20,7 @@ MAX_COUNT = 10**12            # example counts, steps
 @dataclass
 class TrainConfig:
     epochs: int = bounded(3, lo=1, hi=100_000)             # passes over every task's training data
-    max_steps: int | None = bounded(None, lo=1, hi=MAX_COUNT)  # stop after this many steps (null: epochs decide)
+    max_steps: int | None = bounded(None, lo=1, hi=MAX_COUNT)  # stop after this many steps, or epochs, whichever first
     batch_size: int = bounded(16, lo=1, hi=MAX_BATCH)       # examples per step (over all processes: x world size)
     task_batch_scale: dict = field(default_factory=dict)    # {task: factor} of batch_size per task
     lr: float | None = bounded(None, lo=0.0, hi=10.0, lo_open=True)  # null: the method's / preset's (else 1e-3)

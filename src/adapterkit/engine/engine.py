@@ -226,7 +226,11 @@ class Engine:
             raise ConfigError(f"task {empty[0]!r} has no training examples")
         self.steps_per_epoch = sum(self.num_batches.values())
         total = self.steps_per_epoch * self.tcfg.epochs
-        if self.tcfg.max_steps:
+        if self.tcfg.max_steps:  # whichever comes first: epochs full passes or max_steps steps
+            if self.tcfg.max_steps > total and _is_main():
+                print(f"note: train.max_steps {self.tcfg.max_steps} is more than train.epochs {self.tcfg.epochs} x "
+                      f"{self.steps_per_epoch} steps per epoch: training stops after {total} steps "
+                      "(raise train.epochs to train longer)", file=sys.stderr)
             total = min(total, self.tcfg.max_steps)
         self.total_steps = total
         self.lr = float(lr if lr is not None else (self.tcfg.lr or 1e-3))
@@ -765,25 +769,21 @@ class Engine:
         _barrier()
 
     def _save_best(self, name: str = "best"):
-        from adapterkit.core.base import get_container
-        from adapterkit.safeio import save_safetensors_atomic
-
         self._check_finite_weights(f"{name}/ was not written")
-        best = self.out / name
-        if get_container(self.model) is not None:
-            adapterkit.save_adapters(self.model, best)
-        # the visual embedding / a new head / the full weights of full fine-tuning: everything trainable
-        save_safetensors_atomic({n: p.detach() for n, p in self.named_trainable.items()}, best / "trainable.safetensors")
-        self.domain.save(best)
+        folder = self.out / name
+        best = self.out / "best"
+        if name == "final" and self.state.get("best_step") == self.state["step"] and _same_weights(best, self):
+            link_folder(best, folder)  # the final weights are the best: stored once, hard-linked
+        else:
+            save_trained(self.model, self.named_trainable, folder)
+        self.domain.save(folder)
 
     def _load_best(self, name: str = "best"):
-        from adapterkit.safeio import load_safetensors_checked
-
-        f = self.out / name / "trainable.safetensors"
-        if not f.exists():
+        folder = self.out / name
+        if not (folder / TRAINABLE_FILE).exists():
             return False
-        t = load_safetensors_checked(f)
-        check_tensors(t, self.named_trainable, str(f))
+        t = read_trained(folder)
+        check_tensors(t, self.named_trainable, str(folder))
         with torch.no_grad():
             for n, v in t.items():
                 self.named_trainable[n].copy_(v.to(self.named_trainable[n].device))
@@ -813,6 +813,77 @@ class Engine:
         if _is_main():
             atomic_write_json(self.out / "predictions.json", preds)
         return res
+
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def save_trained(model, named_trainable: dict, folder) -> None:
+    """The trained weights of a run, each tensor once: the adapters as an adapter folder
+    (``adapterkit.save_adapters``: loadable into the base model) and, in
+    ``trainable.safetensors``, every other trainable tensor (a new head, the visual
+    projection, all weights of full fine-tuning)."""
+    from adapterkit.core.base import get_container
+    from adapterkit.safeio import save_safetensors_atomic
+
+    folder = Path(folder)
+    covered: set[str] = set()
+    if get_container(model) is not None:
+        from adapterkit.core.io import adapter_state_dict
+
+        adapterkit.save_adapters(model, folder)
+        covered = set(adapter_state_dict(model))
+    rest = {n: p.detach() for n, p in named_trainable.items() if n not in covered}
+    save_safetensors_atomic(rest, folder / TRAINABLE_FILE, metadata={"adapters_in": "adapter_model.safetensors"
+                                                                     if covered else ""})
+
+
+def read_trained(folder) -> dict:
+    """``{parameter name: tensor}`` of what :func:`save_trained` wrote (adapters + the rest),
+    each file checked (a corrupt or truncated file is one CheckpointError naming it)."""
+    from adapterkit.safeio import load_safetensors_checked
+
+    folder = Path(folder)
+    out = dict(load_safetensors_checked(folder / TRAINABLE_FILE))
+    adapters = folder / "adapter_model.safetensors"
+    if adapters.exists():
+        for k, v in load_safetensors_checked(adapters).items():
+            out.setdefault(k, v)
+    return out
+
+
+def _same_weights(folder: Path, engine) -> bool:
+    """Whether ``folder`` holds exactly the engine's current trainable weights."""
+    if not (folder / TRAINABLE_FILE).exists():
+        return False
+    try:
+        saved = read_trained(folder)
+    except AdapterKitError:
+        return False
+    cur = engine.named_trainable
+    return saved.keys() >= cur.keys() and all(torch.equal(saved[n], p.detach().cpu()) for n, p in cur.items())
+
+
+def link_folder(src: Path, dst: Path) -> None:
+    """``dst`` made of hard links to ``src``'s files (copies where links are not possible),
+    replacing what ``dst`` held, file by file atomically."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if not f.is_file() or f.is_symlink() or f.name.startswith("."):
+            continue
+        tmp = dst / f".{f.name}.{os.getpid()}.link.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            os.link(f, tmp)
+        except OSError:
+            shutil.copy2(f, tmp)
+        os.replace(tmp, dst / f.name)
+    for f in dst.iterdir():  # a file an earlier final/ had and best/ has not
+        if f.is_file() and not (src / f.name).exists() and not f.name.startswith("."):
+            f.unlink()
 
 
 def _jsonable(cfg):

@@ -153,14 +153,18 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_outputs(output_dir: str | None, model: nn.Module, results: dict, config: dict) -> None:
+def write_outputs(output_dir: str | None, model: nn.Module, results: dict, config: dict, weights: bool = True) -> None:
+    """``results.json`` (config, results, versions) in ``output_dir``, and with ``weights`` the
+    trainable tensors in ``trainable.safetensors`` (a pipeline run on the engine has them in
+    ``final/`` and ``best/`` already: weights=False)."""
     from adapterkit.engine.distributed import is_main
 
     if not output_dir or not is_main():  # rank 0 of a multi-process run writes
         return
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic(trainable_state(model), out / "trainable.safetensors", metadata={"format": "adapterkit"})
+    if weights:
+        save_safetensors_atomic(trainable_state(model), out / "trainable.safetensors", metadata={"format": "adapterkit"})
     atomic_write_json(out / "results.json", {"config": config, "results": _jsonable(results),
                                              "versions": {"torch": torch.__version__}})
 

@@ -10,7 +10,8 @@ Config (YAML) sections::
     adapter: {overrides of the method's adapterkit config}
     train:  {epochs, batch_size, optimizer: sgd|adamw, blr (lr = blr*batch/256), lr, momentum,
              weight_decay, warmup_epochs, min_lr, flip, ...}
-    output_dir: folder for results.json, trainable.safetensors (and backbone.safetensors with save_backbone)
+    output_dir: the run folder: results.json, final/ and best/ (adapters + trainable.safetensors),
+                checkpoints/ (a rerun resumes), and backbone.safetensors with save_backbone
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def run_vision(config: dict, log=print, max_steps: int | None = None, allow_chan
                            identity={"data": d, "model": m, "method": method, "adapter": config.get("adapter")})
     res.update({"method": method, "backbone": m["backbone"], "num_classes": num_classes,
                 "n_train": len(train[0]), "n_test": len(test[0]), "wall_seconds": round(time.time() - t0, 2)})
-    write_outputs(config.get("output_dir"), model, res, config)
+    write_outputs(config.get("output_dir"), model, res, config, weights=False)  # the engine wrote final/
     if config.get("save_backbone"):
         if not config.get("output_dir"):
             raise ConfigError('"save_backbone" needs "output_dir"')
