@@ -18,7 +18,7 @@ LANGS = ["es", "fr", "it"]
 # Whisper is pre-LN: the residual stream entering the FFN is final_layer_norm's input (the bart
 # profile's ffn_stream for whisper is fc1, whose input is already normalised), so it is named here
 PLACES = {"ffn_stream": [r"(?P<stack>encoder|decoder)\.layers\.(?P<layer>\d+)\.final_layer_norm$"]}
-SIM = {"method": "sim_adapter", "bottleneck_dim": 8, "tasks": LANGS, "fusion": LANGS, "target": "it",
+SIM = {"method": "sim_adapter", "bottleneck_dim": 8, "tasks": ["it"], "fusion": LANGS, "target": "it",
        "places": PLACES}
 
 
@@ -115,8 +115,8 @@ def test_pfeiffer_language_adapters_load_and_errors():
     assert set(state) <= set(own)
     assert {n for n in own if n.startswith("adapterkit.") and n not in state} == {n for n in own if ".fusions." in n}
     with pytest.raises(ConfigError, match="fusion"):
-        adapterkit.add_adapters(_model(), {"method": "sim_adapter", "tasks": LANGS, "bottleneck_dim": 8})
+        adapterkit.add_adapters(_model(), {"method": "sim_adapter", "fusion": ["es"], "bottleneck_dim": 8})
     with pytest.raises(ConfigError, match="target"):
         adapterkit.add_adapters(_model(), dict(SIM, target="ru"))
     with pytest.raises(ConfigError, match="always fuses"):
-        adapterkit.compose(dst, adapterkit.Fuse("es", "fr"))
+        adapterkit.compose(dst, adapterkit.Stack("it"))

@@ -5,7 +5,8 @@ Recognition"): attention fusion over frozen per-language adapters, as the refere
 In every block (pre-LN; the fusion sits on the block output, i.e. on the FFN output place
 ``ffn_out`` with the residual added), with ``x`` the block output, ``x_norm`` the block's
 pre-FFN LayerNorm output (the FFN's input) and ``a_n = x + W_up,n ReLU(W_down,n LN_n(x))`` the
-N language adapters (the tasks named in ``fusion``, in the set's task order)::
+N language adapters named in ``fusion`` (one stacked copy each, in that order; the set's
+``tasks`` only route, e.g. the one target language being trained)::
 
     q = W_q x + b_q,   k_n = W_k a_n + b_k,   v_n = W_v a_n          (W_v: no bias, identity + 1e-6)
     alpha = softmax_n(q . k_n / sqrt(tau))                            (tau = 1: no sqrt(d) scaling)
@@ -20,8 +21,8 @@ where the guide term needs ``target`` (a task in ``fusion``; without one it is l
 reference does when the target language is not in the fusion list). The language adapters are
 the Pfeiffer-style adapters of :mod:`adapterkit.methods.bottleneck` with ``adapter_input:
 normed_sum`` and ``adapter_layernorm: before`` (in a pre-LN block: ``z + A(LN(z))`` on the
-block output ``z``), so the weights of a ``pfeiffer`` set of that form with the same set name
-and task list load into this set unchanged. Differences to the reference: its adapters have no
+block output ``z``), so the weights of a ``pfeiffer`` set of that form (per_task over the same
+languages, in ``fusion``'s order) load into this set unchanged (rename the set). Differences to the reference: its adapters have no
 biases (these do), and its guide weight can decay linearly (here it is constant).
 
 The module is a method (``method: sim_adapter``) rather than a ``Fuse`` composition because
@@ -39,7 +40,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterkit.core.base import paired_places, sublayer_places
-from adapterkit.core.config import ACTIVATIONS, SHARING, bounded, choice, register_method
+from adapterkit.core.config import (
+    ACTIVATIONS,
+    SHARING,
+    AdapterConfig,
+    bounded,
+    check_name,
+    choice,
+    register_method,
+)
 from adapterkit.core.hooks import first as _first
 from adapterkit.core.hooks import first_input
 from adapterkit.core.hooks import out_width as _out_width
@@ -66,10 +75,17 @@ class SimAdapterConfig(BottleneckConfig):
     temperature: float = bounded(1.0, lo=1e-6)                # tau
     fusion_residual: str = choice("x_norm", "none", default="x_norm")
 
+    def copies(self, part: str) -> int:
+        """One adapter copy per language of ``fusion`` (whatever the routing tasks are)."""
+        return len(self.fusion)
+
     def validate(self) -> None:
-        if not self.fusion:
-            raise ConfigError("sim_adapter needs fusion: [...] (at least two of its tasks: the language adapters)")
-        super().validate()
+        AdapterConfig.validate(self)
+        if len(self.fusion) < 2 or len(set(self.fusion)) != len(self.fusion):
+            raise ConfigError("sim_adapter needs fusion: [...] naming at least two distinct language adapters, "
+                              f"got {self.fusion}")
+        for t in self.fusion:
+            check_name(t, "fusion: a language adapter")
         if self.positions != ["ffn_out"]:
             raise ConfigError(f'sim_adapter fuses on the block output (positions ["ffn_out"]), got {self.positions}')
         if self.adapter_input != "normed_sum" or self.adapter_layernorm != "before":
@@ -129,7 +145,7 @@ class SimAdapterSet(BottleneckSet):
 
     def __init__(self, cfg: SimAdapterConfig):
         super().__init__(cfg)
-        self._idx = torch.tensor([cfg.tasks.index(t) for t in cfg.fusion], dtype=torch.long)
+        self._idx = torch.arange(len(cfg.fusion))
         self._target = cfg.fusion.index(cfg.target) if cfg.target is not None else None
 
     def attach(self, model, profile):

@@ -1,0 +1,289 @@
+"""Cross-lingual low-resource ASR with adapters on Whisper base (Hou et al. 2021): zero-shot,
+full fine-tuning, one new target adapter, MetaAdapter and SimAdapter on the asterisk prompts.
+
+    python examples/crosslingual_asr.py --out runs/crosslingual --results docs/results/speech
+
+Steps (each skipped when its results.json exists, so a rerun resumes):
+1. zero-shot Whisper base on the target test set (and, with --window-check, 6 s vs 30 s on 30 utterances);
+2. source language adapters (one run, per-language Pfeiffer adapters, seed 0);
+3. MetaAdapter meta-training of one shared adapter over the sources (seed 0);
+4. per seed: full fine-tuning, a new target adapter, MetaAdapter fine-tuning (init_from step 3),
+   SimAdapter (fusion over the source adapters and this seed's target adapter, trained on the target);
+5. the table: WER/CER per seed with the per-utterance bootstrap interval, the mean over seeds with
+   a t interval, the paired (per seed) difference to full fine-tuning, trainable parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ADAPTER = {"method": "pfeiffer", "bottleneck_dim": 64, "activation": "relu", "adapter_input": "normed_sum",
+           "adapter_layernorm": "before",
+           # Whisper is pre-LN: the stream entering the FFN is final_layer_norm's input (see the report)
+           "places": {"ffn_stream": [r"(?P<stack>encoder|decoder)\.layers\.(?P<layer>\d+)\.final_layer_norm$"]}}
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def base_cfg(a, tasks, adapters, seed, epochs, lr, test=None, init_from=None):
+    return {"domain": "asr", "name": "run",
+            "model": {"name_or_path": a.model, "audio_seconds": a.audio_seconds},
+            "adapters": adapters,
+            "data": {"source": "asterisk", "tasks": tasks, "train_per_task": a.train, "val_per_task": a.val,
+                     "test_per_task": test or a.test, "seed": a.split_seed},
+            "train": {"epochs": epochs, "batch_size": a.batch_size, "lr": lr, "seed": seed,
+                      "eval_every_epoch": False, "checkpoint_every": 10**6, "keep_last": 1},
+            "eval": {"batch_size": 25, "max_new_tokens": a.max_new_tokens, "select_on": "last"},
+            "init_from": init_from}
+
+
+def engine_run(cfg, out):
+    from adapterkit.audio.asr import build_engine, load_config
+
+    out = Path(out)
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())
+    t0 = time.time()
+    res = build_engine(load_config(cfg), out).fit()
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    log(f"{out.name}: {json.dumps({t: {k: round(v, 2) for k, v in m.items() if k in ('WER', 'CER')} for t, m in res['test'].items()})} ({time.time() - t0:.0f} s)")
+    return res
+
+
+def zero_shot(a, out, test, seconds=None):
+    from adapterkit.audio.asr import ASRDomain, load_config
+
+    out = Path(out)
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())
+    t0 = time.time()
+    c = base_cfg(a, [a.target], [], 0, 1, None, test=test)
+    if seconds is not None:
+        c["model"]["audio_seconds"] = seconds
+    dom = ASRDomain(load_config(c))
+    dom.model.eval()
+    preds = {}
+    with torch.no_grad():
+        for s in range(0, test, 25):
+            preds.update(dom.predict_batch(a.target, "test", np.arange(s, min(s + 25, test))))
+    res = {"test": {a.target: dom.score(a.target, "test", preds)}, "seconds": time.time() - t0,
+           "audio_seconds": c["model"]["audio_seconds"]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "predictions.json").write_text(json.dumps({a.target: preds}, ensure_ascii=False, indent=0))
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    log(f"{out.name}: {res['test'][a.target]} ({res['seconds']:.0f} s)")
+    return res
+
+
+def read_run(folder):
+    from safetensors.torch import load_file
+
+    folder = Path(folder) / "final"
+    out = dict(load_file(folder / "trainable.safetensors"))
+    if (folder / "adapter_model.safetensors").exists():
+        for k, v in load_file(folder / "adapter_model.safetensors").items():
+            out.setdefault(k, v)
+    return out
+
+
+def sim_init(sources_run, target_run, sources, target, out):
+    """The language adapters of the source run (stacked by source) and of the target adapter run,
+    restacked in the SimAdapter set's task order and renamed to its parameters."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if (out / "trainable.safetensors").exists():
+        return out
+    src, tgt = read_run(sources_run), read_run(target_run)
+    order = sorted(sources + [target])
+    state = {}
+    for k, v in src.items():
+        if not k.startswith("adapterkit.sets.pfeiffer."):
+            continue
+        rows = [v[sources.index(t)] if t != target else tgt[k][0] for t in order]
+        state[k.replace("adapterkit.sets.pfeiffer.", "adapterkit.sets.sim_adapter.", 1)] = \
+            torch.stack(rows).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "trainable.safetensors"))
+    return out
+
+
+def trainable_count(run, method):
+    st = read_run(run)
+    if method == "sim":
+        return sum(v.numel() for k, v in st.items() if ".fusions." in k)
+    return sum(v.numel() for v in st.values())
+
+
+def summarize(a, runs, results_dir):
+    from adapterkit.stats import t_interval
+
+    rows = {"zero_shot": "zero-shot Whisper base", "ft": "full fine-tuning (lr 1e-5)",
+            "adapter": "new target adapter", "meta": "MetaAdapter", "sim": "SimAdapter"}
+    total = None  # Whisper base's parameters: what full fine-tuning trains
+    table, js = [], {"config": vars(a), "rows": {}}
+    ft = {s: json.loads((runs / f"ft_s{s}" / "results.json").read_text())["test"][a.target] for s in a.seeds
+          if (runs / f"ft_s{s}" / "results.json").exists()}
+    if ft:
+        total = trainable_count(runs / f"ft_s{a.seeds[0]}", "ft")
+    for key, label in rows.items():
+        per = {}
+        if key == "zero_shot":
+            f = runs / "zero_shot" / "results.json"
+            if f.exists():
+                per = {"-": json.loads(f.read_text())["test"][a.target]}
+        else:
+            for s in a.seeds:
+                f = runs / f"{key}_s{s}" / "results.json"
+                if f.exists():
+                    per[s] = json.loads(f.read_text())["test"][a.target]
+        if not per:
+            continue
+        entry = {"label": label, "n_test": next(iter(per.values()))["n"], "seeds": list(per)}
+        for m in ("WER", "CER"):
+            vals = [p[m] for p in per.values()]
+            iv = t_interval(vals)
+            entry[m] = {"per_seed": vals, "per_seed_ci95": [p.get(f"{m}_ci95") for p in per.values()],
+                        "mean": iv.mean, "ci95": [iv.low, iv.high]}
+            if key not in ("zero_shot", "ft") and all(s in ft for s in per):
+                d = [per[s][m] - ft[s][m] for s in per]
+                rel = [100 * (per[s][m] - ft[s][m]) / ft[s][m] for s in per]
+                di, ri = t_interval(d), t_interval(rel)
+                entry[m]["diff_vs_ft"] = {"per_seed": d, "mean": di.mean, "ci95": [di.low, di.high]}
+                entry[m]["rel_diff_vs_ft_pct"] = {"per_seed": rel, "mean": ri.mean, "ci95": [ri.low, ri.high]}
+        if key != "zero_shot":
+            n = trainable_count(runs / f"{key}_s{entry['seeds'][0]}", key)
+            entry["trainable"] = n
+            entry["trainable_pct"] = 100 * n / total if total else None
+        js["rows"][key] = entry
+        table.append(entry)
+    for extra in ("window_6s", "window_30s"):
+        f = runs / extra / "results.json"
+        if f.exists():
+            js[extra] = json.loads(f.read_text())
+    for extra in ("sources", "meta"):
+        f = runs / extra / ("meta.json" if extra == "meta" else "results.json")
+        if f.exists():
+            js[extra] = json.loads(f.read_text())
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "crosslingual.json").write_text(json.dumps(js, indent=1))
+
+    def fmt(e, m):
+        x = e[m]
+        lo, hi = x["ci95"]
+        s = f"{x['mean']:.1f}" + (f" [{lo:.1f}, {hi:.1f}]" if lo is not None else "")
+        return s
+
+    def fdiff(e, m, k):
+        x = e[m].get(k)
+        if not x:
+            return ""
+        lo, hi = x["ci95"]
+        return f"{x['mean']:+.1f} [{lo:+.1f}, {hi:+.1f}]" if lo is not None else f"{x['mean']:+.1f}"
+
+    lines = ["| row | WER % (mean, 95% t-interval over seeds) | CER % | WER − FT (points) | WER rel. to FT (%) "
+             "| CER − FT | trainable (% of Whisper base) | seeds | n test |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in table:
+        tr = f"{e['trainable']:,}" + (f" ({e['trainable_pct']:.2f}%)" if e.get("trainable_pct") else "") \
+            if "trainable" in e else "0"
+        lines.append(f"| {e['label']} | {fmt(e, 'WER')} | {fmt(e, 'CER')} | {fdiff(e, 'WER', 'diff_vs_ft')} | "
+                     f"{fdiff(e, 'WER', 'rel_diff_vs_ft_pct')} | {fdiff(e, 'CER', 'diff_vs_ft')} | {tr} | "
+                     f"{len(e['seeds'])} | {e['n_test']} |")
+    lines += ["", "Per seed (test WER / CER with the 95% bootstrap interval over the test utterances):", ""]
+    for e in table:
+        for s, w, wc, c, cc in zip(e["seeds"], e["WER"]["per_seed"], e["WER"]["per_seed_ci95"], e["CER"]["per_seed"],
+                                   e["CER"]["per_seed_ci95"]):
+            lines.append(f"- {e['label']}, seed {s}: WER {w:.1f} [{wc[0]:.1f}, {wc[1]:.1f}], "
+                         f"CER {c:.1f} [{cc[0]:.1f}, {cc[1]:.1f}]")
+    (results_dir / "crosslingual_table.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        for i, e in enumerate(table):
+            ax.scatter([i] * len(e["WER"]["per_seed"]), e["WER"]["per_seed"], s=12, color="grey")
+            lo, hi = e["WER"]["ci95"]
+            ax.errorbar([i], [e["WER"]["mean"]], yerr=None if lo is None else
+                        [[e["WER"]["mean"] - lo], [hi - e["WER"]["mean"]]], fmt="o", capsize=4)
+        ax.set_xticks(range(len(table)), [e["label"].replace(" (lr 1e-5)", "") for e in table], rotation=15,
+                      fontsize=8)
+        ax.set_ylabel(f"test WER % ({a.target}, n={table[0]['n_test']})")
+        fig.tight_layout()
+        fig.savefig(results_dir / "crosslingual.png", dpi=120)
+    except ImportError:
+        pass
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/crosslingual")
+    p.add_argument("--results", default="docs/results/speech")
+    p.add_argument("--model", default="whisper-base")
+    p.add_argument("--sources", nargs="+", default=["es", "fr", "ru"])
+    p.add_argument("--target", default="it")
+    p.add_argument("--train", type=int, default=50)
+    p.add_argument("--val", type=int, default=20)
+    p.add_argument("--test", type=int, default=100)
+    p.add_argument("--source-test", type=int, default=20)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--audio-seconds", type=float, default=6.0)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--source-epochs", type=int, default=3)
+    p.add_argument("--meta-epochs", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--window-check", action="store_true", help="zero-shot 6 s vs 30 s window on 30 utterances")
+    p.add_argument("--summary-only", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    runs, results = Path(a.out), Path(a.results)
+    if a.summary_only:
+        summarize(a, runs, results)
+        return
+    from adapterkit.audio.asr import load_config
+    from adapterkit.audio.meta_adapter import MetaConfig, meta_train
+
+    zero_shot(a, runs / "zero_shot", a.test)
+    engine_run(base_cfg(a, a.sources, [dict(ADAPTER, sharing="per_task")], 0, a.source_epochs, 1e-3,
+                        test=a.source_test), runs / "sources")
+    if not (runs / "meta" / "meta.json").exists():
+        t0 = time.time()
+        meta_train(load_config(base_cfg(a, a.sources, [dict(ADAPTER, sharing="shared")], 0, 1, None,
+                                        test=a.source_test)), runs / "meta",
+                   MetaConfig(epochs=a.meta_epochs, batch_size=a.batch_size, seed=0))
+        log(f"meta: {time.time() - t0:.0f} s")
+    tgt = [a.target]
+    for s in a.seeds:
+        engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="per_task")], s, a.epochs, 1e-3), runs / f"adapter_s{s}")
+        engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="shared")], s, a.epochs, 1e-3,
+                            init_from=str(runs / "meta")), runs / f"meta_s{s}")
+        init = sim_init(runs / "sources", runs / f"adapter_s{s}", a.sources, a.target, runs / f"sim_init_s{s}")
+        langs = sorted(a.sources + tgt)
+        sim = dict(ADAPTER, method="sim_adapter", fusion=langs, target=a.target)
+        engine_run(base_cfg(a, tgt, [sim], s, a.epochs, 1e-3, init_from=str(init)), runs / f"sim_s{s}")
+        engine_run(base_cfg(a, tgt, [], s, a.epochs, 1e-5), runs / f"ft_s{s}")
+        summarize(a, runs, results)
+    if a.window_check:
+        zero_shot(a, runs / "window_6s", 30, 6.0)
+        zero_shot(a, runs / "window_30s", 30, 30.0)
+    summarize(a, runs, results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
