@@ -24,19 +24,19 @@ class TrainConfig:
     batch_size: int = bounded(16, lo=1, hi=MAX_BATCH)       # examples per step (over all processes: x world size)
     task_batch_scale: dict = field(default_factory=dict)    # {task: factor} of batch_size per task
     lr: float | None = bounded(None, lo=0.0, hi=10.0, lo_open=True)  # null: the method's / preset's (else 1e-3)
-    optimizer: str = choice("adamw", "sgd", default="adamw")
+    optimizer: str = choice("adamw", "sgd", default="adamw")  # AdamW (per-task rows a step does not use are left alone) or SGD
     momentum: float = bounded(0.9, lo=0.0, hi=1.0)          # sgd only
     schedule: str = choice("linear", "cosine", "constant", default="linear")  # after the linear warm-up
     min_lr_ratio: float = bounded(0.0, lo=0.0, hi=1.0)      # cosine: the final lr as a fraction of lr
     warmup_ratio: float = bounded(0.1, lo=0.0, hi=1.0)      # fraction of the steps with a linear warm-up
     weight_decay: float = bounded(0.01, lo=0.0, hi=10.0)    # not on biases, norms, 1-d weights
-    adam_eps: float = bounded(1e-6, lo=0.0, hi=1.0, lo_open=True)
+    adam_eps: float = bounded(1e-6, lo=0.0, hi=1.0, lo_open=True)  # AdamW's epsilon
     grad_clip: float = bounded(1.0, lo=0.0, hi=1e6)         # max gradient norm (0: none)
     seed: int = bounded(0, lo=0, hi=MAX_SEED)               # data order, dropout, augmentation
     checkpoint_every: int = bounded(100, lo=1, hi=MAX_COUNT)  # steps between checkpoints (and at every epoch's end)
     keep_last: int = bounded(3, lo=1, hi=1000)              # checkpoints kept
     eval_every_epoch: bool = True                           # validate after every epoch (else after the last)
-    log_every: int = bounded(10, lo=1, hi=MAX_COUNT)
+    log_every: int = bounded(10, lo=1, hi=MAX_COUNT)          # steps between loss updates of the progress bar (train_log.csv has every step)
     cuda_graphs: bool = False                               # CUDA-graphed steps (fixed shapes; eager on CPU)
     bf16: bool = False                                      # bf16 autocast; frozen weights stored in bf16
 
@@ -50,7 +50,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = bounded(64, lo=1, hi=MAX_BATCH)
+    batch_size: int = bounded(64, lo=1, hi=MAX_BATCH)       # examples per evaluation batch (per process)
     max_new_tokens: int = bounded(16, lo=1, hi=4096)        # generation tasks
     num_beams: int = bounded(1, lo=1, hi=64)                # generation tasks
     select_on: str = choice("val", "last", default="val")   # the weights tested: best on validation, or the last

@@ -658,6 +658,7 @@ class Engine:
             logf = self._open_log()
         writer = csv.writer(logf) if logf else None
         bar = _progress(total=self.total_steps, initial=self.state["step"], desc="train")
+        log_every = int(_get(cfg, "log_every", 1) or 1)  # the progress bar's loss; the log has every step
         done = self.state["step"] >= self.total_steps
         try:
             while not done and self.state["epoch"] < cfg.epochs:
@@ -675,7 +676,8 @@ class Engine:
                     if writer:
                         writer.writerow([step, ep, task, f"{loss:.6f}", f"{self.scheduler.get_last_lr()[0]:.3e}"])
                     bar.update(1)
-                    bar.set_postfix(task=task, loss=f"{loss:.3f}")
+                    if step % log_every == 0 or step == 1:
+                        bar.set_postfix(task=task, loss=f"{loss:.3f}")
                     if step % cfg.checkpoint_every == 0:
                         if logf:
                             logf.flush()

@@ -173,6 +173,7 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
+    domain: str = choice("vl", default="vl", help="the domain (adapterkit train dispatches on it; vl is the default)")
     model: ModelConfig = field(default_factory=ModelConfig)
     preset: str | None = option(None, help="a VL-Adapter preset (its adapters, lr and video_lr); "
                                            "give either preset or adapters")
