@@ -33,6 +33,8 @@ class TextModelConfig:
     max_length: int = bounded(128, lo=1, hi=8192)     # input tokens (longer inputs are truncated)
     max_target_length: int = bounded(32, lo=1, hi=8192)
     head_dropout: float = bounded(0.1, lo=0.0, hi=0.99)
+    # with adapters: [] a frozen encoder and the new heads only (a linear probe); else full fine-tuning
+    freeze_backbone: bool = False
     init_seed: int = bounded(0, lo=0, hi=2**63 - 1)   # a tiny random-init model's and the heads' initialisation
 
 

@@ -149,6 +149,13 @@ class TextDomain(Domain):
             a = dict(a)
             a.setdefault("tasks", list(self.tasks))
             adapterkit.add_adapters(backbone, a, name=a.pop("name", None))
+        if cfg.model.freeze_backbone:
+            if cfg.adapter_configs():
+                raise ConfigError("model.freeze_backbone goes with adapters: [] (a linear probe); adapters freeze "
+                                  "the backbone themselves")
+            if kind != "encoder":
+                raise ConfigError("model.freeze_backbone (a linear probe) needs an encoder with classification heads")
+            backbone.requires_grad_(False)
         if kind == "encoder":
             torch.manual_seed(cfg.model.init_seed)
             model = MultiHeadClassifier(backbone, {t: len(v) for t, v in self.labels.items()}, cfg.model.pool,
