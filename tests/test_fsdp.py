@@ -218,8 +218,13 @@ def test_load_trainable_state_refuses_a_state_that_does_not_fit():
         fsdp.load_trainable_state(m, {k: v for k, v in state.items() if k != name})
     with pytest.raises(ConfigError, match="has shape"):
         fsdp.load_trainable_state(m, {**state, name: torch.zeros(3)})
-    with pytest.raises(ConfigError, match="not a trainable parameter"):
+    with pytest.raises(ConfigError, match="not a parameter or buffer"):
+        fsdp.load_trainable_state(m, {**state, "lm_head.weigth": torch.zeros(2)})
+    with pytest.raises(ConfigError, match="lm_head.weight' has shape"):
         fsdp.load_trainable_state(m, {**state, "lm_head.weight": torch.zeros(2)})
+    # not strict: some of the trainable tensors, or a frozen one, load as given
+    fsdp.load_trainable_state(m, {name: torch.ones_like(state[name])}, strict=False)
+    assert torch.equal(dict(m.named_parameters())[name], torch.ones_like(state[name]))
 
 
 def test_even_rows_give_every_rank_the_same_count_and_cover_every_row():

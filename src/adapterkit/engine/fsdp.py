@@ -321,27 +321,36 @@ def _shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy full tensors (as :func:`full_trainable_state` gives them; every rank holds them)
-    into the trainable parameters, each rank its shard. Every trainable parameter must be in
-    ``state`` with its shape (a :class:`ConfigError` names the first that is not)."""
-    params = _trainable(model)
-    for n, p in params.items():
-        t = state.get(n)
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy full tensors (as :func:`full_trainable_state` / :func:`full_adapter_state` give them,
+    or a checkpoint holds them; every rank has them) into the model, each rank its shard of a
+    sharded parameter (no communication). Keys are parameter or buffer names of the model (an
+    adapter's buffers, a frozen adapter tensor may come with the trainable ones); ``strict``:
+    every trainable parameter must be there. A key the model lacks or a shape that differs is
+    one :class:`ConfigError` naming it."""
+    trainable = _trainable(model)
+    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    if strict:
+        missing = [n for n in trainable if not isinstance(state.get(n), torch.Tensor)]
+        if missing:
+            raise ConfigError(f"the trainable state has no tensor for {missing[0]!r}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for n, t in state.items():
+        if n not in tensors:
+            raise ConfigError(f"the trainable state has {n!r}, which is not a parameter or buffer of the model")
         if not isinstance(t, torch.Tensor):
-            raise ConfigError(f"the trainable state has no tensor for {n!r}")
-        if tuple(t.shape) != tuple(p.shape):
-            raise ConfigError(f"the trainable state's {n!r} has shape {tuple(t.shape)}, the model's {tuple(p.shape)}")
-    unknown = [n for n in state if n not in params]
-    if unknown:
-        raise ConfigError(f"the trainable state has {unknown[0]!r}, which is not a trainable parameter of the model")
+            raise ConfigError(f"the trainable state's {n!r} is not a tensor ({type(t).__name__})")
+        if tuple(t.shape) != tuple(tensors[n].shape):
+            raise ConfigError(f"the trainable state's {n!r} has shape {tuple(t.shape)}, "
+                              f"the model's {tuple(tensors[n].shape)}")
     DTensor = _dtensor_cls() if fsdp_unavailable() is None else ()
     with torch.no_grad():
-        for n, p in params.items():
+        for n, t in state.items():
+            p = tensors[n]
             if DTensor and isinstance(p, DTensor):
-                p.to_local().copy_(_shard_of(state[n], p))
+                p.to_local().copy_(_shard_of(t, p))
             else:
-                p.copy_(state[n].to(p.device))
+                p.copy_(t.to(p.device))
 
 
 def _map_state(state: dict, fn) -> dict:
