@@ -35,13 +35,13 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def base_cfg(a, tasks, adapters, seed, epochs, lr, test=None, init_from=None):
+def base_cfg(a, tasks, adapters, seed, epochs, lr, test=None, init_from=None, max_steps=None):
     return {"domain": "asr", "name": "run",
             "model": {"name_or_path": a.model, "audio_seconds": a.audio_seconds},
             "adapters": adapters,
             "data": {"source": "asterisk", "tasks": tasks, "train_per_task": a.train, "val_per_task": a.val,
                      "test_per_task": test or a.test, "seed": a.split_seed},
-            "train": {"epochs": epochs, "batch_size": a.batch_size, "lr": lr, "seed": seed,
+            "train": {"epochs": epochs, "max_steps": max_steps, "batch_size": a.batch_size, "lr": lr, "seed": seed,
                       "eval_every_epoch": False, "checkpoint_every": 10**6, "keep_last": 1},
             "eval": {"batch_size": 25, "max_new_tokens": a.max_new_tokens, "select_on": "last"},
             "init_from": init_from}
@@ -54,7 +54,8 @@ def engine_run(cfg, out):
     if (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())
     t0 = time.time()
-    res = build_engine(load_config(cfg), out).fit()
+    # a resumed run may change its length (train.epochs / max_steps: the LR schedule follows)
+    res = build_engine(load_config(cfg), out, allow_changes=("train.epochs", "train.max_steps")).fit()
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     log(f"{out.name}: {json.dumps({t: {k: round(v, 2) for k, v in m.items() if k in ('WER', 'CER')} for t, m in res['test'].items()})} ({time.time() - t0:.0f} s)")
     return res
@@ -245,6 +246,7 @@ def main(argv=None):
     p.add_argument("--audio-seconds", type=float, default=6.0)
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=None, help="target runs: stop after this many steps")
     p.add_argument("--source-epochs", type=int, default=3)
     p.add_argument("--meta-epochs", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=40)
@@ -270,14 +272,14 @@ def main(argv=None):
         log(f"meta: {time.time() - t0:.0f} s")
     tgt = [a.target]
     for s in a.seeds:
-        engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="per_task")], s, a.epochs, 1e-3), runs / f"adapter_s{s}")
+        engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="per_task")], s, a.epochs, 1e-3, max_steps=a.max_steps), runs / f"adapter_s{s}")
         engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="shared")], s, a.epochs, 1e-3,
-                            init_from=str(runs / "meta")), runs / f"meta_s{s}")
+                            init_from=str(runs / "meta"), max_steps=a.max_steps), runs / f"meta_s{s}")
         init = sim_init(runs / "sources", runs / f"adapter_s{s}", a.sources, a.target, runs / f"sim_init_s{s}")
         langs = sorted(a.sources + tgt)
         sim = dict(ADAPTER, method="sim_adapter", fusion=langs, target=a.target)
-        engine_run(base_cfg(a, tgt, [sim], s, a.epochs, 1e-3, init_from=str(init)), runs / f"sim_s{s}")
-        engine_run(base_cfg(a, tgt, [], s, a.epochs, 1e-5), runs / f"ft_s{s}")
+        engine_run(base_cfg(a, tgt, [sim], s, a.epochs, 1e-3, init_from=str(init), max_steps=a.max_steps), runs / f"sim_s{s}")
+        engine_run(base_cfg(a, tgt, [], s, a.epochs, 1e-5, max_steps=a.max_steps), runs / f"ft_s{s}")
         summarize(a, runs, results)
     if a.window_check:
         zero_shot(a, runs / "window_6s", 30, 6.0)
