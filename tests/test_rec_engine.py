@@ -17,8 +17,8 @@ import time
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
+from adapterkit.engine.engine import read_trained
 from adapterkit.errors import ConfigError
 from adapterkit.rec.domain import RecRun, build_engine, load_config
 from adapterkit.rec.pipeline import evaluate, load_domain, split_leave_one_out
@@ -78,7 +78,7 @@ def _cmd(path, out):
 
 
 def _weights(run_dir):
-    return {s: load_file(run_dir / s / "final" / "trainable.safetensors") for s in ("source", "target")}
+    return {s: read_trained(run_dir / s / "final") for s in ("source", "target")}
 
 
 def test_sigkill_during_target_stage_then_rerun_is_bit_identical(data, tmp_path):
@@ -158,8 +158,8 @@ def test_validation_selection_tests_the_best_epoch(data, tmp_path):
     _, valid, _ = split_leave_one_out(load_domain(load_config(c).target).sequences)
     got = evaluate(run.model, valid[0], valid[1], c["model"]["max_len"])
     assert abs(got["NDCG@10"] - scores[best]) < 1e-6 and abs(got["NDCG@10"] - scores[-1]) > 1e-6
-    best_w = load_file(tmp_path / "out" / "target" / "best" / "trainable.safetensors")
-    final_w = load_file(tmp_path / "out" / "target" / "final" / "trainable.safetensors")
+    best_w = read_trained(tmp_path / "out" / "target" / "best")
+    final_w = read_trained(tmp_path / "out" / "target" / "final")
     assert any(not torch.equal(best_w[k], final_w[k]) for k in best_w)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["domain"] == "rec" and saved["test"] == res["test"] and saved["config"]["method"] == "houlsby"
