@@ -170,17 +170,19 @@ def test_petl_sequential_pfeiffer_and_conformer_configs():
     conf = petl_config({"adapter_type": "houlsby", "placement": "sequential", "residual": False}, "whisper")
     assert conf["method"] == "conformer" and conf["positions"] == ["ffn", "attn"] and conf["residual"] is False
     assert r"self_attn_layer_norm\." in conf["trainable_modules"]
+    # issue 15: the reference's apply_residual is now allowed for bottlenecks too; a non-bool is refused
     with pytest.raises(ConfigError, match="residual"):
-        petl_config({"block": "bottleneck", "placement": "parallel", "residual": True}, "audio-spectrogram-transformer")
+        petl_config({"block": "bottleneck", "placement": "parallel", "residual": "yes"}, "audio-spectrogram-transformer")
     with pytest.raises(ConfigError, match="reduction_rat"):
         petl_config({"reduction_ratio": 4}, "audio-spectrogram-transformer")
 
 
 @pytest.mark.parametrize("placement", ["parallel", "sequential"])
 def test_bottleneck_adapter_gets_gradients_in_both_projections(placement):
+    # init "bert" (the default is now the reference's all-zero bottleneck, issue 15: see test_audio_lid.py)
     model = tiny_model("ast")
-    adapterkit.add_adapters(model, petl_config({"block": "bottleneck", "placement": placement, "reduction_rate": 8},
-                                               "audio-spectrogram-transformer"))
+    adapterkit.add_adapters(model, petl_config({"block": "bottleneck", "placement": placement, "reduction_rate": 8,
+                                                "init": "bert"}, "audio-spectrogram-transformer"))
     model.train()
     model(**tiny_inputs("ast")).last_hidden_state.pow(2).mean().backward()
     for ad in get_container(model).sets.values():

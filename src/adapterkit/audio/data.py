@@ -247,3 +247,49 @@ def asterisk_prompts(lang: str, root: str | Path = ASTERISK_SOUNDS, doc_root: st
     if not items:
         raise DataError(f"no {lang!r} recording under {voice} matches a transcript")
     return items
+
+
+LID_LANGUAGES = ("en", "es", "fr", "it", "ru")
+
+
+def split_names(names: list[str], sizes: dict[str, int | None], seed: int, what: str = "prompts") -> dict[str, list[str]]:
+    """A seeded permutation of distinct ``names`` cut into ``sizes`` (in the order given; a
+    size of None takes the rest), so no name is in two splits."""
+    names = sorted(names)
+    if len(set(names)) != len(names):
+        raise DataError(f"{what}: duplicate names")
+    fixed = sum(int(v) for v in sizes.values() if v is not None)
+    if any(v is not None and int(v) < 0 for v in sizes.values()):
+        raise DataError(f"{what}: split sizes must be >= 0, got {sizes}")
+    if fixed > len(names):
+        raise DataError(f"{what}: {len(names)} available, the splits ask for {fixed} ({sizes})")
+    perm = np.random.default_rng(seed).permutation(len(names))
+    out, at = {}, 0
+    for split, n in sizes.items():
+        n = len(names) - fixed if n is None else int(n)
+        out[split] = [names[i] for i in perm[at:at + n]]
+        at += n
+    return out
+
+
+def asterisk_lid(languages: list[str] = LID_LANGUAGES, sizes: dict[str, int | None] | None = None, seed: int = 0,
+                 root: str | Path = ASTERISK_SOUNDS, doc_root: str | Path = ASTERISK_DOCS) -> tuple[dict, list[str]]:
+    """Spoken-language identification from the Asterisk prompts: ``({split: [(wav, label)]}, languages)``.
+    Each language's prompts are split by a seeded permutation of their names (seed mixed with
+    the language code, so a language's split does not depend on the others listed): a recording
+    is in one split only. One voice per language: the label also names the speaker."""
+    import zlib
+
+    sizes = dict(sizes or {"test": 50, "train": 40})
+    languages = list(languages)
+    if not languages or len(set(languages)) != len(languages):
+        raise DataError(f"asterisk_lid needs distinct languages, got {languages}")
+    out: dict[str, list] = {s: [] for s in sizes}
+    for li, lang in enumerate(languages):
+        pairs = asterisk_prompts(lang, root, doc_root)
+        voice = asterisk_voice_dir(lang, root)
+        items = {str(p.relative_to(voice).with_suffix("")): p for p, _ in pairs}
+        parts = split_names(list(items), sizes, seed * 1_000_003 + zlib.crc32(lang.encode()), f"language {lang!r}")
+        for split, names in parts.items():
+            out[split].extend((items[n], li) for n in names)
+    return out, languages

@@ -14,17 +14,27 @@ Houlsby           sequential  bottleneck: ``houlsby`` on ``attn_out`` + ``ffn_ou
 any               any         conformer block: ``conformer`` with the same placement
 ================  ==========  ==========================================================
 
-The bottleneck is d -> d/RR -> d with GELU, initialised N(0, 0.02) for *both*
-projections (the reference zero-initialises everything, so only the up-projection bias
-ever learns; here both projections receive gradients from the first step). The
-adapterkit bottleneck adapters keep their own residual in sequential placement and
-have none in parallel placement, which is PETL-AST's recommended setting ("parallel
-adapters should drop the residual, sequential ones benefit from it"); the conformer
-block supports both settings. Trainable besides the adapters: the touched LayerNorms
-(FFN LN; + attention LN for Houlsby), the final LayerNorm and the head.
+The defaults are the reference's (``main.py`` / ``src/AST_adapters.py``): residual off
+(``--apply_residual False``) in both placements, so a *sequential* adapter replaces the
+sublayer output (out = A(FFN(LN2 h)) + h) and a parallel one adds nothing besides A; the
+bottleneck is d -> round(d/RR) -> d with GELU and **every weight and bias zero**
+(``Bottleneck_adapter``; with GELU(0) = 0 only the up-projection bias then learns, so the
+adapter is a learned bias vector: ``adapter.init: bert`` gives N(0, 0.02) projections that
+both learn); reduction rate 64 for the bottleneck (the release whose default block is the
+bottleneck) and 96 for the Conformer (the release whose default block is the Conformer);
+``residual: true`` adds FFN(LN2 h) (sequential) or LN2 h (parallel) as the reference's
+``apply_residual``. Trainable besides the adapters: the touched LayerNorms (FFN LN; +
+attention LN for Houlsby), the final LayerNorm and the head.
+
+Baselines (PETL-AST): LoRA on W_q, W_v with rank d/RR (RR 64) and scale 8/RR; prompt tuning
+as deep VPT with 25 tokens; prefix tuning with 24 tokens (12 keys + 12 values per layer,
+learned directly, no MLP); each also trains the final LayerNorm, as the reference's prompt
+and prefix models do. ``linear_probe`` freezes the whole encoder, ``full`` trains it all.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -41,9 +51,11 @@ _LN_PATTERNS = {
 }
 ADAPTER_TYPES = ("pfeiffer", "houlsby")
 BLOCKS = ("bottleneck", "conformer")
-PETL_DEFAULTS = {"adapter_type": "pfeiffer", "placement": "parallel", "block": "conformer", "reduction_rate": 64,
-                 "residual": None, "kernel_size": 31, "input_layernorm": False}
-SPECIAL = ("petl_adapter", "lora", "prompt", "linear_probe", "full")
+PETL_DEFAULTS = {"adapter_type": "pfeiffer", "placement": "parallel", "block": "conformer", "reduction_rate": None,
+                 "residual": False, "init": None, "kernel_size": 31, "input_layernorm": False}
+REDUCTION_RATES = {"bottleneck": 64, "conformer": 96}  # the reference's defaults per block
+BOTTLENECK_INITS = ("zeros", "bert", "houlsby", "lora", "zeros_up_bert")
+SPECIAL = ("petl_adapter", "lora", "prompt", "prefix", "linear_probe", "full")
 
 
 class WhisperEncoderOnly(nn.Module):
@@ -59,8 +71,49 @@ class WhisperEncoderOnly(nn.Module):
         return self.encoder(input_features=input_features, **kw)
 
 
+_PRETRAINED: dict[str, nn.Module] = {}  # named Whisper encoders read once per process (copied per run)
+
+
+def _named_whisper_encoder(name: str) -> nn.Module:
+    from adapterkit.audio.whisper import load_whisper
+
+    if name not in _PRETRAINED:
+        _PRETRAINED.clear()  # one model kept
+        _PRETRAINED[name] = load_whisper(name)[0].get_encoder()
+    return copy.deepcopy(_PRETRAINED[name])
+
+
+def shorten_whisper_window(backbone: nn.Module, seconds: float) -> None:
+    """Whisper's 30 s input window cut to ``seconds``: the encoder keeps the first
+    round(seconds * 100) / 2 rows of its position table (features are then that many frames x 2)."""
+    enc = backbone.encoder
+    pos = int(round(float(seconds) * 100)) // 2
+    n = enc.embed_positions.weight.shape[0]
+    if not 1 <= pos <= n:
+        raise ConfigError(f'"model.window_seconds" {seconds} must give 1..{n} encoder positions (0.02 s each), '
+                          f"got {pos}")
+    if pos < n:
+        old = enc.embed_positions
+        new = nn.Embedding(pos, old.weight.shape[1])
+        with torch.no_grad():
+            new.weight.copy_(old.weight[:pos])
+        new.weight.requires_grad_(old.weight.requires_grad)
+        enc.embed_positions = new
+        enc.config.max_source_positions = pos
+
+
 def build_audio_backbone(m: dict) -> tuple[nn.Module, str]:
-    """(backbone, family "ast"|"whisper") from the ``model`` section."""
+    """(backbone, family "ast"|"whisper") from the ``model`` section (``window_seconds``:
+    a shorter Whisper input window, see :func:`shorten_whisper_window`)."""
+    net, family = _build_audio_backbone(m)
+    if m.get("window_seconds") is not None:
+        if family != "whisper":
+            raise ConfigError('"model.window_seconds" shortens the Whisper encoder window; the backbone is AST')
+        shorten_whisper_window(net, m["window_seconds"])
+    return net, family
+
+
+def _build_audio_backbone(m: dict) -> tuple[nn.Module, str]:
     kind = m["backbone"]
     if kind == "ast":
         from transformers import ASTConfig, ASTModel
@@ -78,10 +131,10 @@ def build_audio_backbone(m: dict) -> tuple[nn.Module, str]:
 
         if not m.get("name_or_path"):
             raise ConfigError('backbone "hf" needs "model.name_or_path" (an AST or Whisper checkpoint)')
-        from adapterkit.audio.whisper import is_backbone_name, load_whisper
+        from adapterkit.audio.whisper import is_backbone_name
 
         if is_backbone_name(m["name_or_path"]):  # real Whisper weights from the offline packages
-            return WhisperEncoderOnly(load_whisper(m["name_or_path"])[0].get_encoder()), "whisper"
+            return WhisperEncoderOnly(_named_whisper_encoder(m["name_or_path"])), "whisper"
         net = load_pretrained(AutoModel, m["name_or_path"], "audio model", CheckpointError)
         mt = net.config.model_type
         if mt == "whisper":
@@ -93,8 +146,10 @@ def build_audio_backbone(m: dict) -> tuple[nn.Module, str]:
                       f"{did_you_mean(kind, ['ast', 'whisper', 'hf'])}")
 
 
-def petl_config(opts: dict, model_type: str) -> dict:
-    """The adapterkit config of a PETL-AST adapter configuration (see the module table)."""
+def petl_config(opts: dict, model_type: str, d: int | None = None) -> dict:
+    """The adapterkit config of a PETL-AST adapter configuration (see the module table).
+    With the hidden width ``d`` the adapter width is round(d / RR) as the reference's;
+    without it the reduction rate is passed on (it must then divide the width)."""
     unknown = set(opts) - set(PETL_DEFAULTS)
     if unknown:
         k = sorted(unknown)[0]
@@ -108,25 +163,40 @@ def petl_config(opts: dict, model_type: str) -> dict:
         raise ConfigError(f'"adapter.placement" must be "parallel" or "sequential", got "{pl}"')
     if block not in BLOCKS:
         raise ConfigError(f'"adapter.block" must be one of {list(BLOCKS)}, got "{block}"{did_you_mean(block, BLOCKS)}')
-    residual = o["residual"] if o["residual"] is not None else pl == "sequential"
+    residual = o["residual"]
+    if not isinstance(residual, bool):
+        raise ConfigError(f'"adapter.residual" must be true or false, got {residual!r}')
+    rr = float(o["reduction_rate"] if o["reduction_rate"] is not None else REDUCTION_RATES[block])
+    if rr <= 0 or (d is not None and round(d / rr) < 1):
+        raise ConfigError(f'"adapter.reduction_rate" {rr:g} leaves no adapter width'
+                          + (f" for hidden size {d}" if d is not None else ""))
+    width = {"bottleneck_dim": max(1, round(d / rr))} if d is not None else {"reduction_factor": rr}
     positions = ["ffn"] if at == "pfeiffer" else ["ffn", "attn"]
     ffn_ln, attn_ln, final_ln = _LN_PATTERNS.get(model_type, _LN_PATTERNS["audio-spectrogram-transformer"])
     lns = [ffn_ln, final_ln] + ([attn_ln] if at == "houlsby" else [])
-    rr = float(o["reduction_rate"])
     if block == "conformer":
-        return {"method": "conformer", "reduction_factor": rr, "placement": pl, "positions": positions,
-                "residual": bool(residual), "kernel_size": int(o["kernel_size"]),
+        if o["init"] is not None:
+            raise ConfigError('"adapter.init" sets the bottleneck initialisation; the conformer block has its own')
+        return {"method": "conformer", **width, "placement": pl, "positions": positions,
+                "residual": residual, "kernel_size": int(o["kernel_size"]),
                 "input_layernorm": bool(o["input_layernorm"]), "trainable_modules": lns}
-    if residual != (pl == "sequential"):
-        raise ConfigError(f"bottleneck adapters in {pl} placement {'keep' if pl == 'sequential' else 'have no'} "
-                          f"their own residual here; set adapter.residual: {str(pl == 'sequential').lower()} "
-                          "or use block: conformer")
-    base = {"reduction_factor": rr, "activation": "gelu", "init": "bert", "trainable_modules": lns}
-    if pl == "parallel":
-        return {"method": "parallel", "scale": 1.0, "parallel_input": "normalized", "positions": positions, **base}
+    init = o["init"] if o["init"] is not None else "zeros"
+    if init not in BOTTLENECK_INITS:
+        raise ConfigError(f'"adapter.init" must be one of {list(BOTTLENECK_INITS)}, got "{init}"'
+                          f"{did_you_mean(str(init), BOTTLENECK_INITS)}")
+    base = {**width, "activation": "gelu", "init": init, "trainable_modules": lns}
+    if pl == "parallel":  # residual: + LN2 h (the reference's apply_residual)
+        return {"method": "parallel", "scale": 1.0, "parallel_input": "normalized", "positions": positions,
+                "residual": True if residual else None, **base}
+    seq = {"residual": None if residual else False}  # no residual: A(FFN(LN2 h)) replaces FFN(LN2 h)
     if at == "pfeiffer":
-        return {"method": "pfeiffer", "positions": ["ffn_out"], **base}
-    return {"method": "houlsby", "positions": ["attn_out", "ffn_out"], **base}
+        return {"method": "pfeiffer", "positions": ["ffn_out"], **seq, **base}
+    return {"method": "houlsby", "positions": ["attn_out", "ffn_out"], **seq, **base}
+
+
+def final_layernorm(model_type: str) -> list[str]:
+    """The final-LayerNorm pattern of a backbone family (trained by the PETL-AST baselines)."""
+    return [_LN_PATTERNS.get(model_type, _LN_PATTERNS["audio-spectrogram-transformer"])[2]]
 
 
 def attach_audio_method(backbone: nn.Module, family: str, method: str, overrides: dict | None) -> bool:
@@ -143,13 +213,17 @@ def attach_audio_method(backbone: nn.Module, family: str, method: str, overrides
             p.requires_grad_(False)
         return False
     if method == "petl_adapter":
-        cfg = petl_config(o, mt)
+        cfg = petl_config(o, mt, d)
     elif method == "lora":  # PETL-AST: W_q and W_v, rank d/RR, scale alpha/RR = 8/RR
         rr = float(o.pop("reduction_rate", 64))
         r = max(1, int(d // rr))
-        cfg = {"method": "lora", "r": r, "alpha": r * 8.0 / rr, "targets": ["q", "v"], **o}
+        cfg = {"method": "lora", "r": r, "alpha": r * 8.0 / rr, "targets": ["q", "v"],
+               "trainable_modules": final_layernorm(mt), **o}
     elif method == "prompt":  # PETL-AST prompt tuning: VPT-deep, 25 tokens
-        cfg = {"method": "vpt", "num_tokens": 25, "deep": True, **o}
+        cfg = {"method": "vpt", "num_tokens": 25, "deep": True, "trainable_modules": final_layernorm(mt), **o}
+    elif method == "prefix":  # PETL-AST prefix tuning: 24 tokens = 12 keys + 12 values per layer, no MLP
+        cfg = {"method": "prefix", "style": "adapterhub", "num_tokens": 12, "reparam": False,
+               "trainable_modules": final_layernorm(mt), **o}
     elif method in registered_methods():
         cfg = {"method": method, **o}
     else:

@@ -3,20 +3,34 @@ mean-pooled tokens -> head, with PETL-AST adapter configurations.
 
 Config (YAML) sections::
 
-    data:   {source: esc50|speech_commands|folder|asterisk, root, test_folds, words, subdir,
+    data:   {source: esc50|speech_commands|folder|asterisk|asterisk_lid, root, test_folds, words, subdir,
              clip_seconds, sample_rate, train_copies, test_copies, snr_db, speed, shift_ms,
-             gain_db, max_per_class, seed}
+             gain_db, max_per_class, seed, languages, train_per_language, test_per_language, doc_root}
     model:  {backbone: ast|whisper|hf, name_or_path, ast: {ASTConfig kwargs},
-             whisper: {WhisperConfig kwargs}, init_seed}
-    method: petl_adapter | lora | prompt | linear_probe | full | <any adapterkit method>
+             whisper: {WhisperConfig kwargs}, init_seed, window_seconds}
+    method: petl_adapter | lora | prompt | prefix | linear_probe | full | <any adapterkit method>
     adapter: {adapter_type: pfeiffer|houlsby, placement: parallel|sequential,
-              block: bottleneck|conformer, reduction_rate, residual, ...} (petl_adapter)
+              block: bottleneck|conformer, reduction_rate, residual, init, ...} (petl_adapter)
     train:  {epochs, batch_size, optimizer: adamw, lr: 5e-3, betas: [0.9, 0.98], weight_decay: 0.1, ...}
     output_dir: the run folder: results.json, final/ and best/ (adapters + trainable.safetensors), checkpoints/
 
 ``asterisk`` / ``folder`` sources hold few recordings, so each clip is expanded into
 ``train_copies`` augmented training clips and ``test_copies`` differently augmented test
 clips (speed, shift, gain, white noise): a smoke test, not a speaker-independent split.
+
+``asterisk_lid`` is spoken-language identification over the Asterisk prompts of
+``languages`` (default en, es, fr, it, ru; ``root``: the sounds folder): per language a seeded
+permutation of the prompt names (transcripts under ``doc_root``, default /usr/share/doc) gives ``test_per_language`` test and ``train_per_language``
+training recordings (None: the rest), so no recording is in two splits; validation
+selection (``train.val_fraction``) holds out part of the training recordings. Clips are cut
+or zero-padded to ``clip_seconds`` (default 2 s). Each language has one voice, so the
+label also identifies the speaker.
+
+``model.window_seconds`` cuts Whisper's 30 s input window (its position table) to the clip
+length: the encoder then runs on clip_seconds x 50 tokens instead of 1500.
+
+``linear_probe`` trains the head on the frozen encoder's mean-pooled tokens, computed once
+(the encoder in eval mode is a fixed function, so this equals training the whole model).
 """
 
 from __future__ import annotations
@@ -28,7 +42,11 @@ import torch
 
 from adapterkit.audio.data import (
     ASTERISK_DIR,
+    ASTERISK_DOCS,
+    ASTERISK_SOUNDS,
     DIGIT_WORDS,
+    LID_LANGUAGES,
+    asterisk_lid,
     asterisk_words,
     augment,
     load_clip,
@@ -38,7 +56,7 @@ from adapterkit.audio.data import (
 )
 from adapterkit.audio.fbank import ast_features
 from adapterkit.audio.models import AudioClassifier, attach_audio_method, build_audio_backbone
-from adapterkit.errors import ConfigError
+from adapterkit.errors import ConfigError, did_you_mean
 from adapterkit.vision.common import (
     TRAIN_DEFAULTS,
     method_name,
@@ -51,8 +69,11 @@ from adapterkit.vision.domain import train_classifier
 DATA_DEFAULTS = {"source": "asterisk", "root": None, "test_folds": [5], "words": None, "subdir": "digits",
                  "clip_seconds": None, "sample_rate": 16000, "train_copies": 0, "test_copies": 0,
                  "snr_db": [5.0, 30.0], "speed": [0.85, 1.15], "shift_ms": 150.0, "gain_db": [-6.0, 6.0],
-                 "max_per_class": None, "seed": 0}
-MODEL_DEFAULTS = {"backbone": "ast", "name_or_path": None, "ast": None, "whisper": None, "init_seed": 0}
+                 "max_per_class": None, "seed": 0, "languages": None, "train_per_language": 40,
+                 "test_per_language": 50, "doc_root": None}
+MODEL_DEFAULTS = {"backbone": "ast", "name_or_path": None, "ast": None, "whisper": None, "init_seed": 0,
+                  "window_seconds": None}
+SOURCES = ("esc50", "speech_commands", "folder", "asterisk", "asterisk_lid")
 AUDIO_TRAIN_DEFAULTS = {**TRAIN_DEFAULTS, "optimizer": "adamw", "lr": 5e-3, "betas": [0.9, 0.98],
                         "weight_decay": 0.1, "warmup_epochs": 0.0}
 TOP_KEYS = ("domain", "data", "model", "method", "adapter", "train", "output_dir", "name")
@@ -78,7 +99,22 @@ def _items(d: dict):
     if src == "asterisk":
         items, names = asterisk_words(d["root"] or ASTERISK_DIR, d["words"] or list(DIGIT_WORDS), d["subdir"])
         return items, items, names, 1.0
-    raise ConfigError(f'"data.source" must be one of esc50, speech_commands, folder, asterisk; got "{src}"')
+    if src == "asterisk_lid":
+        langs = d["languages"] if d["languages"] is not None else list(LID_LANGUAGES)
+        if not isinstance(langs, (list, tuple)) or len(langs) < 2:
+            raise ConfigError(f'"data.languages" must list at least two languages, got {langs!r}')
+        sizes = {}
+        for k in ("test_per_language", "train_per_language"):
+            v = d[k]
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f'"data.{k}" must be a positive integer (or null: the rest), got {v!r}')
+            sizes[k.split("_")[0]] = v
+        if sizes["test"] is None:
+            raise ConfigError('"data.test_per_language" must be set (the training split takes the rest)')
+        parts, names = asterisk_lid(langs, sizes, int(d["seed"]), d["root"] or ASTERISK_SOUNDS,
+                                    d["doc_root"] or ASTERISK_DOCS)
+        return parts["train"], parts["test"], names, 2.0
+    raise ConfigError(f'"data.source" must be one of {", ".join(SOURCES)}; got "{src}"{did_you_mean(str(src), SOURCES)}')
 
 
 def _cap(items: list, per_class: int | None, rng: np.random.Generator) -> list:
@@ -169,15 +205,52 @@ def run_audio(config: dict, log=print, max_steps: int | None = None, allow_chang
     model = AudioClassifier(backbone, family, len(names))
     log(f"audio: {method} on {family}, {len(ftr)} train / {len(fte)} test clips, {len(names)} classes, "
         f"features {tuple(ftr.shape[1:])} in {feat_s:.1f}s")
-    res = train_classifier(model, backbone, full, (ftr, torch.from_numpy(ytr).long()),
-                           (fte, torch.from_numpy(yte).long()), t, lambda x, training: x, log,
-                           output_dir=config.get("output_dir"), max_steps=max_steps, allow_changes=allow_changes,
-                           identity={"data": d, "model": m, "method": method, "adapter": config.get("adapter")})
+    ident = {"data": d, "model": m, "method": method, "adapter": config.get("adapter")}
+    kw = {"output_dir": config.get("output_dir"), "max_steps": max_steps, "allow_changes": allow_changes,
+          "identity": ident}
+    ytr_t, yte_t = torch.from_numpy(ytr).long(), torch.from_numpy(yte).long()
+    if method == "linear_probe":  # the frozen encoder once; the head trains on its pooled tokens
+        t1 = time.time()
+        ptr, pte = pooled_tokens(model, ftr), pooled_tokens(model, fte)
+        log(f"linear probe: pooled encoder tokens {tuple(ptr.shape)} in {time.time() - t1:.1f}s")
+        probe = _Head(model.head)
+        res = train_classifier(probe, probe, True, (ptr, ytr_t), (pte, yte_t), t, lambda x, training: x, log, **kw)
+        total = sum(p.numel() for p in model.parameters())
+        res.update({"total_params": total, "trainable_percent": 100.0 * res["trainable_params"] / total})
+    else:
+        res = train_classifier(model, backbone, full, (ftr, ytr_t), (fte, yte_t), t, lambda x, training: x, log, **kw)
     res.update({"method": method, "adapter": config.get("adapter"), "backbone": m["backbone"], "classes": names,
-                "n_train": len(ftr), "n_test": len(fte), "feature_seconds": round(feat_s, 2),
+                "n_train": len(ftr), "n_test": len(fte), "test_labels": yte.tolist(), "feature_seconds": round(feat_s, 2),
                 "wall_seconds": round(time.time() - t0, 2)})
     write_outputs(config.get("output_dir"), model, res, config, weights=False)  # the engine wrote final/
     return res
+
+
+class _Head(torch.nn.Module):
+    """The classifier's head alone (parameter names as in the full classifier: ``head.*``)."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled)
+
+
+@torch.no_grad()
+def pooled_tokens(model: AudioClassifier, feats: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """The frozen encoder's mean-pooled tokens (eval mode), batch by batch."""
+    was = model.backbone.training
+    model.backbone.eval()
+    try:
+        out = []
+        for i in range(0, len(feats), batch):
+            x = feats[i:i + batch]
+            h = (model.backbone(input_features=x) if model.family == "whisper" else model.backbone(input_values=x))
+            out.append(h.last_hidden_state.mean(1))
+        return torch.cat(out) if out else feats.new_zeros(0, model.head.in_features)
+    finally:
+        model.backbone.train(was)
 
 
 def run_training(config, output_dir, max_steps: int | None = None, allow_changes=()) -> dict:

@@ -21,6 +21,12 @@ x the residual stream entering the sublayer:
 Both hook the sublayer output before its dropout, so they equal AdapterHub's in eval mode;
 in training AdapterHub drops out h before the adapter, here h + A(.) is dropped out.
 
+``residual`` (None: the forms above) changes the residual of the adapter: ``false`` on a
+sequential adapter replaces h by A(h) (out = x + A(Sub(x)): PETL-AST's default sequential
+setting), ``true`` on a parallel one also adds its input (out = Sub(z) + A(z) + z, z the FFN
+input). ``init: zeros`` is PETL-AST's all-zero bottleneck (with GELU(0) = 0 only the
+up-projection bias then receives gradient).
+
 Several tasks' adapters of one set can be composed (Stack, Average, Fuse; see
 :mod:`adapterkit.core.composition`); ``fusion`` adds AdapterFusion layers over the named tasks.
 """
@@ -45,7 +51,7 @@ from adapterkit.core.optim import mark_task_stacked
 from adapterkit.core.task_linear import TaskLinear, task_pair
 from adapterkit.errors import ConfigError
 
-INITS = ("bert", "houlsby", "lora", "zeros_up_bert")
+INITS = ("bert", "houlsby", "lora", "zeros_up_bert", "zeros")
 
 
 @dataclass
@@ -64,6 +70,9 @@ class BottleneckConfig(AdapterConfig):
     adapter_layernorm: str = choice("none", "before", "after", default="none")
     parallel_input: str = choice("stream", "normalized", default="stream")
     adapter_input: str = choice("sublayer", "normed_sum", default="sublayer")
+    # None: the method's own form (sequential h + A(h), parallel Sub(x) + A(x)); False on a
+    # sequential adapter: A(h) replaces h (PETL-AST's default); True on a parallel one: + x as well
+    residual: bool | None = None
     places: dict = field(default_factory=dict)  # explicit {position: [module path patterns]}
     fusion: list[str] = field(default_factory=list)  # tasks an AdapterFusion layer attends over
     fusion_value: bool = True                        # dynamic fusion (value matrix); False: static
@@ -72,6 +81,10 @@ class BottleneckConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.residual is not None and not isinstance(self.residual, bool):
+            raise ConfigError(f"residual must be true, false or null, got {self.residual!r}")
+        if self.residual is False and self.fusion:
+            raise ConfigError("residual: false (the adapter replaces the sublayer output) cannot be fused")
         if self.adapter_input == "normed_sum" and self.method == "parallel":
             raise ConfigError('adapter_input "normed_sum" is for sequential adapters, not "parallel"')
         if self.fusion:
@@ -109,6 +122,7 @@ class Bottleneck(nn.Module):
             "houlsby": ("houlsby", "houlsby"),
             "lora": ("kaiming", "zeros"),
             "zeros_up_bert": ("bert", "zeros"),
+            "zeros": ("zeros", "zeros"),  # PETL-AST's Bottleneck_adapter: every weight and bias zero
         }[cfg.init]
         self.down = TaskLinear(d, m, cfg.copies("down"), init=down_init)
         self.up = TaskLinear(m, d, cfg.copies("up"), init=up_init)
@@ -204,11 +218,14 @@ class BottleneckSet(AdapterSet):
             self.add_forward_hook(place.module, self._sequential_hook(place.key, ad, sums.get(place.path)))
 
     def _sequential_hook(self, key: str, ad: Bottleneck, tap):
+        keep = self.config.residual is not False
+
         def hook(module, args, out):
             h = _first(out)
             pre = tap.take() if tap is not None else _identity
             if self.composition is None:
-                return _replace_first(out, h + ad(pre(h), self._task(h.device)))
+                a = ad(pre(h), self._task(h.device))
+                return _replace_first(out, h + a if keep else a)
             return _replace_first(out, self._composed(key, ad, h, pre, self._plan))
         return hook
 
@@ -220,6 +237,8 @@ class BottleneckSet(AdapterSet):
             return
         if self.config.method == "parallel":
             raise ConfigError("Stack/Average/Fuse compose sequential bottleneck adapters, not parallel ones")
+        if self.config.residual is False:
+            raise ConfigError("Stack/Average/Fuse need adapters with their residual (residual: false replaces h)")
         p = next(self.parameters(), None)
         self._plan = self._resolve(block, p.device if p is not None else None)
         self.composition = block
@@ -260,6 +279,7 @@ class BottleneckSet(AdapterSet):
 
     def _attach_parallel(self, model, profile):
         cfg: BottleneckConfig = self.config
+        plus_input = cfg.residual is True
         for pos in cfg.positions:  # "ffn" or "attn"
             src_kind = f"{pos}_stream" if cfg.parallel_input == "stream" else f"{pos}_in"
             for src, dst in paired_places(model, profile, cfg, src_kind, f"{pos}_out", cfg.places):
@@ -275,7 +295,8 @@ class BottleneckSet(AdapterSet):
                     x = slot[0]
                     slot[0] = None
                     h = _first(out)
-                    return _replace_first(out, h + ad(x, self._task(h.device)))
+                    y = h + ad(x, self._task(h.device))
+                    return _replace_first(out, y + x if plus_input else y)
 
                 self.add_pre_hook(src.module, capture, with_kwargs=True)
                 self.add_forward_hook(dst.module, add)
