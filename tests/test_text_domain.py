@@ -161,3 +161,28 @@ def test_two_processes_match_one(data, tmp_path):
     assert [t for t, _ in l1] == [t for t, _ in l2] and len(l1) > 3
     for (_, a), (_, b) in zip(l1, l2):
         assert abs(a - b) < 1e-4 * max(1.0, abs(a))  # (a head no rank used keeps no gradient, as in one process)
+
+
+def test_fsdp_two_processes_match_one(data, tmp_path):
+    """train.fsdp: the model FSDP2-sharded over 2 CPU processes trains as 1 process; the
+    checkpoint and final weights are whole tensors (rank 0 writes the gathered state)."""
+    from adapterkit.engine.engine import read_trained
+
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    c = cfg(data, epochs=1, checkpoint_every=100, adapters=[{"method": "lora", "r": 4, "alpha": 8}])
+    c["model"]["head_dropout"] = 0.0
+    one.write_text(yaml.safe_dump(c))
+    c["train"].update(batch_size=4, fsdp=True)
+    two.write_text(yaml.safe_dump(c))
+    subprocess.run(_cmd(one, tmp_path / "o1"), check=True, env=ENV, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29561", "-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "o2")],
+                       env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    l1 = [float(x.split(",")[3]) for x in (tmp_path / "o1" / "train_log.csv").read_text().splitlines()[1:]]
+    l2 = [float(x.split(",")[3]) for x in (tmp_path / "o2" / "train_log.csv").read_text().splitlines()[1:]]
+    assert len(l1) == len(l2) > 3 and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4
+    a, b = read_trained(tmp_path / "o1" / "final"), read_trained(tmp_path / "o2" / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], atol=1e-5), k

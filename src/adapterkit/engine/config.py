@@ -39,6 +39,7 @@ class TrainConfig:
     log_every: int = bounded(10, lo=1, hi=MAX_COUNT)          # steps between loss updates of the progress bar (train_log.csv has every step)
     cuda_graphs: bool = False                               # CUDA-graphed steps (fixed shapes; eager on CPU)
     bf16: bool = False                                      # bf16 autocast; frozen weights stored in bf16
+    fsdp: bool = False                                      # multi-process runs: FSDP2-shard the model (docs/distributed.md)
 
     def validate(self):
         for t, s in self.task_batch_scale.items():

@@ -84,7 +84,7 @@ class TrainingInterrupted(AdapterKitError):
 
 
 #: train.* keys that do not change what is trained: free to differ on resume
-FREE_TRAIN_KEYS = ("checkpoint_every", "keep_last", "eval_every_epoch", "log_every")
+FREE_TRAIN_KEYS = ("checkpoint_every", "keep_last", "eval_every_epoch", "log_every", "fsdp")
 #: keys a resumed run may change when asked to (``--allow-changes``): they only lengthen or
 #: shorten the schedule (the LR schedule is recomputed for the new length)
 RESUME_CHANGEABLE = ("train.max_steps", "train.epochs")
@@ -214,6 +214,13 @@ class Engine:
         domain.model = self.model
         if getattr(self.tcfg, "bf16", False):  # frozen weights in bf16: autocast reads them so anyway
             adapterkit.cast_frozen(self.model, torch.bfloat16)
+        self.sharded = False
+        if getattr(self.tcfg, "fsdp", False) and _dist():  # FSDP2: the frozen model (and adapters) sharded
+            from adapterkit.engine import fsdp
+
+            fsdp.shard_model(self.model, mp_policy=fsdp.mixed_precision(True) if getattr(self.tcfg, "bf16", False)
+                             else None)
+            self.sharded = True
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("nothing to train: the model has no trainable parameter")
@@ -309,8 +316,8 @@ class Engine:
         return TaskAwareAdamW(self._param_groups(), lr=self.lr, eps=self.tcfg.adam_eps, betas=betas)
 
     # --- checkpoints ------------------------------------------------------------------------
-    def _largest_weight(self) -> float:
-        vals = [p.detach().abs().max() for p in self.params if p.numel()]
+    def _largest_weight(self, weights: dict | None = None) -> float:
+        vals = [p.detach().abs().max() for p in (weights.values() if weights is not None else self.params) if p.numel()]
         return float(torch.stack(vals).max()) if vals else 0.0
 
     def _kept(self) -> str:
@@ -322,14 +329,39 @@ class Engine:
         return (f"kept: checkpoint step {step} ({path}; finite weights, largest |weight| {big:.3g}), "
                 "which a rerun resumes from")
 
-    def _check_finite_weights(self, consequence: str) -> None:
-        """Refuse to save non-finite trainable weights or optimizer moments."""
-        tensors = [(n, p) for n, p in self.named_trainable.items()]
-        names = {p: n for n, p in tensors}
-        for p, st in self.optimizer.state.items():
+    def _weights(self) -> dict:
+        """``{name: tensor}`` of the trainable weights, whole (gathered from the shards under
+        FSDP: a collective, every rank calls it)."""
+        if self.sharded:
+            from adapterkit.engine import fsdp
+
+            return fsdp.full_trainable_state(self.model)
+        return {n: p.detach() for n, p in self.named_trainable.items()}
+
+    def _optimizer_state(self) -> dict:
+        if self.sharded:
+            from adapterkit.engine import fsdp
+
+            return fsdp.full_optimizer_state(self.optimizer)
+        return self.optimizer.state_dict()
+
+    def _check_finite_weights(self, consequence: str, weights: dict | None = None, opt_state: dict | None = None) -> None:
+        """Refuse to save non-finite trainable weights or optimizer moments (``weights`` /
+        ``opt_state``: the gathered ones of a sharded model, the same on every rank)."""
+        if weights is None:
+            tensors = [(n, p) for n, p in self.named_trainable.items()]
+            names = {p: n for n, p in tensors}
+            states = [(names.get(p, "?"), st) for p, st in self.optimizer.state.items()]
+        else:
+            tensors = list(weights.items())
+            by_id = {id(p): n for n, p in self.named_trainable.items()}
+            order = [by_id.get(id(p), "?") for g in self.optimizer.param_groups for p in g["params"]]
+            states = [(order[int(i)] if str(i).isdigit() and int(i) < len(order) else str(i), st)
+                      for i, st in (opt_state or {}).get("state", {}).items()]
+        for pname, st in states:
             for k, v in st.items():
                 if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "step":
-                    tensors.append((f"the optimizer's {k} of {names.get(p, '?')}", v))
+                    tensors.append((f"the optimizer's {k} of {pname}", v))
         if not tensors:
             return
         flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in tensors])
@@ -342,19 +374,22 @@ class Engine:
 
     def _save_checkpoint(self):
         step = self.state["step"]
-        self._check_finite_weights(f"no checkpoint was written for step {step}")
+        weights = self._weights()
+        opt = self._optimizer_state() if (self.sharded or _is_main()) else None
+        self._check_finite_weights(f"no checkpoint was written for step {step}", *(
+            (weights, opt) if self.sharded else ()))
         path = self.ckpt.path_for(step)
         if _is_main():
             state = {
-                "adapter": {n: p.detach() for n, p in self.named_trainable.items()},
-                "optimizer": self.optimizer.state_dict(),
+                "adapter": weights,
+                "optimizer": opt,
                 "scheduler": self.scheduler.state_dict(),
                 "rng": capture_rng_state(),
                 "trainer": dict(self.state),
                 "extra": {"run": self.run_identity},
             }
             path = self.ckpt.save(step, state)
-        self._last_ckpt = (step, path, self._largest_weight())
+        self._last_ckpt = (step, path, self._largest_weight(weights))
         _barrier()
 
     def _check_run_config(self, extra, path, step) -> list[dict]:
@@ -428,10 +463,16 @@ class Engine:
                                   f"(last_epoch {sched.get('last_epoch') if isinstance(sched, dict) else None!r})")
         trainer_state = self._checked_trainer_state(state.get("trainer"), step, where)
         restore_rng_state(state.get("rng") or {})  # raises CheckpointError on a malformed state: before copying
-        with torch.no_grad():
-            for n, t in state["adapter"].items():
-                self.named_trainable[n].copy_(t.to(self.named_trainable[n].device))
-        self.optimizer.load_state_dict(opt)
+        if self.sharded:  # every rank its shard of the whole tensors
+            from adapterkit.engine import fsdp
+
+            fsdp.load_trainable_state(self.model, state["adapter"])
+            fsdp.load_optimizer_state(self.optimizer, opt)
+        else:
+            with torch.no_grad():
+                for n, t in state["adapter"].items():
+                    self.named_trainable[n].copy_(t.to(self.named_trainable[n].device))
+            self.optimizer.load_state_dict(opt)
         if not (getattr(self.tcfg, "cuda_graphs", False) and self.device.type == "cuda"):
             # a checkpoint of a CUDA-graphed run holds a capturable optimizer with a tensor LR
             for g in self.optimizer.param_groups:
@@ -441,7 +482,7 @@ class Engine:
         self.scheduler.load_state_dict(sched)
         self.state.update(trainer_state)
         self.state["resume_changes"] = list(self.state.get("resume_changes") or []) + changes
-        self._last_ckpt = (step, path, self._largest_weight())
+        self._last_ckpt = (step, path, self._largest_weight(self._weights() if self.sharded else None))
         if _is_main():
             print(f"resumed from step {step} (epoch {self.state['epoch']}, position {self.state['pos']})")
         return True
@@ -541,7 +582,7 @@ class Engine:
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def _all_reduce_grads(self):
-        if not _dist():
+        if not _dist() or self.sharded:  # FSDP reduce-scatters the gradients itself
             return
         # one all-reduce: the gradients, then one flag per parameter (did any rank's graph use it?).
         # A parameter no rank used (another task's head) keeps no gradient, as in a one-process run,
@@ -701,8 +742,7 @@ class Engine:
             bar.close()
             if logf:
                 logf.close()
-        if _is_main():  # the final weights, always: adapter files (+ everything trainable) in OUTPUT/final
-            self._save_best("final")
+        self._save_best("final")  # the final weights, always: adapter files (+ everything trainable) in OUTPUT/final
         if self._stop_requested():
             name = signal.Signals(self._stop_signal).name
             raise TrainingInterrupted(f"stopped by {name} after training finished (step {self.state['step']}, "
@@ -726,7 +766,13 @@ class Engine:
         """``{example id: prediction}`` for every example of (task, split), sharded over the
         ranks and gathered."""
         self.model.eval()
-        rows = np.arange(self.domain.eval_size(task, split))[_rank()::_world()]
+        n = self.domain.eval_size(task, split)
+        if self.sharded:  # every rank runs as many batches (a sharded forward is a collective)
+            from adapterkit.engine import fsdp
+
+            rows = fsdp.even_rows(n, _rank(), _world())
+        else:
+            rows = np.arange(n)[_rank()::_world()]
         bs = self.ecfg.batch_size
         preds = {}
         for i in _progress(range(0, len(rows), bs), desc=desc or f"eval {task}/{split}", leave=False):
@@ -766,18 +812,27 @@ class Engine:
             print("val", json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in entry.items()}))
         if self.state["best"] is None or avg > self.state["best"]:
             self.state["best"], self.state["best_step"] = avg, self.state["step"]
-            if _is_main():
-                self._save_best()
+            self._save_best()  # (every rank: gathering a sharded model's weights is a collective)
         _barrier()
 
     def _save_best(self, name: str = "best"):
-        self._check_finite_weights(f"{name}/ was not written")
+        """Write ``OUT/name`` (rank 0; every rank calls it: a sharded model's weights are gathered)."""
+        weights = self._weights() if (self.sharded or _is_main()) else None
+        adapters = None
+        if self.sharded:
+            from adapterkit.core.base import get_container
+            from adapterkit.engine import fsdp
+
+            adapters = fsdp.full_adapter_state(self.model) if get_container(self.model) is not None else None
+        if not _is_main():
+            return
+        self._check_finite_weights(f"{name}/ was not written", *((weights, None) if self.sharded else ()))
         folder = self.out / name
         best = self.out / "best"
-        if name == "final" and self.state.get("best_step") == self.state["step"] and _same_weights(best, self):
+        if name == "final" and self.state.get("best_step") == self.state["step"] and _same_weights(best, weights):
             link_folder(best, folder)  # the final weights are the best: stored once, hard-linked
         else:
-            save_trained(self.model, self.named_trainable, folder)
+            save_trained(self.model, weights, folder, adapter_state=adapters)
         self.domain.save(folder)
 
     def _load_best(self, name: str = "best"):
@@ -785,7 +840,13 @@ class Engine:
         if not (folder / TRAINABLE_FILE).exists():
             return False
         t = read_trained(folder)
-        check_tensors(t, self.named_trainable, str(folder))
+        check_tensors({n: v for n, v in t.items() if n in self.named_trainable or not self.sharded},
+                      self.named_trainable, str(folder))
+        if self.sharded:
+            from adapterkit.engine import fsdp
+
+            fsdp.load_trainable_state(self.model, {n: v for n, v in t.items() if n in self.named_trainable})
+            return True
         with torch.no_grad():
             for n, v in t.items():
                 self.named_trainable[n].copy_(v.to(self.named_trainable[n].device))
@@ -820,7 +881,7 @@ class Engine:
 TRAINABLE_FILE = "trainable.safetensors"
 
 
-def save_trained(model, named_trainable: dict, folder) -> None:
+def save_trained(model, weights: dict, folder, adapter_state: dict | None = None) -> None:
     """The trained weights of a run, each tensor once: the adapters as an adapter folder
     (``adapterkit.save_adapters``: loadable into the base model) and, in
     ``trainable.safetensors``, every other trainable tensor (a new head, the visual
@@ -833,9 +894,9 @@ def save_trained(model, named_trainable: dict, folder) -> None:
     if get_container(model) is not None:
         from adapterkit.core.io import adapter_state_dict
 
-        adapterkit.save_adapters(model, folder)
-        covered = set(adapter_state_dict(model))
-    rest = {n: p.detach() for n, p in named_trainable.items() if n not in covered}
+        adapterkit.save_adapters(model, folder, state_dict=adapter_state)
+        covered = set(adapter_state if adapter_state is not None else adapter_state_dict(model))
+    rest = {n: p.detach() for n, p in weights.items() if n not in covered}
     save_safetensors_atomic(rest, folder / TRAINABLE_FILE, metadata={"adapters_in": "adapter_model.safetensors"
                                                                      if covered else ""})
 
@@ -854,15 +915,14 @@ def read_trained(folder) -> dict:
     return out
 
 
-def _same_weights(folder: Path, engine) -> bool:
-    """Whether ``folder`` holds exactly the engine's current trainable weights."""
+def _same_weights(folder: Path, cur: dict) -> bool:
+    """Whether ``folder`` holds exactly the trainable weights ``cur`` ({name: tensor})."""
     if not (folder / TRAINABLE_FILE).exists():
         return False
     try:
         saved = read_trained(folder)
     except AdapterKitError:
         return False
-    cur = engine.named_trainable
     return saved.keys() >= cur.keys() and all(torch.equal(saved[n], p.detach().cpu()) for n, p in cur.items())
 
 

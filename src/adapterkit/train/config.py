@@ -150,6 +150,8 @@ class TrainConfig:
                                            "uninterrupted run's")
     bf16: bool = option(False, help="bf16 autocast for training and evaluation; frozen weights stored in bf16, "
                                     "trainable weights and optimizer state fp32")
+    fsdp: bool = option(False, help="multi-process runs: FSDP2-shard the model (the frozen weights and the "
+                                   "adapters; docs/distributed.md)")
 
     def validate(self):
         for t, s in self.task_batch_scale.items():
