@@ -186,3 +186,13 @@ def test_fsdp_two_processes_match_one(data, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_dry_run_plans_a_text_config(data, tmp_path, capsys):
+    from adapterkit.cli import main
+
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg(data, epochs=2)))
+    assert main(["train", str(p), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "plan (text): 2 task(s), 24 steps per epoch, 48 steps" in out and "sentiment" in out and "trainable" in out

@@ -187,6 +187,48 @@ def run_eval(args) -> int:
     return 0
 
 
+def run_dry_engine(args, domain: str) -> int:
+    """The plan of an engine domain's config: the engine is built (data read, model loaded,
+    adapters attached) in a scratch folder and nothing trains."""
+    import tempfile
+
+    from adapterkit.engine.registry import domain_module
+
+    mod = domain_module(domain)
+    if not hasattr(mod, "build_engine") or hasattr(mod, "run_training"):
+        from adapterkit.errors import ConfigError
+
+        raise ConfigError(f"--dry-run plans vl, text and asr configs; a {domain} config: run it with --max-steps 1 "
+                          "into a scratch --output")
+    cfg = mod.load_config(args.config)
+    if args.preset and args.preset != "all":
+        cfg.preset, cfg.adapters = args.preset, None
+        cfg.validate()
+    with tempfile.TemporaryDirectory(prefix="adapterkit-plan-") as tmp:
+        from adapterkit.engine import Engine
+
+        eng = mod.build_engine(cfg, tmp, max_steps=args.max_steps)
+        if not isinstance(eng, Engine):  # a pipeline of stages (rec) builds each stage's engine as it runs
+            from adapterkit.errors import ConfigError
+
+            raise ConfigError(f"--dry-run cannot plan a {domain} run (its stages are built as they run): run it "
+                              "with --max-steps 1 into a scratch --output")
+        _print_engine_plan(eng, domain)
+    return 0
+
+
+def _print_engine_plan(e, title: str) -> None:
+    import adapterkit
+
+    rep = adapterkit.trainable_report(e.model)
+    print(f"plan ({title}): {len(e.tasks)} task(s), {e.steps_per_epoch} steps per epoch, {e.total_steps} steps, "
+          f"lr {e.lr:g}")
+    for t in e.tasks:
+        print(f"  {t:<12} {e.domain.num_train(t):>7} train examples  batch {e.batch_sizes[t]:>4}  "
+              f"{e.num_batches[t]:>5} batches per epoch")
+    print(f"  trainable {rep['trainable']:,} / {rep['total']:,} ({rep['percent']:.2f}%)")
+
+
 def run(args) -> int:  # pragma: no cover - dispatch is per sub-command
     return args._run(args)
 
@@ -375,6 +417,11 @@ def format_plan(plan: dict) -> str:
 def run_dry(args) -> int:
     import os
 
+    from adapterkit.engine.registry import domain_of
+
+    domain = domain_of(args.config)
+    if domain != "vl":
+        return run_dry_engine(args, domain)
     from adapterkit.vl.presets import PRESET_ORDER
 
     cfg = _load(args)
