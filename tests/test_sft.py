@@ -233,3 +233,72 @@ def test_cli_train(tmp_path):
     assert d.meta["labels"] == ["neg", "pos"]
     names = dict(tiny_model("bert").named_parameters())  # keyed like the bare encoder, so `sft apply` fits
     assert all(n in names for n in d.indices)
+
+
+class _Vec(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(6))
+        self.head = nn.Parameter(torch.zeros(2))
+
+
+def test_every_iteration_ranks_the_change_from_the_original_weights():
+    """Two iterations, one entry each. The full phases are scripted moves; the sparse
+    phases are real AdamW steps with weight decay (which would move masked-out entries
+    without the reset). Each pick is the largest |theta - theta_0| among unpicked entries,
+    the model is reset to the iteration's start (head included) before the sparse phase,
+    and unpicked entries hold theta_0 throughout."""
+    model = _Vec()
+    moves = [torch.tensor([5.0, 1.0, 0.0, 0.0, 0.0, 0.0]), torch.tensor([-9.0, 0.5, 2.0, -0.1, 0.0, 0.0])]
+    seen = []
+
+    def train(m, phase):
+        it = tuner.iteration
+        if phase == "full":
+            seen.append(("start", m.w.detach().clone(), m.head.detach().clone()))
+            with torch.no_grad():
+                m.w.add_(moves[it])
+                m.head.add_(1.0)
+            return
+        seen.append(("sparse-start", m.w.detach().clone(), m.head.detach().clone()))
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.1, weight_decay=0.5)
+        for _ in range(3):
+            loss = ((m.w - 3.0) ** 2).sum() + (m.head ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    tuner = LotteryTicketSFT(model, 2, dense=[r"^head$"], n_iterations=2)
+    diff = tuner.run(train)
+    assert sorted(diff.indices["w"].tolist()) == [0, 2]  # iteration 1 picks 0 (|5|), iteration 2 picks 2 (|2|)
+    (_, s0, _), (_, r0, _), (_, s1, h1), (_, r1, rh1) = seen
+    assert torch.equal(s0, torch.zeros(6)) and torch.equal(r0, torch.zeros(6))
+    assert s1[0] != 0 and torch.equal(s1[1:], torch.zeros(5))  # only the picked entry moved in iteration 1
+    assert torch.equal(r1, s1) and torch.equal(rh1, h1)  # reset to the iteration's start, head too
+    w = model.w.detach()
+    assert torch.equal(w[[1, 3, 4, 5]], torch.zeros(4)) and (w[[0, 2]] != 0).all()
+
+
+def test_select_measures_from_theta0_not_the_current_start():
+    model = _Vec()
+    tuner = LotteryTicketSFT(model, 1)
+    with torch.no_grad():
+        model.w.copy_(torch.tensor([0.0, 3.0, -4.0, 0.0, 0.0, 0.0]))
+    none = {"w": torch.zeros(6, dtype=torch.bool), "head": torch.zeros(2, dtype=torch.bool)}
+    assert tuner.select(none, 1)["w"].nonzero().flatten().tolist() == [2]
+    picked = {"w": torch.tensor([False, False, True, False, False, False]), "head": torch.zeros(2, dtype=torch.bool)}
+    assert tuner.select(picked, 1)["w"].nonzero().flatten().tolist() == [1]
+
+
+def test_second_run_from_a_tuned_model_is_refused():
+    """A second run would start from theta_0 + phi: ranking from that start and resetting to
+    it would leave phi's old entries in the result (more than K). It must be refused."""
+    torch.manual_seed(0)
+    model = _Clf()
+    tuner = LotteryTicketSFT(model, 30, dense=[r"^head\."])
+    tuner.run(_train_fn([]))
+    with pytest.raises(ConfigError, match="theta_0"):
+        tuner.run(_train_fn([]))
+    tuner2 = LotteryTicketSFT(model, 30, dense=[r"^head\."])
+    tuner2.run(_train_fn([]), restore=True)
+    assert tuner2.run(_train_fn([]), restore=True).nnz == 30  # back at theta_0: allowed

@@ -125,6 +125,13 @@ class SparseDiff:
                           {n: v * factor for n, v in self.values.items()}, dict(self.shapes),
                           {n: t.clone() for n, t in self.dense.items()}, dict(self.meta))
 
+    def sparse_only(self) -> SparseDiff:
+        """A copy without the dense tensors (heads): the reference's ``apply(with_abs=False)``,
+        used to compose a language SFT, whose MLM head a task model lacks, with a task SFT."""
+        return SparseDiff({n: i.clone() for n, i in self.indices.items()},
+                          {n: v.clone() for n, v in self.values.items()},
+                          {n: s for n, s in self.shapes.items() if n in self.indices}, {}, dict(self.meta))
+
     def to_dense(self, name: str) -> torch.Tensor:
         """The full difference tensor of parameter ``name``."""
         if name not in self.indices:

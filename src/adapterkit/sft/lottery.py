@@ -1,12 +1,26 @@
 """Lottery-ticket sparse fine-tuning (LT-SFT, cambridgeltl/composable-sft).
 
-1. Snapshot theta_0 and train **all** maskable parameters (``train_fn(model, "full")``).
-2. Unmask the K entries with the largest ``|theta - theta_0|`` (K/n per iteration
-   with ``n_iterations`` > 1, never re-picking an entry).
-3. Reset the model to theta_0.
+theta_0 is the model's weights when :class:`LotteryTicketSFT` is built (the pretrained
+weights, or pretrained + a language SFT when a task SFT is trained on top of one). Each
+of the ``n_iterations`` iterations (reference ``LotteryTicketSparseFineTuner.train``):
+
+1. Snapshot the iteration's start and train **all** maskable parameters
+   (``train_fn(model, "full")``).
+2. Unmask the K/n not-yet-selected entries with the largest ``|theta - theta_0|``,
+   always measured from the **original** theta_0 (the reference's ``_original_params``),
+   never from the iteration's start.
+3. Reset the model (maskable and dense parameters) to the iteration's start; for the
+   first iteration that is theta_0, later it is theta_0 plus the earlier iterations'
+   sparse training (the reference's ``previous_params``).
 4. Retrain with gradients multiplied by the mask (``train_fn(model, "sparse")``);
-   masked-out entries are also reset to theta_0 afterwards, so optimizer weight
-   decay cannot leak into them.
+   masked-out entries are also reset afterwards, so optimizer weight decay cannot leak
+   into them.
+
+Because of that reset, every entry that is not selected yet holds theta_0 at the start
+of each iteration, so on those entries the change from the iteration's start and the
+change from theta_0 agree; :meth:`LotteryTicketSFT.run` refuses a model that no longer
+holds theta_0 (a second ``run`` without ``restore=True``, or weights changed after the
+tuner was built), where they would not.
 
 The result is a :class:`~adapterkit.sft.diff.SparseDiff` phi = (theta - theta_0) over
 the mask (entries with ``|phi| <= 1e-7`` dropped); ``dense`` parameters (task heads)
@@ -92,15 +106,32 @@ class LotteryTicketSFT:
         return before
 
     @torch.no_grad()
-    def _reset(self, start: dict[str, torch.Tensor]) -> None:
+    def _reset(self, start: dict[str, torch.Tensor], dense_start: dict[str, torch.Tensor]) -> None:
         for n, p in self.params.items():
             p.copy_(start[n])
         for n, p in self.dense.items():
-            p.copy_(self.dense0[n])
+            p.copy_(dense_start[n])
+
+    def _check_at_theta0(self) -> None:
+        moved = [n for n, p in self.params.items() if not torch.equal(p.detach(), self.theta0[n].to(p.device))]
+        if moved:
+            raise ConfigError(
+                f"the model no longer holds the weights LotteryTicketSFT took as theta_0 ({len(moved)} parameters "
+                f"changed, e.g. {moved[0]!r}): run() was already called without restore=True, or the weights were "
+                "changed after the tuner was built; build a new LotteryTicketSFT on the model to fine-tune")
+
+    @torch.no_grad()
+    def select(self, selected: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        """The ``k`` entries, among those not ``selected`` yet, whose current value moved
+        furthest from the original theta_0 (``|theta - theta_0|``); boolean masks."""
+        scores = {n: (p.detach() - self.theta0[n].to(p.device)).abs().float().masked_fill(selected[n], -1.0).cpu()
+                  for n, p in self.params.items()}
+        return top_k_masks(scores, k)
 
     def run(self, train_fn: Callable[[nn.Module, str], None], restore: bool = False) -> SparseDiff:
         """Run LT-SFT; return the difference. The model ends fine-tuned (theta_0 + phi),
         or back at theta_0 (bit for bit) with ``restore=True``."""
+        self._check_at_theta0()
         flags = {n: True for n in list(self.params) + list(self.dense)}
         before = self._set_trainable(flags)
         selected = {n: torch.zeros(p.shape, dtype=torch.bool, device=p.device) for n, p in self.params.items()}
@@ -110,15 +141,13 @@ class LotteryTicketSFT:
             for it, k_it in enumerate(per_iter):
                 self.iteration = it
                 start = {n: p.detach().clone() for n, p in self.params.items()}
+                dense_start = {n: p.detach().clone() for n, p in self.dense.items()}
                 self.phase = "full"
                 train_fn(self.model, "full")
-                with torch.no_grad():
-                    scores = {n: (p.detach() - start[n]).abs().float().masked_fill(selected[n], -1.0)
-                              for n, p in self.params.items()}
-                new = top_k_masks({n: s.cpu() for n, s in scores.items()}, k_it)
+                new = self.select(selected, k_it)
                 for n in selected:
                     selected[n] |= new[n].to(selected[n].device)
-                self._reset(start)
+                self._reset(start, dense_start)
                 masks = {n: m.to(self.params[n].dtype) for n, m in selected.items()}
                 self.masks = selected
                 handles = [p.register_hook(lambda g, m=masks[n]: g * m) for n, p in self.params.items()]
