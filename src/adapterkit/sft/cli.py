@@ -1,4 +1,4 @@
-"""``adapterkit sft apply|remove|diff|train``: sparse fine-tuning differences on HF models.
+"""``adapterkit sft apply|remove|diff|train|train-mlm``: sparse fine-tuning differences on HF models.
 
 - ``apply  --model DIR --sft SFT_DIR [SFT_DIR ...] --out DIR``: compose the SFTs, add
   them to the model's weights and save the patched model (tokenizer files copied).
@@ -8,6 +8,10 @@
 - ``train  --model DIR --data FILE --k K --out SFT_DIR``: LT-SFT of a text classifier
   (mean-pooled encoder + linear head) on a JSONL or CSV file with text and label
   columns; the head is stored densely as ``head.weight`` / ``head.bias``.
+- ``train-mlm --model DIR --data FILE --k K --out SFT_DIR``: a language SFT (LT-SFT with
+  BERT masked-LM on raw text: a .txt file, one text per line, or JSONL/CSV with a text
+  column) of a masked-LM or bare encoder (a missing MLM head is initialised and warmed
+  up first); keyed like the bare encoder, so it composes with ``train`` task SFTs.
 """
 
 from __future__ import annotations
@@ -57,8 +61,44 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--max-length", type=int, default=64)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, help="output SFT directory")
+    q = sub.add_parser("train-mlm", help="language SFT: LT-SFT with masked-LM on raw text")
+    q.add_argument("--model", required=True, help="HF encoder directory (with tokenizer); an MLM head is optional")
+    q.add_argument("--data", required=True, help=".txt (one text per line), JSONL or CSV file")
+    q.add_argument("--text-field", default="text", help="text column of a JSONL/CSV file")
+    q.add_argument("--k", type=int, required=True, help="number of entries in the difference")
+    q.add_argument("--iterations", type=int, default=1, help="LT-SFT iterations (K/n entries each)")
+    q.add_argument("--steps", type=int, default=100, help="optimizer steps of each full phase")
+    q.add_argument("--sparse-steps", type=int, default=None, help="steps of each sparse phase (default: --steps)")
+    q.add_argument("--head-warmup-steps", type=int, default=None,
+                   help="steps training a newly initialised MLM head alone first (default: --steps; 0: none)")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--lr", type=float, default=5e-5)
+    q.add_argument("--l1", type=float, default=0.1, help="weight of the L1 pull towards the base weights")
+    q.add_argument("--mlm-probability", type=float, default=0.15)
+    q.add_argument("--max-length", type=int, default=128, help="chunk length (texts are concatenated and cut)")
+    q.add_argument("--line-by-line", action="store_true", help="one padded sequence per text instead of chunks")
+    q.add_argument("--train-decoder", action="store_true",
+                   help="keep the output projection tied to the embeddings (the reference freezes a copy)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="output SFT directory")
     p.set_defaults(func=run)
     return p
+
+
+def read_texts(path: str, text_field: str = "text") -> list[str]:
+    """Texts from a .txt file (one per non-empty line) or a JSONL/CSV file's ``text_field``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {path}")
+    if p.suffix.lower() == ".txt":
+        texts = [ln for ln in p.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        if not texts:
+            raise DataError(f"{path} holds no text")
+        return texts
+    if p.suffix.lower() not in (".jsonl", ".json", ".csv", ".tsv"):
+        raise DataError(f"{path}: expected a .txt, .jsonl or .csv file")
+    texts, _ = read_labelled_text(path, text_field, text_field)
+    return texts
 
 
 def _load_model(path: str):
@@ -175,6 +215,40 @@ def _train(args) -> int:
     return 0
 
 
+def _train_mlm(args) -> int:
+    from transformers import AutoTokenizer
+
+    from adapterkit.sft.language import chunk_corpus, language_sft, load_mlm_model, mlm_loss
+
+    torch.manual_seed(args.seed)
+    texts = read_texts(args.data, args.text_field)
+    model, new_head = load_mlm_model(args.model)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    if new_head:
+        print(f"{args.model} has no MLM head: a new one is initialised (output projection = the word embeddings)")
+    if tok.mask_token_id is None:
+        raise ConfigError(f"the tokenizer of {args.model} has no mask token: masked-LM training needs one")
+    chunks = chunk_corpus(tok, texts, args.max_length, line_by_line=args.line_by_line)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    kw = dict(mask_token_id=tok.mask_token_id, vocab_size=vocab, mlm_probability=args.mlm_probability,
+              seed=args.seed + 12345)
+    before = mlm_loss(model, chunks, **kw)
+    diff = language_sft(model, tok, texts, args.k, full_steps=args.steps, sparse_steps=args.sparse_steps,
+                        n_iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, l1=args.l1,
+                        max_length=args.max_length, mlm_probability=args.mlm_probability,
+                        line_by_line=args.line_by_line, freeze_decoder=not args.train_decoder, new_head=new_head,
+                        head_warmup_steps=args.head_warmup_steps, seed=args.seed,
+                        log=lambda m: print(m, flush=True))
+    after = mlm_loss(model, chunks, **kw)
+    diff.meta.update({"base_model": str(args.model), "mlm_loss_before": before, "mlm_loss_after": after,
+                      "train_texts": len(texts)})
+    diff.save(args.out)
+    print(f"saved language SFT with {diff.nnz} entries (+ MLM head {sorted(diff.dense)}) to {args.out}; "
+          f"MLM loss on the training text {before:.4f} -> {after:.4f} (one fixed masking; the head's change "
+          "is included)")
+    return 0
+
+
 def run(args) -> int:
     cmd = args.sft_command
     if cmd in ("apply", "remove"):
@@ -202,4 +276,6 @@ def run(args) -> int:
         return 0
     if cmd == "train":
         return _train(args)
+    if cmd == "train-mlm":
+        return _train_mlm(args)
     raise ConfigError(f"unknown sft command {cmd!r}")  # pragma: no cover - argparse enforces the choices
