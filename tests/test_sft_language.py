@@ -96,7 +96,7 @@ def test_language_sft_has_k_entries_keyed_like_the_encoder_and_lowers_mlm_loss(t
     diff = language_sft(model, tok, texts, k, full_steps=40, sparse_steps=40, batch_size=8, lr=1e-2, l1=0.1,
                         max_length=14, seed=0)
     after = mlm_loss(model, chunks, **kw)
-    assert diff.nnz == k
+    assert diff.meta["mask_entries"] == k and diff.nnz == k  # the ticket, and the stored entries (none below 1e-7)
     assert after < before - 0.3, (before, after)  # measured 3.22 -> 2.79
     encoder_only = _mlm()  # the sparse difference alone, with the initial head, also helps (measured 3.02)
     apply_sft(encoder_only, with_base_prefix(diff.sparse_only(), "bert"))

@@ -286,7 +286,8 @@ def language_sft(
                            "mlm_probability": mlm_probability, "base_model_prefix": prefix,
                            "head": sorted(diff.dense), "new_head": bool(new_head), "head_warmup_steps": warm,
                            "freeze_decoder": freeze_decoder, "l1": l1, "full_steps": full_steps,
-                           "sparse_steps": sparse_steps})
+                           "sparse_steps": sparse_steps,
+                           "mask_entries": int(sum(int(m.sum()) for m in tuner.masks.values()))})
     for name in diff.indices:
         out.indices[name[cut:]], out.values[name[cut:]], out.shapes[name[cut:]] = \
             diff.indices[name], diff.values[name], diff.shapes[name]
