@@ -102,9 +102,7 @@ def sim_init(sources_run, target_run, sources, target, out):
     restacked in the SimAdapter set's task order and renamed to its parameters."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if (out / "trainable.safetensors").exists():
-        return out
+    out = Path(out)  # rebuilt every time (cheap): it follows the runs it is made from
     src, tgt = read_run(sources_run), read_run(target_run)
     order = sorted(sources + [target])
     state = {}
@@ -121,7 +119,7 @@ def sim_init(sources_run, target_run, sources, target, out):
 
 def trainable_count(run, method):
     st = read_run(run)
-    if method == "sim":
+    if method.startswith("sim"):
         return sum(v.numel() for k, v in st.items() if ".fusions." in k)
     return sum(v.numel() for v in st.values())
 
@@ -130,7 +128,8 @@ def summarize(a, runs, results_dir):
     from adapterkit.stats import t_interval
 
     rows = {"zero_shot": "zero-shot Whisper base", "ft": "full fine-tuning (lr 1e-5)",
-            "adapter": "new target adapter", "meta": "MetaAdapter", "sim": "SimAdapter"}
+            "adapter": "new target adapter", "meta": "MetaAdapter", "sim": "SimAdapter (reference: + x_norm)",
+            "simnone": "SimAdapter without the x_norm term"}
     total = None  # Whisper base's parameters: what full fine-tuning trains
     table, js = [], {"config": vars(a), "rows": {}}
     ft = {s: json.loads((runs / f"ft_s{s}" / "results.json").read_text())["test"][a.target] for s in a.seeds
@@ -250,6 +249,8 @@ def main(argv=None):
     p.add_argument("--source-epochs", type=int, default=3)
     p.add_argument("--meta-epochs", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--rows", nargs="+", default=["adapter", "meta", "sim", "simnone", "ft"],
+                   choices=["adapter", "meta", "sim", "simnone", "ft"], help="trained rows, in this order per seed")
     p.add_argument("--window-check", action="store_true", help="zero-shot 6 s vs 30 s window on 30 utterances")
     p.add_argument("--summary-only", action="store_true")
     a = p.parse_args(argv)
@@ -271,15 +272,26 @@ def main(argv=None):
                    MetaConfig(epochs=a.meta_epochs, batch_size=a.batch_size, seed=0))
         log(f"meta: {time.time() - t0:.0f} s")
     tgt = [a.target]
+    langs = sorted(a.sources + tgt)
     for s in a.seeds:
-        engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="per_task")], s, a.epochs, 1e-3, max_steps=a.max_steps), runs / f"adapter_s{s}")
-        engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="shared")], s, a.epochs, 1e-3,
-                            init_from=str(runs / "meta"), max_steps=a.max_steps), runs / f"meta_s{s}")
-        init = sim_init(runs / "sources", runs / f"adapter_s{s}", a.sources, a.target, runs / f"sim_init_s{s}")
-        langs = sorted(a.sources + tgt)
-        sim = dict(ADAPTER, method="sim_adapter", fusion=langs, target=a.target)
-        engine_run(base_cfg(a, tgt, [sim], s, a.epochs, 1e-3, init_from=str(init), max_steps=a.max_steps), runs / f"sim_s{s}")
-        engine_run(base_cfg(a, tgt, [], s, a.epochs, 1e-5, max_steps=a.max_steps), runs / f"ft_s{s}")
+        for row in a.rows:
+            if row == "adapter":
+                engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="per_task")], s, a.epochs, 1e-3,
+                                    max_steps=a.max_steps), runs / f"adapter_s{s}")
+            elif row == "meta":
+                engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="shared")], s, a.epochs, 1e-3,
+                                    init_from=str(runs / "meta"), max_steps=a.max_steps), runs / f"meta_s{s}")
+            elif row in ("sim", "simnone"):  # sim: the reference's x_norm residual; simnone: without it
+                engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="per_task")], s, a.epochs, 1e-3,
+                                    max_steps=a.max_steps), runs / f"adapter_s{s}")
+                init = sim_init(runs / "sources", runs / f"adapter_s{s}", a.sources, a.target,
+                                runs / f"sim_init_s{s}")
+                sim = dict(ADAPTER, method="sim_adapter", fusion=langs, target=a.target,
+                           fusion_residual="x_norm" if row == "sim" else "none")
+                engine_run(base_cfg(a, tgt, [sim], s, a.epochs, 1e-3, init_from=str(init), max_steps=a.max_steps),
+                           runs / f"{row}_s{s}")
+            elif row == "ft":
+                engine_run(base_cfg(a, tgt, [], s, a.epochs, 1e-5, max_steps=a.max_steps), runs / f"ft_s{s}")
         summarize(a, runs, results)
     if a.window_check:
         zero_shot(a, runs / "window_6s", 30, 6.0)
