@@ -129,7 +129,8 @@ def summarize(a, runs, results_dir):
 
     rows = {"zero_shot": "zero-shot Whisper base", "ft": "full fine-tuning (lr 1e-5)",
             "adapter": "new target adapter", "meta": "MetaAdapter", "sim": "SimAdapter (reference: + x_norm)",
-            "simnone": "SimAdapter without the x_norm term"}
+            "simnone": "SimAdapter without the x_norm term",
+            "simlow": "SimAdapter without x_norm, lr 1e-4"}
     total = None  # Whisper base's parameters: what full fine-tuning trains
     table, js = [], {"config": vars(a), "rows": {}}
     ft = {s: json.loads((runs / f"ft_s{s}" / "results.json").read_text())["test"][a.target] for s in a.seeds
@@ -250,7 +251,8 @@ def main(argv=None):
     p.add_argument("--meta-epochs", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--rows", nargs="+", default=["adapter", "meta", "sim", "simnone", "ft"],
-                   choices=["adapter", "meta", "sim", "simnone", "ft"], help="trained rows, in this order per seed")
+                   choices=["adapter", "meta", "sim", "simnone", "simlow", "ft"], help="trained rows, in this order per seed")
+    p.add_argument("--sim-low-lr", type=float, default=1e-4)
     p.add_argument("--window-check", action="store_true", help="zero-shot 6 s vs 30 s window on 30 utterances")
     p.add_argument("--summary-only", action="store_true")
     a = p.parse_args(argv)
@@ -281,14 +283,16 @@ def main(argv=None):
             elif row == "meta":
                 engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="shared")], s, a.epochs, 1e-3,
                                     init_from=str(runs / "meta"), max_steps=a.max_steps), runs / f"meta_s{s}")
-            elif row in ("sim", "simnone"):  # sim: the reference's x_norm residual; simnone: without it
+            elif row in ("sim", "simnone", "simlow"):  # sim: the reference's x_norm residual; simnone: without
+                # it; simlow: without it and at --sim-low-lr (lr 1e-3 on the fusion diverges on Whisper base)
                 engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="per_task")], s, a.epochs, 1e-3,
                                     max_steps=a.max_steps), runs / f"adapter_s{s}")
                 init = sim_init(runs / "sources", runs / f"adapter_s{s}", a.sources, a.target,
                                 runs / f"sim_init_s{s}")
                 sim = dict(ADAPTER, method="sim_adapter", fusion=langs, target=a.target,
                            fusion_residual="x_norm" if row == "sim" else "none")
-                engine_run(base_cfg(a, tgt, [sim], s, a.epochs, 1e-3, init_from=str(init), max_steps=a.max_steps),
+                lr = a.sim_low_lr if row == "simlow" else 1e-3
+                engine_run(base_cfg(a, tgt, [sim], s, a.epochs, lr, init_from=str(init), max_steps=a.max_steps),
                            runs / f"{row}_s{s}")
             elif row == "ft":
                 engine_run(base_cfg(a, tgt, [], s, a.epochs, 1e-5, max_steps=a.max_steps), runs / f"ft_s{s}")
