@@ -142,8 +142,13 @@ def run_one(a, row: str, seed: int, model: str, runs: Path, log) -> dict:
             "engine_test_acc": res["test_acc"]}
 
 
-def summarize(runs: list[dict], n_boot: int) -> dict:
+def summarize(runs: list[dict], n_boot: int, languages: list[str]) -> dict:
+    """Per row: mean accuracy over seeds with a t interval, per-seed bootstrap intervals, the
+    accuracy on the en + es test clips (one speaker reads both) and the confusion matrix."""
     rows: dict[str, dict] = {}
+    same_voice_labels = {languages.index(x) for x in ("en", "es") if x in languages}
+    if len(same_voice_labels) < 2:
+        same_voice_labels = set()
     for r in runs:
         y, p = np.asarray(r["labels"]), np.asarray(r["predictions"])
         correct = (y == p).astype(float)
@@ -155,7 +160,17 @@ def summarize(runs: list[dict], n_boot: int) -> dict:
         if not rs:
             continue
         m, lo, hi = t_interval([r["accuracy"] for r in rs])
-        rows[name] = {"what": ROWS[name][3], "seeds": [r["seed"] for r in rs], "n_test": rs[0]["n_test"],
+        same_voice = []  # en and es are read by the same speaker (Allison): language without a voice cue
+        for r in rs:
+            y, p = np.asarray(r["labels"]), np.asarray(r["predictions"])
+            keep = np.isin(y, list(same_voice_labels))
+            same_voice.append(float((y[keep] == p[keep]).mean() * 100) if keep.any() else float("nan"))
+        k = len(np.unique(rs[0]["labels"]))
+        conf = np.zeros((k, k), dtype=int)
+        for r in rs:
+            np.add.at(conf, (np.asarray(r["labels"]), np.asarray(r["predictions"])), 1)
+        rows[name] = {"same_voice_en_es_accuracy": float(np.mean(same_voice)) if same_voice_labels else None,
+                      "confusion_summed_over_seeds": conf.tolist(),"what": ROWS[name][3], "seeds": [r["seed"] for r in rs], "n_test": rs[0]["n_test"],
                       "n_train": rs[0]["n_train"], "mean_accuracy": m, "t_ci95": [lo, hi],
                       "per_seed": [{"seed": r["seed"], "accuracy": r["accuracy"], "bootstrap_ci95": r["bootstrap_ci"]}
                                    for r in rs],
@@ -224,7 +239,9 @@ def claims(summary: dict, runs: list[dict]) -> list[dict]:
 def write_report(data: dict, out: Path) -> None:
     s = data["summary"]
     lines = ["# PETL-AST methods on the Whisper encoder: spoken-language identification", "",
-             f"Command: `{data['command']}`", "",
+             "Commands (the grid ran in these invocations; each skips the runs already in the JSON, and one "
+             "invocation with all the rows gives the same runs):", "",
+             *[f"    {c}" for c in data.get("commands", [data.get("command", "")])], "",
              f"Model **{data['settings']['model']}** (real weights from the offline CTranslate2 package), "
              f"input window cut to {data['settings']['clip_seconds']} s "
              f"({int(data['settings']['clip_seconds'] * 50)} encoder tokens). Task: which of "
@@ -244,19 +261,31 @@ def write_report(data: dict, out: Path) -> None:
              "(the seed changes the head / adapter init and the batch order; the split is fixed); per seed a 95% "
              "percentile bootstrap over the test clips (2000 resamples). Chance (and the majority class) is "
              f"{100 / len(data['settings']['languages']):.0f}%.", "",
-             "| row | what | n test | trainable | trainable % | accuracy % (mean, 95% t CI over seeds) | "
-             "per seed (95% bootstrap CI over clips) |",
-             "|---|---|---|---|---|---|---|"]
+             "Column *en+es*: accuracy on the en and es test clips alone (mean over seeds; any other label counts "
+             "as wrong). One speaker (Allison) reads both languages, so a classifier that recognises only the voice "
+             "gets at most 50% here (it cannot tell en from es); above 50% is language identification without a "
+             "voice cue.", "",
+             "| row | what | n test | seeds | trainable | trainable % | accuracy % (mean, 95% t CI over seeds) | "
+             "per seed (95% bootstrap CI over clips) | en+es |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in s.items():
         lo, hi = r["t_ci95"]
         ci = f"{r['mean_accuracy']:.1f} [{lo:.1f}, {hi:.1f}]" if np.isfinite(lo) else f"{r['mean_accuracy']:.1f}"
         per = "; ".join(f"{p['accuracy']:.1f} [{p['bootstrap_ci95'][0]:.1f}, {p['bootstrap_ci95'][1]:.1f}]"
                         for p in r["per_seed"])
-        lines.append(f"| {name} | {r['what']} | {r['n_test']} | {r['trainable_params']:,} | "
-                     f"{r['trainable_percent']:.2f} | {ci} | {per} |")
+        sv = r.get("same_voice_en_es_accuracy")
+        lines.append(f"| {name} | {r['what']} | {r['n_test']} | {len(r['seeds'])} | {r['trainable_params']:,} | "
+                     f"{r['trainable_percent']:.2f} | {ci} | {per} | {'' if sv is None else f'{sv:.1f}'} |")
     missing = [k for k in data["settings"]["rows"] if k not in s]
+    few = [k for k in s if len(s[k]["seeds"]) < len(data["settings"]["seeds"]) and k != "majority"]
+    left = [k for k in DEFAULT_ROWS if k not in data["settings"]["rows"]]
+    if few:
+        lines += ["", f"Fewer seeds than {len(data['settings']['seeds'])} (the run stopped at the time budget): "
+                      f"{', '.join(few)}; their intervals over seeds are wider or absent."]
     if missing:
-        lines += ["", f"Not run (budget): {', '.join(missing)}."]
+        lines += ["", f"In the grid but not run (time budget): {', '.join(missing)}."]
+    if left:
+        lines += ["", f"Left out of this grid (time budget; the rows exist in the script): {', '.join(left)}."]
     lines += ["", "## The paper's claims here", "",
               "Verdicts from the paired difference over seeds (same seed, same test clips) and its 95% t interval.", ""]
     for c in data["claims"]:
@@ -360,6 +389,9 @@ def main(argv=None):
             data["runs"] = []  # other settings: start over
         data["settings"] = settings
         data["command"] = "python " + " ".join(shlex.quote(x) for x in ["examples/whisper_petl_lid.py"] + sys.argv[1:])
+        data.setdefault("commands", [])
+        if data["command"] not in data["commands"]:
+            data["commands"].append(data["command"])
         data.setdefault("runs", [])
         done = {(r["row"], r["seed"]) for r in data["runs"]}
         for seed in a.seeds:  # seed-major: every row gets a first seed before any gets a third
@@ -371,10 +403,10 @@ def main(argv=None):
                 log(f"== {row} seed {seed}: acc {np.mean(np.array(r['labels']) == np.array(r['predictions'])) * 100:.1f}"
                     f" in {time.time() - t0:.0f}s")
                 data["runs"].append(r)
-                data["summary"] = summarize(data["runs"], a.bootstrap)
+                data["summary"] = summarize(data["runs"], a.bootstrap, a.languages)
                 data["claims"] = claims(data["summary"], data["runs"])
                 js.write_text(json.dumps(data, indent=1))
-    data["summary"] = summarize(data["runs"], data["settings"]["bootstrap"])
+    data["summary"] = summarize(data["runs"], data["settings"]["bootstrap"], data["settings"]["languages"])
     data["claims"] = claims(data["summary"], data["runs"])
     prof = data.get("profile") or {}
     if {"whisper-tiny.en", "whisper-base"} <= set(prof):
