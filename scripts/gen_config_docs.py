@@ -146,6 +146,10 @@ DICT_MEANINGS = {
             "name": "the run's name",
         },
         "data": {
+            "languages": "asterisk_lid: the languages to tell apart (default en, es, fr, it, ru), one class each",
+            "train_per_language": "asterisk_lid: training prompts per language (a seeded split of prompt names)",
+            "test_per_language": "asterisk_lid: test prompts per language (no recording in two splits)",
+            "doc_root": "asterisk / asterisk_lid: the folder of the transcript files (default /usr/share/doc)",
             "source": "esc50, speech_commands, folder (ROOT/<label>/*.wav) or asterisk (the Asterisk prompts)",
             "root": "esc50: the folder with meta/ and audio/; speech_commands: the dataset folder; folder: "
                     "ROOT/<label>/*.wav; asterisk: the sounds folder (null: the installed English prompts)",
@@ -166,6 +170,8 @@ DICT_MEANINGS = {
             "seed": "the seed of the subsets and augmentations",
         },
         "model": {
+            "window_seconds": "Whisper: cut its 30 s input window (the encoder's position table) to this many "
+                              "seconds (null: as trained)",
             "backbone": "ast (a random-init AST from model.ast), whisper (a random-init Whisper encoder from "
                         "model.whisper) or hf (an AST or Whisper checkpoint: model.name_or_path)",
             "name_or_path": "backbone hf: a hub id or a local checkpoint folder",
@@ -178,8 +184,10 @@ DICT_MEANINGS = {
             "adapter_type": "pfeiffer (on the FFN) or houlsby (on the FFN and the attention)",
             "placement": "parallel (next to the sub-layer) or sequential (after it)",
             "block": "bottleneck (d -> d/reduction_rate -> d) or conformer (the conformer adapter block)",
-            "reduction_rate": "the bottleneck's reduction factor",
-            "residual": "the adapter's own residual (null: sequential keeps it, parallel drops it)",
+            "reduction_rate": "the bottleneck's reduction factor (null: the reference's, 64 bottleneck / 96 conformer)",
+            "residual": "the adapter's own residual (the reference's default: false, also in sequential placement)",
+            "init": "the bottleneck's initialisation: zeros (the reference: all-zero), bert, houlsby, lora, "
+                    "zeros_up_bert (null: zeros)",
             "kernel_size": "conformer: the depthwise convolution's kernel size",
             "input_layernorm": "conformer: apply a LayerNorm to the adapter input (the reference computes and "
                                "discards it: false)",
@@ -296,7 +304,7 @@ DATACLASS_MEANINGS = {
 DICT_CHOICES = {
     "vision": {"data.source": ["fashion_mnist", "image_folder"], "model.pool": ["cls", "mean"],
                "train.optimizer": ["sgd", "adamw"], "train.schedule": ["cosine", "linear", "constant"]},
-    "audio": {"data.source": ["esc50", "speech_commands", "folder", "asterisk"],
+    "audio": {"data.source": ["esc50", "speech_commands", "folder", "asterisk", "asterisk_lid"],
               "train.optimizer": ["sgd", "adamw"], "train.schedule": ["cosine", "linear", "constant"]},
     "rec": {"data.source": ["bbc", "mind", "amazon", "movielens"], "model.pool": ["cls", "mean"],
             "data.genre_group": ["thrill", "heart", None], "data.user_half": ["a", "b", None]},

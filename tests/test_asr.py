@@ -124,6 +124,7 @@ def test_sigkill_then_rerun_is_bit_identical(data, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(data, tmp_path):
     one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
     one.write_text(yaml.safe_dump(_cfg(data, epochs=1, checkpoint_every=100)))

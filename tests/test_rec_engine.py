@@ -143,6 +143,7 @@ def test_two_processes_match_one(data, tmp_path):
         assert abs(v - r2["test"]["target"][k]) < 1e-6, k
 
 
+@pytest.mark.slow
 def test_validation_selection_tests_the_best_epoch(data, tmp_path):
     c = cfg(data, source_epochs=2, target_epochs=6, lr=0.02, checkpoint_every=100)
     c["output_dir"] = str(tmp_path / "out")

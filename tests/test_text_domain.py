@@ -64,7 +64,7 @@ def test_multitask_classification_heads_train_and_beat_chance(data, tmp_path):
         ["money", "sport", "tech"]
 
 
-@pytest.mark.parametrize("model", ["tiny-bart", "tiny-llama"])
+@pytest.mark.parametrize("model", [pytest.param("tiny-bart", marks=pytest.mark.slow), "tiny-llama"])
 def test_generation_tasks_text_to_text(data, tmp_path, model):
     c = cfg(data, model=model, tasks=("copy", "sentiment"), epochs=2,
             adapters=[{"method": "lora", "r": 4, "alpha": 8}])
