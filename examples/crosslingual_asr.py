@@ -220,6 +220,11 @@ def summarize(a, runs, results_dir):
             lo, hi = e["WER"]["ci95"]
             ax.errorbar([i], [e["WER"]["mean"]], yerr=None if lo is None else
                         [[e["WER"]["mean"] - lo], [hi - e["WER"]["mean"]]], fmt="o", capsize=4)
+        top = 55.0  # rows far above (diverged runs) are drawn at the top edge with their value
+        for i, e in enumerate(table):
+            if e["WER"]["mean"] > top:
+                ax.annotate(f"{e['WER']['mean']:.0f} (off scale)", (i, top), ha="center", va="top", fontsize=7)
+        ax.set_ylim(30, top)
         ax.set_xticks(range(len(table)), [e["label"].replace(" (lr 1e-5)", "") for e in table], rotation=15,
                       fontsize=8)
         ax.set_ylabel(f"test WER % ({a.target}, n={table[0]['n_test']})")
