@@ -285,7 +285,7 @@ def write_report(data: dict, out: Path) -> None:
                      f"{r['trainable_percent']:.2f} | {ci} | {per} | {'' if sv is None else f'{sv:.1f}'} |")
     missing = [k for k in data["settings"]["rows"] if k not in s]
     few = [k for k in s if len(s[k]["seeds"]) < len(data["settings"]["seeds"]) and k != "majority"]
-    left = [k for k in DEFAULT_ROWS if k not in data["settings"]["rows"]]
+    left = [k for k in DEFAULT_ROWS if k not in s and k not in missing]
     if few:
         lines += ["", f"Fewer seeds than {len(data['settings']['seeds'])} (the run stopped at the time budget): "
                       f"{', '.join(few)}; their intervals over seeds are wider or absent."]
@@ -333,7 +333,7 @@ def plot(data: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.bar(range(len(names)), m, yerr=err, capsize=3, color="tab:blue")
     for i, k in enumerate(names):
-        ax.text(i, 2, f"{s[k]['trainable_percent']:.2g}%", ha="center", fontsize=7, color="white", rotation=90)
+        ax.text(i, 2, f"{s[k]['trainable_percent']:.3g}%", ha="center", fontsize=7, color="white", rotation=90)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy % (mean, 95% t CI)")
     ax.set_title(f"Language ID on {data['settings']['model']} ({s[names[0]]['n_test']} test clips; bar text: "
