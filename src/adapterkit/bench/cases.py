@@ -196,7 +196,7 @@ def _import_peft():
 
 
 def _peft_targets(shape: Shape) -> list[str]:
-    return ["q_proj", "v_proj"] if shape.family == "bart" else ["q", "v"]
+    return ["q_proj", "v_proj"] if shape.family in ("bart", "llama") else ["q", "v"]
 
 
 def _peft_lora(dropout: float) -> Callable[[BuildContext], Prepared]:

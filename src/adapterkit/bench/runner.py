@@ -118,7 +118,11 @@ class _Stepper:
             self.graph = GraphedStep(model, self.opt, self._graph_fn, amp_dtype=self.amp_dtype,
                                      warmup=2, clone_outputs=False)
             self.graph_batch = ({"input_ids": batch.input_ids, "labels": batch.labels} if kind == "train" else
-                                {"input_ids": batch.input_ids, "decoder_input_ids": batch.decoder_input_ids})
+                                {"input_ids": batch.input_ids, **self._dec()})
+
+    def _dec(self) -> dict:  # a causal LM's batch has no decoder inputs
+        d = self.batch.decoder_input_ids
+        return {} if d is None else {"decoder_input_ids": d}
 
     def _route(self):
         return route(self.prep.route) if self.prep.route is not None else contextlib.nullcontext()
@@ -151,7 +155,7 @@ class _Stepper:
             self.last_loss = out.loss.detach()
         else:
             with torch.no_grad(), self._ctx():
-                out = self.fn(input_ids=b.input_ids, decoder_input_ids=b.decoder_input_ids, **self.prep.kwargs)
+                out = self.fn(input_ids=b.input_ids, **self._dec(), **self.prep.kwargs)
             self.last_loss = None
 
 
