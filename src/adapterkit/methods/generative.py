@@ -1,5 +1,8 @@
-"""GenerativeAdapter (Chen et al.): a LoRA generated on the fly from a context, and its
-completion-objective training losses (:func:`completion_loss`, :func:`evaluate_completion`).
+"""GenerativeAdapter (Chen et al.): a LoRA generated on the fly from a context, and the
+training objectives of its generator: completion (:func:`completion_loss`), reconstruction
+(:func:`reconstruction_loss`), both with one generated adapter (:func:`pretraining_loss`),
+the reference's windowed form (:func:`windowed_loss`), and per-example scores
+(:func:`sequence_nll`, :func:`evaluate_completion`).
 
 For each target linear W (d_in -> d_out) in layer l, with context hidden states H (the
 layer's input residual stream, width d, captured with a pre-hook):
@@ -345,14 +348,13 @@ def merged_context(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 register_method("generative_adapter", GenerativeAdapterConfig, GenerativeAdapterSet)
 
 
-# -- training with the completion objective ---------------------------------
-# Training the GenerativeAdapter generator with the completion objective.
-#
+# -- training objectives: completion and reconstruction ----------------------
 # A document is split into a context and a continuation. The adapter generated from the
-# context must help the model predict the continuation *without* the context in the
-# prompt: loss = next-token cross-entropy on the continuation tokens only, computed with
-# the generated adapter active. Only the generator parameters (A1, A2, A3, B, RMSNorm
-# weight) are trained; the base model stays frozen.
+# context must help the model, *without* the context in the prompt, to predict the
+# continuation (completion) and to reproduce the context itself (reconstruction, the
+# autoencoding task of the paper's pre-training): next-token cross-entropy on those tokens,
+# computed with the generated adapter active. Only the generator parameters (A1, A2, A3,
+# B, RMSNorm weight) are trained; the base model stays frozen.
 def continuation_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token loss over the (non-padding) tokens of ``ids`` (labels = ids, padding -100)."""
     labels = ids.clone()
@@ -371,6 +373,98 @@ def completion_loss(model: nn.Module, context_ids: torch.Tensor, target_ids: tor
         return continuation_loss(model, target_ids, target_mask)
     finally:
         s.reset()
+
+
+def sequence_nll(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example mean next-token negative log-likelihood (nats/token) of ``ids`` (B, L): shape (B,).
+
+    Token t is scored from tokens < t; padding (``mask`` 0) is neither scored nor, as the
+    first token, predicted from. An example with fewer than two real tokens scores nan."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    tgt = ids[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")   # (B, L-1)
+    w = torch.ones_like(nll) if mask is None else mask[:, 1:].to(nll.dtype)
+    return (nll * w).sum(1) / w.sum(1)
+
+
+def reconstruction_loss(model: nn.Module, context_ids: torch.Tensor, context_mask: torch.Tensor | None = None,
+                        name: str | None = None) -> torch.Tensor:
+    """The reconstruction (autoencoding) objective: the model, with the adapter generated
+    from the context C and *without* C in the prompt, must reproduce C itself:
+
+        L_rec = - (1/N) Σ_b Σ_{t≥2, mask} log p_{Θ + Δ(C_b)}(c_{b,t} | c_{b,<t})
+
+    (N real predicted tokens of the batch; the first token of each context has no prefix to be
+    predicted from). This is what the reference's "doubled sequence" [C; C] trains when C fits in
+    one window: the second copy is predicted with the adapter generated from the first (see
+    :func:`windowed_loss` with ``double=True`` for the windowed form)."""
+    s: GenerativeAdapterSet = generative_set(model, name)
+    s.absorb(model, context_ids, context_mask)
+    try:
+        return continuation_loss(model, context_ids, context_mask)
+    finally:
+        s.reset()
+
+
+def pretraining_loss(model: nn.Module, context_ids: torch.Tensor, target_ids: torch.Tensor,
+                     context_mask: torch.Tensor | None = None, target_mask: torch.Tensor | None = None,
+                     reconstruction_weight: float = 1.0, completion_weight: float = 1.0,
+                     name: str | None = None) -> dict[str, torch.Tensor]:
+    """The pre-training objective of the generator: ``w_rec·L_rec + w_comp·L_comp`` with one adapter
+    generated from the context (absorbed once) and used for both terms: reconstruction of the
+    context and completion (the continuation ``target_ids``). Returns ``{"loss", "reconstruction",
+    "completion"}``; a term with weight 0 is not computed (its entry is absent)."""
+    if reconstruction_weight < 0 or completion_weight < 0 or reconstruction_weight + completion_weight <= 0:
+        raise ConfigError(f"the objective weights must be >= 0 and not both 0, got reconstruction "
+                          f"{reconstruction_weight}, completion {completion_weight}")
+    s: GenerativeAdapterSet = generative_set(model, name)
+    s.absorb(model, context_ids, context_mask)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        total = 0.0
+        if reconstruction_weight > 0:
+            out["reconstruction"] = continuation_loss(model, context_ids, context_mask)
+            total = total + reconstruction_weight * out["reconstruction"]
+        if completion_weight > 0:
+            out["completion"] = continuation_loss(model, target_ids, target_mask)
+            total = total + completion_weight * out["completion"]
+        out["loss"] = total
+        return out
+    finally:
+        s.reset()
+
+
+def windowed_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, double: bool = False,
+                  name: str | None = None) -> torch.Tensor:
+    """The reference's windowed objective: ``ids`` is cut into ``segment_len`` windows and window
+    t ≥ 2 is scored (next-token loss, token-weighted over the batch) with the adapter generated from
+    windows 1..t-1; the first window has no adapter and is not scored. With ``double=True`` the
+    sequence is first concatenated with itself ([x; x]): the second copy is then reconstructed from
+    the adapter of the first (reconstruction), while windows of the first copy are completions."""
+    s: GenerativeAdapterSet = generative_set(model, name)
+    if double:
+        ids = torch.cat([ids, ids], dim=1)
+        mask = torch.cat([mask, mask], dim=1) if mask is not None else None
+    seg = s.config.segment_len
+    if ids.shape[1] <= seg:
+        raise ConfigError(f"windowed_loss needs more than one window: {ids.shape[1]} tokens, segment_len {seg}")
+    s.reset()
+    total, count = 0.0, 0.0
+    try:
+        for start in range(seg, ids.shape[1], seg):
+            s.absorb(model, ids[:, start - seg:start], None if mask is None else mask[:, start - seg:start],
+                     reset=start == seg)
+            w_ids = ids[:, start:start + seg]
+            w_mask = None if mask is None else mask[:, start:start + seg]
+            n = float(w_ids[:, 1:].numel() if w_mask is None else w_mask[:, 1:].sum())
+            if n > 0:
+                total = total + continuation_loss(model, w_ids, w_mask) * n
+                count += n
+    finally:
+        s.reset()
+    if count == 0:
+        raise ConfigError("windowed_loss: no window after the first has a token to score")
+    return total / count
 
 
 @torch.no_grad()
