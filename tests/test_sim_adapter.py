@@ -15,8 +15,9 @@ from adapterkit.core.base import get_container
 from adapterkit.errors import ConfigError
 
 LANGS = ["es", "fr", "it"]
-# Whisper is pre-LN: the residual stream entering the FFN is final_layer_norm's input (the bart
-# profile's ffn_stream for whisper is fc1, whose input is already normalised), so it is named here
+# Whisper is pre-LN: the residual stream entering the FFN is final_layer_norm's input. The whisper
+# profile's ffn_stream says so (tests/test_audio_whisper_profile.py); it is also named here, as the
+# cross-lingual example names it (written when the profile still gave fc1, whose input is normalised)
 PLACES = {"ffn_stream": [r"(?P<stack>encoder|decoder)\.layers\.(?P<layer>\d+)\.final_layer_norm$"]}
 SIM = {"method": "sim_adapter", "bottleneck_dim": 8, "tasks": ["it"], "fusion": LANGS, "target": "it",
        "places": PLACES}
