@@ -5,17 +5,17 @@ Needs: ``apt-get install -y openclipart-png openclipart-svg`` and
 
 1. Pictures: one per real PNG file (6,900). The classification categories (top-level
    folders with at least ``--min-class`` single-category pictures) lose a stratified
-   ``--heldout`` fraction of their single-category pictures: those are never paired with
+   ``--heldout`` fraction (at most ``--max-heldout``) of their single-category pictures: those are never paired with
    text in training and are what the cache experiments classify. Everything else with a
    title or description is a training pair; 5% of those pairs are the validation pairs.
-2. Backbone features (pooled EfficientNet-Lite0 at 224 px; MiniLM mean-pooled over up to
+2. Backbone features (pooled EfficientNet-Lite0 at ``--resolution`` px, 128 by default; MiniLM mean-pooled over up to
    three text views per picture: title, description, both) are computed once and cached
    under ``~/.cache/adapterkit/dual_encoder`` (or ``$ADAPTERKIT_CACHE``).
 3. Projection heads + temperature are trained with symmetric InfoNCE; several head
    designs are tried and the one with the lowest validation loss is kept (validation
    pairs only). The model, the split and a report go to ``--out``.
 
-Run (about 10-15 min on one CPU thread, mostly the image features)::
+Run (about 15-25 min on one shared CPU thread, almost all of it the image features)::
 
     OMP_NUM_THREADS=1 python examples/cache_build_dual_encoder.py --out ~/.cache/adapterkit/dual_encoder/openclipart
 """
@@ -45,8 +45,9 @@ from adapterkit.cache.openclipart import OPENCLIPART_ROOT, clipart_texts, load_o
 HEAD_CHOICES = {"linear": ("linear", "linear"), "lit": ("identity", "linear"), "mlp": ("mlp", "mlp")}
 
 
-def split_pictures(items, min_class: int, heldout: float, seed: int = 0):
-    """Classification classes and a stratified held-out set of single-category pictures."""
+def split_pictures(items, min_class: int, heldout: float, max_heldout: int, seed: int = 0):
+    """Classification classes and a stratified held-out set of single-category pictures
+    (``heldout`` of each class, at most ``max_heldout``, so the big classes keep their pairs)."""
     single = [i for i, it in enumerate(items) if len(it.categories) == 1]
     counts = Counter(items[i].category for i in single)
     classes = sorted(c for c, n in counts.items() if n >= min_class and c not in ("unsorted", "special"))
@@ -55,18 +56,18 @@ def split_pictures(items, min_class: int, heldout: float, seed: int = 0):
     for c in classes:
         idx = np.array([i for i in single if items[i].category == c])
         rng.shuffle(idx)
-        held.update(idx[: int(round(heldout * len(idx)))].tolist())
+        held.update(idx[: min(max_heldout, int(round(heldout * len(idx))))].tolist())
     return classes, sorted(held)
 
 
-def image_features(items, log):
-    backbone = load_efficientnet_lite0(224)
+def image_features(items, resolution, log):
+    backbone = load_efficientnet_lite0(resolution)
     ids = [it.id for it in items]
 
     def compute(pos):
-        return backbone.encode([read_clipart_image(items[p].png, 224) for p in pos], grid=None)[:, 0]
+        return backbone.encode([read_clipart_image(items[p].png, resolution) for p in pos], grid=None)[:, 0]
 
-    return cached_features("openclipart-effnetlite0-224", ids, compute, log=log), backbone
+    return cached_features(f"openclipart-effnetlite0-{resolution}", ids, compute, log=log), backbone
 
 
 def text_features(items, log):
@@ -91,9 +92,11 @@ def main() -> None:
     ap.add_argument("--root", default=OPENCLIPART_ROOT)
     ap.add_argument("--out", default=str(default_cache_dir() / "openclipart"))
     ap.add_argument("--heldout", type=float, default=0.4)
+    ap.add_argument("--max-heldout", type=int, default=120)
     ap.add_argument("--min-class", type=int, default=100)
     ap.add_argument("--heads", default="linear,lit,mlp", help=f"comma list of {sorted(HEAD_CHOICES)}")
     ap.add_argument("--embed-dim", type=int, default=256)
+    ap.add_argument("--resolution", type=int, default=128, help="image side in px (224 is the CNN's native size; 128 costs a third)")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -104,7 +107,7 @@ def main() -> None:
         print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
 
     items = load_openclipart(args.root)
-    classes, held = split_pictures(items, args.min_class, args.heldout, args.seed)
+    classes, held = split_pictures(items, args.min_class, args.heldout, args.max_heldout, args.seed)
     held_set = set(held)
     train = [i for i, it in enumerate(items) if i not in held_set and clipart_texts(it)]
     rng = np.random.default_rng(args.seed + 1)
@@ -113,7 +116,7 @@ def main() -> None:
     val_pairs, train_pairs = sorted(np.asarray(train)[perm[:n_val]].tolist()), sorted(np.asarray(train)[perm[n_val:]].tolist())
     log(f"{len(items)} pictures; {len(classes)} classes {classes}; held out {len(held)}; pairs train {len(train_pairs)} val {len(val_pairs)}")
 
-    img, _ = image_features(items, log)
+    img, _ = image_features(items, args.resolution, log)
     txt, mask, _ = text_features(items, log)
     img_t, txt_t, mask_t = torch.from_numpy(img), torch.from_numpy(txt), torch.from_numpy(mask)
     tr, va = torch.tensor(train_pairs), torch.tensor(val_pairs)
@@ -137,7 +140,7 @@ def main() -> None:
     report["chosen"] = name
     split = {"classes": classes, "heldout": [items[i].id for i in held], "train_pairs": [items[i].id for i in train_pairs], "val_pairs": [items[i].id for i in val_pairs]}
     out = Path(args.out).expanduser()
-    model.save(out, meta={"heads": name, "data": "openclipart", "report": report})
+    model.save(out, meta={"heads": name, "data": "openclipart", "resolution": args.resolution, "report": report})
     (out / "split.json").write_text(json.dumps(split))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     log(f"chose {name}; saved to {out}")

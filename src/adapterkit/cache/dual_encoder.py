@@ -278,9 +278,15 @@ class DualEncoder(nn.Module):
         return model.eval()
 
 
-def load_dual_encoder(path, device: str = "cpu", resolution: int = 224) -> DualEncoder:
-    """The real offline model: EfficientNet-Lite0 + all-MiniLM-L6-v2 with the heads saved at ``path``."""
-    return DualEncoder.load(path, load_efficientnet_lite0(resolution, device), load_minilm())
+def load_dual_encoder(path, device: str = "cpu", resolution: int | None = None) -> DualEncoder:
+    """The real offline model: EfficientNet-Lite0 + all-MiniLM-L6-v2 with the heads saved at ``path``.
+
+    The image resolution defaults to the one the heads were trained at (``config.json`` meta).
+    """
+    cfg_path = Path(path) / "config.json"
+    if resolution is None and cfg_path.is_file():
+        resolution = json.loads(cfg_path.read_text()).get("meta", {}).get("resolution")
+    return DualEncoder.load(path, load_efficientnet_lite0(int(resolution or 224), device), load_minilm())
 
 
 # ----------------------------------------------------------------------------- loss and training
