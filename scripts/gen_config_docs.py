@@ -75,6 +75,7 @@ DOMAINS = [
     ("vision", "Vision", "image classification (AdaptFormer, VPT, LoRA, linear probe ...) on ViT / HF / CNN backbones"),
     ("audio", "Audio", "audio classification (PETL-AST methods) on AST / Whisper encoders"),
     ("rec", "Recommendation", "Adapter4Rec transferable recommendation: source pre-training, target adaptation"),
+    ("meter", "METER", "end-to-end V&L: any HF image + text encoder, co-attention fusion; VQA, NLVR2, ITM heads"),
 ]
 
 # The dict-based configs' keys have no help= or comment of their own (except the shared
@@ -644,6 +645,28 @@ def dataclass_domain_schema(cls, domain: str) -> dict:
     return schema
 
 
+def meter_domain_schema() -> dict:
+    """The JSON schema of the METER run config: adapters per encoder (or one list for both),
+    data.tasks a mapping of task names to head types."""
+    from adapterkit.core.config import dataclass_schema
+    from adapterkit.meter.config import MeterRunConfig
+    from adapterkit.meter.model import HEAD_TYPES
+
+    schema = fill_schema(dataclass_schema(MeterRunConfig), "meter")
+    props = schema["properties"]
+    props["domain"] = {"const": "meter", "description": "the domain"}
+    items = {"type": "array", "items": {"$ref": "#/definitions/adapter"}}
+    props["adapters"] = {"oneOf": [{"type": "null"}, items, {"type": "object", "additionalProperties": False,
+                                                              "properties": {"text": items, "image": items}}],
+                         "default": None, "description": props["adapters"].get("description", "")}
+    tasks = props["data"]["properties"]["tasks"]
+    tasks.update({"type": "object", "minProperties": 1, "additionalProperties": {"enum": list(HEAD_TYPES)},
+                  "propertyNames": {"pattern": _name_pattern()}})
+    _task_scale(props["train"])
+    schema["required"] = ["domain"]
+    return schema
+
+
 def _name_pattern() -> str:
     from adapterkit.train import config as run_config
 
@@ -834,6 +857,10 @@ def markdown() -> str:
     lines += _classifier_part("audio", "Audio", AUDIO_LAYOUT + "\n\n" + doc_paragraphs(
         "adapterkit.audio.pipeline", first="``asterisk`` / ``folder``"))
     lines += _rec_part()
+    from adapterkit.meter.config import MeterRunConfig
+
+    lines += _dataclass_part("meter", "METER", MeterRunConfig,
+                             doc_paragraphs("adapterkit.meter.domain", first="Data:"), _fenced("adapterkit.meter.config"))
     lines += _adapter_part()
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -860,7 +887,7 @@ def _build_domain_schemas() -> dict[str, dict]:
     branches = {"vl": vl, "text": dataclass_domain_schema(TextRunConfig, "text"),
                 "asr": dataclass_domain_schema(ASRRunConfig, "asr"),
                 "vision": classifier_domain("vision")[2], "audio": classifier_domain("audio")[2],
-                "rec": rec_domain()[3]}
+                "rec": rec_domain()[3], "meter": meter_domain_schema()}
     assert list(branches) == [d for d, _, _ in DOMAINS] and set(branches) == set(REGISTERED)
     return branches
 

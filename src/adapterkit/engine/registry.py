@@ -20,6 +20,7 @@ DOMAINS = {
     "audio": "adapterkit.audio.pipeline",
     "rec": "adapterkit.rec.domain",
     "asr": "adapterkit.audio.asr",
+    "meter": "adapterkit.meter.domain",
 }
 
 
