@@ -145,7 +145,9 @@ class ApolloConfig:
 
 
 def _masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.masked_fill(mask, float("-inf")), dim=1)
+    """Row-wise log-softmax over the entries outside ``mask``; the masked entries are set to 0
+    (finite, so no NaN reaches a gradient; every sum below skips them)."""
+    return torch.log_softmax(logits.masked_fill(mask, float("-inf")), dim=1).masked_fill(mask, 0.0)
 
 
 def _kl_rows(logp: torch.Tensor, logq: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
