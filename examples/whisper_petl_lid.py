@@ -14,7 +14,15 @@ interval over seeds.
     python examples/whisper_petl_lid.py                     # the grid (writes as it goes; reruns skip done runs)
     python examples/whisper_petl_lid.py --report-only       # markdown + plot from the JSON
 
-Outputs: docs/results/audio/whisper_lid.{json,md,png} (run folders under --runs).
+    python examples/whisper_petl_lid.py --task wordclass    # the second task: spoken-word category
+
+``--task wordclass``: number / ordinal / weekday-month / letter / spelling-alphabet word from the
+same prompts (``data.source: asterisk_wordclass``): the split is by prompt name across languages,
+so a test word is never heard in training in any language; extra row ``duration`` (a Gaussian
+classifier on the recording's length alone) shows how much the length gives away.
+
+Outputs: docs/results/audio/whisper_lid.{json,md,png} (--task wordclass: whisper_wordclass.*; run
+folders under --runs).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ PETL_LR, FULL_LR, PROMPT_LR = 5e-3, 5e-5, 1e-2  # the reference's learning rates
 # name -> (method, adapter overrides, lr, what it is)
 ROWS: dict[str, tuple] = {
     "majority": (None, None, None, "the most frequent training label (no model)"),
+    "duration": (None, None, None, "Gaussian classifier on the recording's log duration alone (no model)"),
     "linear_probe": ("linear_probe", None, PETL_LR, "frozen encoder, mean-pooled tokens, trained head"),
     "full_ft": ("full", None, FULL_LR, "every encoder weight + head"),
     "pfeiffer_par_bn": ("petl_adapter", {"adapter_type": "pfeiffer", "placement": "parallel", "block": "bottleneck"},
@@ -59,7 +68,9 @@ ROWS: dict[str, tuple] = {
                                                   "block": "bottleneck", "init": "bert", "residual": True},
                                  PETL_LR, "sequential with the residual, N(0, 0.02) projections (not the reference)"),
 }
-DEFAULT_ROWS = [k for k in ROWS if not k.endswith("_bert")]
+DEFAULT_ROWS = [k for k in ROWS if not k.endswith("_bert") and k != "duration"]
+WORDCLASS_ROWS = ["majority", "duration", "linear_probe", "full_ft", "conformer_par", "pfeiffer_par_bn", "lora"]
+STEMS = {"lid": "whisper_lid", "wordclass": "whisper_wordclass"}
 
 NOTES = [
     "Model choice: {profile}. The 3-seed grid on Whisper base would not fit the ~45 CPU-minute budget of this "
@@ -85,10 +96,21 @@ NOTES = [
 ]
 
 
+WORDCLASS_NOTES = [n for n in NOTES if not n.startswith("Prompts longer")] + [
+    "The words are short (median recording 0.5-1.2 s per class and language), so the 2 s window cuts almost none; "
+    "shorter ones are zero-padded.",
+    "Classes are uneven (es and it have more number prompts), so the majority class is above 20%.",
+]
+
+
 def base_config(a, model: str) -> dict:
-    return {"domain": "audio",
-            "data": {"source": "asterisk_lid", "languages": a.languages, "train_per_language": a.train_per_language,
-                     "test_per_language": a.test_per_language, "clip_seconds": a.clip_seconds, "seed": a.split_seed},
+    if getattr(a, "task", "lid") == "wordclass":
+        data = {"source": "asterisk_wordclass", "languages": a.languages, "test_fraction": a.test_fraction,
+                "clip_seconds": a.clip_seconds, "seed": a.split_seed}
+    else:
+        data = {"source": "asterisk_lid", "languages": a.languages, "train_per_language": a.train_per_language,
+                "test_per_language": a.test_per_language, "clip_seconds": a.clip_seconds, "seed": a.split_seed}
+    return {"domain": "audio", "data": data,
             "model": {"backbone": "hf", "name_or_path": model, "window_seconds": a.clip_seconds},
             "train": {"epochs": a.epochs, "batch_size": a.batch_size, "optimizer": "adamw", "betas": [0.9, 0.98],
                       "weight_decay": 0.1, "schedule": "cosine", "eval_batch_size": 64, "eval_each_epoch": False}}
@@ -122,8 +144,11 @@ def run_one(a, row: str, seed: int, model: str, runs: Path, log) -> dict:
     if method is None:  # majority: the most frequent training label, predicted for every test clip
         d = section(cfg["data"], DATA_DEFAULTS, "data")
         _, ytr, _, yte, _ = build_waveforms(d)
-        maj = int(np.bincount(ytr).argmax())
-        pred = np.full(len(yte), maj)
+        if row == "duration":
+            pred = duration_predictions(d, ytr)
+        else:
+            maj = int(np.bincount(ytr).argmax())
+            pred = np.full(len(yte), maj)
         return {"row": row, "seed": seed, "predictions": pred.tolist(), "labels": yte.tolist(), "trainable_params": 0,
                 "trainable_percent": 0.0, "train_seconds": 0.0, "wall_seconds": 0.0, "n_train": len(ytr)}
     out = runs / row / f"seed{seed}"
@@ -142,11 +167,37 @@ def run_one(a, row: str, seed: int, model: str, runs: Path, log) -> dict:
             "engine_test_acc": res["test_acc"]}
 
 
-def summarize(runs: list[dict], n_boot: int, languages: list[str]) -> dict:
+def duration_predictions(d: dict, ytr: np.ndarray) -> np.ndarray:
+    """Test predictions of a Gaussian classifier on log(recording length in s) fitted on the training
+    recordings (class prior x normal density per class): what the length alone tells."""
+    from adapterkit.audio.pipeline import _items
+
+    train, test, _, _ = _items(d)
+
+    def logdur(items):
+        out = []
+        for path, _ in items:
+            import wave
+
+            with wave.open(str(path), "rb") as w:
+                out.append(np.log(w.getnframes() / w.getframerate()))
+        return np.asarray(out)
+
+    xtr, xte = logdur(train), logdur(test)
+    ytr = np.asarray([lab for _, lab in train])
+    k = int(ytr.max()) + 1
+    mu = np.array([xtr[ytr == c].mean() for c in range(k)])
+    sd = np.array([max(xtr[ytr == c].std(), 1e-3) for c in range(k)])
+    prior = np.log(np.bincount(ytr, minlength=k) / len(ytr))
+    ll = prior - np.log(sd) - 0.5 * ((xte[:, None] - mu) / sd) ** 2
+    return ll.argmax(1)
+
+
+def summarize(runs: list[dict], n_boot: int, languages: list[str], task: str = "lid") -> dict:
     """Per row: mean accuracy over seeds with a t interval, per-seed bootstrap intervals, the
     accuracy on the en + es test clips (one speaker reads both) and the confusion matrix."""
     rows: dict[str, dict] = {}
-    same_voice_labels = {languages.index(x) for x in ("en", "es") if x in languages}
+    same_voice_labels = {languages.index(x) for x in ("en", "es") if x in languages} if task == "lid" else set()
     if len(same_voice_labels) < 2:
         same_voice_labels = set()
     for r in runs:
@@ -243,38 +294,75 @@ def claims(summary: dict, runs: list[dict]) -> list[dict]:
     return out
 
 
+def _intro_lid(data: dict) -> list[str]:
+    return [f"Model **{data['settings']['model']}** (real weights from the offline CTranslate2 package), "
+            f"input window cut to {data['settings']['clip_seconds']} s "
+            f"({int(data['settings']['clip_seconds'] * 50)} encoder tokens). Task: which of "
+            f"{', '.join(data['settings']['languages'])} a prompt is spoken in "
+            "(Asterisk telephone prompts, 8 kHz resampled to 16 kHz, cut or zero-padded). "
+            f"Split (seed {data['settings']['split_seed']}): per language a seeded permutation of the prompt names, "
+            f"{data['settings']['test_per_language']} test and {data['settings']['train_per_language']} training "
+            "recordings: no recording is in two splits. "
+            f"Training: {data['settings']['epochs']} epochs, batch {data['settings']['batch_size']}, AdamW "
+            "(0.9, 0.98), weight decay 0.1, cosine; lr 5e-3 (adapters, LoRA, prefix, probe), 1e-2 (prompt), "
+            "5e-5 (full fine-tuning), the reference's; the last epoch's weights are tested (no validation split).",
+            "",
+            "**Caveat: one voice per language.** The Asterisk prompts of each language are read by one speaker "
+            "(en, es: Allison; fr: June; it: Carlo; ru: an IVR voice), so the label also names the speaker and "
+            "the channel: this measures language *or voice* identification, not speaker-independent LID.", "",
+            f"Intervals: the row's mean over {len(data['settings']['seeds'])} seeds with a 95% Student-t interval "
+            "(the seed changes the head / adapter init and the batch order; the split is fixed); per seed a 95% "
+            "percentile bootstrap over the test clips (2000 resamples). Chance (and the majority class) is "
+            f"{100 / len(data['settings']['languages']):.0f}%.", "",
+            "Column *en+es*: accuracy on the en and es test clips alone (mean over seeds; any other label counts "
+            "as wrong). One speaker (Allison) reads both languages, so a classifier that recognises only the voice "
+            "gets at most 50% here (it cannot tell en from es); above 50% is language identification without a "
+            "voice cue.", ""]
+
+
+def _intro_wordclass(data: dict) -> list[str]:
+    st = data["settings"]
+    first = next(iter(data["summary"].values()))
+    counts = np.bincount(np.asarray(next(r for r in data["runs"] if r["row"] == "majority")["labels"])) \
+        if any(r["row"] == "majority" for r in data["runs"]) else None
+    return [f"Model **{st['model']}** (real weights from the offline CTranslate2 package), input window cut to "
+            f"{st['clip_seconds']} s ({int(st['clip_seconds'] * 50)} encoder tokens). Task: the category of a "
+            "spoken word, one of number (digits/0 ... digits/90: \"seven\", \"sette\", \"семь\"), ordinal "
+            "(digits/h-N), weekday or month name (digits/day-N, digits/mon-N), letter (letters/a ... z) or "
+            "spelling-alphabet word (phonetic/a_p ...: \"alpha\", \"a come ancona\"), over the Asterisk prompts "
+            f"of {', '.join(st['languages'])} (8 kHz resampled to 16 kHz, cut or zero-padded).", "",
+            f"Split (seed {st['split_seed']}): by prompt **name** across languages: per class a seeded permutation "
+            f"of the names puts {st['test_fraction']:.0%} of them in test, and a test name is test in every "
+            "language, so no test word is heard in training in any language (nor any recording in two splits). "
+            f"{first['n_train']} training and {first['n_test']} test recordings"
+            + (f" (test per class: {', '.join(f'{c} {n}' for c, n in zip(WORDCLASS_NAMES, counts))})"
+               if counts is not None else "") + ". Every class is read by all five voices, so the voice does not "
+            "give the class away; the recording's length may, which the *duration* row measures (a Gaussian "
+            "classifier on log duration alone, fitted on the training recordings). Training as the language-ID "
+            f"grid: {st['epochs']} epochs, batch {st['batch_size']}, AdamW (0.9, 0.98), weight decay 0.1, cosine; "
+            "lr 5e-3 (adapters, LoRA, probe), 5e-5 (full fine-tuning); the last epoch's weights are tested.", "",
+            f"Intervals: the row's mean over {len(st['seeds'])} seeds with a 95% Student-t interval (the seed "
+            "changes the head / adapter init and the batch order; the split is fixed); per seed a 95% percentile "
+            "bootstrap over the test clips (2000 resamples). The majority class is the most frequent training "
+            "label.", ""]
+
+
+WORDCLASS_NAMES = ["number", "ordinal", "calendar", "letter", "phonetic"]
+
+
 def write_report(data: dict, out: Path) -> None:
     s = data["summary"]
-    lines = ["# PETL-AST methods on the Whisper encoder: spoken-language identification", "",
+    task = data["settings"].get("task", "lid")
+    title = ("# PETL-AST methods on the Whisper encoder: spoken-language identification" if task == "lid" else
+             "# PETL-AST methods on the Whisper encoder: spoken-word category across five languages")
+    lines = [title, "",
              "Commands (the grid ran in these invocations; each skips the runs already in the JSON, and one "
              "invocation with all the rows gives the same runs):", "",
              *[f"    {c}" for c in data.get("commands", [data.get("command", "")])], "",
-             f"Model **{data['settings']['model']}** (real weights from the offline CTranslate2 package), "
-             f"input window cut to {data['settings']['clip_seconds']} s "
-             f"({int(data['settings']['clip_seconds'] * 50)} encoder tokens). Task: which of "
-             f"{', '.join(data['settings']['languages'])} a prompt is spoken in "
-             "(Asterisk telephone prompts, 8 kHz resampled to 16 kHz, cut or zero-padded). "
-             f"Split (seed {data['settings']['split_seed']}): per language a seeded permutation of the prompt names, "
-             f"{data['settings']['test_per_language']} test and {data['settings']['train_per_language']} training "
-             "recordings: no recording is in two splits. "
-             f"Training: {data['settings']['epochs']} epochs, batch {data['settings']['batch_size']}, AdamW "
-             "(0.9, 0.98), weight decay 0.1, cosine; lr 5e-3 (adapters, LoRA, prefix, probe), 1e-2 (prompt), "
-             "5e-5 (full fine-tuning), the reference's; the last epoch's weights are tested (no validation split).",
-             "",
-             "**Caveat: one voice per language.** The Asterisk prompts of each language are read by one speaker "
-             "(en, es: Allison; fr: June; it: Carlo; ru: an IVR voice), so the label also names the speaker and "
-             "the channel: this measures language *or voice* identification, not speaker-independent LID.", "",
-             f"Intervals: the row's mean over {len(data['settings']['seeds'])} seeds with a 95% Student-t interval "
-             "(the seed changes the head / adapter init and the batch order; the split is fixed); per seed a 95% "
-             "percentile bootstrap over the test clips (2000 resamples). Chance (and the majority class) is "
-             f"{100 / len(data['settings']['languages']):.0f}%.", "",
-             "Column *en+es*: accuracy on the en and es test clips alone (mean over seeds; any other label counts "
-             "as wrong). One speaker (Allison) reads both languages, so a classifier that recognises only the voice "
-             "gets at most 50% here (it cannot tell en from es); above 50% is language identification without a "
-             "voice cue.", "",
+             *(_intro_lid(data) if task == "lid" else _intro_wordclass(data)),
              "| row | what | n test | seeds | trainable | trainable % | accuracy % (mean, 95% t CI over seeds) | "
-             "per seed (95% bootstrap CI over clips) | en+es |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "per seed (95% bootstrap CI over clips) |" + (" en+es |" if task == "lid" else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if task == "lid" else "")]
     for name, r in s.items():
         lo, hi = r["t_ci95"]
         ci = f"{r['mean_accuracy']:.1f} [{lo:.1f}, {hi:.1f}]" if np.isfinite(lo) else f"{r['mean_accuracy']:.1f}"
@@ -282,10 +370,11 @@ def write_report(data: dict, out: Path) -> None:
                         for p in r["per_seed"])
         sv = r.get("same_voice_en_es_accuracy")
         lines.append(f"| {name} | {r['what']} | {r['n_test']} | {len(r['seeds'])} | {r['trainable_params']:,} | "
-                     f"{r['trainable_percent']:.2f} | {ci} | {per} | {'' if sv is None else f'{sv:.1f}'} |")
+                     f"{r['trainable_percent']:.2f} | {ci} | {per} |"
+                     + (f" {'' if sv is None else f'{sv:.1f}'} |" if task == "lid" else ""))
     missing = [k for k in data["settings"]["rows"] if k not in s]
-    few = [k for k in s if len(s[k]["seeds"]) < len(data["settings"]["seeds"]) and k != "majority"]
-    left = [k for k in DEFAULT_ROWS if k not in s and k not in missing]
+    few = [k for k in s if len(s[k]["seeds"]) < len(data["settings"]["seeds"]) and k not in ("majority", "duration")]
+    left = [k for k in (DEFAULT_ROWS if task == "lid" else WORDCLASS_ROWS) if k not in s and k not in missing]
     if few:
         lines += ["", f"Fewer seeds than {len(data['settings']['seeds'])} (the run stopped at the time budget): "
                       f"{', '.join(few)}; their intervals over seeds are wider or absent."]
@@ -315,7 +404,7 @@ def write_report(data: dict, out: Path) -> None:
         for k, v in data["profile"].items():
             lines.append(f"| {k} | {v['engine_seconds']:.1f} | {v['load_and_features_seconds']:.1f} | "
                          f"{v['total_params']:,} |")
-    (out / "whisper_lid.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / f"{STEMS[task]}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def plot(data: dict, out: Path) -> None:
@@ -336,11 +425,13 @@ def plot(data: dict, out: Path) -> None:
         ax.text(i, 2, f"{s[k]['trainable_percent']:.3g}%", ha="center", fontsize=7, color="white", rotation=90)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy % (mean, 95% t CI)")
-    ax.set_title(f"Language ID on {data['settings']['model']} ({s[names[0]]['n_test']} test clips; bar text: "
+    task = data["settings"].get("task", "lid")
+    what = "Language ID" if task == "lid" else "Spoken-word category"
+    ax.set_title(f"{what} on {data['settings']['model']} ({s[names[0]]['n_test']} test clips; bar text: "
                  "trainable %)", fontsize=9)
     ax.set_ylim(0, 100)
     fig.tight_layout()
-    fig.savefig(out / "whisper_lid.png", dpi=120)
+    fig.savefig(out / f"{STEMS[task]}.png", dpi=120)
     plt.close(fig)
 
 
@@ -360,7 +451,11 @@ def profile(a, runs: Path, log) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="whisper-tiny.en")
-    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
+    ap.add_argument("--task", choices=list(STEMS), default="lid", help="lid: spoken-language identification; "
+                    "wordclass: spoken-word category (split by prompt name across languages)")
+    ap.add_argument("--rows", nargs="+", default=None, choices=list(ROWS),
+                    help=f"default: lid {' '.join(DEFAULT_ROWS)}; wordclass {' '.join(WORDCLASS_ROWS)}")
+    ap.add_argument("--test-fraction", type=float, default=0.4, help="wordclass: share of each class's names in test")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--languages", nargs="+", default=["en", "es", "fr", "it", "ru"])
     ap.add_argument("--train-per-language", type=int, default=16)
@@ -376,13 +471,15 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="time one epoch per Whisper model and stop")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args(argv)
+    if a.rows is None:
+        a.rows = DEFAULT_ROWS if a.task == "lid" else WORDCLASS_ROWS
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     torch.set_num_threads(a.threads)
     out, runs = Path(a.out), Path(a.runs)
     out.mkdir(parents=True, exist_ok=True)
-    js = out / "whisper_lid.json"
+    js = out / f"{STEMS[a.task]}.json"
     log = lambda s: print(s, flush=True)  # noqa: E731
     data = json.loads(js.read_text()) if js.is_file() else {}
     if a.profile:
@@ -394,6 +491,9 @@ def main(argv=None):
                 "train_per_language": a.train_per_language, "test_per_language": a.test_per_language,
                 "clip_seconds": a.clip_seconds, "epochs": a.epochs, "batch_size": a.batch_size,
                 "split_seed": a.split_seed, "bootstrap": a.bootstrap}
+    if a.task != "lid":  # (the language-ID settings keep their keys: its JSON's runs stay valid)
+        settings = {k: v for k, v in settings.items() if not k.endswith("_per_language")}
+        settings.update(task=a.task, test_fraction=a.test_fraction)
     if not a.report_only:
         if data.get("settings") and {k: v for k, v in data["settings"].items() if k != "rows"} != \
                 {k: v for k, v in settings.items() if k != "rows"}:
@@ -414,12 +514,15 @@ def main(argv=None):
                 log(f"== {row} seed {seed}: acc {np.mean(np.array(r['labels']) == np.array(r['predictions'])) * 100:.1f}"
                     f" in {time.time() - t0:.0f}s")
                 data["runs"].append(r)
-                data["summary"] = summarize(data["runs"], a.bootstrap, a.languages)
+                data["summary"] = summarize(data["runs"], a.bootstrap, a.languages, a.task)
                 data["claims"] = claims(data["summary"], data["runs"])
                 js.write_text(json.dumps(data, indent=1))
-    data["summary"] = summarize(data["runs"], data["settings"]["bootstrap"], data["settings"]["languages"])
+    task = data["settings"].get("task", "lid")
+    data["summary"] = summarize(data["runs"], data["settings"]["bootstrap"], data["settings"]["languages"], task)
     data["claims"] = claims(data["summary"], data["runs"])
     prof = data.get("profile") or {}
+    if task != "lid" and (out / f"{STEMS['lid']}.json").is_file():  # the profile is the language-ID grid's
+        prof = json.loads((out / f"{STEMS['lid']}.json").read_text()).get("profile") or {}
     if {"whisper-tiny.en", "whisper-base"} <= set(prof):
         t, b = prof["whisper-tiny.en"], prof["whisper-base"]
         ptxt = (f"one run of the Conformer row with 1 epoch took {b['engine_seconds']:.0f} s (train + test) on "
@@ -427,7 +530,8 @@ def main(argv=None):
                 f"whisper-tiny.en ({t['total_params'] / 1e6:.1f} M), {b['engine_seconds'] / t['engine_seconds']:.1f}x")
     else:
         ptxt = "not profiled"
-    data["notes"] = [n.replace("{profile}", ptxt) for n in NOTES] + data.get("extra_notes", [])
+    notes = NOTES if task == "lid" else WORDCLASS_NOTES
+    data["notes"] = [n.replace("{profile}", ptxt) for n in notes] + data.get("extra_notes", [])
     js.write_text(json.dumps(data, indent=1))
     write_report(data, out)
     plot(data, out)

@@ -147,9 +147,12 @@ DICT_MEANINGS = {
             "name": "the run's name",
         },
         "data": {
-            "languages": "asterisk_lid: the languages to tell apart (default en, es, fr, it, ru), one class each",
+            "languages": "asterisk_lid: the languages to tell apart (default en, es, fr, it, ru), one class each; "
+                         "asterisk_wordclass: the languages whose prompts are used",
             "train_per_language": "asterisk_lid: training prompts per language (a seeded split of prompt names)",
             "test_per_language": "asterisk_lid: test prompts per language (no recording in two splits)",
+            "test_fraction": "asterisk_wordclass: the share of each word class's prompt names held out for test "
+                             "(a test name is test in every language)",
             "doc_root": "asterisk / asterisk_lid: the folder of the transcript files (default /usr/share/doc)",
             "source": "esc50, speech_commands, folder (ROOT/<label>/*.wav) or asterisk (the Asterisk prompts)",
             "root": "esc50: the folder with meta/ and audio/; speech_commands: the dataset folder; folder: "
@@ -305,7 +308,7 @@ DATACLASS_MEANINGS = {
 DICT_CHOICES = {
     "vision": {"data.source": ["fashion_mnist", "image_folder"], "model.pool": ["cls", "mean"],
                "train.optimizer": ["sgd", "adamw"], "train.schedule": ["cosine", "linear", "constant"]},
-    "audio": {"data.source": ["esc50", "speech_commands", "folder", "asterisk", "asterisk_lid"],
+    "audio": {"data.source": ["esc50", "speech_commands", "folder", "asterisk", "asterisk_lid", "asterisk_wordclass"],
               "train.optimizer": ["sgd", "adamw"], "train.schedule": ["cosine", "linear", "constant"]},
     "rec": {"data.source": ["bbc", "mind", "amazon", "movielens"], "model.pool": ["cls", "mean"],
             "data.genre_group": ["thrill", "heart", None], "data.user_half": ["a", "b", None]},

@@ -293,3 +293,50 @@ def asterisk_lid(languages: list[str] = LID_LANGUAGES, sizes: dict[str, int | No
         for split, names in parts.items():
             out[split].extend((items[n], li) for n in names)
     return out, languages
+
+
+# spoken-word categories of the Asterisk prompts: (class, prompt-name pattern); the pattern is
+# the same in every language's folder (digits/7 is "seven", "sette", "семь", ...)
+WORD_CLASSES = (("number", r"digits/\d+"), ("ordinal", r"digits/h-\d+"), ("calendar", r"digits/(?:day|mon)-\d+"),
+                ("letter", r"letters/[a-z]"), ("phonetic", r"phonetic/[a-z]_p"))
+
+
+def asterisk_word_classes(languages: list[str] = LID_LANGUAGES, test_fraction: float = 0.4, seed: int = 0,
+                          root: str | Path = ASTERISK_SOUNDS,
+                          doc_root: str | Path = ASTERISK_DOCS) -> tuple[dict, list[str]]:
+    """Spoken-word category from the Asterisk prompts of ``languages``: a number (digits/0 ...
+    digits/90), an ordinal (digits/h-N), a weekday or month name (digits/day-N, digits/mon-N),
+    a letter (letters/a ... z) or a spelling-alphabet word (phonetic/a_p: alpha, "a come
+    ancona", ...). ``({"train": [...], "test": [...]}, classes)``.
+
+    The split is by prompt *name* across languages: per class a seeded permutation of the
+    names found in any of the languages puts round(test_fraction x n) names in test, and a
+    test name is test in every language, so no test word is heard in training in any language
+    (and no recording is in two splits). Every class is read by every language's voice, so the
+    voice says nothing about the class."""
+    import re
+
+    languages = list(languages)
+    if not languages or len(set(languages)) != len(languages):
+        raise DataError(f"asterisk_word_classes needs distinct languages, got {languages}")
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    pats = [(c, re.compile(p + r"$")) for c, p in WORD_CLASSES]
+    found: dict[str, dict[str, Path]] = {}  # name -> {language: wav}
+    for lang in languages:
+        voice = asterisk_voice_dir(lang, root)
+        for p, _ in asterisk_prompts(lang, root, doc_root):
+            name = p.relative_to(voice).with_suffix("").as_posix()
+            if any(rx.match(name) for _, rx in pats):
+                found.setdefault(name, {})[lang] = p
+    out: dict[str, list] = {"train": [], "test": []}
+    for ci, (cls, rx) in enumerate(pats):
+        names = sorted(n for n in found if rx.match(n))
+        if len(names) < 2:
+            raise DataError(f"word class {cls!r}: {len(names)} prompt names under {root} for {languages} "
+                            "(need 2: one for each split)")
+        n_test = min(len(names) - 1, max(1, round(float(test_fraction) * len(names))))
+        parts = split_names(names, {"test": n_test, "train": None}, seed * 1_000_003 + ci, f"word class {cls!r}")
+        for split, ns in parts.items():
+            out[split].extend((found[n][lang], ci) for n in ns for lang in languages if lang in found[n])
+    return out, [c for c, _ in WORD_CLASSES]

@@ -3,9 +3,10 @@ mean-pooled tokens -> head, with PETL-AST adapter configurations.
 
 Config (YAML) sections::
 
-    data:   {source: esc50|speech_commands|folder|asterisk|asterisk_lid, root, test_folds, words, subdir,
-             clip_seconds, sample_rate, train_copies, test_copies, snr_db, speed, shift_ms,
-             gain_db, max_per_class, seed, languages, train_per_language, test_per_language, doc_root}
+    data:   {source: esc50|speech_commands|folder|asterisk|asterisk_lid|asterisk_wordclass, root, test_folds,
+             words, subdir, clip_seconds, sample_rate, train_copies, test_copies, snr_db, speed, shift_ms,
+             gain_db, max_per_class, seed, languages, train_per_language, test_per_language, test_fraction,
+             doc_root}
     model:  {backbone: ast|whisper|hf, name_or_path, ast: {ASTConfig kwargs},
              whisper: {WhisperConfig kwargs}, init_seed, window_seconds}
     method: petl_adapter | lora | prompt | prefix | linear_probe | full | <any adapterkit method>
@@ -25,6 +26,11 @@ training recordings (None: the rest), so no recording is in two splits; validati
 selection (``train.val_fraction``) holds out part of the training recordings. Clips are cut
 or zero-padded to ``clip_seconds`` (default 2 s). Each language has one voice, so the
 label also identifies the speaker.
+
+``asterisk_wordclass`` is spoken-word category (number, ordinal, weekday/month, letter,
+spelling-alphabet word) over the same prompts of ``languages``: the split is by prompt name
+across languages (``test_fraction`` of each class's names, seeded), so a test word is never
+heard in training in any language; every class is read by every voice. Clips as asterisk_lid.
 
 ``model.window_seconds`` cuts Whisper's 30 s input window (its position table) to the clip
 length: the encoder then runs on clip_seconds x 50 tokens instead of 1500.
@@ -47,6 +53,7 @@ from adapterkit.audio.data import (
     DIGIT_WORDS,
     LID_LANGUAGES,
     asterisk_lid,
+    asterisk_word_classes,
     asterisk_words,
     augment,
     load_clip,
@@ -70,10 +77,10 @@ DATA_DEFAULTS = {"source": "asterisk", "root": None, "test_folds": [5], "words":
                  "clip_seconds": None, "sample_rate": 16000, "train_copies": 0, "test_copies": 0,
                  "snr_db": [5.0, 30.0], "speed": [0.85, 1.15], "shift_ms": 150.0, "gain_db": [-6.0, 6.0],
                  "max_per_class": None, "seed": 0, "languages": None, "train_per_language": 40,
-                 "test_per_language": 50, "doc_root": None}
+                 "test_per_language": 50, "test_fraction": 0.4, "doc_root": None}
 MODEL_DEFAULTS = {"backbone": "ast", "name_or_path": None, "ast": None, "whisper": None, "init_seed": 0,
                   "window_seconds": None}
-SOURCES = ("esc50", "speech_commands", "folder", "asterisk", "asterisk_lid")
+SOURCES = ("esc50", "speech_commands", "folder", "asterisk", "asterisk_lid", "asterisk_wordclass")
 AUDIO_TRAIN_DEFAULTS = {**TRAIN_DEFAULTS, "optimizer": "adamw", "lr": 5e-3, "betas": [0.9, 0.98],
                         "weight_decay": 0.1, "warmup_epochs": 0.0}
 TOP_KEYS = ("domain", "data", "model", "method", "adapter", "train", "output_dir", "name")
@@ -99,10 +106,20 @@ def _items(d: dict):
     if src == "asterisk":
         items, names = asterisk_words(d["root"] or ASTERISK_DIR, d["words"] or list(DIGIT_WORDS), d["subdir"])
         return items, items, names, 1.0
-    if src == "asterisk_lid":
+    if src in ("asterisk_lid", "asterisk_wordclass"):
         langs = d["languages"] if d["languages"] is not None else list(LID_LANGUAGES)
-        if not isinstance(langs, (list, tuple)) or len(langs) < 2:
-            raise ConfigError(f'"data.languages" must list at least two languages, got {langs!r}')
+        least = 2 if src == "asterisk_lid" else 1
+        if not isinstance(langs, (list, tuple)) or len(langs) < least:
+            raise ConfigError(f'"data.languages" must list at least {"two languages" if least == 2 else "one language"}'
+                              f", got {langs!r}")
+    if src == "asterisk_wordclass":
+        tf = d["test_fraction"]
+        if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0 < tf < 1:
+            raise ConfigError(f'"data.test_fraction" must be a number in (0, 1), got {tf!r}')
+        parts, names = asterisk_word_classes(langs, float(tf), int(d["seed"]), d["root"] or ASTERISK_SOUNDS,
+                                             d["doc_root"] or ASTERISK_DOCS)
+        return parts["train"], parts["test"], names, 2.0
+    if src == "asterisk_lid":
         sizes = {}
         for k in ("test_per_language", "train_per_language"):
             v = d[k]
