@@ -67,6 +67,23 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--serve-tasks", default="1,4,16,64", help="--serve: comma list of task counts per batch")
     p.add_argument("--serve-methods", default="lora,houlsby", help="--serve: comma list (lora, houlsby)")
     p.add_argument("--repeats", type=int, default=3, help="--serve: timed repeats per case (median reported)")
+    p.add_argument("--sweep", action="store_true",
+                   help="cost against work instead: step time and peak memory of full FT, the frozen floor, "
+                        "adapterkit LoRA / bottleneck adapter and PEFT LoRA on Llama-shaped LMs while backbone "
+                        "size, batch, sequence length or tasks per mixed batch grow (docs/benchmarks.md, Sweep); "
+                        "--batch = the seq axis' batch, --src = the sequence length of the other axes")
+    p.add_argument("--sweep-axes", default=None, help="--sweep: comma list of size, batch, seq, tasks (default all)")
+    p.add_argument("--sweep-sizes", default=None,
+                   help="--sweep: backbones of the size axis (default llama-8m,llama-19m,llama-56m,llama-125m,llama-1b)")
+    p.add_argument("--sweep-batch", default=None, help="--sweep: batch sizes (default 1,2,4,8,16,32)")
+    p.add_argument("--sweep-seq", default=None, help="--sweep: sequence lengths (default 16,32,64,128,256,512)")
+    p.add_argument("--sweep-tasks", default=None, help="--sweep: tasks per mixed batch (default 1,2,4,8,16)")
+    p.add_argument("--sweep-shape", default=None, help="--sweep: backbone of the batch, seq and tasks axes "
+                                                        "(default llama-small)")
+    p.add_argument("--sweep-max-gib", type=float, default=None,
+                   help="--sweep: skip a case whose memory estimate exceeds this (default 8)")
+    p.add_argument("--sweep-dir", default="bench_sweep",
+                   help="--sweep: output folder (sweep.json, sweep.md, sweep_<axis>.png)")
     return p
 
 
@@ -112,6 +129,10 @@ def run(args) -> int:
 
     if args.serve:
         return _run_serve(args)
+    if args.sweep:
+        from adapterkit.bench.sweep import run_from_args
+
+        return run_from_args(args)
     if args.list:
         for c in CASES:
             print(f"{c.name:<32} {c.kind:<6} {c.group:<11} {c.title}")
