@@ -248,9 +248,10 @@ def add_adapters(model: nn.Module, config, name: str | None = None, *, train_hea
         )
     if container.root_hook is None:
         container.root_hook = model.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
-    from adapterkit.core import hf
+    from adapterkit.core import copying, hf
 
     hf.install(model)
+    copying.install(model)
     return model
 
 
@@ -370,9 +371,10 @@ def _unload(model: nn.Module) -> None:
         container.root_hook.remove()
         container.root_hook = None
     delattr(model, CONTAINER)
-    from adapterkit.core import hf
+    from adapterkit.core import copying, hf
 
     hf.uninstall(model)
+    copying.uninstall(model)
     for p in model.parameters():
         p.requires_grad_(True)
 
