@@ -328,8 +328,8 @@ def compare_table(summary: dict) -> str:
     base = summary["majority_baseline"]
     n_seeds = len(summary["protocol"]["seeds"])
     cols = TASKS + ["average"]
-    lines = [f"| preset | trainable % | {' | '.join(cols)} | vs {REFERENCE} | wall s/run |",
-             "|---" * (len(cols) + 4) + "|"]
+    lines = [f"| preset | seeds | trainable % | {' | '.join(cols)} | vs {REFERENCE} | wall s/run |",
+             "|---" * (len(cols) + 5) + "|"]
 
     def cell(s, k):
         si = s["seed_interval"][k]
@@ -338,17 +338,26 @@ def compare_table(summary: dict) -> str:
 
     for p, s in summary["presets"].items():
         vs = s.get("vs_reference")
-        vs_txt = "-" if vs is None else f"{vs['difference']:+.1f}{_iv(vs['example_interval'])}"
-        lines.append(f"| {p} | {s['percent']:.2f} | " + " | ".join(cell(s, k) for k in cols)
+        vs_txt = "-" if vs is None else (f"{vs['difference']:+.1f}{_iv(vs['example_interval'])}"
+                                          + ("" if vs["seed_interval"] is None else
+                                             f"; seeds{_iv(vs['seed_interval'])}"))
+        lines.append(f"| {p} | {len(s['seeds'])} | {s['percent']:.2f} | " + " | ".join(cell(s, k) for k in cols)
                      + f" | {vs_txt} | {s['wall_time_s']:.0f} |")
-    lines.append("| majority answer | - | " + " | ".join(f"{_baseline_percent(base[t]):.1f}" for t in TASKS)
+    lines.append("| majority answer | - | - | " + " | ".join(f"{_baseline_percent(base[t]):.1f}" for t in TASKS)
                  + f" | {sum(_baseline_percent(base[t]) for t in TASKS) / len(TASKS):.1f} | - | - |")
     sizes = next(iter(summary["presets"].values()))["test_sizes"]
     lines.append("")
-    lines.append(f"Mean over {n_seeds} seed(s)" + (" ± half-width of the 95% t-interval over seeds" if n_seeds > 1
-                                                    else "") +
+    lines.append(f"Mean over the seeds (of {n_seeds} asked)" + (" ± half-width of the 95% t-interval over seeds"
+                                                                 if n_seeds > 1 else "") +
                  "; [95% percentile bootstrap interval over test examples]; test examples per task: "
                  + ", ".join(f"{t} {sizes[t]}" for t in TASKS) + ".")
+    if REFERENCE in summary["presets"] and len(summary["presets"]) > 1:
+        lines.append(f"vs {REFERENCE}: paired difference of averages on the seeds both have [95% bootstrap over "
+                     "test examples of the seed-averaged scores]; seeds [95% t-interval of the per-seed "
+                     "differences].")
+    missing = summary.get("missing_runs")
+    if missing:
+        lines.append("Partial: not run yet: " + ", ".join(f"{m['preset']} seed {m['seed']}" for m in missing) + ".")
     return "\n".join(lines)
 
 
@@ -473,43 +482,62 @@ def plot_curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
 
 # ----------------------------------------------------------------------------- cost estimate
 
+class _Clocks:
+    """Wall seconds and this process's CPU seconds of a piece of work. With one torch thread the CPU
+    seconds are what the work costs on a free core; on a shared CPU the wall seconds also count the
+    neighbours (a load of 10 on 2 cores made them 5x the CPU seconds)."""
+
+    def __enter__(self):
+        self.t, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.t, time.process_time() - self.c
+
+
 def measure_costs(data_dir, feats, preset: str, scale: dict, work_dir: Path, seed: int = 0) -> dict:
-    """Wall seconds of one preset's pieces on this machine, now: building the model, one training step
-    of each task (after a warm-up step), one checkpoint, and one evaluation batch of each task."""
+    """Seconds of one preset's pieces on this machine, now: building the model, one training step
+    of each task (after a warm-up step), one checkpoint, and one evaluation batch of each task.
+    The wall seconds at the top level; the same pieces in this process's CPU seconds under ``cpu``
+    (the cost on a free core when the run has one thread; a checkpoint's disk wait is not in it)."""
     from adapterkit.vl.data import _seed, task_schedule
 
-    t0 = time.perf_counter()
     work = Path(work_dir) / preset
-    tr = make_trainer(data_dir, feats, preset, scale, work, seed, curve=False)
-    build = time.perf_counter() - t0
+    with _Clocks() as build:
+        tr = make_trainer(data_dir, feats, preset, scale, work, seed, curve=False)
     sched = task_schedule(tr.num_batches, seed, 0)
     orders = {t: d.epoch_order(seed, 0) for t, d in tr.train_data.items()}
     step_s: dict[str, float] = {}
+    step_cpu: dict[str, float] = {}
     for i, (task, b) in enumerate(sched):
         if len(step_s) == len(TASKS):
             break
         if i > 0 and task in step_s:
             continue
         bs = tr.batch_sizes[task]
-        t = time.perf_counter()
-        tr.train_step(task, orders[task][b * bs:(b + 1) * bs], _seed(seed, 0, task, b))
+        with _Clocks() as c:
+            tr.train_step(task, orders[task][b * bs:(b + 1) * bs], _seed(seed, 0, task, b))
         if i > 0:  # the first step warms up (allocations, kernels)
-            step_s[task] = time.perf_counter() - t
-    t = time.perf_counter()
+            step_s[task], step_cpu[task] = c.wall, c.cpu
     tr.state["step"] = 1
-    tr._save_checkpoint()
-    ckpt = time.perf_counter() - t
+    with _Clocks() as ckpt:
+        tr._save_checkpoint()
     tr.curve_examples = tr.cfg.eval.batch_size  # one eval batch of each task, from the validation split
-    eval_s = {}
+    eval_s, eval_cpu = {}, {}
     for task in TASKS:
-        t = time.perf_counter()
-        n = len(tr.predict(task, tr.CURVE))
-        eval_s[task] = (time.perf_counter() - t) / n
+        with _Clocks() as c:
+            n = len(tr.predict(task, tr.CURVE))
+        eval_s[task], eval_cpu[task] = c.wall / n, c.cpu / n
     weights = {t: n / sum(tr.num_batches.values()) for t, n in tr.num_batches.items()}
     del tr
     shutil.rmtree(work, ignore_errors=True)
-    return {"build_s": build, "step_s": step_s, "mean_step_s": sum(weights[t] * step_s[t] for t in TASKS),
-            "checkpoint_s": ckpt, "eval_s_per_example": eval_s}
+
+    def pieces(b, steps, ck, ev):
+        return {"build_s": b, "step_s": steps, "mean_step_s": sum(weights[t] * steps[t] for t in TASKS),
+                "checkpoint_s": ck, "eval_s_per_example": ev}
+
+    return {**pieces(build.wall, step_s, ckpt.wall, eval_s), "load_average": os.getloadavg()[0],
+            "cpu": pieces(build.cpu, step_cpu, ckpt.cpu, eval_cpu)}
 
 
 def estimate_run_s(cost: dict, scale: dict, test_sizes: dict[str, int], curve: bool = True) -> float:
@@ -639,25 +667,42 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
     wall = None
     if (estimate or estimate_only) and todo:
         t0 = time.perf_counter()
-        print(f"measuring the cost of each preset on this machine ({torch_threads()} threads)")
-        total = 0.0
+        print(f"measuring the cost of each preset on this machine ({torch_threads()} threads, load average "
+              f"{os.getloadavg()[0]:.1f})", flush=True)
+        total, total_cpu = 0.0, 0.0
         for p in dict.fromkeys(p for p, _ in todo):
             cost = measure_costs(data_dir, feats, p, scale, out / ".measure", seed)
             n_curve = sum(1 for q, s in todo if q == p and s in curve_seed_set)
             n_plain = sum(1 for q, s in todo if q == p and s not in curve_seed_set)
-            run_s = estimate_run_s(cost, scale, sizes, True)
-            plain_s = estimate_run_s(cost, scale, sizes, False)
-            estimates[p] = {**cost, "run_s": run_s, "run_s_without_curve": plain_s}
+            run_s, plain_s = estimate_run_s(cost, scale, sizes, True), estimate_run_s(cost, scale, sizes, False)
+            cpu_s, cpu_plain = (estimate_run_s(cost["cpu"], scale, sizes, True),
+                                estimate_run_s(cost["cpu"], scale, sizes, False))
+            estimates[p] = {**cost, "run_s": run_s, "run_s_without_curve": plain_s, "cpu_run_s": cpu_s,
+                            "cpu_run_s_without_curve": cpu_plain}
             total += n_curve * run_s + n_plain * plain_s
-            print(f"  {p}: step {cost['mean_step_s']:.2f} s, eval {100 * np.mean(list(cost['eval_s_per_example'].values())):.1f}"
-                  f" s / 100 examples, build {cost['build_s']:.0f} s -> {_fmt_s(run_s)} per run")
+            total_cpu += n_curve * cpu_s + n_plain * cpu_plain
+            c = cost["cpu"]
+            print(f"  {p}: step {cost['mean_step_s']:.2f} s, eval "
+                  f"{100 * np.mean(list(cost['eval_s_per_example'].values())):.1f} s / 100 examples, build "
+                  f"{cost['build_s']:.0f} s -> {_fmt_s(run_s)} per run at this load; CPU time: step "
+                  f"{c['mean_step_s']:.2f} s, eval {100 * np.mean(list(c['eval_s_per_example'].values())):.1f} s"
+                  f" / 100 -> {_fmt_s(cpu_s)} per run on a free core", flush=True)
         shutil.rmtree(out / ".measure", ignore_errors=True)
         wall = total / min(jobs, len(todo)) if jobs > 1 else total
-        print(f"estimated duration: {_fmt_s(wall)} for {len(todo)} run(s)"
+        cores = os.cpu_count() or 1
+        cpu_one = total_cpu if (threads or torch_threads()) == 1 else None
+        print(f"estimated duration: {_fmt_s(wall)} for {len(todo)} run(s) at this load"
               + (f" on {jobs} parallel jobs (assuming they do not slow each other)" if jobs > 1 else "")
               + f"; measuring took {_fmt_s(time.perf_counter() - t0)}")
+        if cpu_one is not None:
+            print(f"from the CPU time (one thread per run): {_fmt_s(cpu_one)} on one free core, "
+                  f"{_fmt_s(cpu_one / min(cores, len(todo)))} on all {cores} free cores (--jobs {cores} --threads 1)")
         atomic_write_json(out / "estimate.json", {"presets": estimates, "runs": len(todo), "estimated_s": wall,
-                                                  "jobs": jobs, "scale": scale, "test_sizes": sizes})
+                                                  "cpu_one_core_s": cpu_one,
+                                                  "cpu_all_cores_s": None if cpu_one is None else
+                                                  cpu_one / min(cores, len(todo)), "cores": cores,
+                                                  "jobs": jobs, "scale": scale, "test_sizes": sizes,
+                                                  "load_average": os.getloadavg()[0]})
         if estimate_only:
             return {"estimate": estimates, "estimated_s": wall}
     elif estimate_only:
@@ -665,9 +710,31 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         return {"estimate": {}, "estimated_s": 0.0}
 
     t_start = time.perf_counter()
-    runs: dict[str, list[dict]] = {p: [] for p in presets}
+    # seed-major order (every preset's seed 0, then every preset's seed 1, ...): a compare stopped
+    # part-way leaves paired seeds of every preset, not all seeds of the first presets only
     jobs_list = [dict(data_dir=str(data_dir), feats=str(feats), preset=p, scale=scale, seed=s, lr=lr,
-                      run_dir=str(out / p / f"seed{s}"), curve=s in curve_seed_set) for p in presets for s in seed_list]
+                      run_dir=str(out / p / f"seed{s}"), curve=s in curve_seed_set) for s in seed_list for p in presets]
+    protocol = {
+        "seeds": seed_list, "steps": scale["steps"], "batch_size": scale["batch_size"],
+        "test_examples_per_task": scale["eval_examples"] or "all", "bf16": scale.get("bf16", False),
+        "threads": torch_threads(), "jobs": jobs,
+        "bootstrap": {"resamples": n_resamples, "level": 0.95, "seed": 0, "kind": "percentile, over test "
+                      "examples, resampled within each task; the average resamples every task"},
+        "seed_interval": "mean over seeds +- t_{0.975, N-1} s / sqrt(N)",
+        "curve": {"every": scale.get("curve_every", 0), "val_examples_per_task": scale.get("curve_examples"),
+                  "seeds": sorted(curve_seed_set)},
+        "command": command,
+    }
+    done: dict[tuple[str, int], dict] = {}
+
+    def finished(j, r, note):
+        done[(j["preset"], j["seed"])] = r
+        print(f"{j['preset']} seed {j['seed']}: average {r['scores']['average']:.2f} "
+              f"{_iv(r['intervals']['average']).strip()} ({note})", flush=True)
+        if len(done) < len(jobs_list):  # the summary so far: a stopped compare leaves a usable one
+            write_summary(out, presets, seed_list, done, protocol, scale, base, wall, t_start, n_resamples,
+                          quiet=True)
+
     if jobs > 1:
         import concurrent.futures as cf
         import multiprocessing as mp
@@ -676,33 +743,29 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
             futs = {pool.submit(_run_job, {**j, "threads": threads}): j for j in jobs_list}
             for f in cf.as_completed(futs):
                 r = f.result()
-                print(f"{r['preset']} seed {r['seed']}: average {r['scores']['average']:.2f} "
-                      f"({r['wall_time_s']:.0f} s)")
-        for j in jobs_list:
-            runs[j["preset"]].append(json.loads((Path(j["run_dir"]) / "run.json").read_text()))
+                finished(futs[f], r, f"{r['wall_time_s']:.0f} s, {_fmt_s(time.perf_counter() - t_start)} so far")
     else:
         for k, j in enumerate(jobs_list):
             cached = (Path(j["run_dir"]) / "run.json").exists()
             if not cached:
-                print(f"== {j['preset']} seed {j['seed']} ({k + 1}/{len(jobs_list)})")
+                print(f"== {j['preset']} seed {j['seed']} ({k + 1}/{len(jobs_list)})", flush=True)
             r = run_one(j["data_dir"], j["feats"], j["preset"], scale, j["run_dir"], j["seed"], lr, j["curve"])
-            runs[j["preset"]].append(r)
-            note = "cached" if cached else f"{r['wall_time_s']:.0f} s, {_fmt_s(time.perf_counter() - t_start)} so far"
-            print(f"{j['preset']} seed {j['seed']}: average {r['scores']['average']:.2f} "
-                  f"{_iv(r['intervals']['average']).strip()} ({note})")
+            finished(j, r, "cached" if cached else f"{r['wall_time_s']:.0f} s, "
+                     f"{_fmt_s(time.perf_counter() - t_start)} so far")
+    return write_summary(out, presets, seed_list, done, protocol, scale, base, wall, t_start, n_resamples)
 
+
+def write_summary(out: Path, presets, seed_list, done: dict, protocol: dict, scale: dict, base: dict, wall,
+                  t_start: float, n_resamples: int = 2000, quiet: bool = False) -> dict:
+    """compare.json / .md / .png / curves.png from the finished (preset, seed) runs in ``done``.
+    Written after every run: a partial summary lists the runs still missing (``missing_runs``),
+    and only presets with at least one finished seed appear."""
+    runs = {p: [done[(p, s)] for s in seed_list if (p, s) in done] for p in presets}
+    runs = {p: rs for p, rs in runs.items() if rs}
+    missing = [{"preset": p, "seed": s} for s in seed_list for p in presets if (p, s) not in done]
     summary = {
-        "protocol": {
-            "seeds": seed_list, "steps": scale["steps"], "batch_size": scale["batch_size"],
-            "test_examples_per_task": scale["eval_examples"] or "all", "bf16": scale.get("bf16", False),
-            "threads": torch_threads(), "jobs": jobs,
-            "bootstrap": {"resamples": n_resamples, "level": 0.95, "seed": 0, "kind": "percentile, over test "
-                          "examples, resampled within each task; the average resamples every task"},
-            "seed_interval": "mean over seeds +- t_{0.975, N-1} s / sqrt(N)",
-            "curve": {"every": scale.get("curve_every", 0), "val_examples_per_task": scale.get("curve_examples"),
-                      "seeds": sorted(curve_seed_set)},
-            "command": command,
-        },
+        "protocol": protocol,
+        "complete": not missing, "missing_runs": missing,
         "scale": scale, "majority_baseline": base,
         "presets": {p: aggregate(rs, n_resamples) for p, rs in runs.items()},
         "estimated_s": wall,  # what was printed before the runs (None: not measured)
@@ -710,18 +773,25 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
     }
     if REFERENCE in runs:
         for p, rs in runs.items():
-            if p != REFERENCE:
-                summary["presets"][p]["vs_reference"] = paired_vs(rs, runs[REFERENCE], n_resamples)
+            if p == REFERENCE:
+                continue
+            ref_seeds = {r["seed"] for r in runs[REFERENCE]}
+            paired = [r for r in rs if r["seed"] in ref_seeds]
+            if paired:  # the same seeds on both sides (a partial compare may have more of one)
+                mine = {r["seed"] for r in paired}
+                summary["presets"][p]["vs_reference"] = paired_vs(
+                    paired, [r for r in runs[REFERENCE] if r["seed"] in mine], n_resamples)
     atomic_write_json(out / "compare.json", summary)
     md = compare_table(summary)
     atomic_write_text(out / "compare.md", md + "\n")
-    print(md)
     plot_compare(summary, out / "compare.png")
     curves = {p: [r["curve"] for r in rs if r.get("curve")] for p, rs in runs.items()}
     if any(curves.values()):
         plot_curves(curves, out / "curves.png")
-    print(f"results: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}"
-          + (f", {out / 'curves.png'}" if any(curves.values()) else ""))
+    if not quiet:
+        print(md)
+        print(f"results: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}"
+              + (f", {out / 'curves.png'}" if any(curves.values()) else ""))
     return summary
 
 

@@ -1,0 +1,86 @@
+"""A compare stopped part-way leaves a usable summary: runs go seed-major (every preset's first
+seed before any second seed) and compare.json / compare.md are rewritten after every finished
+run, listing what is still missing."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapterkit.vl import benchmark as bm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["ADAPTERKIT_NO_PROGRESS"] = "1"
+    yield
+    torch.set_num_threads(before)
+
+
+class Stopped(Exception):
+    pass
+
+
+def _fake_run(preset, seed, n=5):
+    """A finished run's record as run_one writes it (per-example scores that differ by preset and seed)."""
+    rng = np.random.default_rng([seed, len(preset)])
+    per = {t: {"uids": [f"{t}-{i}" for i in range(n)], "scores": (100.0 * rng.integers(0, 2, n)).tolist()}
+           for t in bm.TASKS}
+    scores = {t: float(np.mean(per[t]["scores"])) for t in bm.TASKS}
+    scores["average"] = float(np.mean(list(scores.values())))
+    return {"preset": preset, "seed": seed, "steps": 2, "trainable": 10, "total": 100, "percent": 10.0, "lr": 1e-3,
+            "bf16": False, "scores": scores, "intervals": {k: [v - 1, v + 1] for k, v in scores.items()},
+            "test_sizes": {t: n for t in bm.TASKS}, "per_example": per, "curve": [], "wall_time_s": 1.0}
+
+
+def test_stopped_compare_leaves_a_partial_summary(tmp_path, monkeypatch):
+    data = tmp_path / "fvl"
+    monkeypatch.setattr(bm, "prepare", lambda d, tiny, res: (data, data / "feats"))
+    monkeypatch.setattr(bm, "_test_sizes", lambda d, n: {t: 5 for t in bm.TASKS})
+    import adapterkit.vl.datasets.fashionvl as fvl
+
+    monkeypatch.setattr(fvl, "majority_baseline", lambda d: {t: {"score": 0.5} for t in bm.TASKS})
+    order, stop_at = [], [3]
+
+    def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True):
+        done = Path(run_dir) / "run.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        if len(order) == stop_at[0]:
+            raise Stopped  # the compare is stopped during its fourth run
+        order.append((preset, seed))
+        run = _fake_run(preset, seed)
+        done.parent.mkdir(parents=True)
+        done.write_text(json.dumps(run))
+        return run
+
+    monkeypatch.setattr(bm, "run_one", run_one)
+    out = tmp_path / "cmp"
+    kw = dict(out_dir=out, data_dir=data, scale_name="tiny", steps=2, seeds=2, curve_every=0, estimate=False,
+              command="test")
+    with pytest.raises(Stopped):
+        bm.compare(["single_adapter", "full_finetune"], **kw)
+    assert order == [("single_adapter", 0), ("full_finetune", 0), ("single_adapter", 1)]  # seed-major
+    s = json.loads((out / "compare.json").read_text())
+    assert s["complete"] is False and s["missing_runs"] == [{"preset": "full_finetune", "seed": 1}]
+    assert [r["seed"] for r in s["presets"]["single_adapter"]["seeds"]] == [0, 1]
+    assert [r["seed"] for r in s["presets"]["full_finetune"]["seeds"]] == [0]
+    vs = s["presets"]["single_adapter"]["vs_reference"]
+    assert vs["seeds_paired"] == 1  # paired on the seed both have, not seed 0 against seeds 0 and 1
+    a, f = _fake_run("single_adapter", 0), _fake_run("full_finetune", 0)
+    assert vs["difference"] == pytest.approx(a["scores"]["average"] - f["scores"]["average"])
+    assert "Partial: not run yet: full_finetune seed 1" in (out / "compare.md").read_text()
+    # the same command again runs only the missing run and writes the complete summary
+    stop_at[0] = None
+    done = bm.compare(["single_adapter", "full_finetune"], **kw)
+    assert order[3:] == [("full_finetune", 1)]
+    assert done["complete"] is True and done["missing_runs"] == []
+    assert done["presets"]["single_adapter"]["vs_reference"]["seeds_paired"] == 2
+    assert json.loads((out / "compare.json").read_text())["complete"] is True
+    assert "Partial" not in (out / "compare.md").read_text()
