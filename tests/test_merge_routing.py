@@ -153,3 +153,14 @@ def test_merge_and_unload_of_a_per_task_lora_folds_the_named_task():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain.modules())
     with torch.no_grad():
         torch.testing.assert_close(main_output(plain(**inputs)), want, atol=1e-5, rtol=0)
+
+
+def test_route_of_a_non_task_is_one_clear_error():
+    import numpy as np
+
+    from adapterkit.core.routing import Route
+
+    for bad in (None, 1.5, object()):
+        with pytest.raises(adapterkit.ConfigError, match="route\\(\\) takes a task name"):
+            adapterkit.route(bad)
+    assert Route(np.int64(1)).rows is None and Route(np.array([0, 1, 0])).rows == 3

@@ -18,6 +18,7 @@ that gathers per-row weights.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import Union
@@ -46,10 +47,13 @@ class Route:
         # how many rows the request names (None: one task for any batch)
         if isinstance(spec, torch.Tensor):
             self.rows = int(spec.shape[0]) if spec.dim() == 1 else None
-        elif isinstance(spec, (str, int)):
+        elif isinstance(spec, (str, numbers.Integral)):
             self.rows = None
-        else:
+        elif hasattr(spec, "__len__") and hasattr(spec, "__iter__"):
             self.rows = len(spec)
+        else:
+            raise ConfigError(f"route() takes a task name or id, a list / tuple of them (one per row) or an integer "
+                              f"tensor; got {type(spec).__name__}")
         self._cache: dict = {}
 
     def resolve(self, tasks: tuple[str, ...], device: torch.device) -> Resolved:
@@ -82,7 +86,7 @@ def _resolve(spec: TaskSpec, tasks: tuple[str, ...], device) -> Resolved:
         if spec.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise ConfigError(f"a task tensor must hold integer task ids, got dtype {spec.dtype}")
         return spec.to(device=device, dtype=torch.long, non_blocking=True)
-    if isinstance(spec, (str, int)):
+    if isinstance(spec, (str, numbers.Integral)):
         return _task_index(spec, tasks)
     ids = [_task_index(t, tasks) for t in spec]
     if not ids:
