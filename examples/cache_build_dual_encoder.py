@@ -8,7 +8,7 @@ Needs: ``apt-get install -y openclipart-png openclipart-svg`` and
    ``--heldout`` fraction (at most ``--max-heldout``) of their single-category pictures: those are never paired with
    text in training and are what the cache experiments classify. Everything else with a
    title or description is a training pair; 5% of those pairs are the validation pairs.
-2. Backbone features (pooled EfficientNet-Lite0 at ``--resolution`` px, 128 by default; MiniLM mean-pooled over up to
+2. Backbone features (pooled EfficientNet-Lite0 at ``--resolution`` px, 112 by default; MiniLM mean-pooled over up to
    three text views per picture: title, description, both) are computed once and cached
    under ``~/.cache/adapterkit/dual_encoder`` (or ``$ADAPTERKIT_CACHE``).
 3. Projection heads + temperature are trained with symmetric InfoNCE; several head
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--min-class", type=int, default=100)
     ap.add_argument("--heads", default="linear,lit,mlp", help=f"comma list of {sorted(HEAD_CHOICES)}")
     ap.add_argument("--embed-dim", type=int, default=256)
-    ap.add_argument("--resolution", type=int, default=128, help="image side in px (224 is the CNN's native size; 128 costs a third)")
+    ap.add_argument("--resolution", type=int, default=112, help="image side in px (224 is the CNN native size; 112 costs a quarter)")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
