@@ -27,7 +27,9 @@ import torch
 
 ADAPTER = {"method": "pfeiffer", "bottleneck_dim": 64, "activation": "relu", "adapter_input": "normed_sum",
            "adapter_layernorm": "before",
-           # Whisper is pre-LN: the stream entering the FFN is final_layer_norm's input (see the report)
+           # Whisper is pre-LN: the stream entering the FFN is final_layer_norm's input. The whisper profile's
+           # own ffn_stream is that module; the runs name it explicitly (they were made when the profile gave fc1,
+           # whose input is already normalised), which changes nothing now
            "places": {"ffn_stream": [r"(?P<stack>encoder|decoder)\.layers\.(?P<layer>\d+)\.final_layer_norm$"]}}
 
 
@@ -35,9 +37,12 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def base_cfg(a, tasks, adapters, seed, epochs, lr, test=None, init_from=None, max_steps=None):
+WINDOW_RUNS = ("window_6s", "window_30s")  # the 30-utterance zero-shot window check (--window-check-30)
+
+
+def base_cfg(a, tasks, adapters, seed, epochs, lr, test=None, init_from=None, max_steps=None, seconds=None):
     return {"domain": "asr", "name": "run",
-            "model": {"name_or_path": a.model, "audio_seconds": a.audio_seconds},
+            "model": {"name_or_path": a.model, "audio_seconds": seconds or a.audio_seconds},
             "adapters": adapters,
             "data": {"source": "asterisk", "tasks": tasks, "train_per_task": a.train, "val_per_task": a.val,
                      "test_per_task": test or a.test, "seed": a.split_seed},
@@ -78,12 +83,29 @@ def zero_shot(a, out, test, seconds=None):
         for s in range(0, test, 25):
             preds.update(dom.predict_batch(a.target, "test", np.arange(s, min(s + 25, test))))
     res = {"test": {a.target: dom.score(a.target, "test", preds)}, "seconds": time.time() - t0,
-           "audio_seconds": c["model"]["audio_seconds"]}
+           "audio_seconds": c["model"]["audio_seconds"],
+           "test_fits_in_6s": score_within(dom, a.target, preds, 6.0)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "predictions.json").write_text(json.dumps({a.target: preds}, ensure_ascii=False, indent=0))
     (out / "results.json").write_text(json.dumps(res, indent=1))
     log(f"{out.name}: {res['test'][a.target]} ({res['seconds']:.0f} s)")
     return res
+
+
+def score_within(dom, task, preds, seconds):
+    """WER / CER (with the bootstrap interval) on the test utterances whose recording is at most
+    ``seconds`` long: the ones a window of that length does not cut."""
+    from adapterkit.audio.asr import SAMPLE_RATE, _length
+    from adapterkit.audio.asr_metrics import corpus_rate_interval, error_counts
+
+    us = [u for u in dom.utts[(task, "test")] if _length(u.audio) <= seconds * SAMPLE_RATE]
+    out = {"seconds": seconds, "n": len(us), "n_all": len(dom.utts[(task, "test")])}
+    for unit, name in (("word", "WER"), ("char", "CER")):
+        e, n = error_counts([u.text for u in us], [preds[u.uid] for u in us], unit)
+        iv = corpus_rate_interval(e, n)
+        out[name] = float(e.sum() / max(int(n.sum()), 1)) * 100
+        out[f"{name}_ci95"] = [float(iv.low) * 100, float(iv.high) * 100] if iv.low is not None else None
+    return out
 
 
 def read_run(folder):
@@ -124,58 +146,109 @@ def trainable_count(run, method):
     return sum(v.numel() for v in st.values())
 
 
+def trainable_count_or_earlier(runs, prev, key, method, seeds):
+    """Trainable parameters of row ``key``: counted from its first run folder here, else the results JSON's."""
+    for s in seeds:
+        if (runs / f"{key}_s{s}" / "final").exists():
+            return trainable_count(runs / f"{key}_s{s}", method)
+    n = prev.get("rows", {}).get(key, {}).get("trainable")
+    if n is None:
+        raise FileNotFoundError(f"no run folder of row {key} under {runs} and no trainable count in the results JSON")
+    return n
+
+
 def summarize(a, runs, results_dir):
     from adapterkit.stats import t_interval
 
     rows = {"zero_shot": "zero-shot Whisper base", "ft": "full fine-tuning (lr 1e-5)",
             "adapter": "new target adapter", "meta": "MetaAdapter", "sim": "SimAdapter (reference: + x_norm)",
             "simnone": "SimAdapter without the x_norm term",
-            "simlow": "SimAdapter without x_norm, lr 1e-4"}
-    total = None  # Whisper base's parameters: what full fine-tuning trains
+            "simlow": "SimAdapter without x_norm, lr 1e-4",
+            "zero_shot_30s": "zero-shot Whisper base, 30 s window", "adapter_30s": "new target adapter, 30 s window"}
+    # runs made in an earlier session (their folder is not here) are read back from the results JSON
+    # already written: its per-seed metrics and trainable counts; each row lists which seeds came from it
+    prev_file = results_dir / "crosslingual.json"
+    prev = json.loads(prev_file.read_text()) if prev_file.exists() else {"rows": {}}
+    prev_ids = {key: {str(s): s for s in e.get("seeds", [])} for key, e in prev.get("rows", {}).items()}
+
+    def earlier(key, s):
+        """The test metrics of ``key`` seed ``s`` as recorded in the results JSON (None if absent)."""
+        e = prev.get("rows", {}).get(key)
+        if not e or str(s) not in prev_ids[key]:
+            return None
+        i = [str(x) for x in e["seeds"]].index(str(s))
+        out = {"n": e["n_test"]}
+        for m in ("WER", "CER"):
+            out[m], out[f"{m}_ci95"] = e[m]["per_seed"][i], e[m]["per_seed_ci95"][i]
+        return out
+
+    def seed_result(key, s):
+        """(metrics, from_json) of one run: its folder's results.json, else the earlier results JSON."""
+        f = runs / (key if key.startswith("zero_shot") else f"{key}_s{s}") / "results.json"
+        if f.exists():
+            return json.loads(f.read_text())["test"][a.target], False
+        r = earlier(key, s)
+        return (r, True) if r is not None else (None, False)
+
+    # every seed run here or recorded before (a run over some seeds keeps the others' rows)
+    seeds = sorted(set(a.seeds) | {x for e in prev.get("rows", {}).values() for x in e.get("seeds", []) if x != "-"})
     table, js = [], {"config": vars(a), "rows": {}}
-    ft = {s: json.loads((runs / f"ft_s{s}" / "results.json").read_text())["test"][a.target] for s in a.seeds
-          if (runs / f"ft_s{s}" / "results.json").exists()}
-    if ft:
-        total = trainable_count(runs / f"ft_s{a.seeds[0]}", "ft")
+    ft = {}
+    for s in seeds:
+        r, _ = seed_result("ft", s)
+        if r is not None:
+            ft[s] = r
+    total = trainable_count_or_earlier(runs, prev, "ft", "ft", seeds) if ft else None
     for key, label in rows.items():
-        per = {}
-        if key == "zero_shot":
-            f = runs / "zero_shot" / "results.json"
-            if f.exists():
-                per = {"-": json.loads(f.read_text())["test"][a.target]}
-        else:
-            for s in a.seeds:
-                f = runs / f"{key}_s{s}" / "results.json"
-                if f.exists():
-                    per[s] = json.loads(f.read_text())["test"][a.target]
+        per, from_json = {}, []
+        for s in (["-"] if key.startswith("zero_shot") else seeds):
+            r, old = seed_result(key, s)
+            if r is not None:
+                per[s] = r
+                if old:
+                    from_json.append(s)
         if not per:
             continue
-        entry = {"label": label, "n_test": next(iter(per.values()))["n"], "seeds": list(per)}
+        entry = {"label": label, "n_test": next(iter(per.values()))["n"], "seeds": list(per),
+                 "seeds_from_earlier_results_json": from_json}
         for m in ("WER", "CER"):
             vals = [p[m] for p in per.values()]
             iv = t_interval(vals)
             entry[m] = {"per_seed": vals, "per_seed_ci95": [p.get(f"{m}_ci95") for p in per.values()],
                         "mean": iv.mean, "ci95": [iv.low, iv.high]}
-            if key not in ("zero_shot", "ft") and all(s in ft for s in per):
+            # paired to full fine-tuning (6 s window): not for the zero-shot and 30 s window rows
+            if not key.startswith(("zero_shot", "ft")) and not key.endswith("_30s") and all(s in ft for s in per):
                 d = [per[s][m] - ft[s][m] for s in per]
                 rel = [100 * (per[s][m] - ft[s][m]) / ft[s][m] for s in per]
                 di, ri = t_interval(d), t_interval(rel)
                 entry[m]["diff_vs_ft"] = {"per_seed": d, "mean": di.mean, "ci95": [di.low, di.high]}
                 entry[m]["rel_diff_vs_ft_pct"] = {"per_seed": rel, "mean": ri.mean, "ci95": [ri.low, ri.high]}
-        if key != "zero_shot":
-            n = trainable_count(runs / f"{key}_s{entry['seeds'][0]}", key)
+        if not key.startswith("zero_shot"):
+            n = trainable_count_or_earlier(runs, prev, key, key, entry["seeds"])
             entry["trainable"] = n
             entry["trainable_pct"] = 100 * n / total if total else None
+        if key.startswith("zero_shot"):  # the same metric on the test utterances a 6 s window does not cut
+            f = runs / key / "results.json"
+            within = json.loads(f.read_text()).get("test_fits_in_6s") if f.exists() else \
+                prev.get("rows", {}).get(key, {}).get("test_fits_in_6s")
+            if within:
+                entry["test_fits_in_6s"] = within
         js["rows"][key] = entry
         table.append(entry)
-    for extra in ("window_6s", "window_30s"):
+    if not table:
+        raise SystemExit(f"no finished run under {runs} and no rows in {prev_file}")
+    for extra in WINDOW_RUNS:
         f = runs / extra / "results.json"
         if f.exists():
             js[extra] = json.loads(f.read_text())
+        elif extra in prev:
+            js[extra] = prev[extra]
     for extra in ("sources", "meta"):
         f = runs / extra / ("meta.json" if extra == "meta" else "results.json")
         if f.exists():
             js[extra] = json.loads(f.read_text())
+        elif extra in prev:
+            js[extra] = prev[extra]
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "crosslingual.json").write_text(json.dumps(js, indent=1))
 
@@ -255,10 +328,16 @@ def main(argv=None):
     p.add_argument("--source-epochs", type=int, default=3)
     p.add_argument("--meta-epochs", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--rows", nargs="+", default=["adapter", "meta", "sim", "simnone", "ft"],
-                   choices=["adapter", "meta", "sim", "simnone", "simlow", "ft"], help="trained rows, in this order per seed")
+    p.add_argument("--rows", nargs="*", default=["sources", "meta_train", "adapter", "meta", "sim", "simnone", "ft"],
+                   choices=["sources", "meta_train", "adapter", "meta", "sim", "simnone", "simlow", "ft", "adapter_30s"],
+                   help="what to run: sources (the source language adapters) and meta_train (MetaAdapter "
+                        "meta-training) once, then the trained rows per seed in this order; adapter_30s: the new "
+                        "target adapter with Whisper's full 30 s window")
     p.add_argument("--sim-low-lr", type=float, default=1e-4)
-    p.add_argument("--window-check", action="store_true", help="zero-shot 6 s vs 30 s window on 30 utterances")
+    p.add_argument("--skip-zero-shot", action="store_true", help="do not run (or check for) the zero-shot row")
+    p.add_argument("--window-check", action="store_true",
+                   help="zero-shot with Whisper's full 30 s window on the whole target test set (row zero_shot_30s)")
+    p.add_argument("--window-check-30", action="store_true", help="zero-shot 6 s vs 30 s window on 30 utterances")
     p.add_argument("--summary-only", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -269,10 +348,13 @@ def main(argv=None):
     from adapterkit.audio.asr import load_config
     from adapterkit.audio.meta_adapter import MetaConfig, meta_train
 
-    zero_shot(a, runs / "zero_shot", a.test)
-    engine_run(base_cfg(a, a.sources, [dict(ADAPTER, sharing="per_task")], 0, a.source_epochs, 1e-3,
-                        test=a.source_test), runs / "sources")
-    if not (runs / "meta" / "meta.json").exists():
+    if not a.skip_zero_shot or a.window_check:
+        zero_shot(a, runs / "zero_shot", a.test)
+    sims = ("sim", "simnone", "simlow")
+    if "sources" in a.rows or any(r in sims for r in a.rows):  # sim rows fuse the source adapters
+        engine_run(base_cfg(a, a.sources, [dict(ADAPTER, sharing="per_task")], 0, a.source_epochs, 1e-3,
+                            test=a.source_test), runs / "sources")
+    if ("meta_train" in a.rows or "meta" in a.rows) and not (runs / "meta" / "meta.json").exists():
         t0 = time.time()
         meta_train(load_config(base_cfg(a, a.sources, [dict(ADAPTER, sharing="shared")], 0, 1, None,
                                         test=a.source_test)), runs / "meta",
@@ -285,10 +367,13 @@ def main(argv=None):
             if row == "adapter":
                 engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="per_task")], s, a.epochs, 1e-3,
                                     max_steps=a.max_steps), runs / f"adapter_s{s}")
+            elif row == "adapter_30s":
+                engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="per_task")], s, a.epochs, 1e-3,
+                                    max_steps=a.max_steps, seconds=30.0), runs / f"adapter_30s_s{s}")
             elif row == "meta":
                 engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="shared")], s, a.epochs, 1e-3,
                                     init_from=str(runs / "meta"), max_steps=a.max_steps), runs / f"meta_s{s}")
-            elif row in ("sim", "simnone", "simlow"):  # sim: the reference's x_norm residual; simnone: without
+            elif row in sims:  # sim: the reference's x_norm residual; simnone: without
                 # it; simlow: without it and at --sim-low-lr (lr 1e-3 on the fusion diverges on Whisper base)
                 engine_run(base_cfg(a, tgt, [dict(ADAPTER, sharing="per_task")], s, a.epochs, 1e-3,
                                     max_steps=a.max_steps), runs / f"adapter_s{s}")
@@ -303,6 +388,8 @@ def main(argv=None):
                 engine_run(base_cfg(a, tgt, [], s, a.epochs, 1e-5, max_steps=a.max_steps), runs / f"ft_s{s}")
         summarize(a, runs, results)
     if a.window_check:
+        zero_shot(a, runs / "zero_shot_30s", a.test, 30.0)
+    if a.window_check_30:
         zero_shot(a, runs / "window_6s", 30, 6.0)
         zero_shot(a, runs / "window_30s", 30, 30.0)
     summarize(a, runs, results)

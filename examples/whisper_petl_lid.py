@@ -261,6 +261,14 @@ def claims(summary: dict, runs: list[dict]) -> list[dict]:
         return "holds" if hi <= 0 else ("does not hold" if lo > 0 else "not separable here")
 
     out = []
+    if "duration" in summary:  # (wordclass) does the encoder say more than the recording's length?
+        for row in ("linear_probe", "conformer_par", "full_ft"):
+            if row in summary:
+                p = paired_vs(runs, row, "duration")
+                out.append({"claim": f"{row} beats the length-only classifier (the encoder carries the word class "
+                                     "beyond duration)", "evidence": p,
+                            "verdict": "holds" if p and p["t_ci95"][0] > 0 else
+                            ("does not hold" if p and p["t_ci95"][1] <= 0 else "not separable here")})
     adapters = [k for k in ("conformer_par", "pfeiffer_par_bn", "pfeiffer_seq_bn", "houlsby_par_bn", "houlsby_seq_bn")
                 if k in summary]
     if "full_ft" in summary and adapters:
