@@ -169,14 +169,15 @@ def evaluate(model: Apollo, domain: ApolloDomain, x: torch.Tensor, y: torch.Tens
 
 
 def train_apollo(model: Apollo, train: tuple[torch.Tensor, torch.Tensor], tests: dict, settings: dict | None = None,
-                 output_dir=None, zero_shot: bool = True) -> dict:
+                 output_dir=None, zero_shot: bool = True, identity: dict | None = None) -> dict:
     """Train ``model`` (built for the base class names) on ``train`` = (images (N, 3, H, W) in [0, 1],
     base labels) on the engine, then evaluate every entry of ``tests`` = ``{name: (x, y, classnames)}``
     (e.g. ``{"base": ..., "novel": ...}``) with the trained prompts and adapters.
 
     Returns ``{"accuracy": {name: acc}, "hm": harmonic mean of base and novel, "zero_shot": {name: acc},
     ...}``; ``zero_shot`` (when asked) is the frozen dual encoder alone with the plain prompt
-    ``ctx_init + name`` (no prompts, no adapters), measured before training.
+    ``ctx_init + name`` (no prompts, no adapters), measured before training. ``identity``: what
+    else defines the run (e.g. which projection heads), compared when a run folder is resumed.
     """
     from adapterkit.engine import Engine
 
@@ -198,7 +199,7 @@ def train_apollo(model: Apollo, train: tuple[torch.Tensor, torch.Tensor], tests:
     Engine.seed_all(tc.seed)
     base_test = tests.get("base", (train[0][:0], train[1][:0], model.classnames))
     ident = {"apollo": {k: v for k, v in vars(model.config).items()}, "classes": list(model.classnames),
-             "n_train": len(train[1]), "image_size": int(s["image_size"])}
+             "n_train": len(train[1]), "image_size": int(s["image_size"]), **(identity or {})}
     dom = ApolloDomain(model, train, (base_test[0], base_test[1]), s, identity=ident)
     out = {}
     bs = int(s["eval_batch_size"])
