@@ -299,7 +299,7 @@ def fmt(e):
 
 def markdown(results, shots_list, meta):
     lines = ["# CLIP cache methods with the offline dual encoder", "", f"Command: `{meta['command']}`", "",
-             f"Model: `{meta['model']}` (heads: {meta['heads']}); seeds {meta['seeds']}; 95% Student-t intervals over seeds (different K-shot draws; SuS-X: different 80% pool subsamples). Generated {meta['date']}.", ""]
+             f"Model: `{meta['model']}` (heads: {meta['heads']}; images at {meta.get('resolution')} px); seeds {meta['seeds']}; 95% Student-t intervals over seeds (different K-shot draws; SuS-X: different 80% pool subsamples). Generated {meta['date']}.", ""]
     for name, res in results.items():
         zs = res["zero_shot"]
         lines += [f"## {name}", "", f"{len(res['classes'])} classes; test {res['n_test']} images, validation {res['n_val']}, support pool {res['n_support_pool']}. "
@@ -349,7 +349,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": "OMP_NUM_THREADS=1 python examples/cache_clip_fewshot.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k not in ("model", "root")),
-            "model": "EfficientNet-Lite0 + all-MiniLM-L6-v2, heads from examples/cache_build_dual_encoder.py", "heads": cfg.get("meta", {}).get("heads"),
+            "model": "EfficientNet-Lite0 + all-MiniLM-L6-v2, heads from examples/cache_build_dual_encoder.py", "heads": cfg.get("meta", {}).get("heads"), "resolution": cfg.get("meta", {}).get("resolution"),
             "seeds": seeds, "date": time.strftime("%Y-%m-%d"), "grids": GRIDS, "dual_encoder_report": cfg.get("meta", {}).get("report")}
     (out / "fewshot.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     (out / "fewshot_tables.md").write_text(markdown(results, shots_list, meta))
