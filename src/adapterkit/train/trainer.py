@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import numpy as np
 import torch
 
 from adapterkit.engine import distributed as _d
@@ -187,7 +188,7 @@ class VLDomain(Domain):
 
     def predict_batch(self, task, split, rows):
         data = self.eval_data(task, split)
-        batch = data.eval_batch(rows)
+        batch = data.eval_batch(data.eval_order()[np.asarray(rows, dtype=np.int64)])  # batches of similar lengths
         uids = batch.pop("uids")
         dev = next(self.model.parameters()).device
         batch = {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
