@@ -43,6 +43,7 @@ from adapterkit.core.activations import get_activation
 from adapterkit.core.base import AdapterSet, paired_places, sublayer_places
 from adapterkit.core.composition import Average, Fuse, Fusion, Stack
 from adapterkit.core.config import ACTIVATIONS, AdapterConfig, bounded, choice, register_method
+from adapterkit.core.fused import bottleneck_add, one_task_weight
 from adapterkit.core.hooks import first as _first
 from adapterkit.core.hooks import first_input
 from adapterkit.core.hooks import out_width as _out_width
@@ -127,6 +128,7 @@ class Bottleneck(nn.Module):
         self.down = TaskLinear(d, m, cfg.copies("down"), init=down_init)
         self.up = TaskLinear(m, d, cfg.copies("up"), init=up_init)
         self.act = get_activation(cfg.activation)
+        self.act_name = cfg.activation
         self.p = cfg.dropout
         self.fixed_scale = cfg.scale
         self.scale = mark_task_stacked(nn.Parameter(torch.full((cfg.copies("up"),), float(cfg.scale)))) \
@@ -166,6 +168,19 @@ class Bottleneck(nn.Module):
             y = y * self.fixed_scale
         return y
 
+    def residual(self, x: torch.Tensor, res: torch.Tensor | None, task, mode: str = "eager",
+                 backend: str = "inductor") -> torch.Tensor:
+        """``res + self(x, task)`` (``res`` None: the branch alone), fused by ``mode`` where it
+        can be (:mod:`adapterkit.core.fused`: one task or shared weights, no adapter LayerNorm,
+        no learned scale, no active dropout)."""
+        mixed = isinstance(task, torch.Tensor) and (self.down.n > 1 or self.up.n > 1)
+        if mode == "off" or mixed or self.ln_mode != "none" or self.scale is not None or (self.p and self.training):
+            a = self(x, task)
+            return a if res is None else res + a
+        return bottleneck_add(x, res, one_task_weight(self.down.weight, task), one_task_weight(self.down.bias, task),
+                              one_task_weight(self.up.weight, task), one_task_weight(self.up.bias, task),
+                              self.act_name, self.fixed_scale, mode, backend)
+
     def forward(self, h: torch.Tensor, task) -> torch.Tensor:
         """The adapter's branch output (without the residual)."""
         x = self._ln(h, task) if self.ln_mode == "before" else h
@@ -193,6 +208,7 @@ class BottleneckSet(AdapterSet):
         self.composition = None
         self._plan = None
         self._fusion_idx = {t: i for i, t in enumerate(cfg.fusion)}
+        self.fused, self.fused_backend = "eager", "inductor"  # adapterkit.fuse() sets them
 
     def _task(self, device):
         return self.router.resolve(device) if self.per_task else None
@@ -224,8 +240,8 @@ class BottleneckSet(AdapterSet):
             h = _first(out)
             pre = tap.take() if tap is not None else _identity
             if self.composition is None:
-                a = ad(pre(h), self._task(h.device))
-                return _replace_first(out, h + a if keep else a)
+                y = ad.residual(pre(h), h if keep else None, self._task(h.device), self.fused, self.fused_backend)
+                return _replace_first(out, y)
             return _replace_first(out, self._composed(key, ad, h, pre, self._plan))
         return hook
 
@@ -295,7 +311,7 @@ class BottleneckSet(AdapterSet):
                     x = slot[0]
                     slot[0] = None
                     h = _first(out)
-                    y = h + ad(x, self._task(h.device))
+                    y = ad.residual(x, h, self._task(h.device), self.fused, self.fused_backend)
                     return _replace_first(out, y + x if plus_input else y)
 
                 self.add_pre_hook(src.module, capture, with_kwargs=True)

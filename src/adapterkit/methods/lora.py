@@ -20,6 +20,7 @@ from torch import nn
 
 from adapterkit.core.base import AdapterSet, linear_targets
 from adapterkit.core.config import AdapterConfig, bounded, choice, register_method
+from adapterkit.core.fused import lora_add, one_task_weight
 from adapterkit.core.routing import _task_index, expand_to_batch
 from adapterkit.core.task_linear import TaskLinear, init_weight, task_pair
 from adapterkit.errors import ConfigError
@@ -84,6 +85,17 @@ class LoraLayer(nn.Module):
     def _scale(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.scaling
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, task, mode: str = "eager",
+               backend: str = "inductor") -> torch.Tensor:
+        """``out + self(x, task)``; one task's (or the shared) branch runs fused by ``mode``
+        (:mod:`adapterkit.core.fused`), a mixed batch of per-task weights by ``task_pair``."""
+        if mode == "off" or isinstance(task, torch.Tensor) and (self.A.n > 1 or self.B.n > 1):
+            return out + self(x, task)
+        if self.p and self.training:
+            x = F.dropout(x, self.p, True)
+        return lora_add(out, x, one_task_weight(self.A.weight, task), one_task_weight(self.B.weight, task),
+                        self.scaling, mode, backend)
+
 
 class LoraSet(AdapterSet):
     can_merge = True
@@ -94,6 +106,7 @@ class LoraSet(AdapterSet):
         self.layers = nn.ModuleDict()
         self.per_task = cfg.copies("down") > 1 or cfg.copies("up") > 1
         self._merged_task = None
+        self.fused, self.fused_backend = "eager", "inductor"  # adapterkit.fuse() sets them
 
     def attach(self, model, profile):
         cfg: LoraConfig = self.config
@@ -110,7 +123,7 @@ class LoraSet(AdapterSet):
             if self.merged:
                 return self._merged_out(layer, x, out)
             task = self.router.resolve(x.device) if self.per_task else None
-            return out + layer(x, task)
+            return layer.add_to(out, x, task, self.fused, self.fused_backend)
         return hook
 
     def _merged_out(self, layer: LoraLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
