@@ -478,20 +478,33 @@ def warm_process(s: SweepSettings) -> None:
         run_point(Point(axis, 2, WARM_SHAPE, 2, 8, 2), w)
 
 
-def run_sweep(s: SweepSettings, log=None, shapes: dict[str, Shape] | None = None) -> dict:
-    """Run every axis of ``s``; returns ``{"meta", "settings", "records", "fits"}``."""
+def run_sweep(s: SweepSettings, log=None, shapes: dict[str, Shape] | None = None, on_point=None) -> dict:
+    """Run every axis of ``s``; returns ``{"meta", "settings", "records", "fits"}``.
+
+    ``on_point(report)``, if given, is called after every point with the report so far
+    (``partial: true``), e.g. to keep what was measured if a long run is stopped."""
     from adapterkit.bench.report import environment
 
     shapes = LLAMA_SIZES if shapes is None else shapes
     s.validate(shapes)
-    warm_process(s)
-    records: list[dict] = []
-    for axis in s.axes:
-        for p in axis_points(axis, s, shapes):
-            records.extend(run_point(p, s, log))
     used = {*s.sizes, s.shape} if "size" in s.axes else {s.shape}
     meta = {**environment(s.device), "shapes": {n: {**shapes[n].to_dict(), "params": param_count(shapes[n])}
                                                 for n in shapes if n in used}}
+    records: list[dict] = []
+    # objects alive now outlive the sweep: keep them out of the full collections between cases
+    gc.collect()
+    gc.freeze()
+    try:
+        warm_process(s)  # imports peft and transformers' lazy modules: freeze what they brought too
+        gc.collect()
+        gc.freeze()
+        for axis in s.axes:
+            for p in axis_points(axis, s, shapes):
+                records.extend(run_point(p, s, log))
+                if on_point is not None:
+                    on_point({"meta": meta, "settings": asdict(s), "records": records, "partial": True})
+    finally:
+        gc.unfreeze()
     return {"meta": meta, "settings": asdict(s), "records": records, "fits": fit_all(records)}
 
 
@@ -598,6 +611,10 @@ def to_markdown(rep: dict, command: str | None = None, plots: dict | None = None
     lines = ["# Cost against work: `adapterkit bench --sweep`", ""]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
+    if rep.get("partial"):
+        done = list(dict.fromkeys(r["axis"] for r in rep["records"]))
+        lines += [f"**Partial run**: stopped before it finished; measured axes: {', '.join(done) or 'none'} "
+                  f"(the last one possibly incomplete), of {', '.join(s['axes'])}.", ""]
     lines += [
         f"Machine: {meta['machine']} ({meta['torch_threads']} torch threads); torch {meta['torch']}, transformers "
         f"{meta['transformers']}, peft {meta['peft']}. Autocast: {s['dtype']}.",
@@ -720,6 +737,8 @@ def write_sweep(rep: dict, out_dir: str | Path, command: str | None = None) -> d
     """``sweep.json``, ``sweep.md`` and one ``sweep_<axis>.png`` per axis in ``out_dir``."""
     from adapterkit.safeio import atomic_write_json, atomic_write_text
 
+    if "fits" not in rep:  # a partial report kept by a stopped run
+        rep = {**rep, "fits": fit_all(rep["records"])}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "sweep.json", {**rep, "command": command})  # first: the measurements are kept
@@ -775,10 +794,17 @@ def run_from_args(args) -> int:
                 raise ConfigError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
         s = settings_from_args(args)
-        rep = run_sweep(s, log=lambda x: print(x, file=sys.stderr, flush=True))
         cmd = _command()
         if os.environ.get("OMP_NUM_THREADS"):
             cmd = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {cmd}"
+
+        def keep(partial: dict) -> None:
+            from adapterkit.safeio import atomic_write_json
+
+            Path(args.sweep_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(args.sweep_dir) / "sweep.json", {**partial, "command": cmd})
+
+        rep = run_sweep(s, log=lambda x: print(x, file=sys.stderr, flush=True), on_point=keep)
         res = write_sweep(rep, args.sweep_dir, cmd)
         print(res["markdown"])
     except ConfigError as e:
