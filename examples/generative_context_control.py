@@ -81,8 +81,9 @@ def reinit_generator(model, seed: int) -> None:
 
 
 @torch.no_grad()
-def score(model, evals, args, pad) -> dict[str, np.ndarray]:
-    """Per-article NLL of the context and of the continuation: base, own context, other context."""
+def score(model, evals, args, pad, base_cache: dict | None = None) -> dict[str, np.ndarray]:
+    """Per-article NLL of the context and of the continuation: base, own context, other context
+    (the base scores do not depend on the generator: kept in ``base_cache`` across seeds)."""
     s = generative_set(model)
     model.eval()
     out: dict[str, list[torch.Tensor]] = {}
@@ -94,7 +95,12 @@ def score(model, evals, args, pad) -> dict[str, np.ndarray]:
         ctx, cm, tgt, tm = split_documents([evals[i] for i in idx], args.ctx_len, args.tgt_len, pad)
         octx, ocm, _, _ = split_documents([evals[other_idx[i]] for i in idx], args.ctx_len, args.tgt_len, pad)
         s.reset()
-        rows = {"base_ctx": sequence_nll(model, ctx, cm), "base_tgt": sequence_nll(model, tgt, tm)}
+        if base_cache is not None and start in base_cache:
+            rows = dict(base_cache[start])
+        else:
+            rows = {"base_ctx": sequence_nll(model, ctx, cm), "base_tgt": sequence_nll(model, tgt, tm)}
+            if base_cache is not None:
+                base_cache[start] = dict(rows)
         for name, (c, m) in {"own": (ctx, cm), "other": (octx, ocm)}.items():
             s.absorb(model, c, m)  # row b is scored with the adapter of context b
             rows[f"{name}_ctx"] = sequence_nll(model, ctx, cm)
@@ -151,7 +157,7 @@ def main(argv=None) -> int:
     print(f"targets: {len(s.paths)} o_proj layers {args.layers}; trainable {adapterkit.trainable_report(model)}",
           flush=True)
 
-    runs = []
+    runs, base_cache = [], {}
     for seed in args.seeds:
         reinit_generator(model, seed)
         torch.manual_seed(seed)
@@ -175,7 +181,7 @@ def main(argv=None) -> int:
                 print(f"seed {seed} step {step:3d} " + " ".join(f"{k} {v:.4f}" for k, v in losses[-1].items())
                       + f" ({time.time() - t1:.0f}s)", flush=True)
         train_s = time.time() - t1
-        sc = score(model, evals, args, pad)
+        sc = score(model, evals, args, pad, base_cache)
         eval_s = time.time() - t1 - train_s
         run = {"seed": seed, "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1), "train_losses": losses,
                "per_article": {k: v.tolist() for k, v in sc.items()}}
