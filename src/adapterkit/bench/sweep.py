@@ -705,6 +705,7 @@ def plot_axis(rep: dict, axis: str, path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     recs = [r for r in rep["records"] if r["axis"] == axis and r["status"] == "ok"]
     if not recs:
@@ -713,14 +714,17 @@ def plot_axis(rep: dict, axis: str, path: Path) -> bool:
     for case in dict.fromkeys(r["case"] for r in recs):
         rs = sorted((r for r in recs if r["case"] == case), key=lambda r: r["x"])
         xs = [r["x"] / (1e6 if axis == "size" else 1) for r in rs]
-        ax_t.plot(xs, [r["median_ms"] for r in rs], marker="o", label=case)
+        style = "--" if case in ("full_ft", "frozen_bound") else (":" if case.startswith("infer") else "-")
+        ax_t.plot(xs, [r["median_ms"] for r in rs], marker="o", linestyle=style, label=case)
         mp = [(x, r["peak_mib"]) for x, r in zip(xs, rs) if r.get("peak_mib")]
         if mp:
-            ax_m.plot([p[0] for p in mp], [p[1] for p in mp], marker="o", label=case)
+            ax_m.plot([p[0] for p in mp], [p[1] for p in mp], marker="o", linestyle=style, label=case)
     xlabel = "backbone parameters (M)" if axis == "size" else AXIS_LABEL[axis]
     for ax, ylabel in ((ax_t, "median step (ms)"), (ax_m, "peak memory (MiB)")):
         ax.set_xscale("log", base=2 if axis in ("batch", "seq", "tasks") else 10)
         ax.set_yscale("log")
+        if axis != "size":
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
