@@ -10,6 +10,7 @@ from adapterkit.errors import ConfigError
 from adapterkit.merging import merge_adapter_dirs, read_adapter_dir
 from adapterkit.merging.activations import (
     activation_permutations,
+    collect_hidden_activations,
     mera_few_shot,
     merge_by_activations,
     unit_similarity,
@@ -138,6 +139,10 @@ def test_activation_alignment_errors(tmp_path):
     _saved(tmp_path, "a", RELU, 1)
     _saved(tmp_path, "pt", {**RELU, "tasks": ["x", "y"], "sharing": "per_task"}, 1)
     base = tiny_model("bert")
+    batches = _batches(2)
+    acts = collect_hidden_activations(base, tmp_path / "a", batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)  # padding tokens are left out
+    assert acts and all(z.shape == (real, 8) for z in acts.values())
     with pytest.raises(ConfigError, match="task copies"):
         activation_permutations(base, [tmp_path / "pt", tmp_path / "pt"], _batches(1))
     with pytest.raises(ConfigError, match="at least one batch"):
