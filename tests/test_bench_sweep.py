@@ -78,6 +78,14 @@ def test_every_axis_point_and_case_has_a_record(report):
             assert r["tasks"] == r["value"] and r["batch"] == 2
 
 
+def test_an_axis_is_timed_round_robin_when_it_fits(report):
+    # tiny shapes: every point of an axis fits in memory at once, so all its cases share one pool
+    assert {r["timing"] for r in report["records"]} == {"interleaved"}
+    one = run_sweep(_settings(axes=["batch"], peers=False, infer=False, interleave=False), shapes=SHAPES)
+    assert {r["timing"] for r in one["records"]} == {"sequential"}
+    assert all(r["status"] == "ok" and r["steps"] == 1 for r in one["records"])
+
+
 def test_ratios_are_against_full_ft_of_the_same_point(report):
     recs = report["records"]
     for r in recs:

@@ -360,59 +360,95 @@ def _skip_reason(est: int, s: SweepSettings, reserved: int = 0) -> str | None:
     return None
 
 
-def run_point(p: Point, s: SweepSettings, log=None) -> list[dict]:
-    """Every case of one point, memory guarded by an estimate before any model is built.
+def run_points(points: list[Point], s: SweepSettings, log=None) -> list[dict]:
+    """Every case of ``points``, memory guarded by an estimate before any model is built.
 
-    When every case's estimate fits at once (and ``s.interleave``), the cases are built one
-    after another (memory measured over the build and the warm-up steps of each, which
+    Points are pooled in order while the estimates of all their cases fit in memory at
+    once (``max_gib`` and the free memory; with ``s.interleave``): a pool's cases are built
+    one after another (memory measured over the build and the warm-up steps of each, which
     include the optimizer's first step), then timed round-robin, one step per case per
-    round, so load from other processes hits all cases alike. Otherwise each case is built,
-    timed and freed in turn (:func:`adapterkit.bench.runner.run_case`).
+    round, so that load from other processes hits every case and every point of the pool
+    alike. A point that does not fit with others runs alone, and a point whose cases do not
+    fit at once runs each case in turn (:func:`adapterkit.bench.runner.run_case`).
     """
+    pools: list[tuple[list[Point], bool]] = []  # (points, interleaved)
+    total = 0
+    cap = s.max_gib * 2**30
+    for p in points:
+        need = sum(e for e in _estimates(p, s) if _skip_reason(e, s) is None)
+        if not (s.interleave and need <= cap and _skip_reason(need, s) is None):
+            pools.append(([p], False))
+        elif pools and pools[-1][1] and total + need <= cap and _skip_reason(total + need, s) is None:
+            pools[-1][0].append(p)
+            total += need
+        else:
+            pools.append(([p], True))
+            total = need
+    recs: list[dict] = []
+    for pool, interleave in pools:
+        recs.extend(_run_pool(pool, s, log, interleave))
+    return recs
+
+
+def run_point(p: Point, s: SweepSettings, log=None) -> list[dict]:
+    """Every case of one point (see :func:`run_points`)."""
+    return run_points([p], s, log)
+
+
+def _estimates(p: Point, s: SweepSettings) -> list[int]:
+    return [estimate_bytes(p.shape, c.name, p.batch, p.seq, p.n_tasks)
+            for c in point_cases(p.axis, p.n_tasks, s.peers, s.infer)]
+
+
+def _run_pool(points: list[Point], s: SweepSettings, log, interleave: bool) -> list[dict]:
     from adapterkit.bench import runner as R
 
-    batch = make_batch(p.shape, p.batch, p.seq, 1, s.device, seed=s.seed)
-    cases = point_cases(p.axis, p.n_tasks, s.peers, s.infer)
-    ests = [estimate_bytes(p.shape, c.name, p.batch, p.seq, p.n_tasks) for c in cases]
-    fits = [e for e in ests if _skip_reason(e, s) is None]
-    interleave = s.interleave and _skip_reason(sum(fits), s) is None and sum(fits) <= s.max_gib * 2**30
-    steps = min(_steps_for(p, c, s) for c in cases)
-    recs, live = [], []
-    for case, est in zip(cases, ests):
-        rec = {"axis": p.axis, "value": p.value, "x": p.x, "shape": p.shape.name, "params": param_count(p.shape),
-               "batch": p.batch, "seq": p.seq, "tasks": p.n_tasks, "est_gib": est / 2**30,
-               "timing": "interleaved" if interleave else "sequential"}
-        recs.append(rec)
-        why = _skip_reason(est, s)
-        if why:
-            rec.update(case=case.name, kind=case.kind, group=case.group, title=case.title, status="skipped", note=why)
-            continue
-        st = R.Settings(device=s.device, dtype=s.dtype, batch=p.batch, src=p.seq, tgt=1,
-                        steps=steps if interleave else _steps_for(p, case, s), warmup=max(1, s.warmup), seed=s.seed)
-        peak = PeakMem(s.device)
-        if not interleave:
-            with peak:
-                rec.update(R.run_case(case, p.shape, st, batch))
-        else:
-            rec.update(R._new_record(case))
-            with peak:
-                stepper = R._prepare(case, p.shape, st, batch, rec)
-                try:
-                    for _ in range(st.warmup if stepper is not None else 0):
-                        stepper.step()
-                except Exception as e:
-                    R._fail(rec, e)
-                    stepper = None
-            if stepper is not None:
-                live.append((rec, stepper))
-        if peak.mib is not None and rec["status"] == "ok":
-            rec["peak_mib"], rec["memory_measure"] = peak.mib, peak.measure
+    recs, live, by_point = [], [], []
+    for p in points:
+        batch = make_batch(p.shape, p.batch, p.seq, 1, s.device, seed=s.seed)
+        cases = point_cases(p.axis, p.n_tasks, s.peers, s.infer)
+        steps = min(_steps_for(p, c, s) for c in cases)
+        mine = []
+        for case in cases:
+            est = estimate_bytes(p.shape, case.name, p.batch, p.seq, p.n_tasks)
+            rec = {"axis": p.axis, "value": p.value, "x": p.x, "shape": p.shape.name, "params": param_count(p.shape),
+                   "batch": p.batch, "seq": p.seq, "tasks": p.n_tasks, "est_gib": est / 2**30,
+                   "timing": "interleaved" if interleave else "sequential"}
+            mine.append(rec)
+            why = _skip_reason(est, s)
+            if why:
+                rec.update(case=case.name, kind=case.kind, group=case.group, title=case.title, status="skipped",
+                           note=why)
+                continue
+            st = R.Settings(device=s.device, dtype=s.dtype, batch=p.batch, src=p.seq, tgt=1,
+                            steps=steps if interleave else _steps_for(p, case, s), warmup=max(1, s.warmup),
+                            seed=s.seed)
+            peak = PeakMem(s.device)
+            if not interleave:
+                with peak:
+                    rec.update(R.run_case(case, p.shape, st, batch))
+            else:
+                rec.update(R._new_record(case))
+                with peak:
+                    stepper = R._prepare(case, p.shape, st, batch, rec)
+                    try:
+                        for _ in range(st.warmup if stepper is not None else 0):
+                            stepper.step()
+                    except Exception as e:
+                        R._fail(rec, e)
+                        stepper = None
+                if stepper is not None:
+                    live.append((rec, stepper, steps))
+            if peak.mib is not None and rec["status"] == "ok":
+                rec["peak_mib"], rec["memory_measure"] = peak.mib, peak.measure
+        recs.extend(mine)
+        by_point.append(mine)
     if live:
         dev_type = torch.device(s.device).type
-        times: dict[int, list[float]] = {id(r): [] for r, _ in live}
-        for _ in range(steps):
-            for rec, stepper in live:
-                if rec["status"] != "ok":
+        times: dict[int, list[float]] = {id(r): [] for r, _, _ in live}
+        for i in range(max(n for _, _, n in live)):
+            for rec, stepper, n in live:
+                if i >= n or rec["status"] != "ok":
                     continue
                 try:
                     R._sync(dev_type)
@@ -422,7 +458,7 @@ def run_point(p: Point, s: SweepSettings, log=None) -> list[dict]:
                     times[id(rec)].append((time.perf_counter() - t) * 1000.0)
                 except Exception as e:
                     R._fail(rec, e)
-        for rec, stepper in live:
+        for rec, stepper, _ in live:
             ms = times[id(rec)]
             if rec["status"] == "ok" and ms:
                 rec.update(median_ms=statistics.median(ms), mean_ms=statistics.fmean(ms), min_ms=min(ms), step_ms=ms)
@@ -435,7 +471,8 @@ def run_point(p: Point, s: SweepSettings, log=None) -> list[dict]:
             rec["steps"] = len(rec["step_ms"])
         if log is not None:
             log(_one_line(rec))
-    add_point_ratios(recs)
+    for mine in by_point:
+        add_point_ratios(mine)
     return recs
 
 
@@ -482,7 +519,7 @@ def run_sweep(s: SweepSettings, log=None, shapes: dict[str, Shape] | None = None
     """Run every axis of ``s``; returns ``{"meta", "settings", "records", "fits"}``.
 
     ``on_point(report)``, if given, is called after every point with the report so far
-    (``partial: true``), e.g. to keep what was measured if a long run is stopped."""
+    (``partial: true``) after every axis, e.g. to keep what was measured if a long run is stopped."""
     from adapterkit.bench.report import environment
 
     shapes = LLAMA_SIZES if shapes is None else shapes
@@ -499,10 +536,9 @@ def run_sweep(s: SweepSettings, log=None, shapes: dict[str, Shape] | None = None
         gc.collect()
         gc.freeze()
         for axis in s.axes:
-            for p in axis_points(axis, s, shapes):
-                records.extend(run_point(p, s, log))
-                if on_point is not None:
-                    on_point({"meta": meta, "settings": asdict(s), "records": records, "partial": True})
+            records.extend(run_points(axis_points(axis, s, shapes), s, log))
+            if on_point is not None:
+                on_point({"meta": meta, "settings": asdict(s), "records": records, "partial": True})
     finally:
         gc.unfreeze()
     return {"meta": meta, "settings": asdict(s), "records": records, "fits": fit_all(records)}
@@ -724,7 +760,7 @@ def plot_axis(rep: dict, axis: str, path: Path) -> bool:
         ax.set_xscale("log", base=2 if axis in ("batch", "seq", "tasks") else 10)
         ax.set_yscale("log")
         if axis != "size":
-            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
