@@ -663,8 +663,12 @@ def to_markdown(rep: dict, command: str | None = None, plots: dict | None = None
         "",
         f"Fixed values: batch/seq/tasks axes on `{s['shape']}`; sequence length {s['seq']} (size, batch, tasks "
         f"axes); batch {s['batch']} (seq axis), {s['size_batch']} (size axis), {s['tasks_batch']} (tasks axis). "
-        f"Training step = forward + backward + AdamW; cases at one point run one after another in this process, "
-        f"each on a fresh model with the same seed; {s['warmup']} warm-up step(s), then up to {s['steps']} timed "
+        f"Training step = forward + backward + AdamW, every case on a fresh model with the same seed, all in "
+        f"one process. The points of an axis are pooled while the memory estimates of all their cases fit at "
+        f"once: a pool's cases are built, warmed up, then timed round-robin (one step per case per round, so "
+        f"load from other processes hits every case and point alike); a point that does not fit runs its "
+        f"cases one after another ({_sequential_points(rep)}). "
+        f"{s['warmup']} warm-up step(s), then up to {s['steps']} timed "
         f"steps (fewer where a FLOP estimate says one step is slow, at least {min(3, s['steps'])}; each record lists "
         f"its count); "
         f"the median is reported.",
@@ -720,6 +724,12 @@ def to_markdown(rep: dict, command: str | None = None, plots: dict | None = None
                          f"{_fmt_slope(f['mem'])} | {per} | {grows} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _sequential_points(rep: dict) -> str:
+    seq = list(dict.fromkeys(f"{r['axis']} {_value_label(r['axis'], r)}" for r in rep["records"]
+                             if r.get("timing") == "sequential"))
+    return "sequential here: " + ", ".join(seq) if seq else "none here"
 
 
 def _tasks_lines(recs: list[dict]) -> list[str]:
