@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertModel, BertTokenizer, ViTConfig, ViTModel
+from transformers import BertConfig, BertModel, BertTokenizer, Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
 from adapterkit.errors import ConfigError, DataError
 from adapterkit.methods.apollo import Apollo, ApolloConfig, CrossModalLayer, DualEncoder, co2_loss
@@ -22,23 +22,28 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "x", 
 NAMES = ["cat", "dog", "car", "tree", "shoe", "bag"]
 
 
-def tiny_clip(seed=0, layers=3):
+def tiny_clip(seed=0, layers=3, image="vit"):
     torch.manual_seed(seed)
     tok = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
     tm = BertModel(BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                               intermediate_size=64), add_pooling_layer=False)
-    im = ViTModel(ViTConfig(image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=layers,
-                            num_attention_heads=4, intermediate_size=48), add_pooling_layer=False)
+    if image == "dinov2":
+        im = Dinov2Model(Dinov2Config(image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=layers,
+                                      num_attention_heads=4, mlp_ratio=2))
+    else:
+        im = ViTModel(ViTConfig(image_size=16, patch_size=8, hidden_size=24, num_hidden_layers=layers,
+                                num_attention_heads=4, intermediate_size=48), add_pooling_layer=False)
     return DualEncoder(tm, tok, im, embed_dim=16)
 
 
-def make(names=NAMES[:3], **cfg):
+def make(names=NAMES[:3], image="vit", **cfg):
     cfg = {"prompt_depth": 3, "adapter_heads": 4, **cfg}
-    return Apollo(tiny_clip(), names, ApolloConfig(**cfg))
+    return Apollo(tiny_clip(image=image), names, ApolloConfig(**cfg))
 
 
-def test_shapes_and_prompt_positions():
-    m = make()
+@pytest.mark.parametrize("image", ["vit", "dinov2"])
+def test_shapes_and_prompt_positions(image):
+    m = make(image=image)
     x = torch.randn(5, 3, 16, 16)
     assert m(x).shape == (5, 3)
     img, txt = m.features(x)
@@ -63,16 +68,22 @@ def test_shapes_and_prompt_positions():
         assert torch.equal(plain, m.clip.encode_image(x))
 
 
-def test_text_prompts_reach_the_text_features():
+def test_prompts_reach_both_towers():
     m = make(use_adapter=False)
     with torch.no_grad():
         t0 = m.text_features().clone()
         m.deep_text[0].add_(1.0)
         t1 = m.text_features()
     assert not torch.allclose(t0, t1)  # a deep prompt changes the class features
+    x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        m.ctx.add_(1.0)
+        i0 = m.image_features(x).clone()
+        m.visual_proj[1].bias.add_(1.0)  # the deep image prompt of layer 1
+        i1 = m.image_features(x).clone()
+        assert not torch.allclose(i0, i1)
+        m.ctx.add_(1.0)  # the shallow prompt reaches both towers (Linear_0(ctx) on the image side)
         assert not torch.allclose(t1, m.text_features())
+        assert not torch.allclose(i1, m.image_features(x))
 
 
 def test_only_prompts_and_adapters_train():
