@@ -78,10 +78,10 @@ def test_prompts_reach_both_towers():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         i0 = m.image_features(x).clone()
-        m.visual_proj[1].bias.add_(1.0)  # the deep image prompt of layer 1
+        m.visual_proj[1].bias.add_(torch.randn(24))  # the deep image prompt of layer 1 (not a constant: LN removes it)
         i1 = m.image_features(x).clone()
         assert not torch.allclose(i0, i1)
-        m.ctx.add_(1.0)  # the shallow prompt reaches both towers (Linear_0(ctx) on the image side)
+        m.ctx.add_(torch.randn(2, 32))  # the shallow prompt reaches both towers (Linear_0(ctx) on the image side)
         assert not torch.allclose(t1, m.text_features())
         assert not torch.allclose(i1, m.image_features(x))
 
