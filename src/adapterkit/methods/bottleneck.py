@@ -172,9 +172,11 @@ class Bottleneck(nn.Module):
                  backend: str = "inductor") -> torch.Tensor:
         """``res + self(x, task)`` (``res`` None: the branch alone), fused by ``mode`` where it
         can be (:mod:`adapterkit.core.fused`: one task or shared weights, no adapter LayerNorm,
-        no learned scale, no active dropout)."""
+        no learned scale, no active dropout, both biases)."""
         mixed = isinstance(task, torch.Tensor) and (self.down.n > 1 or self.up.n > 1)
-        if mode == "off" or mixed or self.ln_mode != "none" or self.scale is not None or (self.p and self.training):
+        plain = self.ln_mode != "none" or self.scale is not None or (self.p and self.training) \
+            or self.down.bias is None or self.up.bias is None  # (a pruned-away adapter has no up bias)
+        if mode == "off" or mixed or plain:
             a = self(x, task)
             return a if res is None else res + a
         return bottleneck_add(x, res, one_task_weight(self.down.weight, task), one_task_weight(self.down.bias, task),
