@@ -83,6 +83,10 @@ NOTES = [
     "replaces FFN(LN h), so the pretrained FFN sub-layers (and for Houlsby also the attention) drop out of the "
     "encoder: the sequential rows measure that, not a learning adapter. Rows *_bert (when run) use N(0, 0.02) "
     "projections that both learn.",
+    "The parallel rows read LN2(h), the FFN's normalised input (fc1's input; for Houlsby also LN1(x), q_proj's "
+    "input), as the reference does (parallel_input: normalized, the ffn_in / attn_in places), not the residual "
+    "stream: they did not depend on the Whisper profile's ffn_stream, which was fc1 when these ran and is "
+    "final_layer_norm's input now (profiles/whisper.json).",
     "The Conformer adapter follows the reference's forward, which computes a LayerNorm of its input and discards "
     "it (adapter.input_layernorm: false).",
     "LoRA, prompt and prefix also train the final LayerNorm (the reference's prompt / prefix models do); every "
