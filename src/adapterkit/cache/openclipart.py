@@ -70,10 +70,26 @@ def _metadata(svg: Path) -> tuple[str, str]:
     return (_clean(t.group(1)) if t else "", _clean(d.group(1)) if d else "")
 
 
-def load_openclipart(root: str | os.PathLike = OPENCLIPART_ROOT) -> list[ClipArt]:
+def _pixels(path: Path) -> int:
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # lazy: reads the header only
+                return im.size[0] * im.size[1]
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return -1
+
+
+def load_openclipart(root: str | os.PathLike = OPENCLIPART_ROOT, max_pixels: int = 40_000_000) -> list[ClipArt]:
     """All pictures under ``root/png`` (one per real file), with categories, title, description.
 
-    Raises DataError naming the folder and the install command when it is missing.
+    Pictures whose PNG is unreadable or larger than ``max_pixels`` are left out (one file
+    of the Debian package is 231 megapixels). Raises DataError naming the folder and the
+    install command when it is missing.
     """
     root = Path(root)
     png_root, svg_root = root / "png", root / "svg"
@@ -100,6 +116,8 @@ def load_openclipart(root: str | os.PathLike = OPENCLIPART_ROOT) -> list[ClipArt
     out = []
     for rid in sorted(by_real):
         e = by_real[rid]
+        if not 0 < _pixels(e["png"]) <= max_pixels:
+            continue
         svg = svg_root / f"{rid}.svg"
         title, desc = _metadata(svg) if svg.is_file() else ("", "")
         folders = tuple(sorted(e["folders"]))
@@ -124,7 +142,7 @@ def read_clipart_image(path: str | os.PathLike, size: int = 224) -> np.ndarray:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))
             im = im.convert("RGBA")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
     scale = size / max(im.size)
     new = (max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale)))
