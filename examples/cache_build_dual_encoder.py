@@ -41,6 +41,7 @@ from adapterkit.cache.dual_encoder import (
     train_projection,
 )
 from adapterkit.cache.openclipart import OPENCLIPART_ROOT, clipart_texts, load_openclipart, read_clipart_image
+from adapterkit.errors import DataError
 
 HEAD_CHOICES = {"linear": ("linear", "linear"), "lit": ("identity", "linear"), "mlp": ("mlp", "mlp")}
 
@@ -64,8 +65,15 @@ def image_features(items, resolution, log):
     backbone = load_efficientnet_lite0(resolution)
     ids = [it.id for it in items]
 
+    def read(p):
+        try:
+            return read_clipart_image(items[p].png, resolution)
+        except DataError as e:  # a broken file: a blank picture, said so, rather than a lost run
+            log(f"warning: {e}; using a blank picture")
+            return np.full((resolution, resolution, 3), 255, np.uint8)
+
     def compute(pos):
-        return backbone.encode([read_clipart_image(items[p].png, resolution) for p in pos], grid=None)[:, 0]
+        return backbone.encode([read(p) for p in pos], grid=None)[:, 0]
 
     return cached_features(f"openclipart-effnetlite0-{resolution}", ids, compute, log=log), backbone
 
