@@ -57,7 +57,8 @@ import numpy as np
 import torch
 
 from adapterkit.core.base import trainable_report
-from adapterkit.rec.domain import RecDomain, RecEngine, _fingerprint, load_config
+from adapterkit.engine import Engine
+from adapterkit.rec.domain import RecDomain, _fingerprint, load_config
 from adapterkit.rec.model import attach_rec_method
 from adapterkit.rec.pipeline import build_model, load_domain, load_text_model
 from adapterkit.stats import bootstrap_difference, bootstrap_interval, t_interval
@@ -102,7 +103,7 @@ def random_expectation(domain: RecDomain) -> dict[str, np.ndarray]:
 def stage(name, model, data, train_cfg, ecfg, out, full, identity, m) -> tuple[dict, RecDomain]:
     """One engine run (source pre-training or a target adaptation) into ``out``; its test ranks."""
     dom = RecDomain(model, data, m["max_len"], name, full=full, identity=identity)
-    eng = RecEngine(dom, train_cfg, ecfg, out, name=out.name, config=identity, lr=train_cfg.lr)
+    eng = Engine(dom, train_cfg, ecfg, out, name=out.name, config=identity, lr=train_cfg.lr)
     t0 = time.time()
     res = eng.fit()
     model.item_encoder.clear_cache()

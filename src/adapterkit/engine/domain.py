@@ -43,6 +43,9 @@ class Domain:
     tasks: Sequence[str] = ()
     #: the model being trained (adapters attached)
     model: nn.Module
+    #: keep every task's validation metrics in the validation history (``history[i]["metrics"]``),
+    #: not only the main scores
+    keep_val_metrics = False
 
     # --- training data ---------------------------------------------------------------------
     def num_train(self, task: str) -> int:
@@ -64,6 +67,11 @@ class Domain:
     def loss(self, batch: dict, task_index: int) -> torch.Tensor:
         """The scalar training loss of ``batch`` (a batch of task ``tasks[task_index]``)."""
         raise NotImplementedError
+
+    def param_groups(self, weight_decay: float) -> list[dict] | None:
+        """The optimizer's parameter groups over ``self.model``'s trainable parameters; None
+        (default): the engine's, with no weight decay on biases, norms and other 1-d tensors."""
+        return None
 
     def train_mode(self) -> None:
         """Put the model in training mode (a frozen backbone may stay in eval mode)."""

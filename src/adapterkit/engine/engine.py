@@ -295,6 +295,9 @@ class Engine:
         torch.manual_seed(seed)
 
     def _param_groups(self):
+        groups = self.domain.param_groups(self.tcfg.weight_decay)
+        if groups is not None:
+            return groups
         decay, no_decay = [], []
         for n, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -810,6 +813,8 @@ class Engine:
         self.state["history"].append(entry)
         if _is_main():
             print("val", json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in entry.items()}))
+        if self.domain.keep_val_metrics:
+            entry["metrics"] = {t: {k: x for k, x in v.items() if not k.startswith("_")} for t, v in m.items()}
         if self.state["best"] is None or avg > self.state["best"]:
             self.state["best"], self.state["best_step"] = avg, self.state["step"]
             self._save_best()  # (every rank: gathering a sharded model's weights is a collective)

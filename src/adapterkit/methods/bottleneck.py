@@ -176,7 +176,8 @@ class Bottleneck(nn.Module):
         mixed = isinstance(task, torch.Tensor) and (self.down.n > 1 or self.up.n > 1)
         plain = self.ln_mode != "none" or self.scale is not None or (self.p and self.training) \
             or self.down.bias is None or self.up.bias is None  # (a pruned-away adapter has no up bias)
-        if mode == "off" or mixed or plain:
+        hooked = bool(self._forward_pre_hooks or self._forward_hooks)  # a user's module hook must see the call
+        if mode == "off" or mixed or plain or hooked:
             a = self(x, task)
             return a if res is None else res + a
         return bottleneck_add(x, res, one_task_weight(self.down.weight, task), one_task_weight(self.down.bias, task),

@@ -89,7 +89,8 @@ class LoraLayer(nn.Module):
                backend: str = "inductor") -> torch.Tensor:
         """``out + self(x, task)``; one task's (or the shared) branch runs fused by ``mode``
         (:mod:`adapterkit.core.fused`), a mixed batch of per-task weights by ``task_pair``."""
-        if mode == "off" or isinstance(task, torch.Tensor) and (self.A.n > 1 or self.B.n > 1):
+        if mode == "off" or isinstance(task, torch.Tensor) and (self.A.n > 1 or self.B.n > 1) \
+                or self._forward_pre_hooks or self._forward_hooks:  # a user's module hook must see the call
             return out + self(x, task)
         if self.p and self.training:
             x = F.dropout(x, self.p, True)

@@ -184,6 +184,7 @@ class RecDomain(Domain):
     its adapters in train mode); ``identity``: what else defines the run (config, start weights)."""
 
     name = "rec"
+    keep_val_metrics = True  # HR@10 too, per validation, in the history (the stage's epoch table)
 
     def __init__(self, model: Adapter4Rec, data: RecData, max_len: int, stage: str = "target", full: bool = True,
                  identity: dict | None = None):
@@ -205,6 +206,11 @@ class RecDomain(Domain):
     # --- training -----------------------------------------------------------------------------
     def num_train(self, task):
         return int(self.train_seqs.shape[0])
+
+    def param_groups(self, weight_decay):
+        """The reference loop's optimizer: one weight decay for every trainable weight, as
+        ``torch.optim.AdamW(model.parameters())``."""
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
     def train_batch(self, task, rows, seed, rank, world):
         seq = self.train_seqs[torch.as_tensor(np.asarray(rows), dtype=torch.long)]
@@ -269,31 +275,10 @@ class RecDomain(Domain):
         return {"stage": self.tasks[0], "data": self.data.stats()}
 
 
-class RecEngine(Engine):
-    """The engine with the reference loop's optimizer groups (one weight decay for every
-    trainable weight, as ``torch.optim.AdamW(model.parameters())``) and every validation
-    metric (HR@10 too) kept in the validation history."""
-
-    def _param_groups(self):
-        return [{"params": [p for p in self.model.parameters() if p.requires_grad],
-                 "weight_decay": self.tcfg.weight_decay}]
-
-    def evaluate(self, split):
-        m = super().evaluate(split)
-        self._last_metrics = {t: {k: v for k, v in v.items() if not k.startswith("_")} for t, v in m.items()}
-        return m
-
-    def _validate(self):
-        n = len(self.state["history"])
-        super()._validate()
-        if len(self.state["history"]) > n:
-            self.state["history"][-1]["metrics"] = self._last_metrics
-
-
 # ----------------------------------------------------------------------------- the two stages
 
 
-def _epoch_history(engine: RecEngine, task: str) -> list[dict]:
+def _epoch_history(engine: Engine, task: str) -> list[dict]:
     """Per epoch trained: its last step, the mean training loss over its examples (from the
     log) and the validation metrics when it was validated (``valid_HR@10``, ``valid_NDCG@10``)."""
     path = engine.out / LOG_NAME
@@ -343,10 +328,10 @@ class RecRun:
         if int(os.environ.get("RANK", "0") or 0) == 0:
             self.log(msg)
 
-    def _stage(self, stage, model, data, train_cfg, out, full, identity) -> tuple[dict, RecEngine]:
+    def _stage(self, stage, model, data, train_cfg, out, full, identity) -> tuple[dict, Engine]:
         c = self.cfg
         domain = RecDomain(model, data, c.model["max_len"], stage, full=full, identity=identity)
-        eng = RecEngine(domain, train_cfg, c.eval, out / stage, name=f"{c.name}-{stage}", config=c.raw,
+        eng = Engine(domain, train_cfg, c.eval, out / stage, name=f"{c.name}-{stage}", config=c.raw,
                         max_steps=self.max_steps, allow_changes=self.allow_changes, lr=train_cfg.lr or 1e-3)
         t0 = time.time()
         res = eng.fit()
@@ -435,6 +420,6 @@ def run(cfg, output_dir, max_steps=None, allow_changes=()) -> dict:
     return build_engine(cfg, output_dir, max_steps, allow_changes).fit()
 
 
-__all__ = ["RecDomain", "RecEngine", "RecEvalConfig", "RecRun", "RecRunConfig", "RecSourceTrainConfig",
+__all__ = ["RecDomain", "RecEvalConfig", "RecRun", "RecRunConfig", "RecSourceTrainConfig",
            "RecTrainConfig", "build_engine", "load_config", "run"]
 
