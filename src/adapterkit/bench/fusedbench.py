@@ -1,5 +1,6 @@
 """Training-step time and op count of the benchmark cases with the adapter branches plain,
-hand-fused (the default) and compiled (:func:`adapterkit.fuse_branches`), on the CPU.
+hand-fused (the default) and compiled (:func:`adapterkit.fuse_branches`), on the CPU (or
+``--device cuda --dtype bf16 --shape bart-base`` on a GPU).
 
     python -m adapterkit.bench.fusedbench [--cases single_adapter,single_lora_do0,pfeiffer,lora_do0_peer]
         [--batch 8 --src 32 --tgt 8] [--steps 30] [--backend inductor] [--out r.json] [--markdown r.md]
@@ -69,17 +70,18 @@ def _count_ops(model, batch, route) -> int:
 
 
 class _Runner:
-    def __init__(self, name, mode, shape, batch, backend):
+    def __init__(self, name, mode, shape, batch, backend, device="cpu", amp=None):
         import adapterkit
         from adapterkit.bench.cases import CASES_BY_NAME, BuildContext
 
         self.name, self.mode = name, mode
-        self.prep = CASES_BY_NAME[name].build(BuildContext(shape, torch.device("cpu"), 0, batch))
+        self.prep = CASES_BY_NAME[name].build(BuildContext(shape, torch.device(device), 0, batch))
+        self.device, self.amp = torch.device(device), amp
         self.model = self.prep.model.train(self.prep.train_mode)
         fusable = name not in REFS
         if fusable:
             adapterkit.fuse_branches(self.model, mode, backend=backend)
-        self.ops = _count_ops(self.model, batch, self.prep.route) if mode != "compile" else None
+        self.ops = _count_ops(self.model, batch, self.prep.route) if mode != "compile" and device == "cpu" else None
         params = [p for p in self.prep.params if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4)
         self.batch, self.times = batch, []
@@ -87,18 +89,24 @@ class _Runner:
     def step(self) -> float:
         from adapterkit.core.routing import route
 
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with route(self.prep.route) if self.prep.route is not None else contextlib.nullcontext():
+        amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        with amp, route(self.prep.route) if self.prep.route is not None else contextlib.nullcontext():
             loss = self.model(input_ids=self.batch.input_ids, labels=self.batch.labels).loss
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
 
 def to_markdown(rep: dict) -> str:
     m = rep["meta"]
-    lines = [f"Shape `{m['shape']}`; batch {m['batch']}, {m['src']}/{m['tgt']} tokens, fp32, {m['steps']} timed "
+    lines = [f"Shape `{m['shape']}`; batch {m['batch']}, {m['src']}/{m['tgt']} tokens, {m['dtype']}, {m['steps']} timed "
              f"steps per row after {m['warmup']} warm-up, interleaved round-robin; compile backend "
              f"`{m['backend']}`. Machine: {m['machine']}; torch {m['torch']}.", "",
              "| case | mode | median ms | 95% CI | vs off | ops / fwd+bwd | compile s |", "|---|---|---|---|---|---|---|"]
@@ -128,20 +136,23 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="inductor")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (ops are counted on the CPU only)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     p.add_argument("--markdown", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     shape = get_shape(args.shape)
-    batch = make_batch(shape, args.batch, args.src, args.tgt, "cpu")
+    batch = make_batch(shape, args.batch, args.src, args.tgt, args.device)
+    amp = torch.bfloat16 if args.dtype == "bf16" else None
     modes = [m for m in args.modes.split(",") if m]
     rows = [(c, m) for c in args.cases.split(",") if c for m in modes] + \
         [(c, "off") for c in args.refs.split(",") if c]
     runners = []
     for c, m in rows:
         print(f"fusedbench: building {c} / {m}", file=sys.stderr, flush=True)
-        r = _Runner(c, m, shape, batch, args.backend)
+        r = _Runner(c, m, shape, batch, args.backend, args.device, amp)
         r.first_step_s = r.step()  # includes the compilation for "compile"
         for _ in range(args.warmup - 1):
             r.step()
@@ -155,9 +166,10 @@ def main(argv=None) -> int:
         results.append({"case": r.name, "mode": r.mode, "median_ms": med * 1e3, "ci_lo_ms": lo * 1e3,
                         "ci_hi_ms": hi * 1e3, "ops": r.ops, "first_step_s": r.first_step_s,
                         "step_ms": [t * 1e3 for t in r.times]})
-    meta = {"shape": shape.name, "batch": args.batch, "src": args.src, "tgt": args.tgt, "steps": args.steps,
+    meta = {"shape": shape.name, "device": args.device, "dtype": args.dtype, "batch": args.batch, "src": args.src, "tgt": args.tgt, "steps": args.steps,
             "warmup": args.warmup, "backend": args.backend, "threads": args.threads,
-            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s)", "torch": torch.__version__,
+            "machine": (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+                        f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s)"), "torch": torch.__version__,
             "command": "python -m adapterkit.bench.fusedbench " + " ".join(argv if argv is not None else sys.argv[1:])}
     rep = {"meta": meta, "results": results}
     md = to_markdown(rep)
