@@ -108,6 +108,30 @@ def score_within(dom, task, preds, seconds):
     return out
 
 
+def window_subset(a, runs):
+    """Per run folder here with predictions: WER / CER on the target test utterances whose recording
+    fits in the 6 s window (a 6 s and a 30 s window see all of them) next to all utterances."""
+    from adapterkit.audio.asr import SAMPLE_RATE, _length, asterisk_splits
+    from adapterkit.audio.asr_metrics import corpus_rate_interval, error_counts
+
+    test = asterisk_splits(a.target, {"train": a.train, "val": a.val, "test": a.test}, a.split_seed)["test"]
+    fits = [u for u in test if _length(u.audio) <= 6.0 * SAMPLE_RATE]
+    out = {"n_fit_in_6s": len(fits), "n_all": len(test), "runs": {}}
+    for f in sorted(runs.glob("*/predictions.json")):
+        preds = json.loads(f.read_text()).get(a.target, {})
+        if not all(u.uid in preds for u in test):
+            continue
+        row = {}
+        for part, us in (("all", test), ("fit_in_6s", fits)):
+            for unit, name in (("word", "WER"), ("char", "CER")):
+                e, n = error_counts([u.text for u in us], [preds[u.uid] for u in us], unit)
+                iv = corpus_rate_interval(e, n)
+                row[f"{name}_{part}"] = float(e.sum() / max(int(n.sum()), 1)) * 100
+                row[f"{name}_{part}_ci95"] = [float(iv.low) * 100, float(iv.high) * 100] if iv.low is not None else None
+        out["runs"][f.parent.name] = row
+    return out
+
+
 def read_run(folder):
     from safetensors.torch import load_file
 
@@ -237,6 +261,10 @@ def summarize(a, runs, results_dir):
         table.append(entry)
     if not table:
         raise SystemExit(f"no finished run under {runs} and no rows in {prev_file}")
+    if any(runs.glob("*/predictions.json")):  # the window check: the utterances a 6 s window does not cut
+        js["window_subset"] = window_subset(a, runs)
+    elif "window_subset" in prev:
+        js["window_subset"] = prev["window_subset"]
     for extra in WINDOW_RUNS:
         f = runs / extra / "results.json"
         if f.exists():
