@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from adapterkit.core.config import bounded, choice
-from adapterkit.errors import ConfigError
+from adapterkit.errors import ConfigError, did_you_mean
 
 MAX_SEED = 2**63 - 1          # torch.manual_seed takes a signed 64-bit seed
 MAX_BATCH = 65536
@@ -55,3 +55,29 @@ class EvalConfig:
     max_new_tokens: int = bounded(16, lo=1, hi=4096)        # generation tasks
     num_beams: int = bounded(1, lo=1, hi=64)                # generation tasks
     select_on: str = choice("val", "last", default="val")   # the weights tested: best on validation, or the last
+
+
+def check_batch_scale_tasks(scale: dict, tasks) -> None:
+    """``train.task_batch_scale`` names only tasks of ``data.tasks``."""
+    for t in scale:
+        if t not in tasks:
+            raise ConfigError(f'train.task_batch_scale["{t}"]: {t!r} is not one of data.tasks {tasks}'
+                              f"{did_you_mean(t, tasks)}")
+
+
+def check_adapter_list(adapters: list, tasks, where: str = "adapters") -> None:
+    """Each entry of a run config's adapter list is a mapping whose tasks are among
+    ``data.tasks`` and that validates as an adapter config (serving ``data.tasks`` unless it
+    names its own); errors name the entry (``adapters[2]``, ``adapters.text[0]``...)."""
+    from adapterkit.core.config import config_from_dict
+
+    for i, a in enumerate(adapters):
+        if not isinstance(a, dict):
+            raise ConfigError(f"{where}[{i}] must be a mapping, got {type(a).__name__}")
+        extra = [t for t in a.get("tasks", []) if isinstance(a.get("tasks"), list) and t not in tasks]
+        if extra:
+            raise ConfigError(f"{where}[{i}].tasks: {extra[0]!r} is not one of data.tasks {tasks}")
+        try:
+            config_from_dict(dict(a, tasks=a.get("tasks", tasks)))
+        except ConfigError as e:
+            raise ConfigError(f"{where}[{i}]: {e}") from None

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterkit.core.config import bounded, check_name, choice, option
-from adapterkit.engine.config import MAX_BATCH, MAX_COUNT, EvalConfig, TrainConfig
+from adapterkit.engine.config import (
+    MAX_BATCH,
+    MAX_COUNT,
+    EvalConfig,
+    TrainConfig,
+    check_adapter_list,
+    check_batch_scale_tasks,
+)
 from adapterkit.errors import ConfigError, did_you_mean
 from adapterkit.meter.model import HEAD_TYPES
 
@@ -114,7 +121,6 @@ class MeterRunConfig:
     name: str = option("run", help="the run's name (a plain name, not a path)")
 
     def validate(self):
-        from adapterkit.core.config import config_from_dict
 
         if self.domain != "meter":
             raise ConfigError(f'a METER run config has domain "meter", got {self.domain!r}')
@@ -125,10 +131,7 @@ class MeterRunConfig:
                 raise ConfigError(f'adapters: unknown encoder "{extra[0]}"{did_you_mean(str(extra[0]), ENCODERS)}; '
                                   "adapters is {text: [...], image: [...]} or one list for both encoders")
         tasks = list(self.data.tasks)
-        for t in self.train.task_batch_scale:
-            if t not in tasks:
-                raise ConfigError(f'train.task_batch_scale["{t}"]: {t!r} is not one of data.tasks '
-                                  f"{tasks}{did_you_mean(t, tasks)}")
+        check_batch_scale_tasks(self.train.task_batch_scale, tasks)
         m = self.model
         for enc in ENCODERS:
             cfgs = self.adapter_configs(enc)
@@ -137,16 +140,7 @@ class MeterRunConfig:
             if cfgs and getattr(m, f"freeze_{enc}"):
                 raise ConfigError(f"model.freeze_{enc} goes with no {enc} adapters; adapters freeze the encoder "
                                   "themselves")
-            for i, a in enumerate(cfgs):
-                if not isinstance(a, dict):
-                    raise ConfigError(f"adapters.{enc}[{i}] must be a mapping, got {type(a).__name__}")
-                bad = [t for t in a.get("tasks", []) if isinstance(a.get("tasks"), list) and t not in tasks]
-                if bad:
-                    raise ConfigError(f"adapters.{enc}[{i}].tasks: {bad[0]!r} is not one of data.tasks {tasks}")
-                try:
-                    config_from_dict(dict(a, tasks=a.get("tasks", tasks)))
-                except ConfigError as e:
-                    raise ConfigError(f"adapters.{enc}[{i}]: {e}") from None
+            check_adapter_list(cfgs, tasks, f"adapters.{enc}")
         for key in ("image_mean", "image_std"):
             v = getattr(m, key)
             if v is not None and len(v) not in (1, 3):

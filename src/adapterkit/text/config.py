@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterkit.core.config import bounded, check_name, choice
-from adapterkit.engine.config import MAX_BATCH, MAX_COUNT, EvalConfig, TrainConfig
+from adapterkit.engine.config import (
+    MAX_BATCH,
+    MAX_COUNT,
+    EvalConfig,
+    TrainConfig,
+    check_adapter_list,
+    check_batch_scale_tasks,
+)
 from adapterkit.errors import ConfigError, did_you_mean
 
 #: model names that need no hub: the offline packages, and tiny random-init models over a word vocabulary
@@ -89,28 +96,14 @@ class TextRunConfig:
     def validate_adapters(cfg) -> None:
         """``preset`` xor ``adapters``; each adapter config valid, its tasks among data.tasks (any
         domain config with these keys)."""
-        from adapterkit.core.config import config_from_dict
 
         if cfg.preset is not None and cfg.adapters is not None:
             raise ConfigError('give either "preset" or "adapters", not both')
         if cfg.preset is None and cfg.adapters is None:
             raise ConfigError('the config needs "adapters" (a list of adapter configs; [] for full fine-tuning) '
                               'or a "preset" (e.g. single_lora)')
-        tasks = cfg.data.tasks
-        for t in cfg.train.task_batch_scale:
-            if t not in tasks:
-                raise ConfigError(f'train.task_batch_scale["{t}"]: {t!r} is not one of data.tasks '
-                                  f"{tasks}{did_you_mean(t, tasks)}")
-        for i, a in enumerate(cfg.adapter_configs()):
-            if not isinstance(a, dict):
-                raise ConfigError(f"adapters[{i}] must be a mapping, got {type(a).__name__}")
-            extra = [t for t in a.get("tasks", []) if isinstance(a.get("tasks"), list) and t not in tasks]
-            if extra:
-                raise ConfigError(f"adapters[{i}].tasks: {extra[0]!r} is not one of data.tasks {tasks}")
-            try:
-                config_from_dict(dict(a, tasks=a.get("tasks", tasks)))
-            except ConfigError as e:
-                raise ConfigError(f"adapters[{i}]: {e}") from None
+        check_batch_scale_tasks(cfg.train.task_batch_scale, cfg.data.tasks)
+        check_adapter_list(cfg.adapter_configs(), cfg.data.tasks)
 
     def adapter_configs(self) -> list[dict]:
         """The adapter configs: ``adapters``, or the preset's (without its V&L-only keys)."""

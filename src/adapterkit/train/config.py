@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterkit.core.config import _NAME, bounded, check_name, choice, dataclass_from_dict, option
+from adapterkit.engine.config import check_adapter_list, check_batch_scale_tasks
 from adapterkit.errors import ConfigError, did_you_mean
 from adapterkit.safeio import MAX_CONFIG_NODES, MAX_DEPTH, check_nesting, loads_yaml
 
@@ -188,7 +189,6 @@ class RunConfig:
     name: str = option("run", help="the run's name (a plain name, not a path)")
 
     def validate(self):
-        from adapterkit.core.config import config_from_dict
         from adapterkit.vl.presets import get_preset
 
         if self.preset is not None and self.adapters is not None:
@@ -197,25 +197,12 @@ class RunConfig:
             raise ConfigError('the config needs a "preset" (e.g. single_adapter) or an "adapters" list')
         check_name(self.name, "name: the run name")
         tasks = self.data.tasks
-        scale = self.train.task_batch_scale
-        if scale != DEFAULT_BATCH_SCALE:  # the default names the four VL-Adapter tasks, whichever are used
-            for t in scale:
-                if t not in tasks:
-                    raise ConfigError(f'train.task_batch_scale["{t}"]: {t!r} is not one of data.tasks {tasks}'
-                                      f"{did_you_mean(t, tasks)}")
+        if self.train.task_batch_scale != DEFAULT_BATCH_SCALE:  # the default names the four VL-Adapter tasks
+            check_batch_scale_tasks(self.train.task_batch_scale, tasks)
         cfgs = get_preset(self.preset)["adapters"] if self.preset is not None else self.adapters
         if self.adapters is not None and not self.adapters:
             raise ConfigError('"adapters" must list at least one adapter config')
-        for i, a in enumerate(cfgs):
-            if not isinstance(a, dict):
-                raise ConfigError(f"adapters[{i}] must be a mapping, got {type(a).__name__}")
-            extra = [t for t in a.get("tasks", []) if isinstance(a.get("tasks"), list) and t not in tasks]
-            if extra:
-                raise ConfigError(f"adapters[{i}].tasks: {extra[0]!r} is not one of data.tasks {tasks}")
-            try:
-                config_from_dict(dict(a, tasks=a.get("tasks", self.data.tasks)))
-            except ConfigError as e:
-                raise ConfigError(f"adapters[{i}]: {e}") from None
+        check_adapter_list(cfgs, tasks)
 
     def preset_dict(self) -> dict:
         from adapterkit.vl.presets import get_preset
