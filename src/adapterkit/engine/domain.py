@@ -68,9 +68,10 @@ class Domain:
         """The scalar training loss of ``batch`` (a batch of task ``tasks[task_index]``)."""
         raise NotImplementedError
 
-    def param_groups(self, weight_decay: float) -> list[dict] | None:
-        """The optimizer's parameter groups over ``self.model``'s trainable parameters; None
-        (default): the engine's, with no weight decay on biases, norms and other 1-d tensors."""
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict] | None:
+        """The optimizer's parameter groups over ``self.model``'s trainable parameters (a group
+        may set its own ``lr``, e.g. a multiple of the run's ``lr``); None (default): the
+        engine's, with no weight decay on biases, norms and other 1-d tensors."""
         return None
 
     def train_mode(self) -> None:

@@ -184,6 +184,13 @@ def _get(cfg, key, default):
     return getattr(cfg, key, default) if cfg is not None else default
 
 
+
+def exempt_from_decay(name: str, p: torch.Tensor) -> bool:
+    """The engine's rule for weight decay: none on biases, norm weights and other 1-d tensors."""
+    leaf = name.rsplit(".", 1)[-1]
+    is_norm = "norm" in name.lower() or "ln_" in name.lower()
+    return leaf == "bias" or (is_norm and leaf == "weight") or p.dim() == 1
+
 class Engine:
     """Train ``domain.model`` on ``domain``'s tasks with the ``train`` / ``eval`` settings
     (any objects with the attributes of :class:`adapterkit.engine.config.TrainConfig` /
@@ -295,16 +302,13 @@ class Engine:
         torch.manual_seed(seed)
 
     def _param_groups(self):
-        groups = self.domain.param_groups(self.tcfg.weight_decay)
+        groups = self.domain.param_groups(self.lr, self.tcfg.weight_decay)
         if groups is not None:
             return groups
         decay, no_decay = [], []
         for n, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            leaf = n.rsplit(".", 1)[-1]
-            is_norm = "norm" in n.lower() or "ln_" in n.lower() or n.endswith("ln_weight") or n.endswith("ln_bias")
-            (no_decay if leaf == "bias" or (is_norm and leaf == "weight") or p.dim() == 1 else decay).append(p)
+            if p.requires_grad:
+                (no_decay if exempt_from_decay(n, p) else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.tcfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]] or groups[:1]

@@ -263,6 +263,22 @@ class MeterDomain(Domain):
             return vqa_loss(logits, soft)
         return F.cross_entropy(logits.float(), labels)
 
+    def param_groups(self, lr, weight_decay):
+        """METER's learning-rate groups: the encoders at ``lr``, their adapters, the fusion part
+        and the heads at their multiples (each split by weight decay as the engine does: none
+        on biases, norms and 1-d weights)."""
+        from adapterkit.engine.engine import exempt_from_decay
+
+        t = self.cfg.train
+        mult = {"text_encoder": 1.0, "image_encoder": 1.0, "text_adapters": t.lr_mult_adapters,
+                "image_adapters": t.lr_mult_adapters, "cross_modal": t.lr_mult_cross_modal, "heads": t.lr_mult_head}
+        groups: dict[tuple, list] = {}
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault((mult[part_of(n)], exempt_from_decay(n, p)), []).append(p)
+        return [{"params": ps, "lr": lr * m, "weight_decay": 0.0 if nd else weight_decay}
+                for (m, nd), ps in sorted(groups.items())]
+
     def train_mode(self):
         self.model.train()
         for enc in ENCODERS:  # a frozen encoder (no adapters, nothing trained) stays in eval mode
@@ -349,33 +365,6 @@ def part_of(name: str) -> str:
     return "heads" if name.startswith("heads.") else "cross_modal"
 
 
-def _engine_class():
-    from adapterkit.engine import Engine
-
-    class MeterEngine(Engine):
-        """The engine with METER's learning-rate groups: the encoders at ``lr``, their adapters,
-        the fusion part and the heads at their multiples (each split by weight decay as the
-        engine does: none on biases, norms and 1-d weights)."""
-
-        def _param_groups(self):
-            t = self.tcfg
-            mult = {"text_encoder": 1.0, "image_encoder": 1.0, "text_adapters": t.lr_mult_adapters,
-                    "image_adapters": t.lr_mult_adapters, "cross_modal": t.lr_mult_cross_modal,
-                    "heads": t.lr_mult_head}
-            groups: dict[tuple, list] = {}
-            for n, p in self.model.named_parameters():
-                if not p.requires_grad:
-                    continue
-                leaf = n.rsplit(".", 1)[-1]
-                is_norm = "norm" in n.lower() or "ln_" in n.lower()
-                nd = leaf == "bias" or (is_norm and leaf == "weight") or p.dim() == 1
-                groups.setdefault((mult[part_of(n)], nd), []).append(p)
-            return [{"params": ps, "lr": self.lr * m, "weight_decay": 0.0 if nd else t.weight_decay}
-                    for (m, nd), ps in sorted(groups.items())]
-
-    return MeterEngine
-
-
 def build_engine(cfg: MeterRunConfig, output_dir, max_steps=None, allow_changes=()):
     """The engine for a METER run config."""
     from adapterkit.engine import Engine
@@ -385,7 +374,7 @@ def build_engine(cfg: MeterRunConfig, output_dir, max_steps=None, allow_changes=
     domain = MeterDomain(cfg)
     has_adapters = any(cfg.adapter_configs(e) for e in ENCODERS)
     lr = cfg.train.lr or (1e-4 if has_adapters else 1e-5)
-    return _engine_class()(domain, cfg.train, cfg.eval, output_dir, name=cfg.name, config=cfg, max_steps=max_steps,
+    return Engine(domain, cfg.train, cfg.eval, output_dir, name=cfg.name, config=cfg, max_steps=max_steps,
                            allow_changes=allow_changes, lr=lr)
 
 

@@ -207,7 +207,7 @@ class RecDomain(Domain):
     def num_train(self, task):
         return int(self.train_seqs.shape[0])
 
-    def param_groups(self, weight_decay):
+    def param_groups(self, lr, weight_decay):
         """The reference loop's optimizer: one weight decay for every trainable weight, as
         ``torch.optim.AdamW(model.parameters())``."""
         return [{"params": [p for p in self.model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
