@@ -208,40 +208,14 @@ OP_BUDGET = {
 
 
 def _ops_per_step(name: str) -> int:
-    import contextlib
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from adapterkit.bench.cases import CASES_BY_NAME, BuildContext
+    from adapterkit.bench.profile import count_step_ops
     from adapterkit.bench.shapes import get_shape, make_batch
-    from adapterkit.core.routing import route
-
-    views = ("aten::view", "aten::_unsafe_view", "aten::t", "aten::transpose", "aten::expand", "aten::squeeze",
-             "aten::unsqueeze", "aten::reshape", "aten::alias", "aten::detach", "aten::slice", "aten::select",
-             "aten::permute", "aten::as_strided", "aten::unbind", "aten::split")
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func._schema.name.startswith(views):
-                self.n += 1
-            return func(*args, **(kwargs or {}))
 
     shape = get_shape("tiny")
     batch = make_batch(shape, 8, 32, 8, "cpu")
     prep = CASES_BY_NAME[name].build(BuildContext(shape, torch.device("cpu"), 0, batch))
-    model = prep.model.train()
-
-    def step():
-        with route(prep.route) if prep.route is not None else contextlib.nullcontext():
-            model(input_ids=batch.input_ids, labels=batch.labels).loss.backward()
-
-    step()  # lazy initialisation out of the count
-    counter = Count()
-    with counter:
-        step()
-    return counter.n
+    return count_step_ops(prep.model.train(), batch.input_ids, batch.labels, prep.route)
 
 
 @pytest.mark.parametrize("name", sorted(OP_BUDGET))

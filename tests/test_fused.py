@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import adapterkit
+from adapterkit.bench.profile import count_ops
 from adapterkit.core.fused import bottleneck_add, lora_add
 from adapterkit.testing.tiny import main_output, tiny_inputs, tiny_model
 
@@ -101,24 +102,6 @@ def test_fused_under_bf16_autocast_matches_plain(name):
         torch.testing.assert_close(g[k], ref_g[k], atol=2e-2, rtol=5e-2, msg=k)
 
 
-def _count_ops(fn) -> int:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func._schema.name not in ("aten::view", "aten::t", "aten::reshape", "aten::_unsafe_view",
-                                         "aten::detach", "aten::transpose", "aten::expand", "aten::squeeze"):
-                self.n += 1
-            return func(*args, **(kwargs or {}))
-
-    c = Count()
-    with c:
-        fn()
-    return c.n
-
-
 def test_fused_branches_take_fewer_ops_and_equal_the_plain_function():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16, requires_grad=True)
@@ -142,7 +125,7 @@ def test_fused_branches_take_fewer_ops_and_equal_the_plain_function():
         for mode in ("off", "eager"):
             for t in leaves:
                 t.grad = None
-            counts[mode] = _count_ops(step(mode, which))
+            counts[mode] = count_ops(step(mode, which))
             grads[mode] = [None if t.grad is None else t.grad.clone() for t in leaves]
         assert counts["eager"] < counts["off"], (which, counts)
         for g0, g1 in zip(grads["off"], grads["eager"]):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import platform
 import statistics
@@ -27,6 +26,9 @@ import sys
 import time
 
 import torch
+
+from adapterkit.bench.profile import count_step_ops
+from adapterkit.bench.report import write_outputs
 
 MODES = ("off", "eager", "compile")
 REFS = ("frozen_bound", "peft_lora_do0")
@@ -41,35 +43,6 @@ def _median_ci(xs: list[float]) -> tuple[float, float, float]:
     return statistics.median(s), s[lo], s[hi]
 
 
-def _count_ops(model, batch, route) -> int:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from adapterkit.core.routing import route as route_ctx
-
-    views = ("aten::view", "aten::_unsafe_view", "aten::t", "aten::transpose", "aten::expand", "aten::squeeze",
-             "aten::unsqueeze", "aten::reshape", "aten::alias", "aten::detach", "aten::slice", "aten::select",
-             "aten::permute", "aten::as_strided", "aten::unbind", "aten::split")
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func._schema.name.startswith(views):
-                self.n += 1
-            return func(*args, **(kwargs or {}))
-
-    def step():
-        with route_ctx(route) if route is not None else contextlib.nullcontext():
-            model(input_ids=batch.input_ids, labels=batch.labels).loss.backward()
-
-    step()
-    c = Count()
-    with c:
-        step()
-    model.zero_grad(set_to_none=True)
-    return c.n
-
-
 class _Runner:
     def __init__(self, name, mode, shape, batch, backend, device="cpu", amp=None):
         import adapterkit
@@ -82,7 +55,7 @@ class _Runner:
         fusable = name not in ("full_ft", "frozen_bound") and not name.startswith("peft")
         if fusable:
             adapterkit.fuse_branches(self.model, mode, backend=backend)
-        self.ops = _count_ops(self.model, batch, self.prep.route) if mode != "compile" and device == "cpu" else None
+        self.ops = count_step_ops(self.model, batch.input_ids, batch.labels, self.prep.route) if mode != "compile" and device == "cpu" else None
         params = [p for p in self.prep.params if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4)
         self.batch, self.times = batch, []
@@ -174,12 +147,7 @@ def main(argv=None) -> int:
             "command": "python -m adapterkit.bench.fusedbench " + " ".join(argv if argv is not None else sys.argv[1:])}
     rep = {"meta": meta, "results": results}
     md = to_markdown(rep)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rep, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(md)
+    write_outputs(rep, args.out, args.markdown, md)
     print(md)
     return 0
 

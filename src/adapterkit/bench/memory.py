@@ -20,12 +20,13 @@ import argparse
 import contextlib
 import copy
 import gc
-import json
 import platform
 import sys
 import time
 
 import torch
+
+from adapterkit.bench.report import write_outputs
 
 CASES = {
     "full_ft": "full fine-tuning (fp32, reference)",
@@ -229,12 +230,7 @@ def main(argv=None) -> int:
         print(f"  {results[-1]}", file=sys.stderr, flush=True)
     rep = {"meta": meta, "results": results}
     md = to_markdown(rep)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rep, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(md)
+    write_outputs(rep, args.out, args.markdown, md)
     print(md)
     return 0
 
