@@ -28,19 +28,10 @@ import copy
 import torch
 from torch import nn
 
+from adapterkit.core.hf import _Bound  # fn bound to one model, stored on the instance
 from adapterkit.errors import ConfigError
 
 _ATTRS = ("__deepcopy__", "__reduce_ex__")
-
-
-class _Bound:
-    """``fn`` bound to one model, stored on the instance."""
-
-    def __init__(self, fn, model: nn.Module):
-        self.fn, self.model = fn, model
-
-    def __call__(self, *args):
-        return self.fn(self.model, *args)
 
 
 def install(model: nn.Module) -> None:
@@ -87,37 +78,32 @@ def _stripped_copy(model: nn.Module, memo: dict) -> tuple[nn.Module, nn.Module]:
     return new, stale
 
 
-def _deepcopy(model: nn.Module, memo: dict) -> nn.Module:
-    _check_copyable(model, "copy.deepcopy")
-    new, stale = _stripped_copy(model, memo)
+def _spec(model: nn.Module, stale: nn.Module) -> tuple:
+    """What :func:`_rebuild` needs besides the stripped model: the adapter sets (name, config),
+    the copied container's tensors and modes, every parameter's ``requires_grad``."""
     sets = [(name, s.config.to_dict()) for name, s in stale.sets.items()]
-    params = dict(stale.named_parameters())
+    params = {n: p.detach() for n, p in stale.named_parameters()}
     buffers = dict(stale.named_buffers())
     training = {n: m.training for n, m in stale.named_modules()}
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    _attach(new, sets, params, buffers, training, grads, list(stale.base_trainable))
-    return new
+    return sets, params, buffers, training, grads, list(stale.base_trainable)
+
+
+def _deepcopy(model: nn.Module, memo: dict) -> nn.Module:
+    _check_copyable(model, "copy.deepcopy")
+    new, stale = _stripped_copy(model, memo)
+    return _rebuild(new, *_spec(model, stale))
 
 
 def _reduce_ex(model: nn.Module, protocol: int):
     _check_copyable(model, "pickling")
     new, stale = _stripped_copy(model, {})
-    sets = [(name, s.config.to_dict()) for name, s in stale.sets.items()]
-    params = {n: p.detach() for n, p in stale.named_parameters()}
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    buffers = dict(stale.named_buffers())
-    training = {n: m.training for n, m in stale.named_modules()}
-    return _rebuild, (new, sets, params, buffers, training, grads, list(stale.base_trainable))
+    return _rebuild, (new, *_spec(model, stale))
 
 
-def _rebuild(model, sets, params, buffers, training, grads, base_trainable):
-    """Unpickling: attach the adapters to the unpickled base model again."""
-    _attach(model, sets, params, buffers, training, grads, base_trainable)
-    return model
-
-
-def _attach(model: nn.Module, sets: list, params: dict, buffers: dict, training: dict, grads: dict,
-            base_trainable: list) -> None:
+def _rebuild(model: nn.Module, sets: list, params: dict, buffers: dict, training: dict, grads: dict,
+             base_trainable: list) -> nn.Module:
+    """Attach the adapter sets to the stripped copy again (also what unpickling calls)."""
     from adapterkit.core.base import add_adapters, get_container
 
     for name, cfg in sets:
@@ -142,3 +128,4 @@ def _attach(model: nn.Module, sets: list, params: dict, buffers: dict, training:
         if n in grads:
             p.requires_grad_(grads[n])
     container.base_trainable = base_trainable
+    return model
