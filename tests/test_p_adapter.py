@@ -170,7 +170,9 @@ def test_forward_backward_on_decoders(family):
     n_attn = 4 if family == "bart" else 2  # bart: decoder self + cross; llama: causal self-attention
     assert len(s.paths) == n_attn and all("encoder." not in p for p in s.paths)
     y = m(**x).logits
-    assert torch.isfinite(y).all() and (y - y0).abs().max() > 1e-7
+    # the same model without adapters reproduces y0 bit for bit, so any difference is the branch's; at init
+    # it adds ~1e-7 to the attention output, which bart's post-LN decoder shrinks below 1e-7 on the logits
+    assert torch.isfinite(y).all() and (y - y0).abs().max() > 0
     y.pow(2).mean().backward()
     for layer in s.layers.values():
         assert layer.p.grad is not None and torch.isfinite(layer.p.grad).all()
