@@ -52,7 +52,7 @@ from adapterkit.cache.dual_encoder import (
 from adapterkit.cache.openclipart import OPENCLIPART_ROOT, clipart_texts, load_openclipart, read_clipart_image
 from adapterkit.cache.pipeline import run_cache_adapter
 from adapterkit.cache.susx import sus_lc_cache
-from adapterkit.stats import t_interval
+from adapterkit.stats import bootstrap_interval, t_interval
 from adapterkit.vision.data import load_fashion_mnist
 
 CACHE_METHODS = ("tip", "tip-f", "tipx", "caps", "dual")
@@ -207,6 +207,11 @@ def run_dataset(model, data, shots_list, seeds):
     w_one = zero_shot_weights(model, data["classes"], data["templates"][1:2])
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = data["train"], data["val"], data["test"]
     zs = {"val_acc": acc(va_x @ w, va_y), "test_acc": acc(te_x @ w, te_y), "single_template_test_acc": acc(te_x @ w_one, te_y)}
+    zs_iv = bootstrap_interval(((te_x @ w).argmax(1) == te_y).float().numpy() * 100)
+    zs["test_acc_bootstrap95"] = [zs_iv.low, zs_iv.high]
+    # label-free floors: chance, and always answering the support pool's most frequent class
+    zs["chance_acc"] = 100.0 / c
+    zs["majority_test_acc"] = float((te_y == torch.bincount(tr_y, minlength=c).argmax()).float().mean() * 100)
     log(f"{data['name']}: zero-shot test {zs['test_acc']:.2f} (single template {zs['single_template_test_acc']:.2f}); n_test {len(te_y)}")
     runs = []
     for k in shots_list:
@@ -262,6 +267,12 @@ def summarise(result, shots_list):
             if m.startswith("sus-x"):
                 entry["retrieval_precision"] = float(np.mean([r["retrieval_precision"] for r in result["runs"] if r["method"] == m and r["shots"] == k]))
             table.setdefault(m, {})[str(k)] = entry
+    for m in methods:
+        for k in shots_list:
+            diffs = [r["test_acc"] - zs for r in result["runs"] if r["method"] == m and r["shots"] == k]
+            if len(diffs) >= 2:
+                d = t_interval(diffs)
+                paired.setdefault(f"{m} - zero-shot", {})[str(k)] = {"mean": d.mean, "low": d.low, "high": d.high, "n_seeds": d.n}
     for a, b in PAIRS:
         for k in shots_list:
             diffs = [by[(a, k, s)]["test_acc"] - by[(b, k, s)]["test_acc"] for (m, kk, s) in by if m == a and kk == k and (b, k, s) in by]
@@ -272,9 +283,25 @@ def summarise(result, shots_list):
     return result
 
 
-def verdict(low, high):
-    """'holds' when the whole 95% interval is above 0, 'reversed' when below, else 'not shown'."""
-    return "holds" if low > 0 else ("reversed" if high < 0 else "not shown")
+#: accuracies are percentages of a few hundred images: a difference under this is a tie, not a gain
+TIE_TOL = 1e-6
+
+
+def verdict(low, high, tol: float = TIE_TOL):
+    """Decide a claim "a - b > 0" from the 95% interval [low, high] of the paired difference.
+
+    'holds' when the whole interval is above 0 by more than ``tol``, 'reversed' when it is
+    below -tol, else 'not shown'. The tolerance keeps float noise from deciding ties (a
+    method equal to its baseline on every seed gives a zero-width interval at about 0, and
+    rounding can put it at +1e-14). No interval (one seed: low / high None) is 'not shown'.
+    """
+    if low is None or high is None:
+        return "not shown"
+    if low > tol:
+        return "holds"
+    if high < -tol:
+        return "reversed"
+    return "not shown"
 
 
 def claims(res, shots_list):
@@ -290,10 +317,9 @@ def claims(res, shots_list):
         txt += f"; reversed at K = {rev}" if rev else ""
         out.append(f"- {label}: {txt} (95% intervals over seeds; elsewhere the interval includes 0).")
 
-    for m in (*CACHE_METHODS, "sus-x:tipx"):
-        if m in res["table"]:
-            rows = {k: {"low": v["low"] - zs, "high": v["high"] - zs} for k, v in res["table"][m].items()}
-            over_k(f"{m} improves on zero-shot ({zs:.1f})", rows)
+    for m in (*CACHE_METHODS, "sus-x:tipx", "sus-x:tip"):
+        if f"{m} - zero-shot" in res["paired"]:
+            over_k(f"{m} improves on zero-shot ({zs:.1f})", res["paired"][f"{m} - zero-shot"])
     names = {"tip - linear-probe": "Tip-Adapter beats a linear probe on the same K shots",
              "tip-f - tip": "Tip-Adapter-F improves on Tip-Adapter", "tipx - tip": "TIP-X's KL term improves on Tip-Adapter (same cache)",
              "caps - tipx": "CapS-Adapter's caption keys improve on TIP-X", "dual - tip": "DualAdapter improves on Tip-Adapter",
@@ -302,9 +328,10 @@ def claims(res, shots_list):
         if key in res["paired"]:
             over_k(label, res["paired"][key])
     lp1 = res["table"].get("linear-probe", {}).get(str(shots_list[0]))
-    if lp1:
-        out.append(f"- A {shots_list[0]}-shot linear probe vs zero-shot: {lp1['mean']:.1f} [{lp1['low']:.1f}, {lp1['high']:.1f}] vs {zs:.1f} "
-                   f"(CLIP: a 1-shot linear probe falls below zero-shot): {verdict(zs - lp1['high'], zs - lp1['low'])}.")
+    d1 = res["paired"].get("linear-probe - zero-shot", {}).get(str(shots_list[0]))
+    if lp1 and d1:
+        out.append(f"- A {shots_list[0]}-shot linear probe falls below zero-shot (as in CLIP): {lp1['mean']:.1f} [{lp1['low']:.1f}, {lp1['high']:.1f}] vs {zs:.1f}: "
+                   f"{verdict(-d1['high'], -d1['low'])}.")
     return out
 
 
@@ -337,6 +364,8 @@ def plot(results, shots_list, path):
 
 
 def fmt(e):
+    if e["low"] is None:  # one seed: no interval
+        return f"{e['mean']:.1f}"
     return f"{e['mean']:.1f} [{e['low']:.1f}, {e['high']:.1f}]"
 
 
@@ -346,7 +375,8 @@ def markdown(results, shots_list, meta):
     for name, res in results.items():
         zs = res["zero_shot"]
         lines += [f"## {name}", "", f"{len(res['classes'])} classes; test {res['n_test']} images, validation {res['n_val']}, support pool {res['n_support_pool']}. "
-                  f"Zero-shot (prompt ensemble): **{zs['test_acc']:.1f}** (single template {zs['single_template_test_acc']:.1f}). CapS captions: {res['caption_source']}. SuS-X pool: {res['sus_pool']}.", "",
+                  f"Zero-shot (prompt ensemble): **{zs['test_acc']:.1f}** [{zs['test_acc_bootstrap95'][0]:.1f}, {zs['test_acc_bootstrap95'][1]:.1f}] (95% bootstrap over test images; single template {zs['single_template_test_acc']:.1f}). "
+                  f"Floors: chance {zs['chance_acc']:.1f}, majority class {zs['majority_test_acc']:.1f}. CapS captions: {res['caption_source']}. SuS-X pool: {res['sus_pool']}.", "",
                   "| method | " + " | ".join(f"K={k}" for k in shots_list) + " |", "|---|" + "---:|" * len(shots_list)]
         for m, rows in res["table"].items():
             lines.append(f"| {m} | " + " | ".join(fmt(rows[str(k)]) if str(k) in rows else "" for k in shots_list) + " |")
