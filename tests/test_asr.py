@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,29 @@ def test_asterisk_splits_are_disjoint_and_seeded():
     assert [u.uid for u in b["test"]] == [u.uid for u in a["test"]]
     c = asterisk_splits("en", {"train": 30, "val": 10, "test": 40}, seed=1)
     assert [u.uid for u in c["test"]] != [u.uid for u in a["test"]]
+
+
+def test_asterisk_ids_are_unique_across_subfolders():
+    """Prompts with one file name in two folders ("letters/at", "digits/at") are two utterances:
+    predictions are keyed by id, so a shared id would score one recording's hypothesis twice."""
+    try:
+        a = asterisk_splits("en", {"val": 0, "test": 0}, seed=0)
+    except DataError as e:
+        pytest.skip(f"needs the Debian packages asterisk-core-sounds-en(-wav): {e}")
+    us = a["train"]
+    stems = [Path(u.audio).stem for u in us]
+    assert len({u.uid for u in us}) == len(us) == len({u.audio for u in us})
+    if len(set(stems)) == len(stems):
+        pytest.skip("this installation has no repeated prompt file names (ids are unique, but trivially)")
+
+
+def test_duplicate_ids_in_a_dataset_file_are_named(tmp_path):
+    (tmp_path / "en").mkdir()
+    wav = tmp_path / "en" / "a.wav"
+    wav.write_bytes(b"")
+    for s in ("train", "val", "test"):
+        (tmp_path / "en" / f"{s}.jsonl").write_text('{"id": "u1", "audio": "a.wav", "text": "a"}\n' * 2)
+    c = _cfg(tmp_path)
+    c["data"]["tasks"] = ["en"]
+    with pytest.raises(DataError, match="duplicate id 'u1'"):
+        ASRDomain(load_config(c))

@@ -131,9 +131,10 @@ def asterisk_splits(lang: str, sizes: dict[str, int | None], seed: int, root: st
     """{split: [Utterance]}: the prompts of one language, split by a seeded permutation of
     their names (each recording in one split): test first, then val, then train (the rest,
     or ``sizes['train']`` of it)."""
-    from adapterkit.audio.data import ASTERISK_SOUNDS, asterisk_prompts
+    from adapterkit.audio.data import ASTERISK_SOUNDS, asterisk_prompts, asterisk_voice_dir
 
     items = asterisk_prompts(lang, root or ASTERISK_SOUNDS)
+    voice = asterisk_voice_dir(lang, root or ASTERISK_SOUNDS)
     perm = np.random.default_rng(seed).permutation(len(items))
     n_test, n_val = sizes["test"], sizes["val"]
     if n_test + n_val >= len(items):
@@ -141,7 +142,11 @@ def asterisk_splits(lang: str, sizes: dict[str, int | None], seed: int, root: st
     parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
     if sizes.get("train"):
         parts["train"] = parts["train"][: sizes["train"]]
-    return {s: [Utterance(f"{lang}/{items[i][0].stem}", str(items[i][0]), items[i][1]) for i in idx]
+    def uid(path: Path) -> str:  # the path under the voice folder: "digits/1" and "1" are two prompts
+        rel = path.relative_to(voice) if path.is_relative_to(voice) else Path(path.name)
+        return f"{lang}/{rel.with_suffix('').as_posix()}"
+
+    return {s: [Utterance(uid(items[i][0]), str(items[i][0]), items[i][1]) for i in idx]
             for s, idx in parts.items()}
 
 
@@ -149,7 +154,7 @@ def folder_split(root, task: str, split: str) -> list[Utterance]:
     f = Path(root) / task / f"{split}.jsonl"
     if not f.is_file():
         raise DataError(f"missing dataset file {f}")
-    out = []
+    out, seen = [], {}
     for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -162,7 +167,11 @@ def folder_split(root, task: str, split: str) -> list[Utterance]:
         path = (f.parent / row["audio"]) if not os.path.isabs(row["audio"]) else Path(row["audio"])
         if not path.is_file():
             raise DataError(f"{f}:{i}: audio file not found: {path}")
-        out.append(Utterance(str(row.get("id", f"{task}/{split}-{i}")), str(path), row["text"]))
+        uid = str(row.get("id", f"{task}/{split}-{i}"))
+        if uid in seen:
+            raise DataError(f'{f}:{i}: duplicate id {uid!r} (first on line {seen[uid]}); ids must be unique')
+        seen[uid] = i
+        out.append(Utterance(uid, str(path), row["text"]))
     if not out:
         raise DataError(f"{f} holds no utterances")
     return out
