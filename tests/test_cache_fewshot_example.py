@@ -95,7 +95,14 @@ def test_pipeline_end_to_end_on_tiny_features(ex, monkeypatch, tmp_path):
     lo, hi = zs["test_acc_bootstrap95"]
     assert lo <= zs["test_acc"] <= hi
     methods = {r["method"] for r in res["runs"]}
-    assert methods == {"linear-probe", *ex.CACHE_METHODS, "sus-x:tipx", "sus-x:tip"}
+    assert methods == {
+        "linear-probe",
+        *ex.CACHE_METHODS,
+        *ex.ABLATIONS,
+        "sus-x:tipx",
+        "sus-x:tip",
+        "sus-x:tip-wide",
+    }
     assert len(res["runs"]) == len(shots) * len(seeds) * (len(methods))
     for m in methods:
         for k in shots:
@@ -112,7 +119,8 @@ def test_pipeline_end_to_end_on_tiny_features(ex, monkeypatch, tmp_path):
         shots,
         {"command": "x", "model": "stub", "heads": "linear", "seeds": seeds, "date": "today"},
     )
-    assert "| tip-f |" in md and "tip-f - tip" in md and "majority class" in md
+    assert "| tip-f |" in md and "tip-f - tip" in md and "tipx - tip-wide" in md
+    assert "| majority class |" in md and "| chance |" in md and "test n = 24" in md
     json.dumps(res)  # JSON-ready
     ex.plot({"tiny": res}, shots, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
