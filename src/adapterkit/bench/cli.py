@@ -84,6 +84,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="--sweep: skip a case whose memory estimate exceeds this (default 8)")
     p.add_argument("--sweep-dir", default="bench_sweep",
                    help="--sweep: output folder (sweep.json, sweep.md, sweep_<axis>.png)")
+    from adapterkit.bench.efficiency import add_arguments as add_efficiency_arguments
+
+    add_efficiency_arguments(p)
     return p
 
 
@@ -133,6 +136,10 @@ def run(args) -> int:
         from adapterkit.bench.sweep import run_from_args
 
         return run_from_args(args)
+    if args.efficiency:
+        from adapterkit.bench.efficiency import run_from_args as run_efficiency
+
+        return run_efficiency(args)
     if args.list:
         for c in CASES:
             print(f"{c.name:<32} {c.kind:<6} {c.group:<11} {c.title}")
