@@ -8,6 +8,14 @@
 #    process of that environment, eager only (BART under transformers 4.57 does not capture as a CUDA
 #    graph): OUTDIR/adapterhub.{json,md,log}
 # 3. a torch.profiler table of the main adapterkit cases: OUTDIR/profile.log (BENCH_PROFILE=0 skips it)
+# 4. the cost-against-work sweep (size axis up to the 1.1B Llama shape, batch, seq, tasks):
+#    OUTDIR/sweep/sweep.{json,md,png}, OUTDIR/sweep.log (BENCH_SWEEP=0 skips it; BENCH_SWEEP_ARGS replaces
+#    its axis arguments)
+# 5. the serving benchmark (mixed-task greedy generation, LoRA and Houlsby):
+#    OUTDIR/serve.{json,md,log} (BENCH_SERVE=0 skips it)
+# 6. the fused-branch comparison (plain / hand-fused / compiled adapter branches, BART-base shape,
+#    bf16): OUTDIR/fused.{json,md,log} (BENCH_FUSED=0 skips it)
+# The extra arguments go to step 1 (and 2, 3) only. Steps 4-6 are sized to take a few minutes on an H100.
 set -o pipefail
 OUTDIR=${1:-bench_out}; shift || true
 mkdir -p "$OUTDIR"
@@ -35,4 +43,19 @@ fi
 if [ "${BENCH_PROFILE:-1}" != 0 ]; then
   python3 -m adapterkit.bench.cli --cases "${BENCH_PROFILE_CASES:-single_adapter,single_lora_do0,single_compacter,hyperformer,single_prompt,multiple_adapters_mixed,multiple_lora_mixed}" \
     --steps 5 --warmup 3 --profile 25 "$@" > "$OUTDIR/profile.log" 2>&1
+fi
+if [ "${BENCH_SWEEP:-1}" != 0 ]; then
+  # shellcheck disable=SC2086  # BENCH_SWEEP_ARGS is a list of arguments
+  python3 -m adapterkit.bench.cli --sweep --device cuda --sweep-dir "$OUTDIR/sweep" --steps 10 --warmup 3 \
+    --sweep-max-gib 60 ${BENCH_SWEEP_ARGS:---sweep-sizes llama-8m,llama-19m,llama-56m,llama-125m,llama-360m,llama-1b \
+    --sweep-batch 1,4,16,64 --sweep-seq 64,256,1024 --sweep-tasks 1,4,16,64} 2>&1 | tee "$OUTDIR/sweep.log"
+fi
+if [ "${BENCH_SERVE:-1}" != 0 ]; then  # the CPU run's shape and prompt (docs/results/serving/README.md)
+  python3 -m adapterkit.bench.cli --serve --device cuda --d-model 256 --layers 4 --heads 4 --ffn 688 --vocab 8192 \
+    --batch 64 --src 32 --tgt 16 --serve-tasks 1,8,64 --repeats 3 \
+    --out "$OUTDIR/serve.json" --markdown "$OUTDIR/serve.md" 2>&1 | tee "$OUTDIR/serve.log"
+fi
+if [ "${BENCH_FUSED:-1}" != 0 ]; then
+  python3 -m adapterkit.bench.fusedbench --device cuda --dtype bf16 --shape bart-base --batch 64 --src 128 --tgt 32 \
+    --steps 30 --out "$OUTDIR/fused.json" --markdown "$OUTDIR/fused.md" 2>&1 | tee "$OUTDIR/fused.log"
 fi
