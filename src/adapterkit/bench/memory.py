@@ -41,6 +41,11 @@ CASES = {
 }
 
 
+# PEFT's case set up alike (same weights dtype / checkpointing); PEFT has no int8 path without
+# bitsandbytes, so the int8 cases are set against PEFT's fp32 ones of the same checkpointing
+PEFT_ALIKE = {"ours_fp32": "peft_fp32", "ours_bf16_frozen": "peft_bf16_base", "ours_int8_frozen": "peft_fp32",
+              "ours_fp32_ckpt": "peft_fp32_ckpt", "ours_int8_ckpt": "peft_fp32_ckpt"}
+
 _TEMPLATE: dict = {}
 
 
@@ -167,17 +172,24 @@ def to_markdown(rep: dict) -> str:
              "Memory: allocator bytes (torch.profiler memory events), not RSS: resident = weights + optimizer "
              "state alive when the step starts; rise = highest growth during the step (activations, gradients, "
              "temporaries); peak = resident + rise.", "",
+             "`vs PEFT alike`: against PEFT's case with the same weights dtype and checkpointing (the int8 "
+             "cases against PEFT fp32, which has no int8 path without bitsandbytes).", "",
              "| case | what | trainable | frozen weights MiB | resident MiB | rise MiB | peak MiB | peak vs PEFT fp32 "
-             "| step s |", "|---|---|---|---|---|---|---|---|---|"]
-    by = {r["case"]: r for r in rep["results"]}
-    ref = by.get("peft_fp32", {}).get("peak_mib")
+             "| peak vs PEFT alike | step s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    by = {r["case"]: r for r in rep["results"] if "error" not in r}
+
+    def ratio(r, peer):
+        ref = by.get(peer, {}).get("peak_mib")
+        return f"{r['peak_mib'] / ref:.2f} ({peer})" if ref else "n/a"
+
     for r in rep["results"]:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['what']} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {r['case']} | {r['what']} | error: {r['error']} | | | | | | | |")
             continue
-        vs = f"{r['peak_mib'] / ref:.2f}" if ref else "n/a"
+        alike = ratio(r, PEFT_ALIKE[r["case"]]) if r["case"] in PEFT_ALIKE else ""
         lines.append(f"| {r['case']} | {r['what']} | {r['trainable']:,} | {r['frozen_weight_mib']:.0f} | "
-                     f"{r['resident_mib']:.0f} | {r['rise_mib']:.0f} | {r['peak_mib']:.0f} | {vs} | {r['step_s']:.1f} |")
+                     f"{r['resident_mib']:.0f} | {r['rise_mib']:.0f} | {r['peak_mib']:.0f} | "
+                     f"{ratio(r, 'peft_fp32').split(' ')[0]} | {alike} | {r['step_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
