@@ -88,5 +88,5 @@ def test_a_run_writes_json_and_markdown_with_the_peft_ratios(tmp_path):
     for r in by.values():
         assert r["peak_mib"] == pytest.approx(r["resident_mib"] + r["rise_mib"])
     text = md.read_text()
-    assert "peak vs PEFT alike" in text and "(peft_fp32_ckpt)" in text
+    assert "peak vs PEFT alike" in text and "(peft_fp32_ckpt)" in text and "Command: `python -m" in text
     assert memory.main([*TINY, "--cases", "nope"]) == 2

@@ -168,6 +168,7 @@ def to_markdown(rep: dict) -> str:
     lines = [f"Llama shape: hidden {m['hidden']}, {m['layers']} layers, FFN {m['ffn']}, {m['heads']} heads, "
              f"vocabulary {m['vocab']} ({m['params'] / 1e6:.1f}M parameters, random init); batch {m['batch']} x "
              f"{m['seq']} tokens; LoRA r {m['r']}, alpha {m['alpha']}, q/v, dropout 0; one CPU thread.",
+             f"Command: `{m['command']}`" if m.get("command") else "",
              f"Machine: {m['machine']}; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}.",
              "Memory: allocator bytes (torch.profiler memory events), not RSS: resident = weights + optimizer "
              "state alive when the step starts; rise = highest growth during the step (activations, gradients, "
