@@ -69,6 +69,9 @@ def test_demo_tiny_mode_end_to_end(tmp_path):
     assert lo <= res["test_avg"] <= hi
     assert (tmp_path / "run" / "demo.png").stat().st_size > 1000
     assert (tmp_path / "run" / "single_adapter" / "final" / "adapter_model.safetensors").exists()
+    check = res["caption_check"]
+    assert check["examples"] == TINY_TEST["caption"] and 1 <= check["distinct"] <= check["examples"]
+    assert "caption check:" in out.stdout
 
 
 def test_compare_json_schema(tiny_compare):
@@ -152,6 +155,21 @@ def test_per_example_scores_average_to_the_task_metric(tiny_compare, tiny_data):
         m = TASK_METRICS[t](p, {e.uid: e for e in exs})
         assert s.mean() == pytest.approx(m["CIDEr" if t == "caption" else "accuracy"])
         assert s.max() > 0
+
+
+def test_caption_check_tells_a_constant_captioner_from_one_that_reads_the_picture(tiny_data):
+    from adapterkit.vl.datasets.fashionvl import load_fashionvl_examples
+
+    exs = load_fashionvl_examples(tiny_data[0], "caption", "test")
+    right = {e.uid: e.targets[0] for e in exs}  # a captioner that names what is in each grid
+    const = {e.uid: exs[0].targets[0] for e in exs}  # one caption for every picture
+    a, b = bm.caption_check(right, exs), bm.caption_check(const, exs)
+    assert b["distinct"] == 1 and b["most_common_share"] == 1.0
+    assert b["most_common_alone_cider_d"] == pytest.approx(bm.per_example_scores("caption", const, exs).mean())
+    assert a["distinct"] == len({e.targets[0] for e in exs}) > 1
+    # the picture-reading captioner scores far above its own most common caption given to all
+    assert bm.per_example_scores("caption", right, exs).mean() > a["most_common_alone_cider_d"] + 50
+    assert "1 distinct captions" in bm.caption_line(b)
 
 
 def test_estimate_from_measured_costs(tiny_data, tmp_path, capsys):

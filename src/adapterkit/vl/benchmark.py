@@ -199,13 +199,27 @@ def per_example_scores(task: str, preds: dict, examples: list) -> np.ndarray:
     return 100.0 * np.array([exact_match(preds[e.uid], e.targets) for e in examples], dtype=float)
 
 
+def caption_check(preds: dict, examples: list) -> dict:
+    """Does the captioner look at the image? The number of distinct test captions, the most common
+    one and its share, and the CIDEr-D that caption alone scores when given for every test image
+    (same document frequencies as the run's score): a run whose score is near that constant's has
+    learnt the caption template, not the pictures."""
+    from collections import Counter
+
+    counts = Counter(preds[e.uid] for e in examples)
+    top, n_top = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    const = per_example_scores("caption", {e.uid: top for e in examples}, examples)
+    return {"examples": len(examples), "distinct": len(counts), "most_common": top,
+            "most_common_share": n_top / len(examples), "most_common_alone_cider_d": float(const.mean())}
+
+
 def score_run(res: dict, run_dir: Path, data_dir, n_resamples: int = 2000, seed: int = 0) -> dict:
     """Per-example test scores of one finished run and their bootstrap intervals."""
     from adapterkit.stats import bootstrap_tasks
     from adapterkit.vl.datasets.fashionvl import load_fashionvl_examples
 
     preds = json.loads((Path(run_dir) / "predictions.json").read_text())
-    scores, uids = {}, {}
+    scores, uids, check = {}, {}, None
     for t in TASKS:
         exs = [e for e in load_fashionvl_examples(data_dir, t, "test") if e.uid in preds[t]]
         s = per_example_scores(t, preds[t], exs)
@@ -214,8 +228,10 @@ def score_run(res: dict, run_dir: Path, data_dir, n_resamples: int = 2000, seed:
             raise DataError(f"{t}: the per-example scores average {s.mean():.6f} but the trainer reported "
                             f"{reported:.6f}; the two scorers disagree")
         scores[t], uids[t] = s, [e.uid for e in exs]
+        if t == "caption":
+            check = caption_check(preds[t], exs)
     iv = bootstrap_tasks(scores, n_resamples=n_resamples, seed=seed)
-    return {"scores": {k: v.mean for k, v in iv.items()},
+    return {"scores": {k: v.mean for k, v in iv.items()}, "caption_check": check,
             "intervals": {k: [v.low, v.high] for k, v in iv.items()},
             "test_sizes": {t: len(uids[t]) for t in TASKS},
             "per_example": {t: {"uids": uids[t], "scores": [round(float(x), 6) for x in scores[t]]} for t in TASKS}}
@@ -320,6 +336,13 @@ def table(res: dict, baseline: dict, intervals: dict | None = None) -> str:
                 f"{res['steps']} steps, wall time {res['wall_time_s']:.0f} s; intervals: 95% percentile "
                 "bootstrap over test examples")
     return "\n".join(rows)
+
+
+def caption_line(check: dict) -> str:
+    """One line saying whether the captions vary with the picture."""
+    return (f"caption check: {check['distinct']} distinct captions for {check['examples']} test images; the most "
+            f"common ({100 * check['most_common_share']:.0f}%: \"{check['most_common']}\") given for every "
+            f"image would score {check['most_common_alone_cider_d']:.1f} CIDEr-D")
 
 
 def compare_table(summary: dict) -> str:
@@ -591,6 +614,7 @@ def demo(out_dir="runs/demo", data_dir="data_cache/fashionvl", scale_name="defau
     scored = score_run(res, out / preset, data_dir)
     res["intervals"] = scored["intervals"]
     res["test_sizes"] = scored["test_sizes"]
+    res["caption_check"] = scored["caption_check"]
     res["majority_baseline"] = base
     res["fashionvl_stats"] = stats
     res["total_wall_time_s"] = time.time() - t0
@@ -598,6 +622,7 @@ def demo(out_dir="runs/demo", data_dir="data_cache/fashionvl", scale_name="defau
     plot_demo(res, base, out / "demo.png", res["intervals"])
     print("[4/4] test results (FashionVL test split: photos never seen in training)")
     print(table(res, base, res["intervals"]))
+    print(caption_line(res["caption_check"]))
     print(f"results: {out / 'results.json'}  plot: {out / 'demo.png'}  total {res['total_wall_time_s']:.0f} s")
     return res
 
