@@ -33,8 +33,6 @@ classification heads, adapters); this module only drives it with its own timed l
 from __future__ import annotations
 
 import copy
-import os
-import shlex
 import statistics
 import sys
 import time
@@ -349,23 +347,17 @@ def run_latency(s: EfficiencySettings, base: nn.Module, log=print) -> dict:
 
 # --- serving N tasks --------------------------------------------------------------------
 
-def _row_tasks(batch: int, n: int) -> list[str]:
-    return [f"task{i % n}" for i in range(batch)]
-
-
 def _pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+    from adapterkit.text.domain import mean_pool
+
+    return mean_pool(h, mask)
 
 
-def _heads_forward(heads: nn.ModuleList, pooled: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """Each row through its task's head (rows[i] = task index of row i)."""
-    out = pooled.new_empty(pooled.shape[0], heads[0].out_features)
-    idx = torch.tensor(rows)
-    for t in sorted(set(rows)):
-        sel = (idx == t).nonzero().squeeze(1)
-        out[sel] = heads[t](pooled[sel])
-    return out
+def _heads_forward(weight: torch.Tensor, bias: torch.Tensor, pooled: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Each row through its task's head in one batched product (``weight`` (tasks, labels, width),
+    ``bias`` (tasks, labels) stacked from the heads; rows[i] = task index of row i)."""
+    idx = torch.as_tensor(rows, device=pooled.device)
+    return torch.bmm(weight[idx], pooled.unsqueeze(-1)).squeeze(-1) + bias[idx]
 
 
 class _Server:
@@ -390,6 +382,9 @@ class _Server:
                 _randomize(m)
             self.models = nn.ModuleList([m.eval()])
         self.heads.eval()
+        with torch.no_grad():  # the heads stacked once, for the one-product per-row head of the shared model
+            self.head_weight = torch.stack([h.weight for h in self.heads])
+            self.head_bias = torch.stack([h.bias for h in self.heads])
 
     def params_stored(self) -> int:
         """Every parameter a server of this kind keeps (heads included)."""
@@ -414,7 +409,7 @@ class _Server:
                 h = self.models[0](**x).last_hidden_state
         else:  # multi_task: one shared backbone, N heads
             h = self.models[0](**x).last_hidden_state
-        return _heads_forward(self.heads, _pool(h, x["attention_mask"]), rows)
+        return _heads_forward(self.head_weight, self.head_bias, _pool(h, x["attention_mask"]), rows)
 
 
 def run_serve(s: EfficiencySettings, base: nn.Module, log=print) -> dict:
@@ -756,11 +751,9 @@ def run_from_args(args) -> int:
             torch.set_num_threads(args.threads)
         s = settings_from_args(args)
         s.validate()
-        argv = sys.argv[1:]
-        argv = argv[1:] if argv[:1] == ["bench"] else argv
-        cmd = shlex.join(["adapterkit", "bench", *argv])
-        if os.environ.get("OMP_NUM_THREADS"):
-            cmd = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {cmd}"
+        from adapterkit.bench.sweep import bench_command
+
+        cmd = bench_command()
         out = Path(args.efficiency_dir)
         root = ensure_data(s, Path(str(out) + "_data")) if "train" in s.parts else None
 

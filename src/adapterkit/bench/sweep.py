@@ -829,11 +829,15 @@ def settings_from_args(args) -> SweepSettings:
     return replace(s, **kw)
 
 
-def _command() -> str:
+def bench_command() -> str:
+    """This process's ``adapterkit bench ...`` command line (with OMP_NUM_THREADS when set), for reports."""
     argv = sys.argv[1:]
     if argv[:1] == ["bench"]:
         argv = argv[1:]
-    return shlex.join(["adapterkit", "bench", *argv])
+    cmd = shlex.join(["adapterkit", "bench", *argv])
+    if os.environ.get("OMP_NUM_THREADS"):
+        cmd = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {cmd}"
+    return cmd
 
 
 def run_from_args(args) -> int:
@@ -844,9 +848,7 @@ def run_from_args(args) -> int:
                 raise ConfigError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
         s = settings_from_args(args)
-        cmd = _command()
-        if os.environ.get("OMP_NUM_THREADS"):
-            cmd = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {cmd}"
+        cmd = bench_command()
 
         def keep(partial: dict) -> None:
             from adapterkit.safeio import atomic_write_json

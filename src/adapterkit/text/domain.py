@@ -30,6 +30,12 @@ from adapterkit.text.data import TextExample, read_split, split_file
 _TINY = {"tiny-bert": "encoder", "tiny-bart": "seq2seq", "tiny-t5": "seq2seq", "tiny-llama": "causal"}
 
 
+def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``h`` (batch, tokens, width) over the tokens the mask keeps."""
+    m = attention_mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 class MultiHeadClassifier(nn.Module):
     """An encoder with one linear head per task over its pooled output (``cls`` or ``mean``)."""
 
@@ -47,8 +53,7 @@ class MultiHeadClassifier(nn.Module):
         kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         h = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
         if self.pool == "mean":
-            m = attention_mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+            pooled = mean_pool(h, attention_mask)
         else:
             pooled = h[:, 0]
         return self.heads[task](self.dropout(pooled))
