@@ -90,6 +90,8 @@ def test_compare_json_schema(tiny_compare):
                 lo, hi = s["intervals"][k]
                 assert lo <= s["scores"][k] <= hi
             assert s["scores"]["average"] == pytest.approx(np.mean([s["scores"][t] for t in TASKS]))
+            check = s["caption_check"]
+            assert check["examples"] == EVAL_N and 1 <= check["distinct"] <= EVAL_N
         for k in keys:
             assert p["mean"][k] == pytest.approx(np.mean([s["scores"][k] for s in p["seeds"]]))
             lo, hi = p["seed_interval"][k]
@@ -108,6 +110,8 @@ def test_compare_json_schema(tiny_compare):
     assert "vs_reference" not in on_disk["presets"]["full_finetune"]
     md = (out / "compare.md").read_text()
     assert "single_adapter" in md and "t-interval over seeds" in md and "majority answer" in md
+    c = on_disk["presets"]["single_adapter"]["seeds"][0]["caption_check"]
+    assert f"{c['distinct']} / {100 * c['most_common_share']:.0f}% / {c['most_common_alone_cider_d']:.1f}" in md
     for f in ("compare.png", "curves.png"):
         assert (out / f).stat().st_size > 5000
 

@@ -278,7 +278,7 @@ def aggregate(runs: list[dict], n_resamples: int = 2000, seed: int = 0) -> dict:
         "percent": runs[0]["percent"], "trainable": runs[0]["trainable"], "total": runs[0]["total"],
         "lr": runs[0]["lr"], "steps": runs[0]["steps"],
         "seeds": [{"seed": r["seed"], "scores": r["scores"], "intervals": r["intervals"],
-                   "wall_time_s": r["wall_time_s"]} for r in runs],
+                   "caption_check": r.get("caption_check"), "wall_time_s": r["wall_time_s"]} for r in runs],
         "mean": {k: over_seeds[k].mean for k in keys},
         "seed_interval": {k: None if over_seeds[k].low is None else [over_seeds[k].low, over_seeds[k].high]
                           for k in keys},
@@ -345,14 +345,20 @@ def caption_line(check: dict) -> str:
             f"image would score {check['most_common_alone_cider_d']:.1f} CIDEr-D")
 
 
+def _check_cell(s: dict) -> str:
+    checks = [x.get("caption_check") for x in s["seeds"]]
+    return "; ".join("-" if c is None else f"{c['distinct']} / {100 * c['most_common_share']:.0f}% / "
+                     f"{c['most_common_alone_cider_d']:.1f}" for c in checks)
+
+
 def compare_table(summary: dict) -> str:
     """Markdown: per preset and task, mean over seeds +- the t-interval's half-width over seeds, then
     the 95% bootstrap interval over test examples of the seed-averaged scores."""
     base = summary["majority_baseline"]
     n_seeds = len(summary["protocol"]["seeds"])
     cols = TASKS + ["average"]
-    lines = [f"| preset | seeds | trainable % | {' | '.join(cols)} | vs {REFERENCE} | wall s/run |",
-             "|---" * (len(cols) + 5) + "|"]
+    lines = [f"| preset | seeds | trainable % | {' | '.join(cols)} | vs {REFERENCE} | caption check | wall s/run |",
+             "|---" * (len(cols) + 6) + "|"]
 
     def cell(s, k):
         si = s["seed_interval"][k]
@@ -365,9 +371,9 @@ def compare_table(summary: dict) -> str:
                                           + ("" if vs["seed_interval"] is None else
                                              f"; seeds{_iv(vs['seed_interval'])}"))
         lines.append(f"| {p} | {len(s['seeds'])} | {s['percent']:.2f} | " + " | ".join(cell(s, k) for k in cols)
-                     + f" | {vs_txt} | {s['wall_time_s']:.0f} |")
+                     + f" | {vs_txt} | {_check_cell(s)} | {s['wall_time_s']:.0f} |")
     lines.append("| majority answer | - | - | " + " | ".join(f"{_baseline_percent(base[t]):.1f}" for t in TASKS)
-                 + f" | {sum(_baseline_percent(base[t]) for t in TASKS) / len(TASKS):.1f} | - | - |")
+                 + f" | {sum(_baseline_percent(base[t]) for t in TASKS) / len(TASKS):.1f} | - | - | - |")
     sizes = next(iter(summary["presets"].values()))["test_sizes"]
     lines.append("")
     lines.append(f"Mean over the seeds (of {n_seeds} asked)" + (" ± half-width of the 95% t-interval over seeds"
@@ -378,6 +384,9 @@ def compare_table(summary: dict) -> str:
         lines.append(f"vs {REFERENCE}: paired difference of averages on the seeds both have [95% bootstrap over "
                      "test examples of the seed-averaged scores]; seeds [95% t-interval of the per-seed "
                      "differences].")
+    lines.append("Caption check, per seed: distinct test captions / the most common one's share / the CIDEr-D that "
+                 "caption alone scores given for every image (a caption score near it is the template's, not the "
+                 "picture's).")
     missing = summary.get("missing_runs")
     if missing:
         lines.append("Partial: not run yet: " + ", ".join(f"{m['preset']} seed {m['seed']}" for m in missing) + ".")
