@@ -310,6 +310,77 @@ def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, s
             "seeds_paired": len(diffs)}
 
 
+def load_runs(folder: str | Path) -> dict[str, list[dict]]:
+    """Every finished run of a compare folder: {preset: [run.json, ... by seed]}."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such compare folder")
+    runs: dict[str, list[dict]] = {}
+    for f in sorted(folder.glob("*/seed*/run.json")):
+        try:
+            r = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{f}: not a readable run record ({e})") from None
+        runs.setdefault(r["preset"], []).append(r)
+    for rs in runs.values():
+        rs.sort(key=lambda r: r["seed"])
+    return runs
+
+
+def paired_folders(a: str | Path, b: str | Path, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Two compare folders that differ in one setting (bf16 against fp32, another learning rate):
+    per preset and seed both have, a - b per task and for the average with the paired bootstrap
+    interval over the same test examples, and over the seeds both have (seeds paired by number)."""
+    from adapterkit.stats import bootstrap_difference
+
+    ra, rb = load_runs(a), load_runs(b)
+    out = {"a": str(a), "b": str(b), "presets": {}}
+    for p in sorted(set(ra) & set(rb)):
+        b_by_seed = {r["seed"]: r for r in rb[p]}
+        pairs = [(r, b_by_seed[r["seed"]]) for r in ra[p] if r["seed"] in b_by_seed]
+        if not pairs:
+            continue
+        per_seed = []
+        for x, y in pairs:
+            row = {"seed": x["seed"], "a": x["scores"], "b": y["scores"], "tasks": {}}
+            for t in TASKS:
+                if x["per_example"][t]["uids"] != y["per_example"][t]["uids"]:
+                    raise DataError(f"{p} seed {x['seed']}: {t} was tested on different examples in {a} and {b}")
+                d = bootstrap_difference({t: x["per_example"][t]["scores"]}, {t: y["per_example"][t]["scores"]},
+                                         n_resamples=n_resamples, seed=seed)
+                row["tasks"][t] = {"difference": d.mean, "interval": [d.low, d.high]}
+            d = paired_vs([x], [y], n_resamples, seed)
+            row["tasks"]["average"] = {"difference": d["difference"], "interval": d["example_interval"]}
+            per_seed.append(row)
+        pooled = paired_vs([x for x, _ in pairs], [y for _, y in pairs], n_resamples, seed)
+        out["presets"][p] = {"seeds": per_seed, "pooled": pooled,
+                             "test_sizes": pairs[0][0]["test_sizes"]}
+    if not out["presets"]:
+        raise DataError(f"{a} and {b} have no (preset, seed) run in common")
+    return out
+
+
+def paired_table(res: dict) -> str:
+    """Markdown for `paired_folders`: a - b per preset, seed and task [95% paired bootstrap interval]."""
+    cols = TASKS + ["average"]
+    lines = [f"a = `{res['a']}`, b = `{res['b']}`", "",
+             "| preset | seed | " + " | ".join(f"{c} a - b" for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for p, r in res["presets"].items():
+        for row in r["seeds"]:
+            lines.append(f"| {p} | {row['seed']} | " + " | ".join(
+                f"{row['tasks'][c]['difference']:+.2f}{_iv(row['tasks'][c]['interval'])}" for c in cols) + " |")
+        pooled = r["pooled"]
+        if len(r["seeds"]) > 1:
+            lines.append(f"| {p} | all {pooled['seeds_paired']} | | | | | {pooled['difference']:+.2f}"
+                         f"{_iv(pooled['example_interval'])}"
+                         + ("" if pooled["seed_interval"] is None else f"; seeds{_iv(pooled['seed_interval'])}")
+                         + " |")
+    sizes = next(iter(res["presets"].values()))["test_sizes"]
+    lines += ["", "Differences in points (CIDEr-D for caption); [95% paired bootstrap over the same test examples]; "
+              "test examples per task: " + ", ".join(f"{t} {sizes[t]}" for t in TASKS) + "."]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- tables
 
 def _baseline_percent(b: dict) -> float:

@@ -1,0 +1,72 @@
+"""Two compare folders paired run by run (`benchmark.paired_folders`): the differences are the
+runs' own, per seed and pooled; folders without a common run, or tested on other examples, fail
+with one clear error."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapterkit.errors import DataError
+from adapterkit.vl import benchmark as bm
+
+from test_compare_partial import _fake_run
+
+
+def _folder(root: Path, runs):
+    for r in runs:
+        d = root / r["preset"] / f"seed{r['seed']}"
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps(r))
+    return root
+
+
+def test_paired_folders_differences_and_intervals(tmp_path):
+    a = _folder(tmp_path / "a", [_fake_run("single_adapter", s, n=40) for s in (0, 1)])
+    b_runs = [_fake_run("single_adapter", s + 10, n=40) for s in (0, 1)]
+    for s, r in enumerate(b_runs):
+        r["seed"] = s  # other scores under the same seed numbers
+    b = _folder(tmp_path / "b", b_runs + [_fake_run("full_finetune", 0, n=40)])
+    res = bm.paired_folders(a, b, n_resamples=500)
+    assert list(res["presets"]) == ["single_adapter"]  # only presets both folders have
+    r = res["presets"]["single_adapter"]
+    assert [row["seed"] for row in r["seeds"]] == [0, 1]
+    ra = _fake_run("single_adapter", 0, n=40)
+    for t in bm.TASKS:
+        want = np.mean(ra["per_example"][t]["scores"]) - np.mean(b_runs[0]["per_example"][t]["scores"])
+        got = r["seeds"][0]["tasks"][t]
+        assert got["difference"] == pytest.approx(want)
+        assert got["interval"][0] <= want <= got["interval"][1]
+    avg = r["seeds"][0]["tasks"]["average"]["difference"]
+    assert avg == pytest.approx(ra["scores"]["average"] - b_runs[0]["scores"]["average"])
+    assert r["pooled"]["seeds_paired"] == 2 and r["pooled"]["seed_interval"] is not None
+    # a folder against itself: every difference 0, intervals [0, 0]
+    same = bm.paired_folders(a, a, n_resamples=200)
+    for row in same["presets"]["single_adapter"]["seeds"]:
+        assert all(v["difference"] == 0 and v["interval"] == [0, 0] for v in row["tasks"].values())
+    md = bm.paired_table(res)
+    assert "| single_adapter | 0 |" in md and "all 2" in md
+
+
+def test_paired_folders_bad_input(tmp_path):
+    a = _folder(tmp_path / "a", [_fake_run("single_adapter", 0)])
+    b = _folder(tmp_path / "b", [_fake_run("full_finetune", 0)])
+    with pytest.raises(DataError, match="no \\(preset, seed\\) run in common"):
+        bm.paired_folders(a, b)
+    with pytest.raises(DataError, match="no such compare folder"):
+        bm.paired_folders(a, tmp_path / "missing")
+    other = _fake_run("single_adapter", 0)
+    other["per_example"]["vqa"]["uids"] = [f"x{i}" for i in range(5)]
+    c = _folder(tmp_path / "c", [other])
+    with pytest.raises(DataError, match="vqa was tested on different examples"):
+        bm.paired_folders(a, c)
+    (tmp_path / "d" / "single_adapter" / "seed0").mkdir(parents=True)
+    (tmp_path / "d" / "single_adapter" / "seed0" / "run.json").write_text("{trunc")
+    with pytest.raises(DataError, match="not a readable run record"):
+        bm.paired_folders(a, tmp_path / "d")
+    script = Path(__file__).parents[1] / "scripts" / "fashionvl_paired.py"
+    p = subprocess.run([sys.executable, str(script), str(a), str(b)], capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr.strip().endswith("run in common") and "Traceback" not in p.stderr
