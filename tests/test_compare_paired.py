@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_compare_partial import _fake_run
 
 from adapterkit.errors import DataError
 from adapterkit.vl import benchmark as bm
-
-from test_compare_partial import _fake_run
 
 
 def _folder(root: Path, runs):
