@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +42,7 @@ from adapterkit.cache.tip_adapter import (
 )
 from adapterkit.cache.tipx import search_tipx, tipx_logits
 from adapterkit.errors import ConfigError, DataError, did_you_mean
+from adapterkit.safeio import atomic_write_json
 
 __all__ = ["METHODS", "add_parser", "load_feature_store", "load_split_features", "run", "run_cache_adapter"]
 
@@ -370,21 +369,6 @@ def load_split_features(store_dir, labels_path) -> dict[str, tuple[np.ndarray, n
     return out
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -449,7 +433,7 @@ def run(args) -> int:
         seed=args.seed,
         **kw,
     )
-    _write_json_atomic(Path(args.out), res)
+    atomic_write_json(Path(args.out), res)
     print(
         f"{res['method']}: {res['baseline']} test acc {res['baseline_test_acc']:.2f} -> "
         f"{res['test_acc']:.2f} (val {res['val_acc']:.2f}; params {res['params']}) -> {args.out}"
