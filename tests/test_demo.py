@@ -136,6 +136,13 @@ def test_compare_reuses_finished_runs(tiny_compare, tiny_data, capsys):
     again = bm.compare(["single_adapter", "full_finetune"], out_dir=out, data_dir=tiny_data[0], **RUN)
     assert "cached" in capsys.readouterr().out
     assert again["presets"] == json.loads(json.dumps(summary["presets"]))
+    # a record written before the caption check grew its item recall gets it from its predictions file
+    rec = out / "single_adapter" / "seed0" / "run.json"
+    run = json.loads(rec.read_text())
+    old = {k: v for k, v in run["caption_check"].items() if "item_recall" not in k}
+    rec.write_text(json.dumps({**run, "caption_check": old}))
+    bm.compare(["single_adapter", "full_finetune"], out_dir=out, data_dir=tiny_data[0], **RUN)
+    assert json.loads(rec.read_text()) == run
     from adapterkit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="another --out"):  # a finished run of another budget is not reused
@@ -174,6 +181,24 @@ def test_caption_check_tells_a_constant_captioner_from_one_that_reads_the_pictur
     # the picture-reading captioner scores far above its own most common caption given to all
     assert bm.per_example_scores("caption", right, exs).mean() > a["most_common_alone_cider_d"] + 50
     assert "1 distinct captions" in bm.caption_line(b)
+    # item recall: the references name every item; one caption for all grids names only what it shares
+    assert a["item_recall"] == 100.0 and b["most_common_item_recall"] == b["item_recall"] < 60
+    assert "of the grids' items" in bm.caption_line(a)
+
+
+def test_caption_items_parses_every_reference_form():
+    from collections import Counter
+
+    from adapterkit.vl.datasets.fashionvl import caption_item_recall, caption_items, caption_references
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        labels = rng.integers(0, 10, 4).tolist()
+        for ref in caption_references(labels):
+            assert caption_items(ref) == Counter(labels), ref
+    assert caption_items("two t-shirts, a shirt and an ankle boot") == Counter({0: 2, 6: 1, 9: 1})
+    assert caption_item_recall("a bag, a bag, a coat and a dress", [8, 4, 4, 1]) == 0.5  # coat once, bag once
+    assert caption_item_recall("", [0, 1, 2, 3]) == 0.0
 
 
 def test_estimate_from_measured_costs(tiny_data, tmp_path, capsys):

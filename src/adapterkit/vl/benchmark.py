@@ -206,11 +206,19 @@ def caption_check(preds: dict, examples: list) -> dict:
     learnt the caption template, not the pictures."""
     from collections import Counter
 
+    from adapterkit.vl.datasets.fashionvl import caption_item_recall
+
     counts = Counter(preds[e.uid] for e in examples)
     top, n_top = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     const = per_example_scores("caption", {e.uid: top for e in examples}, examples)
-    return {"examples": len(examples), "distinct": len(counts), "most_common": top,
-            "most_common_share": n_top / len(examples), "most_common_alone_cider_d": float(const.mean())}
+    out = {"examples": len(examples), "distinct": len(counts), "most_common": top,
+           "most_common_share": n_top / len(examples), "most_common_alone_cider_d": float(const.mean())}
+    if all("labels" in e.extra for e in examples):  # FashionVL: which items does each caption name?
+        out["item_recall"] = 100.0 * float(np.mean([caption_item_recall(preds[e.uid], e.extra["labels"])
+                                                    for e in examples]))
+        out["most_common_item_recall"] = 100.0 * float(np.mean([caption_item_recall(top, e.extra["labels"])
+                                                               for e in examples]))
+    return out
 
 
 def score_run(res: dict, run_dir: Path, data_dir, n_resamples: int = 2000, seed: int = 0) -> dict:
@@ -237,12 +245,26 @@ def score_run(res: dict, run_dir: Path, data_dir, n_resamples: int = 2000, seed:
             "per_example": {t: {"uids": uids[t], "scores": [round(float(x), 6) for x in scores[t]]} for t in TASKS}}
 
 
+def _refresh_caption_check(run: dict, run_dir: Path, data_dir) -> dict:
+    """Recompute a finished run's caption check from its predictions file (same test examples)."""
+    from adapterkit.vl.datasets.fashionvl import load_fashionvl_examples
+
+    preds = json.loads((run_dir / "predictions.json").read_text())["caption"]
+    uids = set(run["per_example"]["caption"]["uids"])
+    exs = [e for e in load_fashionvl_examples(data_dir, "caption", "test") if e.uid in uids]
+    run = {**run, "caption_check": caption_check(preds, exs)}
+    atomic_write_json(run_dir / "run.json", run)
+    return run
+
+
 def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True) -> dict:
     """Train, test and score one (preset, seed); cached in ``run_dir/run.json``."""
     run_dir = Path(run_dir)
     done = run_dir / "run.json"
     if done.exists():
         run = json.loads(done.read_text())
+        if "item_recall" not in (run.get("caption_check") or {}) and (run_dir / "predictions.json").exists():
+            run = _refresh_caption_check(run, run_dir, data_dir)  # a record from before the check grew
         want = {"steps": scale["steps"], "bf16": bool(scale.get("bf16", False)), **({"lr": lr} if lr else {})}
         have = {k: run.get(k) for k in want}
         if have != want:
@@ -411,15 +433,21 @@ def table(res: dict, baseline: dict, intervals: dict | None = None) -> str:
 
 def caption_line(check: dict) -> str:
     """One line saying whether the captions vary with the picture."""
-    return (f"caption check: {check['distinct']} distinct captions for {check['examples']} test images; the most "
+    line = (f"caption check: {check['distinct']} distinct captions for {check['examples']} test images; the most "
             f"common ({100 * check['most_common_share']:.0f}%: \"{check['most_common']}\") given for every "
             f"image would score {check['most_common_alone_cider_d']:.1f} CIDEr-D")
+    if "item_recall" in check:
+        line += (f"; the captions name {check['item_recall']:.1f}% of the grids' items "
+                 f"(that one caption: {check['most_common_item_recall']:.1f}%)")
+    return line
 
 
 def _check_cell(s: dict) -> str:
     checks = [x.get("caption_check") for x in s["seeds"]]
     return "; ".join("-" if c is None else f"{c['distinct']} / {100 * c['most_common_share']:.0f}% / "
-                     f"{c['most_common_alone_cider_d']:.1f}" for c in checks)
+                     f"{c['most_common_alone_cider_d']:.1f}"
+                     + (f" / items {c['item_recall']:.0f}% vs {c['most_common_item_recall']:.0f}%"
+                        if "item_recall" in c else "") for c in checks)
 
 
 def compare_table(summary: dict) -> str:
@@ -457,7 +485,7 @@ def compare_table(summary: dict) -> str:
                      "differences].")
     lines.append("Caption check, per seed: distinct test captions / the most common one's share / the CIDEr-D that "
                  "caption alone scores given for every image (a caption score near it is the template's, not the "
-                 "picture's).")
+                 "picture's) / the share of the grids' items the captions name vs that one caption's.")
     missing = summary.get("missing_runs")
     if missing:
         lines.append("Partial: not run yet: " + ", ".join(f"{m['preset']} seed {m['seed']}" for m in missing) + ".")

@@ -40,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -52,6 +53,8 @@ import numpy as np
 from adapterkit.errors import ConfigError, DataError, did_you_mean
 
 __all__ = [
+    "caption_items",
+    "caption_item_recall",
     "CLASS_NAMES",
     "CATEGORIES",
     "CLASS_CATEGORY",
@@ -519,6 +522,30 @@ def caption_references(labels: Sequence[int]) -> list[str]:
         f"{names[0]} and {names[1]} on top, {names[2]} and {names[3]} below",
         f"{_join(grouped)} in a two by two grid",
     ]
+
+
+_ITEM_RE = re.compile(
+    r"\b(?:(" + "|".join(NUMBER_WORDS[1:]) + r")\s+)?("
+    + "|".join(re.escape(w) for w in sorted(CLASS_NAMES + CLASS_PLURALS, key=len, reverse=True)) + r")\b"
+)
+_ITEM_CLASS = {**{n: c for c, n in enumerate(CLASS_NAMES)}, **{n: c for c, n in enumerate(CLASS_PLURALS)}}
+
+
+def caption_items(caption: str) -> Counter:
+    """The items a caption names, as a multiset of class ids ("two coats and a bag" -> coat x2, bag):
+    every class name or plural, counted by a number word before it ("one" .. "four") or once."""
+    found: Counter = Counter()
+    for number, name in _ITEM_RE.findall(caption.lower()):
+        found[_ITEM_CLASS[name]] += NUMBER_WORDS.index(number) if number else 1
+    return found
+
+
+def caption_item_recall(caption: str, labels: Sequence[int]) -> float:
+    """Share of a grid's items the caption names (multiset overlap / number of items): reads the
+    picture, unlike CIDEr-D, which the caption template alone scores highly. A caption naming four
+    items at random scores the chance level; the references score 1."""
+    want = Counter(int(c) for c in labels)
+    return sum((caption_items(caption) & want).values()) / max(1, sum(want.values()))
 
 
 def _gen_caption(
