@@ -58,3 +58,20 @@ def test_profile_norm_style_matches_the_layers(model_type):
     expect = "final_layer_norm" if style == "pre" else "fc1"
     assert stream and all(p.path.endswith(expect) for p in stream)
     assert profile["name"] == ("mbart" if style == "pre" else "bart")
+
+
+def test_profile_extends_inherits_places_not_model_types():
+    from adapterkit.core.profiles import get_profile, resolve_extends
+    from adapterkit.errors import ConfigError
+
+    m, w = get_profile("mbart"), get_profile("whisper")
+    assert m["places"] == w["places"] and m["ia3"] == w["ia3"] and m["norm"] == "pre"
+    assert "whisper" not in m["model_types"] and "mbart" not in w["model_types"]
+    raw = {"a": {"name": "a", "model_types": ["a"], "places": {"q": ["x"], "k": ["y"]}, "norm": "post"},
+           "b": {"name": "b", "extends": "a", "places": {"k": ["z"]}}}
+    b = resolve_extends(raw)["b"]
+    assert b["places"] == {"q": ["x"], "k": ["z"]} and b["norm"] == "post" and b["model_types"] == []
+    with pytest.raises(ConfigError, match='extends unknown profile "c"'):
+        resolve_extends({"b": {"name": "b", "extends": "c"}})
+    with pytest.raises(ConfigError, match="cycle: a -> b -> a"):
+        resolve_extends({"a": {"name": "a", "extends": "b"}, "b": {"name": "b", "extends": "a"}})

@@ -48,14 +48,45 @@ class Place:
         return self.path.replace(".", "__")
 
 
+def resolve_extends(raw: dict[str, dict]) -> dict[str, dict]:
+    """Profiles with ``"extends": "<parent>"`` take the parent's keys and override them with their own:
+    dict values (``places``, ``ia3``) merge one level deep (a place named in the child replaces the
+    parent's), others are replaced; ``model_types`` are never inherited (a child names its own)."""
+    done: dict[str, dict] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> dict:
+        if name in done:
+            return done[name]
+        p = raw[name]
+        parent = p.get("extends")
+        if parent is None:
+            out = p
+        else:
+            if parent not in raw:
+                raise ConfigError(f'architecture profile "{name}" extends unknown profile "{parent}"'
+                                  f"{did_you_mean(parent, raw)}")
+            if parent in chain:
+                raise ConfigError(f"architecture profiles extend each other in a cycle: {' -> '.join(chain + (name, parent))}")
+            base = {k: v for k, v in resolve(parent, chain + (name,)).items() if k != "model_types"}
+            out = {**base, **p}
+            for k, v in p.items():
+                if isinstance(v, dict) and isinstance(base.get(k), dict):
+                    out[k] = {**base[k], **v}
+            out.setdefault("model_types", [])
+        done[name] = out
+        return out
+
+    return {name: resolve(name, ()) for name in raw}
+
+
 @cache
 def _all_profiles() -> dict[str, dict]:
-    out = {}
+    raw = {}
     for f in resources.files("adapterkit.profiles").iterdir():
         if f.name.endswith(".json"):
             p = json.loads(f.read_text())
-            out[p["name"]] = p
-    return out
+            raw[p["name"]] = p
+    return resolve_extends(raw)
 
 
 def list_profiles() -> list[str]:
