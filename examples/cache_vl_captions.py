@@ -88,11 +88,11 @@ def caption_images(trainer, cfg, grids: np.ndarray, ids: list[str], work: Path, 
     """{id: caption} of (n, 56, 56) grid images, through the run's own extractor and caption generation."""
     from adapterkit.vl.data import TaskData
     from adapterkit.vl.datasets.base import VLExample
-    from adapterkit.vl.features import extract_features
+    from adapterkit.vl.features import extract_features, parse_backend_description
 
     backend = trainer.domain.store.backend  # the run's store records its extractor: "efficientnet-lite0@112/grid2"
-    name, _, rest = backend.partition("@")
-    res, grid = int(rest.split("/")[0]), int(rest.split("/grid")[1])
+    spec = parse_backend_description(backend)
+    name, res, grid = spec["name"], spec["resolution"], spec["grid"]
     log(f"features: {name}, {res} px, {grid}x{grid} grid (as the run's store: {backend})")
     store = extract_features(list(zip(ids, grids)), name, work / "features", batch_size=64,
                              grid=grid, resolution=res, progress=False)

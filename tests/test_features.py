@@ -351,3 +351,16 @@ def test_cli_extract_features(tmp_path, fashion_images, capsys):
     meta = json.loads((fvl_dir / "meta.json").read_text())
     assert store.features.shape == (meta["num_images"], 1, 1280)
     assert "1 tokens x 1280 dims" in capsys.readouterr().out
+
+
+def test_parse_backend_description_reads_what_extract_features_writes():
+    from adapterkit.errors import DataError
+    from adapterkit.vl.features import parse_backend_description
+
+    assert parse_backend_description("efficientnet-lite0@112/grid2") == {
+        "name": "efficientnet-lite0", "source": None, "resolution": 112, "grid": 2}
+    assert parse_backend_description("hf-vit:/models/vit-s@224/pooled") == {
+        "name": "hf-vit", "source": "/models/vit-s", "resolution": 224, "grid": None}
+    for bad in ("", "efficientnet-lite0", "x@112", "x@big/grid2", "x@112/grid"):
+        with pytest.raises(DataError, match="is not NAME"):
+            parse_backend_description(bad)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "ImageFolder",
     "extract_features",
     "load_image_folder",
+    "parse_backend_description",
     "add_parser",
     "run",
 ]
@@ -426,6 +428,21 @@ def _batches(source: Any, start: int, batch_size: int) -> Iterator[list[tuple[st
             batch = []
     if batch:
         yield batch
+
+
+_DESCRIPTION = re.compile(r"^(?P<name>[^:@/]+)(?::(?P<source>[^@]+))?@(?P<resolution>\d+)/(?:grid(?P<grid>\d+)|pooled)$")
+
+
+def parse_backend_description(desc: str) -> dict:
+    """What a feature store's ``backend`` string records (``extract_features`` writes
+    ``NAME[:SOURCE]@RESOLUTION/gridG`` or ``.../pooled``): {name, source, resolution, grid}, grid
+    None for one pooled vector. Lets another extraction reproduce a store's features exactly."""
+    m = _DESCRIPTION.match(desc or "")
+    if m is None:
+        raise DataError(f"feature store backend {desc!r} is not NAME[:SOURCE]@RESOLUTION/gridG or .../pooled "
+                        "(a store written by another tool?)")
+    return {"name": m["name"], "source": m["source"], "resolution": int(m["resolution"]),
+            "grid": None if m["grid"] is None else int(m["grid"])}
 
 
 def extract_features(
