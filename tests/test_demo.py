@@ -140,6 +140,7 @@ def test_compare_reuses_finished_runs(tiny_compare, tiny_data, capsys):
     rec = out / "single_adapter" / "seed0" / "run.json"
     run = json.loads(rec.read_text())
     old = {k: v for k, v in run["caption_check"].items() if "item_recall" not in k}
+    assert set(run["caption_check"]) - set(old) == {"item_recall", "item_recall_interval", "most_common_item_recall"}
     rec.write_text(json.dumps({**run, "caption_check": old}))
     bm.compare(["single_adapter", "full_finetune"], out_dir=out, data_dir=tiny_data[0], **RUN)
     assert json.loads(rec.read_text()) == run
@@ -183,6 +184,9 @@ def test_caption_check_tells_a_constant_captioner_from_one_that_reads_the_pictur
     assert "1 distinct captions" in bm.caption_line(b)
     # item recall: the references name every item; one caption for all grids names only what it shares
     assert a["item_recall"] == 100.0 and b["most_common_item_recall"] == b["item_recall"] < 60
+    assert a["item_recall_interval"] == [100.0, 100.0]
+    lo, hi = b["item_recall_interval"]
+    assert lo <= b["item_recall"] <= hi and lo < hi
     assert "of the grids' items" in bm.caption_line(a)
 
 

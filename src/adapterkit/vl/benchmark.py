@@ -214,8 +214,11 @@ def caption_check(preds: dict, examples: list) -> dict:
     out = {"examples": len(examples), "distinct": len(counts), "most_common": top,
            "most_common_share": n_top / len(examples), "most_common_alone_cider_d": float(const.mean())}
     if all("labels" in e.extra for e in examples):  # FashionVL: which items does each caption name?
-        out["item_recall"] = 100.0 * float(np.mean([caption_item_recall(preds[e.uid], e.extra["labels"])
-                                                    for e in examples]))
+        from adapterkit.stats import bootstrap_interval
+
+        items = 100.0 * np.array([caption_item_recall(preds[e.uid], e.extra["labels"]) for e in examples])
+        iv = bootstrap_interval(items)
+        out["item_recall"], out["item_recall_interval"] = float(items.mean()), [iv.low, iv.high]
         out["most_common_item_recall"] = 100.0 * float(np.mean([caption_item_recall(top, e.extra["labels"])
                                                                for e in examples]))
     return out
@@ -263,7 +266,7 @@ def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True
     done = run_dir / "run.json"
     if done.exists():
         run = json.loads(done.read_text())
-        if "item_recall" not in (run.get("caption_check") or {}) and (run_dir / "predictions.json").exists():
+        if "item_recall_interval" not in (run.get("caption_check") or {}) and (run_dir / "predictions.json").exists():
             run = _refresh_caption_check(run, run_dir, data_dir)  # a record from before the check grew
         want = {"steps": scale["steps"], "bf16": bool(scale.get("bf16", False)), **({"lr": lr} if lr else {})}
         have = {k: run.get(k) for k in want}
@@ -437,7 +440,8 @@ def caption_line(check: dict) -> str:
             f"common ({100 * check['most_common_share']:.0f}%: \"{check['most_common']}\") given for every "
             f"image would score {check['most_common_alone_cider_d']:.1f} CIDEr-D")
     if "item_recall" in check:
-        line += (f"; the captions name {check['item_recall']:.1f}% of the grids' items "
+        line += (f"; the captions name {check['item_recall']:.1f}%{_iv(check.get('item_recall_interval'))} of "
+                 "the grids' items "
                  f"(that one caption: {check['most_common_item_recall']:.1f}%)")
     return line
 
