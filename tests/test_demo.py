@@ -108,6 +108,12 @@ def test_compare_json_schema(tiny_compare):
     assert vs["difference"] == pytest.approx(on_disk["presets"]["single_adapter"]["mean"]["average"]
                                              - on_disk["presets"]["full_finetune"]["mean"]["average"])
     assert "vs_reference" not in on_disk["presets"]["full_finetune"]
+    sa, ff = on_disk["presets"]["single_adapter"], on_disk["presets"]["full_finetune"]
+    for t in TASKS:  # each task's paired difference is the difference of the seed means
+        assert vs["tasks"][t]["difference"] == pytest.approx(sa["mean"][t] - ff["mean"][t])
+        lo, hi = vs["tasks"][t]["example_interval"]
+        assert lo - 1e-9 <= vs["tasks"][t]["difference"] <= hi + 1e-9
+    assert np.mean([vs["tasks"][t]["difference"] for t in TASKS]) == pytest.approx(vs["difference"])
     md = (out / "compare.md").read_text()
     assert "single_adapter" in md and "t-interval over seeds" in md and "majority answer" in md
     c = on_disk["presets"]["single_adapter"]["seeds"][0]["caption_check"]

@@ -326,13 +326,21 @@ def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, s
     for t in TASKS:
         if runs[0]["per_example"][t]["uids"] != ref_runs[0]["per_example"][t]["uids"]:
             raise DataError(f"{t}: the two presets were tested on different examples; cannot pair them")
-    d = bootstrap_difference(mean_scores(runs), mean_scores(ref_runs), n_resamples=n_resamples, seed=seed)
-    ref_by_seed = {r["seed"]: r["scores"]["average"] for r in ref_runs}
-    diffs = [r["scores"]["average"] - ref_by_seed[r["seed"]] for r in runs if r["seed"] in ref_by_seed]
-    over = t_interval(diffs) if diffs else None
-    return {"difference": d.mean, "example_interval": [d.low, d.high],
-            "seed_interval": None if over is None or over.low is None else [over.low, over.high],
-            "seeds_paired": len(diffs)}
+    a, b = mean_scores(runs), mean_scores(ref_runs)
+    d = bootstrap_difference(a, b, n_resamples=n_resamples, seed=seed)
+    ref_by_seed = {r["seed"]: r["scores"] for r in ref_runs}
+    paired = [r for r in runs if r["seed"] in ref_by_seed]
+
+    def over_seeds(k):
+        iv = t_interval([r["scores"][k] - ref_by_seed[r["seed"]][k] for r in paired]) if paired else None
+        return None if iv is None or iv.low is None else [iv.low, iv.high]
+
+    tasks = {}
+    for t in TASKS:  # each task alone: where a difference of the average comes from
+        dt = bootstrap_difference({t: a[t]}, {t: b[t]}, n_resamples=n_resamples, seed=seed)
+        tasks[t] = {"difference": dt.mean, "example_interval": [dt.low, dt.high], "seed_interval": over_seeds(t)}
+    return {"difference": d.mean, "example_interval": [d.low, d.high], "seed_interval": over_seeds("average"),
+            "seeds_paired": len(paired), "tasks": tasks}
 
 
 def load_runs(folder: str | Path) -> dict[str, list[dict]]:
@@ -487,6 +495,17 @@ def compare_table(summary: dict) -> str:
         lines.append(f"vs {REFERENCE}: paired difference of averages on the seeds both have [95% bootstrap over "
                      "test examples of the seed-averaged scores]; seeds [95% t-interval of the per-seed "
                      "differences].")
+    per_task = [(p, s["vs_reference"]) for p, s in summary["presets"].items() if s.get("vs_reference")]
+    if per_task:
+        lines += ["", f"Per task, preset - {REFERENCE} on the seeds both have [95% paired bootstrap over test examples]; "
+                  "seeds [95% t-interval of the per-seed differences]:", "",
+                  "| preset | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
+        for p, vs in per_task:
+            lines.append(f"| {p} | " + " | ".join(
+                f"{vs['tasks'][t]['difference']:+.1f}{_iv(vs['tasks'][t]['example_interval'])}"
+                + ("" if vs["tasks"][t]["seed_interval"] is None else f"; seeds{_iv(vs['tasks'][t]['seed_interval'])}")
+                for t in TASKS) + " |")
+        lines.append("")
     lines.append("Caption check, per seed: distinct test captions / the most common one's share / the CIDEr-D that "
                  "caption alone scores given for every image (a caption score near it is the template's, not the "
                  "picture's) / the share of the grids' items the captions name vs that one caption's.")
