@@ -38,8 +38,8 @@ def add_parser(sub):
     c.add_argument("--threads", type=int, default=None, help="torch threads per run (on a CPU shared with other "
                    "jobs, 1 is much faster than 2)")
     c.add_argument("--bf16", action="store_true", default=None,
-                   help="bf16 autocast, frozen weights in bf16 (faster on CPUs with AVX-512 BF16; effect on the "
-                   "scores not measured)")
+                   help="bf16 autocast, frozen weights in bf16 (faster only on CPUs with AVX-512 BF16 or AMX; "
+                   "without them bf16 is emulated and much slower; effect on the scores not measured)")
     c.add_argument("--no-estimate", action="store_true", help="start without measuring the estimated duration")
     c.add_argument("--estimate-only", action="store_true", help="measure, print the estimated duration, stop")
     c.set_defaults(_run=run_compare)

@@ -38,8 +38,9 @@ REFERENCE = "full_finetune"  # the preset the others are compared with (paired d
 SCALES = {
     # fashionvl sizes (None = package default), backbone, steps, batch, test examples per task (None = all),
     # feature px, validation curve (every K steps, examples per task), eval batch, bf16 autocast (opt-in:
-    # 1.3x per CPU training step and 2x per evaluation, but its effect on the scores is not measured;
-    # over 12 steps its losses left the fp32 run's from step 7 on)
+    # 1.3x faster per training step and 2x per evaluation on a CPU with AVX-512 BF16, but 22x / 6x
+    # slower on one without it (emulated); its effect on the scores is not measured; over 12 steps its
+    # losses left the fp32 run's from step 7 on)
     "tiny": dict(fashionvl_tiny=True, backbone="tiny-llama", steps=24, batch_size=8, eval_examples=None,
                  resolution=64, curve_every=8, curve_examples=6, eval_batch_size=32, bf16=False),
     "default": dict(fashionvl_tiny=False, backbone="smollm2", steps=260, batch_size=16, eval_examples=None,
