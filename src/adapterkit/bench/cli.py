@@ -145,10 +145,9 @@ def run(args) -> int:
             print(f"{c.name:<32} {c.kind:<6} {c.group:<11} {c.title}")
         return 0
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise AdapterKitError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        from adapterkit.bench.report import set_threads
+
+        set_threads(args.threads)
         shape, settings = _resolve(args)
         cases = select_cases(args.cases)
         print(f"adapterkit bench: {len(cases)} cases, shape {shape.name}, {settings.device}, {settings.dtype}",

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adapterkit.bench.report import bench_command, set_threads
 from adapterkit.errors import AdapterKitError, ConfigError
 
 PARTS = ("train", "latency", "serve")
@@ -745,14 +746,9 @@ def settings_from_args(args) -> EfficiencySettings:
 def run_from_args(args) -> int:
     """``adapterkit bench --efficiency``: run, write the outputs, print the markdown."""
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         s = settings_from_args(args)
         s.validate()
-        from adapterkit.bench.sweep import bench_command
-
         cmd = bench_command()
         out = Path(args.efficiency_dir)
         root = ensure_data(s, Path(str(out) + "_data")) if "train" in s.parts else None

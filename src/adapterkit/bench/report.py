@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import sys
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from adapterkit.errors import ConfigError
 from adapterkit.safeio import atomic_write_json, atomic_write_text
 
 # The speed targets (defined for the GPU run: BART-base shape, batch 64, 128/16 tokens, bf16).
@@ -24,6 +27,26 @@ PEER_PAIRS = (  # (adapterkit case, peer case), configured alike: the adapterkit
 MIXED_CASES = ("multiple_adapters_mixed", "multiple_lora_mixed")
 MIXED_VS_PEFT = (("multiple_lora_mixed", "peft_multi_lora_mixed"),
                  ("infer_multiple_lora_mixed", "infer_peft_multi_lora_mixed"))
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads N`` of a bench command: torch's intra-op threads (None: leave them)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def bench_command() -> str:
+    """This process's ``adapterkit bench ...`` command line (with OMP_NUM_THREADS when set), for reports."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["bench"]:
+        argv = argv[1:]
+    cmd = shlex.join(["adapterkit", "bench", *argv])
+    if os.environ.get("OMP_NUM_THREADS"):
+        cmd = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {cmd}"
+    return cmd
 
 
 def _version(dist: str) -> str:

@@ -31,9 +31,7 @@ import copy
 import ctypes
 import gc
 import math
-import os
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -43,6 +41,7 @@ from pathlib import Path
 import torch
 
 from adapterkit.bench.cases import CASES_BY_NAME, BuildContext, Case, PeerMissing, Prepared, trainable
+from adapterkit.bench.report import bench_command, set_threads
 from adapterkit.bench.shapes import Shape, make_batch
 from adapterkit.errors import ConfigError, did_you_mean
 
@@ -829,24 +828,10 @@ def settings_from_args(args) -> SweepSettings:
     return replace(s, **kw)
 
 
-def bench_command() -> str:
-    """This process's ``adapterkit bench ...`` command line (with OMP_NUM_THREADS when set), for reports."""
-    argv = sys.argv[1:]
-    if argv[:1] == ["bench"]:
-        argv = argv[1:]
-    cmd = shlex.join(["adapterkit", "bench", *argv])
-    if os.environ.get("OMP_NUM_THREADS"):
-        cmd = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {cmd}"
-    return cmd
-
-
 def run_from_args(args) -> int:
     """``adapterkit bench --sweep``: run, write the outputs, print the markdown."""
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         s = settings_from_args(args)
         cmd = bench_command()
 
