@@ -365,8 +365,6 @@ def paired_folders(a: str | Path, b: str | Path, n_resamples: int = 2000, seed: 
     """Two compare folders that differ in one setting (bf16 against fp32, another learning rate):
     per preset and seed both have, a - b per task and for the average with the paired bootstrap
     interval over the same test examples, and over the seeds both have (seeds paired by number)."""
-    from adapterkit.stats import bootstrap_difference
-
     ra, rb = load_runs(a), load_runs(b)
     out = {"a": str(a), "b": str(b), "presets": {}}
     for p in sorted(set(ra) & set(rb)):
@@ -376,16 +374,13 @@ def paired_folders(a: str | Path, b: str | Path, n_resamples: int = 2000, seed: 
             continue
         per_seed = []
         for x, y in pairs:
-            row = {"seed": x["seed"], "a": x["scores"], "b": y["scores"], "tasks": {}}
             for t in TASKS:
                 if x["per_example"][t]["uids"] != y["per_example"][t]["uids"]:
                     raise DataError(f"{p} seed {x['seed']}: {t} was tested on different examples in {a} and {b}")
-                d = bootstrap_difference({t: x["per_example"][t]["scores"]}, {t: y["per_example"][t]["scores"]},
-                                         n_resamples=n_resamples, seed=seed)
-                row["tasks"][t] = {"difference": d.mean, "interval": [d.low, d.high]}
-            d = paired_vs([x], [y], n_resamples, seed)
-            row["tasks"]["average"] = {"difference": d["difference"], "interval": d["example_interval"]}
-            per_seed.append(row)
+            d = paired_vs([x], [y], n_resamples, seed)  # the average and each task, paired over the examples
+            tasks = {t: {"difference": v["difference"], "interval": v["example_interval"]} for t, v in d["tasks"].items()}
+            tasks["average"] = {"difference": d["difference"], "interval": d["example_interval"]}
+            per_seed.append({"seed": x["seed"], "a": x["scores"], "b": y["scores"], "tasks": tasks})
         pooled = paired_vs([x for x, _ in pairs], [y for _, y in pairs], n_resamples, seed)
         out["presets"][p] = {"seeds": per_seed, "pooled": pooled,
                              "test_sizes": pairs[0][0]["test_sizes"]}
