@@ -66,6 +66,9 @@ def test_paired_folders_bad_input(tmp_path):
     (tmp_path / "d" / "single_adapter" / "seed0" / "run.json").write_text("{trunc")
     with pytest.raises(DataError, match="not a readable run record"):
         bm.paired_folders(a, tmp_path / "d")
+    (tmp_path / "d" / "single_adapter" / "seed0" / "run.json").write_text('{"seed": 0}')
+    with pytest.raises(DataError, match="not a run record of adapterkit compare \\(no preset, scores"):
+        bm.paired_folders(a, tmp_path / "d")
     script = Path(__file__).parents[1] / "scripts" / "fashionvl_paired.py"
     p = subprocess.run([sys.executable, str(script), str(a), str(b)], capture_output=True, text=True)
     assert p.returncode != 0 and p.stderr.strip().endswith("run in common") and "Traceback" not in p.stderr

@@ -355,6 +355,9 @@ def load_runs(folder: str | Path) -> dict[str, list[dict]]:
             r = json.loads(f.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{f}: not a readable run record ({e})") from None
+        missing = [k for k in ("preset", "seed", "scores", "per_example", "test_sizes") if k not in r]
+        if missing:
+            raise DataError(f"{f}: not a run record of adapterkit compare (no {', '.join(missing)})")
         runs.setdefault(r["preset"], []).append(r)
     for rs in runs.values():
         rs.sort(key=lambda r: r["seed"])
