@@ -71,3 +71,14 @@ def test_serve_bench_report_and_validation():
         ServeSettings(**{**S.__dict__, "tasks": [64]}).validate()
     with pytest.raises(ConfigError, match="unknown method"):
         ServeSettings(**{**S.__dict__, "methods": ["lorra"]}).validate()
+
+
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_serve_cli_rejects_non_positive_threads(threads, capsys):
+    from adapterkit.bench.cli import main
+
+    before = torch.get_num_threads()
+    rc = main(["--serve", "--threads", threads, "--serve-tasks", "1", "--repeats", "1"])
+    assert rc == 2
+    assert f"--threads must be >= 1, got {threads}" in capsys.readouterr().err
+    assert torch.get_num_threads() == before  # nothing was changed before the error

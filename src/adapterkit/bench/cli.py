@@ -169,12 +169,11 @@ def run(args) -> int:
 
 
 def _run_serve(args) -> int:
-    from adapterkit.bench.report import write_outputs
+    from adapterkit.bench.report import set_threads, write_outputs
     from adapterkit.bench.serving import ServeSettings, serve_bench, to_markdown
 
     try:
-        if args.threads is not None:
-            torch.set_num_threads(max(1, args.threads))
+        set_threads(args.threads)  # --threads 0 is an error here as in every bench command
         kw = {"hidden": args.d_model, "layers": args.layers, "heads": args.heads, "ffn": args.ffn,
               "vocab": args.vocab, "batch": args.batch, "prompt": args.src, "new_tokens": args.tgt}
         try:
