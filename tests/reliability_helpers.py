@@ -56,3 +56,23 @@ def snapshot(out: Path) -> dict[str, tuple[int, int]]:
     """Every file under a run directory with its size and mtime (the run lock excluded)."""
     return {str(p.relative_to(out)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(Path(out).rglob("*")) if p.is_file() and p.name != "train.lock"}
+
+
+def kill_after_checkpoints(cmd: list[str], ckpt_dir: Path, env: dict, n: int = 2, timeout: float = 120.0) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as ``ckpt_dir`` holds ``n`` step-* checkpoints, at
+    whatever step it is then; fails if the run finished (or the timeout passed) first."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(Path(ckpt_dir).glob("step-*"))) >= n:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    if proc.poll() is None and time.time() >= deadline:
+        proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

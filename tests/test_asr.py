@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import wave
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from reliability_helpers import kill_after_checkpoints
 
 from adapterkit.audio.asr import ASRDomain, asterisk_splits, load_config
 from adapterkit.errors import DataError
@@ -105,15 +104,7 @@ def test_sigkill_then_rerun_is_bit_identical(data, tmp_path):
     p.write_text(yaml.safe_dump(_cfg(data, epochs=3)))
     r = subprocess.run(_cmd(p, tmp_path / "clean"), env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    proc = subprocess.Popen(_cmd(p, tmp_path / "crash"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((tmp_path / "crash" / "checkpoints").glob("step-*"))) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_checkpoints(_cmd(p, tmp_path / "crash"), tmp_path / "crash" / "checkpoints", ENV)
     done = subprocess.run(_cmd(p, tmp_path / "crash"), env=ENV, capture_output=True, text=True)
     assert done.returncode == 0 and "resumed from step" in done.stdout, done.stderr[-2000:]
     from adapterkit.engine.engine import read_trained

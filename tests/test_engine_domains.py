@@ -5,16 +5,15 @@ and 2 processes (torchrun, gloo) train as 1 process with the same global batch."
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 import wave
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from reliability_helpers import kill_after_checkpoints
 
 ENV = {**os.environ, "ADAPTERKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY_VIT = {"image_size": 16, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -78,15 +77,7 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path, domain):
     p.write_text(yaml.safe_dump(_config(domain, tmp_path)))
     r = subprocess.run(_cmd(p, tmp_path / "clean"), env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    proc = subprocess.Popen(_cmd(p, tmp_path / "crash"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((tmp_path / "crash" / "checkpoints").glob("step-*"))) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_checkpoints(_cmd(p, tmp_path / "crash"), tmp_path / "crash" / "checkpoints", ENV)
     done = subprocess.run(_cmd(p, tmp_path / "crash"), env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from step" in done.stdout

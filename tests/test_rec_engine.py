@@ -8,15 +8,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
+from reliability_helpers import kill_after_checkpoints
 
 from adapterkit.engine.engine import read_trained
 from adapterkit.errors import ConfigError
@@ -85,16 +84,7 @@ def test_sigkill_during_target_stage_then_rerun_is_bit_identical(data, tmp_path)
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg(data, target_epochs=4)))
     subprocess.run(_cmd(p, tmp_path / "clean"), check=True, env=ENV, capture_output=True)
-    proc = subprocess.Popen(_cmd(p, tmp_path / "crash"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "crash" / "target" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(ckpts.glob("step-*"))) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_checkpoints(_cmd(p, tmp_path / "crash"), tmp_path / "crash" / "target" / "checkpoints", ENV)
     assert not (tmp_path / "crash" / "target" / "results.json").exists()
     done = subprocess.run(_cmd(p, tmp_path / "crash"), check=True, env=ENV, capture_output=True, text=True)
     assert done.stdout.count("resumed from step") == 2, done.stdout  # the finished source run, then the target

@@ -2,10 +2,8 @@
 configs are validated (property-based), and 2-process DDP matches 1 process."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reliability_helpers import kill_after_checkpoints
 
 import adapterkit
 from adapterkit.core.config import config_from_dict
@@ -55,16 +54,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(data, tmp_path):
     cfg = _write_cfg(tmp_path, data)
     subprocess.run(_train_cmd(cfg, tmp_path / "clean"), check=True, env=ENV, capture_output=True)
     # a second run, killed with SIGKILL after its second checkpoint appears, at whatever step it is then
-    proc = subprocess.Popen(_train_cmd(cfg, tmp_path / "crash"), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((tmp_path / "crash" / "checkpoints").glob("step-*"))) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_checkpoints(_train_cmd(cfg, tmp_path / "crash"), tmp_path / "crash" / "checkpoints", ENV)
     assert not (tmp_path / "crash" / "results.json").exists()
     done = subprocess.run(_train_cmd(cfg, tmp_path / "crash"), check=True, env=ENV, capture_output=True, text=True)
     assert "resumed from step" in done.stdout

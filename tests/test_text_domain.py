@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
+from reliability_helpers import kill_after_checkpoints
 
 from adapterkit.errors import ConfigError, DataError
 from adapterkit.testing.fixtures import make_text_fixture
@@ -117,15 +116,7 @@ def test_sigkill_then_rerun_is_bit_identical(data, tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg(data, epochs=2, checkpoint_every=4)))
     subprocess.run(_cmd(p, tmp_path / "clean"), check=True, env=ENV, capture_output=True)
-    proc = subprocess.Popen(_cmd(p, tmp_path / "crash"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((tmp_path / "crash" / "checkpoints").glob("step-*"))) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_checkpoints(_cmd(p, tmp_path / "crash"), tmp_path / "crash" / "checkpoints", ENV)
     done = subprocess.run(_cmd(p, tmp_path / "crash"), check=True, env=ENV, capture_output=True, text=True)
     assert "resumed from step" in done.stdout
     from adapterkit.engine.engine import read_trained
