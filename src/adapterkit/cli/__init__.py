@@ -58,13 +58,18 @@ def main(argv=None) -> int:
         parser.print_help()
         return 1
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
     except AdapterKitError as e:
         print(f"adapterkit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if code == 0 and "torch" in sys.modules:
+        from adapterkit.engine.distributed import shutdown_distributed
+
+        shutdown_distributed()  # a torchrun rank's process group, before the interpreter's teardown
+    return code
 
 
 if __name__ == "__main__":

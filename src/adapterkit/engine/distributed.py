@@ -32,6 +32,16 @@ def init_distributed() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group at a normal end of a run. A process that exits with its gloo
+    group still alive can abort in the interpreter's teardown ("terminate called without an
+    active exception", SIGABRT from gloo's worker threads), failing a run that had finished.
+    Call it only after success: destroying the group while another rank still waits in a
+    collective can deadlock."""
+    if _dist():
+        torch.distributed.destroy_process_group()
+
+
 def _barrier() -> None:
     if _dist():
         torch.distributed.barrier()
