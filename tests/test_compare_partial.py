@@ -84,3 +84,48 @@ def test_stopped_compare_leaves_a_partial_summary(tmp_path, monkeypatch):
     assert done["presets"]["single_adapter"]["vs_reference"]["seeds_paired"] == 2
     assert json.loads((out / "compare.json").read_text())["complete"] is True
     assert "Partial" not in (out / "compare.md").read_text()
+
+
+def test_jobs_workers_exit_when_the_compare_is_killed(tmp_path):
+    """`compare --jobs N` workers use _exit_with_parent: a SIGKILLed compare (no cleanup runs in
+    it) does not leave its spawned workers training on."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = textwrap.dedent("""
+        import concurrent.futures as cf, multiprocessing as mp, os, sys, time
+        from adapterkit.vl.benchmark import _exit_with_parent
+        if __name__ == "__main__":
+            init = _exit_with_parent if sys.argv[1] == "watch" else None
+            pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=init,
+                                          initargs=(0.1,) if init else ())
+            print(pool.submit(os.getpid).result(), flush=True)
+            pool.submit(time.sleep, 60)
+            time.sleep(60)
+    """)
+    (tmp_path / "parent.py").write_text(script)
+
+    def running(pid):  # an exited worker nobody has reaped yet (a zombie) counts as gone
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    def worker_alive_after_parent_killed(mode, wait_s):
+        p = subprocess.Popen([sys.executable, str(tmp_path / "parent.py"), mode], stdout=subprocess.PIPE, text=True)
+        worker = int(p.stdout.readline())
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not running(worker):
+                return False
+            time.sleep(0.1)
+        os.kill(worker, signal.SIGKILL)
+        return True
+
+    assert not worker_alive_after_parent_killed("watch", 10)
+    assert worker_alive_after_parent_killed("plain", 2)  # the failure the initializer prevents

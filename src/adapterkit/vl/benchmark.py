@@ -757,6 +757,23 @@ def demo(out_dir="runs/demo", data_dir="data_cache/fashionvl", scale_name="defau
     return res
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """A ``compare --jobs`` worker's initializer: end the worker when the compare that started it
+    is gone. A killed parent (SIGTERM, SIGKILL) runs no cleanup, and its spawned workers would
+    otherwise train to the end of their run on cores nobody owns any more."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:  # re-parented: the compare process has exited
+                os._exit(1)
+
+    threading.Thread(target=watch, name="adapterkit-exit-with-parent", daemon=True).start()
+
+
 def _run_job(job: dict) -> dict:
     """One (preset, seed) in a worker process (``compare --jobs``)."""
     import torch
@@ -894,7 +911,8 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         import concurrent.futures as cf
         import multiprocessing as mp
 
-        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"),
+                                    initializer=_exit_with_parent) as pool:
             futs = {pool.submit(_run_job, {**j, "threads": threads}): j for j in jobs_list}
             for f in cf.as_completed(futs):
                 r = f.result()
