@@ -99,6 +99,8 @@ def test_compare_json_schema(tiny_compare):
             lo, hi = p["example_interval"][k]
             assert lo - 1e-9 <= p["mean"][k] <= hi + 1e-9
         assert p["test_avg"] == p["mean"]["average"]
+        assert p["caption_collapsed_seeds"] == [s["seed"] for s in p["seeds"]
+                                                 if bm.caption_collapsed(s["caption_check"])]
         run = json.loads((out / name / "seed0" / "run.json").read_text())
         assert {t: len(run["per_example"][t]["scores"]) for t in TASKS} == {t: EVAL_N for t in TASKS}
         assert [c["step"] for c in run["curve"]] == [0, 2, 4]  # before training, every 2 steps, the end

@@ -311,6 +311,7 @@ def aggregate(runs: list[dict], n_resamples: int = 2000, seed: int = 0) -> dict:
         "example_interval": {k: [boot[k].low, boot[k].high] for k in keys},
         "test_sizes": runs[0]["test_sizes"],
         "test_avg": over_seeds["average"].mean,
+        "caption_collapsed_seeds": [r["seed"] for r in runs if caption_collapsed(r.get("caption_check"))],
         "wall_time_s": float(np.mean([r["wall_time_s"] for r in runs])),
     }
 
@@ -441,6 +442,16 @@ def table(res: dict, baseline: dict, intervals: dict | None = None) -> str:
     return "\n".join(rows)
 
 
+def caption_collapsed(check: dict | None) -> bool | None:
+    """Has the captioner collapsed onto its template? True when the captions name no more of the
+    grids' items than the single most common caption would if given for every image (the lower
+    end of the 95% interval of the captions' item recall reaches that one caption's recall), so
+    the caption score measures the template, not the pictures. None without the item labels."""
+    if not check or "item_recall_interval" not in check:
+        return None
+    return bool(check["item_recall_interval"][0] <= check["most_common_item_recall"])
+
+
 def caption_line(check: dict) -> str:
     """One line saying whether the captions vary with the picture."""
     line = (f"caption check: {check['distinct']} distinct captions for {check['examples']} test images; the most "
@@ -450,6 +461,9 @@ def caption_line(check: dict) -> str:
         line += (f"; the captions name {check['item_recall']:.1f}%{_iv(check.get('item_recall_interval'))} of "
                  "the grids' items "
                  f"(that one caption: {check['most_common_item_recall']:.1f}%)")
+    if caption_collapsed(check):
+        line += ("; COLLAPSED: the captions name no more items than that one caption, so the caption score "
+                 "is the template's")
     return line
 
 
@@ -458,7 +472,8 @@ def _check_cell(s: dict) -> str:
     return "; ".join("-" if c is None else f"{c['distinct']} / {100 * c['most_common_share']:.0f}% / "
                      f"{c['most_common_alone_cider_d']:.1f}"
                      + (f" / items {c['item_recall']:.0f}% vs {c['most_common_item_recall']:.0f}%"
-                        if "item_recall" in c else "") for c in checks)
+                        if "item_recall" in c else "") + (" COLLAPSED" if caption_collapsed(c) else "")
+                     for c in checks)
 
 
 def compare_table(summary: dict) -> str:
@@ -507,7 +522,8 @@ def compare_table(summary: dict) -> str:
         lines.append("")
     lines.append("Caption check, per seed: distinct test captions / the most common one's share / the CIDEr-D that "
                  "caption alone scores given for every image (a caption score near it is the template's, not the "
-                 "picture's) / the share of the grids' items the captions name vs that one caption's.")
+                 "picture's) / the share of the grids' items the captions name vs that one caption's; COLLAPSED: the "
+                 "captions' item-recall interval reaches that one caption's (the template, not the picture).")
     missing = summary.get("missing_runs")
     if missing:
         lines.append("Partial: not run yet: " + ", ".join(f"{m['preset']} seed {m['seed']}" for m in missing) + ".")
