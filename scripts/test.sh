@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python3 -m ruff check src tests
+python3 -m ruff check src tests examples scripts
 set +e
 python3 -m pytest -q -p no:cacheprovider "$@"
 rc=$?
