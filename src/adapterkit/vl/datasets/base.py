@@ -237,3 +237,17 @@ def require_list(value: Any, where: str, name: str) -> list:
     if not isinstance(value, list):
         raise DataError(f'{where}: "{name}" must be a list, got {type(value).__name__}')
     return value
+
+
+def read_label_scores(record: Any, where: str) -> dict[str, float] | None:
+    """A VL-T5 record's optional ``"label"``: answer -> soft score (None when the record has none);
+    DataError naming ``where`` when it is not an object of numbers."""
+    label = get_field(record, "label", where, default=None)
+    if label is None:
+        return None
+    if not isinstance(label, dict):
+        raise DataError(f'{where}: "label" must be an object answer -> score, got {label!r}')
+    try:
+        return {str(a): float(s) for a, s in label.items()}
+    except (TypeError, ValueError):
+        raise DataError(f'{where}: "label" scores must be numbers, got {label!r}') from None

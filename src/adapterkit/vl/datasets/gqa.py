@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterkit.errors import DataError
-from adapterkit.vl.datasets.base import VLExample, get_field, load_json, resolve_split_file
+from adapterkit.vl.datasets.base import VLExample, get_field, load_json, read_label_scores, resolve_split_file
 
 __all__ = ["read_gqa"]
 
@@ -53,15 +53,7 @@ def _read_vlt5(file: Path, records: list) -> list[VLExample]:
         img_id = get_field(rec, "img_id", where)
         sent = _str(get_field(rec, ("sent", "question"), where), where, "sent")
         qid = get_field(rec, "question_id", where)
-        label = get_field(rec, "label", where, default=None)
-        scores = None
-        if label is not None:
-            if not isinstance(label, dict):
-                raise DataError(f'{where}: "label" must be an object answer -> score, got {label!r}')
-            try:
-                scores = {str(a): float(s) for a, s in label.items()}
-            except (TypeError, ValueError):
-                raise DataError(f'{where}: "label" scores must be numbers, got {label!r}') from None
+        scores = read_label_scores(rec, where)
         targets = sorted(scores, key=lambda a: -scores[a]) if scores else []
         out.append(
             VLExample(

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from adapterkit.errors import DataError
-from adapterkit.vl.datasets.base import VLExample, get_field, load_json, require_list, resolve_split_file
+from adapterkit.vl.datasets.base import (
+    VLExample,
+    get_field,
+    load_json,
+    read_label_scores,
+    require_list,
+    resolve_split_file,
+)
 from adapterkit.vl.metrics.vqa import soft_scores
 
 __all__ = ["read_vqa", "coco_image_key", "join_official_answers"]
@@ -186,15 +193,7 @@ def _read_vlt5(file: Path, records: list) -> list[VLExample]:
         qid = get_field(rec, "question_id", where)
         if not isinstance(sent, str):
             raise DataError(f'{where}: "sent" must be a string, got {sent!r}')
-        label = get_field(rec, "label", where, default=None)
-        scores = None
-        if label is not None:
-            if not isinstance(label, dict):
-                raise DataError(f'{where}: "label" must be an object answer -> score, got {label!r}')
-            try:
-                scores = {str(a): float(s) for a, s in label.items()}
-            except (TypeError, ValueError):
-                raise DataError(f'{where}: "label" scores must be numbers, got {label!r}') from None
+        scores = read_label_scores(rec, where)
         extra: dict[str, Any] = {}
         if "answers" in rec:
             targets = _raw_answers(rec["answers"], where)
