@@ -117,8 +117,20 @@ def test_vqa_vlt5_bad_record_names_file_and_record(tmp_path):
     records = _vlt5_vqa_records()
     records[0]["label"] = ["net"]
     _dump(f, records)
-    with pytest.raises(DataError, match=r"record 0.*label"):
+    with pytest.raises(DataError, match=r'record 0: "label" must be an object'):
         read_vqa(f)
+    records[0]["label"] = {"net": "high"}
+    _dump(f, records)
+    with pytest.raises(DataError, match=r'record 0: "label" scores must be numbers'):
+        read_vqa(f)
+
+
+def test_gqa_vlt5_bad_label_names_file_and_record(tmp_path):
+    rec = {"img_id": "n1", "question_id": "1", "sent": "Is it?"}
+    for label, msg in ((["no"], "must be an object"), ({"no": None}, "scores must be numbers")):
+        f = _dump(tmp_path / "testdev.json", [{**rec, "label": {"yes": 1.0}}, {**rec, "label": label}])
+        with pytest.raises(DataError, match=rf'testdev\.json: record 1: "label" {msg}'):
+            read_gqa(f)
 
 
 def _official_vqa(tmp_path, subtype="val2014", answers=None):
