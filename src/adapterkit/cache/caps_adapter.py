@@ -26,10 +26,10 @@ import torch
 from adapterkit.cache.common import cache_logits, clip_logits, grid_search, resolve_grid
 from adapterkit.cache.tipx import (
     DEFAULT_TIPX_GRID,
-    kl_affinity,
     kl_divergence_matrix,
     minmax_rescale,
     signatures,
+    tipx_logits,
 )
 from adapterkit.errors import DataError
 
@@ -66,12 +66,8 @@ def caps_logits(
 ) -> torch.Tensor:
     """CapS-Adapter logits (B, C)."""
     aff = caps_affinity(features, image_keys, caption_keys, delta)
-    a_kl = kl_affinity(features, image_keys, text_weights, aff, temperature, signature, rescale)
-    return (
-        clip_logits(features, text_weights)
-        + gamma * (a_kl @ values)
-        + alpha * cache_logits(aff, values, beta)
-    )
+    return tipx_logits(features, text_weights, image_keys, values, alpha, beta, gamma, temperature, signature,
+                       rescale, affinity=aff)  # TIP-X with the image-caption affinity
 
 
 def search_caps(
