@@ -31,6 +31,7 @@ from adapterkit.errors import ConfigError, DataError, did_you_mean
 __all__ = [
     "CacheModel",
     "accuracy",
+    "fit_on_features",
     "build_cache",
     "cache_logits",
     "class_prototypes",
@@ -279,3 +280,56 @@ def grid_search(
                 best_acc = acc
                 best = {**outer, **{n: float(v) for n, v in zip(lin_names, combos[start + g])}}
     return best, best_acc
+
+
+def fit_on_features(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> dict:
+    """The training-based cache adapters' loop on cached CLIP features: ``loss_fn(x, y)`` over
+    seeded shuffled batches with a cosine schedule over all steps, validation accuracy after every
+    epoch (and before the first), the best epoch's weights loaded back into ``model`` (validation,
+    never test, selects). Returns ``{"best_epoch", "best_val_acc", "history"}``."""
+    import copy
+
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    train_features = l2_normalize(train_features.float())
+    train_labels = torch.as_tensor(train_labels, device=train_features.device).long()
+    n = train_features.shape[0]
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(n / batch_size))
+    gen = torch.Generator().manual_seed(int(seed))
+    model.eval()
+    with torch.no_grad():
+        best_acc = accuracy(model(val_features), val_labels)
+    best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
+    history = [{"epoch": 0, "val_acc": best_acc}]
+    for epoch in range(1, epochs + 1):
+        model.train()
+        perm = torch.randperm(n, generator=gen).to(train_features.device)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            loss = loss_fn(train_features[idx], train_labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * idx.numel()
+        model.eval()
+        with torch.no_grad():
+            acc = accuracy(model(val_features), val_labels)
+        history.append({"epoch": epoch, "train_loss": total / n, "val_acc": acc})
+        if acc > best_acc:
+            best_acc, best_epoch = acc, epoch
+            best_state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return {"best_epoch": best_epoch, "best_val_acc": best_acc, "history": history}

@@ -40,15 +40,12 @@ cosine schedule, 20 epochs. Deviations from the reference, documented:
 
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
 from torch import nn
 
 from adapterkit.cache.common import (
     CacheModel,
-    accuracy,
+    fit_on_features,
     grid_search,
     l2_normalize,
     one_hot,
@@ -232,11 +229,6 @@ def train_dual_adapter(
     seed: int = 0,
 ) -> dict:
     """Train the residuals; keep the epoch with the best VALIDATION accuracy (loaded into model)."""
-    if epochs < 1:
-        raise ConfigError(f"epochs must be >= 1, got {epochs}")
-    train_features = l2_normalize(train_features.float())
-    train_labels = torch.as_tensor(train_labels, device=train_features.device).long()
-    n = train_features.shape[0]
     opt = torch.optim.AdamW(
         [
             {"params": model.positive_parameters(), "lr": lr},
@@ -245,31 +237,8 @@ def train_dual_adapter(
         eps=eps,
         weight_decay=weight_decay,
     )
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(n / batch_size))
-    gen = torch.Generator().manual_seed(int(seed))
-    with torch.no_grad():
-        best_acc = accuracy(model(val_features), val_labels)
-    best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
-    history = [{"epoch": 0, "val_acc": best_acc}]
-    for epoch in range(1, epochs + 1):
-        perm = torch.randperm(n, generator=gen).to(train_features.device)
-        total = 0.0
-        for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            loss = model.loss(train_features[idx], train_labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * idx.numel()
-        with torch.no_grad():
-            acc = accuracy(model(val_features), val_labels)
-        history.append({"epoch": epoch, "train_loss": total / n, "val_acc": acc})
-        if acc > best_acc:
-            best_acc, best_epoch = acc, epoch
-            best_state = copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    return {"best_epoch": best_epoch, "best_val_acc": best_acc, "history": history}
+    return fit_on_features(model, model.loss, opt, train_features, train_labels, val_features, val_labels,
+                           epochs, batch_size, seed)
 
 
 def search_dual_adapter(

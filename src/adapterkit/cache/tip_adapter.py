@@ -17,22 +17,17 @@ featurising if you want that behaviour).
 
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
 from torch import nn
 
 from adapterkit.cache.common import (
     CacheModel,
-    accuracy,
     cache_logits,
     clip_logits,
+    fit_on_features,
     grid_search,
-    l2_normalize,
     resolve_grid,
 )
-from adapterkit.errors import ConfigError
 
 __all__ = [
     "DEFAULT_TIP_GRID",
@@ -124,38 +119,6 @@ def train_tip_adapter_f(
     ``model``. AdamW (lr 1e-3, eps 1e-4) with a cosine schedule over all steps, as in
     the reference; unlike the reference, selection uses validation, never test.
     """
-    if epochs < 1:
-        raise ConfigError(f"epochs must be >= 1, got {epochs}")
-    train_features = l2_normalize(train_features.float())
-    train_labels = torch.as_tensor(train_labels, device=train_features.device).long()
-    n = train_features.shape[0]
-    steps_per_epoch = math.ceil(n / batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(int(seed))
-    model.eval()
-    with torch.no_grad():
-        best_acc = accuracy(model(val_features), val_labels)
-    best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
-    history = [{"epoch": 0, "val_acc": best_acc}]
-    for epoch in range(1, epochs + 1):
-        model.train()
-        perm = torch.randperm(n, generator=gen).to(train_features.device)
-        total = 0.0
-        for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            loss = nn.functional.cross_entropy(model(train_features[idx]), train_labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * idx.numel()
-        model.eval()
-        with torch.no_grad():
-            acc = accuracy(model(val_features), val_labels)
-        history.append({"epoch": epoch, "train_loss": total / n, "val_acc": acc})
-        if acc > best_acc:
-            best_acc, best_epoch = acc, epoch
-            best_state = copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    return {"best_epoch": best_epoch, "best_val_acc": best_acc, "history": history}
+    return fit_on_features(model, lambda x, y: nn.functional.cross_entropy(model(x), y), opt, train_features,
+                           train_labels, val_features, val_labels, epochs, batch_size, seed)
