@@ -132,6 +132,7 @@ def main() -> None:
     # validation pairs use each picture's longest view (the joined title + description when it exists)
     last = mask_t.sum(1) - 1
     val_txt = txt_t[va, last[va]]
+    val_keys = [clipart_texts(items[i])[-1].lower() for i in val_pairs]  # pictures sharing a title match it alike
     log("features ready")
 
     report = {"classes": classes, "n_pictures": len(items), "n_heldout": len(held), "n_train_pairs": len(train_pairs), "n_val_pairs": len(val_pairs), "candidates": {}}
@@ -140,7 +141,7 @@ def main() -> None:
         ih, th = HEAD_CHOICES[name]
         model = DualEncoder(image_dim=img.shape[1], text_dim=txt.shape[2], embed_dim=args.embed_dim, image_head=ih, text_head=th)
         hist = train_projection(model, img_t[tr], txt_t[tr], mask_t[tr], img_t[va], val_txt, epochs=args.epochs, lr=args.lr, seed=args.seed, log=lambda m, n=name: log(f"{n} {m}"))
-        rec = retrieval_recall(model, img_t[va], val_txt)
+        rec = retrieval_recall(model, img_t[va], val_txt, text_ids=val_keys)
         report["candidates"][name] = {"best_epoch": hist["best_epoch"], "best_val_loss": hist["best_val_loss"], "initial_val_loss": hist["initial_val_loss"], "first_train_loss": hist["train_loss"][0], "last_train_loss": hist["train_loss"][-1], "logit_scale": float(model.logit_scale.detach()), "val_recall": rec}
         log(f"{name}: val loss {hist['initial_val_loss']:.3f} -> {hist['best_val_loss']:.3f} (epoch {hist['best_epoch']}); {rec}")
         if best is None or hist["best_val_loss"] < best[1]:

@@ -197,3 +197,19 @@ def test_real_backbones_load():
     assert enc.config["image_dim"] == 1280 and enc.config["text_dim"] == 384
     assert enc.encode_text(["a red car"]).shape == (1, 32)
     assert enc.encode_image([np.zeros((30, 30, 3), np.uint8)]).shape == (1, 32)
+
+
+def test_recall_counts_a_shared_title_as_a_match_for_each_of_its_pictures():
+    torch.manual_seed(0)
+    model = DualEncoder(image_dim=20, text_dim=10, embed_dim=8)
+    img = torch.randn(2, 20)
+    txt = torch.randn(1, 10).repeat(2, 1)  # two pictures, one title
+    plain = retrieval_recall(model, img, txt, ks=(1,))
+    assert plain["t2i_r@1"] == 50.0  # one of the two identical titles ranks the other picture first
+    shared = retrieval_recall(model, img, txt, ks=(1,), text_ids=["a coat", "a coat"])
+    assert shared == {"i2t_r@1": 100.0, "t2i_r@1": 100.0}
+    # distinct keys are the plain one-to-one recall
+    vi, vt = _paired(40)
+    assert retrieval_recall(model, vi, vt, text_ids=list(range(40))) == retrieval_recall(model, vi, vt)
+    with pytest.raises(DataError, match="3 keys for 2 pairs"):
+        retrieval_recall(model, img, txt, text_ids=[1, 2, 3])

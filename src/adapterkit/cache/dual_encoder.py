@@ -314,16 +314,35 @@ def _pick_views(text_feats: torch.Tensor, text_mask: torch.Tensor | None, idx: t
 
 
 @torch.no_grad()
-def retrieval_recall(model: DualEncoder, image_feats: torch.Tensor, text_feats: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Image->text and text->image recall@k (percent) for N matched pairs (row i with row i)."""
+def retrieval_recall(
+    model: DualEncoder,
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    text_ids: Sequence[Any] | None = None,
+) -> dict[str, float]:
+    """Image->text and text->image recall@k (percent) for N matched pairs (row i with row i).
+
+    ``text_ids``: one key per pair naming its text (e.g. the string itself). Pairs whose texts
+    share a key match each other: a query counts as found at k when any of its matches is in
+    the top k (several pictures with one title are all right answers for that title; without
+    the keys, each would count as a miss for the others' rows)."""
     img = model.embed_image_features(image_feats)
     txt = model.embed_text_features(text_feats)
     sim = img @ txt.T
     n = sim.shape[0]
-    target = torch.arange(n, device=sim.device)
+    if text_ids is None:
+        pos = torch.eye(n, dtype=torch.bool, device=sim.device)
+    else:
+        if len(text_ids) != n:
+            raise DataError(f"text_ids has {len(text_ids)} keys for {n} pairs")
+        codes = {k: i for i, k in enumerate(dict.fromkeys(text_ids))}
+        key = torch.tensor([codes[k] for k in text_ids], device=sim.device)
+        pos = key[:, None] == key[None, :]
     out = {}
     for name, s in (("i2t", sim), ("t2i", sim.T)):
-        rank = (s > s[target, target].unsqueeze(1)).sum(1)  # how many beat the true partner
+        best = s.masked_fill(~pos, float("-inf")).max(1).values  # the best-scoring right answer
+        rank = ((s > best[:, None]) & ~pos).sum(1)  # wrong answers that beat it
         for k in ks:
             out[f"{name}_r@{k}"] = float((rank < k).float().mean() * 100)
     return out
