@@ -86,6 +86,44 @@ def test_stopped_compare_leaves_a_partial_summary(tmp_path, monkeypatch):
     assert "Partial" not in (out / "compare.md").read_text()
 
 
+def test_summarize_writes_one_summary_over_runs_of_several_compares_and_runs_nothing(tmp_path, monkeypatch):
+    data = tmp_path / "fvl"
+    monkeypatch.setattr(bm, "prepare", lambda d, tiny, res: (data, data / "feats"))
+    monkeypatch.setattr(bm, "_test_sizes", lambda d, n: {t: 5 for t in bm.TASKS})
+    import adapterkit.vl.datasets.fashionvl as fvl
+
+    monkeypatch.setattr(fvl, "majority_baseline", lambda d: {t: {"score": 0.5} for t in bm.TASKS})
+    trained = []
+
+    def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True):
+        done = Path(run_dir) / "run.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        trained.append((preset, seed))
+        run = _fake_run(preset, seed)
+        done.parent.mkdir(parents=True)
+        done.write_text(json.dumps(run))
+        return run
+
+    monkeypatch.setattr(bm, "run_one", run_one)
+    out = tmp_path / "cmp"
+    kw = dict(out_dir=out, data_dir=data, scale_name="tiny", steps=2, curve_every=0, estimate=False, command="test")
+    bm.compare(["full_finetune", "single_adapter"], seeds=1, **kw)  # one compare: seed 0 of both
+    bm.compare(["single_lora"], seeds=2, **kw)  # another: two seeds of a third preset
+    assert sorted(json.loads((out / "compare.json").read_text())["presets"]) == ["single_lora"]
+    n = len(trained)
+    s = bm.compare(["full_finetune", "single_adapter", "single_lora"], seeds=2, summarize_only=True, **kw)
+    assert len(trained) == n  # nothing ran
+    assert list(s["presets"]) == ["full_finetune", "single_adapter", "single_lora"]
+    assert s["missing_runs"] == [{"preset": "full_finetune", "seed": 1}, {"preset": "single_adapter", "seed": 1}]
+    assert s["presets"]["single_lora"]["vs_reference"]["seeds_paired"] == 1 and s["wall_time_s"] is None
+    assert s["protocol"]["summarized_from"] == ["full_finetune seed 0", "single_adapter seed 0", "single_lora seed 0",
+                                                "single_lora seed 1"]
+    assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(s))
+    with pytest.raises(bm.DataError, match="no finished run of single_prompt"):
+        bm.compare(["single_prompt"], seeds=1, summarize_only=True, **kw)
+
+
 def test_jobs_workers_exit_when_the_compare_is_killed(tmp_path):
     """`compare --jobs N` workers use _exit_with_parent: a SIGKILLed compare (no cleanup runs in
     it) does not leave its spawned workers training on."""

@@ -42,6 +42,9 @@ def add_parser(sub):
                    "without them bf16 is emulated and much slower; effect on the scores not measured)")
     c.add_argument("--no-estimate", action="store_true", help="start without measuring the estimated duration")
     c.add_argument("--estimate-only", action="store_true", help="measure, print the estimated duration, stop")
+    c.add_argument("--summarize", action="store_true",
+                   help="run nothing: rewrite compare.json / .md / plots in --out from the finished runs of these "
+                   "presets and seeds (runs several compares added), listing the missing ones")
     c.set_defaults(_run=run_compare)
     return [d, c]
 
@@ -63,7 +66,7 @@ def run_compare(args) -> int:
             args.seed, seeds=args.seeds, eval_examples=args.eval_examples, curve_every=args.curve_every,
             curve_examples=args.curve_examples, curve_seeds=args.curve_seeds, estimate=not args.no_estimate,
             estimate_only=args.estimate_only, jobs=args.jobs, lr=args.lr, threads=args.threads, bf16=args.bf16,
-            command="adapterkit " + shlex.join(sys.argv[1:]))
+            command="adapterkit " + shlex.join(sys.argv[1:]), summarize_only=args.summarize)
     return 0
 
 

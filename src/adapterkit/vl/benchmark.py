@@ -805,8 +805,13 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
             steps=None, seed=0, seeds: int = 1, eval_examples: int | None = -1, curve_every: int | None = None,
             curve_examples: int | None = None, curve_seeds: int | None = None, estimate: bool = True,
             estimate_only: bool = False, jobs: int = 1, lr: float | None = None, command: str | None = None,
-            n_resamples: int = 2000, threads: int | None = None, bf16: bool | None = None) -> dict:
+            n_resamples: int = 2000, threads: int | None = None, bf16: bool | None = None,
+            summarize_only: bool = False) -> dict:
     """Every preset x ``seeds`` seeds (seed, seed+1, ...) on one budget; see the module doc.
+
+    ``summarize_only``: run nothing; rewrite the summary (compare.json / .md / plots) from the
+    finished runs in ``out_dir`` of these presets and seeds (e.g. runs added by several compares
+    with other preset lists), listing the missing ones.
 
     ``eval_examples``: test examples per task (-1: the scale's setting, None: the whole split);
     ``curve_every`` / ``curve_examples``: the validation curve (0 turns it off); ``curve_seeds``: how
@@ -853,6 +858,8 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
     todo = [(p, s) for p in presets for s in seed_list if not (out / p / f"seed{s}" / "run.json").exists()]
     estimates: dict[str, dict] = {}
     wall = None
+    if summarize_only:
+        estimate = estimate_only = False
     if (estimate or estimate_only) and todo:
         t0 = time.perf_counter()
         print(f"measuring the cost of each preset on this machine ({torch_threads()} threads, load average "
@@ -914,6 +921,15 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         "command": command,
     }
     done: dict[tuple[str, int], dict] = {}
+    if summarize_only:
+        for j in jobs_list:
+            if (Path(j["run_dir"]) / "run.json").exists():  # checked against this budget, as when reused
+                done[(j["preset"], j["seed"])] = run_one(j["data_dir"], j["feats"], j["preset"], scale, j["run_dir"],
+                                                         j["seed"], lr, j["curve"])
+        if not done:
+            raise DataError(f"{out}: no finished run of {', '.join(presets)} (seeds {seed_list}) to summarize")
+        protocol["summarized_from"] = sorted(f"{p} seed {s}" for p, s in done)
+        return write_summary(out, presets, seed_list, done, protocol, scale, base, None, None, n_resamples)
 
     def finished(j, r, note):
         done[(j["preset"], j["seed"])] = r
@@ -945,7 +961,7 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
 
 
 def write_summary(out: Path, presets, seed_list, done: dict, protocol: dict, scale: dict, base: dict, wall,
-                  t_start: float, n_resamples: int = 2000, quiet: bool = False) -> dict:
+                  t_start: float | None, n_resamples: int = 2000, quiet: bool = False) -> dict:
     """compare.json / .md / .png / curves.png from the finished (preset, seed) runs in ``done``.
     Written after every run: a partial summary lists the runs still missing (``missing_runs``),
     and only presets with at least one finished seed appear."""
@@ -958,7 +974,7 @@ def write_summary(out: Path, presets, seed_list, done: dict, protocol: dict, sca
         "scale": scale, "majority_baseline": base,
         "presets": {p: aggregate(rs, n_resamples) for p, rs in runs.items()},
         "estimated_s": wall,  # what was printed before the runs (None: not measured)
-        "wall_time_s": time.perf_counter() - t_start,
+        "wall_time_s": None if t_start is None else time.perf_counter() - t_start,  # None: a --summarize
     }
     if REFERENCE in runs:
         for p, rs in runs.items():
