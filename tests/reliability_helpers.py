@@ -76,3 +76,18 @@ def kill_after_checkpoints(cmd: list[str], ckpt_dir: Path, env: dict, n: int = 2
         proc.kill()
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a torchrun rendezvous; a fixed one can be taken)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run --nproc_per_node N --master_port FREE ARGS...``"""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), *args]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from reliability_helpers import kill_after_checkpoints
+from reliability_helpers import kill_after_checkpoints, torchrun
 
 from adapterkit.audio.asr import ASRDomain, asterisk_splits, load_config
 from adapterkit.errors import DataError
@@ -123,8 +123,7 @@ def test_two_processes_match_one(data, tmp_path):
     two.write_text(yaml.safe_dump(_cfg(data, epochs=1, checkpoint_every=100, batch_size=2)))
     r = subprocess.run(_cmd(one, tmp_path / "o1"), env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29553", "-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "o2")],
+    r = subprocess.run(torchrun("-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "o2")),
                        env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from reliability_helpers import kill_after_checkpoints
+from reliability_helpers import kill_after_checkpoints, torchrun
 
 ENV = {**os.environ, "ADAPTERKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY_VIT = {"image_size": 16, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -104,8 +104,7 @@ def test_two_processes_match_one(tmp_path, domain):
     two.write_text(yaml.safe_dump(_config(domain, tmp_path, batch_size=4, epochs=2)))
     r = subprocess.run(_cmd(one, tmp_path / "o1"), env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29547", "-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "o2")],
+    r = subprocess.run(torchrun("-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "o2")),
                        env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
 

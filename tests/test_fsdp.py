@@ -7,7 +7,6 @@ must give the trainable weights (and Adam's moments) of one process on the whole
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +27,7 @@ needs_fsdp = pytest.mark.skipif(fsdp.fsdp_unavailable() is not None, reason=str(
 
 sys.path.insert(0, str(HERE))
 import fsdp_worker  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from reliability_helpers import torchrun  # noqa: E402
 
 
 def _single(tmp_path, *args) -> dict:
@@ -44,8 +38,7 @@ def _single(tmp_path, *args) -> dict:
 
 def _two(tmp_path, *args) -> dict:
     out = tmp_path / "fsdp.pt"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(_free_port()), str(WORKER), "--mode", "fsdp", "--out", str(out), *args],
+    r = subprocess.run(torchrun(str(WORKER), "--mode", "fsdp", "--out", str(out), *args),
                        env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out, weights_only=False)

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
-from reliability_helpers import kill_after_checkpoints
+from reliability_helpers import kill_after_checkpoints, torchrun
 
 from adapterkit.engine.engine import read_trained
 from adapterkit.errors import ConfigError
@@ -102,19 +101,13 @@ def test_sigkill_during_target_stage_then_rerun_is_bit_identical(data, tmp_path)
     assert steps == [str(i) for i in range(1, 21)]  # every step once after the resume
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_processes_match_one(data, tmp_path):
     one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
     one.write_text(yaml.safe_dump(cfg(data, target_epochs=2, dropout=0.0)))
     two.write_text(yaml.safe_dump(cfg(data, target_epochs=2, dropout=0.0, batch_size=4)))  # x 2 processes
     subprocess.run(_cmd(one, tmp_path / "o1"), check=True, env=ENV, capture_output=True)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(_free_port()), "-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "o2")],
+    r = subprocess.run(torchrun("-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "o2")),
                        env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_helpers import kill_after_checkpoints
+from reliability_helpers import kill_after_checkpoints, torchrun
 
 import adapterkit
 from adapterkit.core.config import config_from_dict
@@ -121,8 +121,7 @@ def test_two_process_ddp_matches_one_process_with_double_batch(data, tmp_path):
         c["preset"] = "single_adapter"
         p.write_text(yaml.safe_dump(c))
     subprocess.run(_train_cmd(one, tmp_path / "out1"), check=True, env=ENV, capture_output=True)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29533", "-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "out2")],
+    r = subprocess.run(torchrun("-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "out2")),
                        env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
 

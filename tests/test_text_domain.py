@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import yaml
-from reliability_helpers import kill_after_checkpoints
+from reliability_helpers import kill_after_checkpoints, torchrun
 
 from adapterkit.errors import ConfigError, DataError
 from adapterkit.testing.fixtures import make_text_fixture
@@ -140,8 +140,7 @@ def test_two_processes_match_one(data, tmp_path):
     c["train"]["batch_size"] = 4
     two.write_text(yaml.safe_dump(c))
     subprocess.run(_cmd(one, tmp_path / "o1"), check=True, env=ENV, capture_output=True)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29541", "-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "o2")],
+    r = subprocess.run(torchrun("-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "o2")),
                        env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -166,8 +165,7 @@ def test_fsdp_two_processes_match_one(data, tmp_path):
     c["train"].update(batch_size=4, fsdp=True)
     two.write_text(yaml.safe_dump(c))
     subprocess.run(_cmd(one, tmp_path / "o1"), check=True, env=ENV, capture_output=True)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29561", "-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "o2")],
+    r = subprocess.run(torchrun("-m", "adapterkit.cli", "train", str(two), "--output", str(tmp_path / "o2")),
                        env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     l1 = [float(x.split(",")[3]) for x in (tmp_path / "o1" / "train_log.csv").read_text().splitlines()[1:]]
