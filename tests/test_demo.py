@@ -231,6 +231,13 @@ def test_estimate_from_measured_costs(tiny_data, tmp_path, capsys):
     assert not (tmp_path / "c" / "single_adapter").exists()  # nothing trained
 
 
+def test_makespan_is_the_pools_wall_time_not_the_total_over_workers():
+    assert bm.makespan([3051.0, 2546.0], 2) == 3051.0  # two unequal runs side by side: the longer one
+    assert bm.makespan([10.0, 10.0, 10.0], 2) == 20.0  # the third waits for a free worker
+    assert bm.makespan([5.0, 1.0, 1.0, 1.0, 1.0], 2) == 5.0  # the short ones share the other worker
+    assert bm.makespan([2.0, 3.0], 1) == 5.0 and bm.makespan([4.0], 8) == 4.0 and bm.makespan([], 2) == 0.0
+
+
 def test_compare_refuses_bad_arguments(tmp_path):
     from adapterkit.errors import ConfigError
 

@@ -790,6 +790,18 @@ def _exit_with_parent(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="adapterkit-exit-with-parent", daemon=True).start()
 
 
+def makespan(durations: list[float], workers: int) -> float:
+    """Wall time of runs taken in this order by ``workers`` parallel workers, each run going to the
+    first worker that is free (as the compare's process pool hands them out): not the total / workers,
+    which two unequal runs on two workers underestimate."""
+    import heapq
+
+    free = [0.0] * max(1, min(workers, len(durations) or 1))
+    for d in durations:
+        heapq.heappush(free, heapq.heappop(free) + d)
+    return max(free)
+
+
 def _run_job(job: dict) -> dict:
     """One (preset, seed) in a worker process (``compare --jobs``)."""
     import torch
@@ -864,7 +876,7 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         t0 = time.perf_counter()
         print(f"measuring the cost of each preset on this machine ({torch_threads()} threads, load average "
               f"{os.getloadavg()[0]:.1f})", flush=True)
-        total, total_cpu = 0.0, 0.0
+        total_cpu = 0.0
         for p in dict.fromkeys(p for p, _ in todo):
             cost = measure_costs(data_dir, feats, p, scale, out / ".measure", seed)
             n_curve = sum(1 for q, s in todo if q == p and s in curve_seed_set)
@@ -874,7 +886,6 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
                                 estimate_run_s(cost["cpu"], scale, sizes, False))
             estimates[p] = {**cost, "run_s": run_s, "run_s_without_curve": plain_s, "cpu_run_s": cpu_s,
                             "cpu_run_s_without_curve": cpu_plain}
-            total += n_curve * run_s + n_plain * plain_s
             total_cpu += n_curve * cpu_s + n_plain * cpu_plain
             c = cost["cpu"]
             print(f"  {p}: step {cost['mean_step_s']:.2f} s, eval "
@@ -883,19 +894,26 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
                   f"{c['mean_step_s']:.2f} s, eval {100 * np.mean(list(c['eval_s_per_example'].values())):.1f} s"
                   f" / 100 -> {_fmt_s(cpu_s)} per run on a free core", flush=True)
         shutil.rmtree(out / ".measure", ignore_errors=True)
-        wall = total / min(jobs, len(todo)) if jobs > 1 else total
+        # the runs in the order the pool takes them (seed-major), each on the first free worker
+        order = [(p, s) for s in seed_list for p in presets if (p, s) in set(todo)]
+
+        def durations(key):
+            return [estimates[p][key if s in curve_seed_set else key.replace("run_s", "run_s_without_curve")]
+                    for p, s in order]
+
+        wall = makespan(durations("run_s"), jobs)
         cores = os.cpu_count() or 1
         cpu_one = total_cpu if (threads or torch_threads()) == 1 else None
+        cpu_all = None if cpu_one is None else makespan(durations("cpu_run_s"), cores)
         print(f"estimated duration: {_fmt_s(wall)} for {len(todo)} run(s) at this load"
               + (f" on {jobs} parallel jobs (assuming they do not slow each other)" if jobs > 1 else "")
               + f"; measuring took {_fmt_s(time.perf_counter() - t0)}")
         if cpu_one is not None:
             print(f"from the CPU time (one thread per run): {_fmt_s(cpu_one)} on one free core, "
-                  f"{_fmt_s(cpu_one / min(cores, len(todo)))} on all {cores} free cores (--jobs {cores} --threads 1)")
+                  f"{_fmt_s(cpu_all)} on all {cores} free cores (--jobs {cores} --threads 1)")
         atomic_write_json(out / "estimate.json", {"presets": estimates, "runs": len(todo), "estimated_s": wall,
                                                   "cpu_one_core_s": cpu_one,
-                                                  "cpu_all_cores_s": None if cpu_one is None else
-                                                  cpu_one / min(cores, len(todo)), "cores": cores,
+                                                  "cpu_all_cores_s": cpu_all, "cores": cores,
                                                   "jobs": jobs, "scale": scale, "test_sizes": sizes,
                                                   "load_average": os.getloadavg()[0]})
         if estimate_only:
