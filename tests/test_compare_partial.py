@@ -39,13 +39,19 @@ def _fake_run(preset, seed, n=5):
             "test_sizes": {t: n for t in bm.TASKS}, "per_example": per, "curve": [], "wall_time_s": 1.0}
 
 
-def test_stopped_compare_leaves_a_partial_summary(tmp_path, monkeypatch):
+def _fake_data(tmp_path, monkeypatch) -> Path:
+    """compare without the real FashionVL: its data folder, test sizes and majority baseline faked."""
     data = tmp_path / "fvl"
     monkeypatch.setattr(bm, "prepare", lambda d, tiny, res: (data, data / "feats"))
     monkeypatch.setattr(bm, "_test_sizes", lambda d, n: {t: 5 for t in bm.TASKS})
     import adapterkit.vl.datasets.fashionvl as fvl
 
     monkeypatch.setattr(fvl, "majority_baseline", lambda d: {t: {"score": 0.5} for t in bm.TASKS})
+    return data
+
+
+def test_stopped_compare_leaves_a_partial_summary(tmp_path, monkeypatch):
+    data = _fake_data(tmp_path, monkeypatch)
     order, stop_at = [], [3]
 
     def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True):
@@ -87,12 +93,7 @@ def test_stopped_compare_leaves_a_partial_summary(tmp_path, monkeypatch):
 
 
 def test_summarize_writes_one_summary_over_runs_of_several_compares_and_runs_nothing(tmp_path, monkeypatch):
-    data = tmp_path / "fvl"
-    monkeypatch.setattr(bm, "prepare", lambda d, tiny, res: (data, data / "feats"))
-    monkeypatch.setattr(bm, "_test_sizes", lambda d, n: {t: 5 for t in bm.TASKS})
-    import adapterkit.vl.datasets.fashionvl as fvl
-
-    monkeypatch.setattr(fvl, "majority_baseline", lambda d: {t: {"score": 0.5} for t in bm.TASKS})
+    data = _fake_data(tmp_path, monkeypatch)
     trained = []
 
     def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True):

@@ -19,6 +19,7 @@ validation split (it takes no test arguments at all).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -298,8 +299,6 @@ def fit_on_features(
     seeded shuffled batches with a cosine schedule over all steps, validation accuracy after every
     epoch (and before the first), the best epoch's weights loaded back into ``model`` (validation,
     never test, selects). Returns ``{"best_epoch", "best_val_acc", "history"}``."""
-    import copy
-
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
     train_features = l2_normalize(train_features.float())

@@ -876,17 +876,13 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         t0 = time.perf_counter()
         print(f"measuring the cost of each preset on this machine ({torch_threads()} threads, load average "
               f"{os.getloadavg()[0]:.1f})", flush=True)
-        total_cpu = 0.0
         for p in dict.fromkeys(p for p, _ in todo):
             cost = measure_costs(data_dir, feats, p, scale, out / ".measure", seed)
-            n_curve = sum(1 for q, s in todo if q == p and s in curve_seed_set)
-            n_plain = sum(1 for q, s in todo if q == p and s not in curve_seed_set)
             run_s, plain_s = estimate_run_s(cost, scale, sizes, True), estimate_run_s(cost, scale, sizes, False)
             cpu_s, cpu_plain = (estimate_run_s(cost["cpu"], scale, sizes, True),
                                 estimate_run_s(cost["cpu"], scale, sizes, False))
             estimates[p] = {**cost, "run_s": run_s, "run_s_without_curve": plain_s, "cpu_run_s": cpu_s,
                             "cpu_run_s_without_curve": cpu_plain}
-            total_cpu += n_curve * cpu_s + n_plain * cpu_plain
             c = cost["cpu"]
             print(f"  {p}: step {cost['mean_step_s']:.2f} s, eval "
                   f"{100 * np.mean(list(cost['eval_s_per_example'].values())):.1f} s / 100 examples, build "
@@ -895,16 +891,17 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
                   f" / 100 -> {_fmt_s(cpu_s)} per run on a free core", flush=True)
         shutil.rmtree(out / ".measure", ignore_errors=True)
         # the runs in the order the pool takes them (seed-major), each on the first free worker
-        order = [(p, s) for s in seed_list for p in presets if (p, s) in set(todo)]
+        pending = set(todo)
+        order = [(p, s) for s in seed_list for p in presets if (p, s) in pending]
 
-        def durations(key):
-            return [estimates[p][key if s in curve_seed_set else key.replace("run_s", "run_s_without_curve")]
+        def durations(prefix):  # "" (at this load) or "cpu_" (CPU time), with or without the curve
+            return [estimates[p][f"{prefix}run_s" + ("" if s in curve_seed_set else "_without_curve")]
                     for p, s in order]
 
-        wall = makespan(durations("run_s"), jobs)
+        wall = makespan(durations(""), jobs)
         cores = os.cpu_count() or 1
-        cpu_one = total_cpu if (threads or torch_threads()) == 1 else None
-        cpu_all = None if cpu_one is None else makespan(durations("cpu_run_s"), cores)
+        cpu_one = sum(durations("cpu_")) if (threads or torch_threads()) == 1 else None
+        cpu_all = None if cpu_one is None else makespan(durations("cpu_"), cores)
         print(f"estimated duration: {_fmt_s(wall)} for {len(todo)} run(s) at this load"
               + (f" on {jobs} parallel jobs (assuming they do not slow each other)" if jobs > 1 else "")
               + f"; measuring took {_fmt_s(time.perf_counter() - t0)}")
