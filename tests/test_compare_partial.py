@@ -168,3 +168,11 @@ def test_jobs_workers_exit_when_the_compare_is_killed(tmp_path):
 
     assert not worker_alive_after_parent_killed("watch", 10)
     assert worker_alive_after_parent_killed("plain", 2)  # the failure the initializer prevents
+
+
+def test_a_corrupt_run_record_is_one_error_naming_it(tmp_path):
+    rec = tmp_path / "single_adapter" / "seed0" / "run.json"
+    rec.parent.mkdir(parents=True)
+    rec.write_text('{"preset": "single_adapter", "scor')  # cut off mid-write by something else
+    with pytest.raises(bm.DataError, match=r"seed0/run\.json: not a readable run record.*delete it"):
+        bm.run_one(tmp_path, tmp_path, "single_adapter", {"steps": 2}, rec.parent)

@@ -266,7 +266,11 @@ def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True
     run_dir = Path(run_dir)
     done = run_dir / "run.json"
     if done.exists():
-        run = json.loads(done.read_text())
+        try:
+            run = json.loads(done.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{done}: not a readable run record ({e}); delete it to run this (preset, seed) "
+                            "again") from None
         if "item_recall_interval" not in (run.get("caption_check") or {}) and (run_dir / "predictions.json").exists():
             run = _refresh_caption_check(run, run_dir, data_dir)  # a record from before the check grew
         want = {"steps": scale["steps"], "bf16": bool(scale.get("bf16", False)), **({"lr": lr} if lr else {})}
