@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from adapterkit.errors import AdapterKitError
@@ -57,6 +58,10 @@ def main(argv=None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 1
+    if os.environ.get("ADAPTERKIT_NO_PROGRESS") == "1":
+        from adapterkit.engine.engine import quiet_hf_progress
+
+        quiet_hf_progress()
     try:
         code = int(args._run(args) or 0)
     except AdapterKitError as e:

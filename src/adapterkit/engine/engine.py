@@ -152,6 +152,18 @@ def lock_output(output_dir):
         lock.release()
 
 
+def quiet_hf_progress() -> None:
+    """With ``ADAPTERKIT_NO_PROGRESS=1``, silence Hugging Face's own bars too (model loading,
+    GGUF de-quantisation), which otherwise fill the logs of background runs."""
+    if os.environ.get("ADAPTERKIT_NO_PROGRESS") != "1":
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers / the hub client load
+    for module, switch in (("huggingface_hub.utils", "disable_progress_bars"),
+                           ("transformers.utils.logging", "disable_progress_bar")):
+        if module in sys.modules:  # already imported: the variable was read, flip the switch
+            getattr(sys.modules[module], switch)()
+
+
 def _progress(iterable=None, **kw):
     from tqdm.auto import tqdm
 

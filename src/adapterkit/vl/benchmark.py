@@ -813,6 +813,9 @@ def _run_job(job: dict) -> dict:
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     os.environ["ADAPTERKIT_NO_PROGRESS"] = "1"
+    from adapterkit.engine.engine import quiet_hf_progress
+
+    quiet_hf_progress()
     return run_one(job["data_dir"], job["feats"], job["preset"], job["scale"], job["run_dir"], job["seed"],
                    job["lr"], job["curve"])
 
