@@ -274,3 +274,25 @@ def test_demo_with_smollm2_few_steps(tmp_path):
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 3.5 < res["percent"] < 5.0  # one shared adapter: about 4% of SmolLM2-VL
     assert res["test_sizes"] == {t: 40 for t in TASKS}
+
+
+def test_parallel_jobs_slowdown_is_measured_and_scales_the_estimate(tiny_data, tmp_path, capsys):
+    import json
+
+    res = bm.compare(["single_adapter", "single_lora"], out_dir=tmp_path / "c", data_dir=tiny_data[0],
+                     scale_name="tiny", steps=4, jobs=2, threads=1, estimate_only=True)
+    est = json.loads((tmp_path / "c" / "estimate.json").read_text())
+    c = est["parallel_contention"]
+    assert c["jobs"] == 2 and c["step_s_alone"] > 0 and c["step_s_together"] > 0
+    assert c["slowdown"] == pytest.approx(c["step_s_together"] / c["step_s_alone"])
+    runs = [est["presets"][p]["run_s"] for p in ("single_adapter", "single_lora")]
+    assert res["estimated_s"] == pytest.approx(bm.makespan(runs, 2) * c["slowdown"])
+    assert "slower beside the others (measured)" in capsys.readouterr().out
+    assert not (tmp_path / "c" / ".measure").exists()
+
+
+def test_a_failed_slowdown_measurement_says_so_and_assumes_none(tmp_path, capsys):
+    assert bm.measure_contention(tmp_path / "no_data", tmp_path / "no_feats", "single_adapter", bm.SCALES["tiny"],
+                                 tmp_path / "m", jobs=2) is None
+    assert "could not measure how parallel jobs slow each other" in capsys.readouterr().out
+    assert not (tmp_path / "m").exists()

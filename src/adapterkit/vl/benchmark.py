@@ -713,6 +713,86 @@ def measure_costs(data_dir, feats, preset: str, scale: dict, work_dir: Path, see
             "cpu": pieces(build.cpu, step_cpu, ckpt.cpu, eval_cpu)}
 
 
+def _contention_worker(rank, barrier, results, data_dir, feats, preset, scale, work_dir, threads, steps, seed):
+    """One of ``measure_contention``'s processes: the same training steps alone (rank 0 only, the
+    others waiting) and then with every process stepping at once. An error goes to the parent as
+    one line, and the others stop waiting."""
+    import threading
+
+    import torch
+
+    from adapterkit.vl.data import _seed, task_schedule
+
+    torch.set_num_threads(threads)
+    try:
+        tr = make_trainer(data_dir, feats, preset, scale, Path(work_dir) / f"rank{rank}", seed, curve=False)
+        sched = task_schedule(tr.num_batches, seed, 0)[: steps + 1]
+        orders = {t: d.epoch_order(seed, 0) for t, d in tr.train_data.items()}
+
+        def run(items):
+            t0 = time.perf_counter()
+            for task, b in items:
+                bs = tr.batch_sizes[task]
+                tr.train_step(task, orders[task][b * bs:(b + 1) * bs], _seed(seed, 0, task, b))
+            return (time.perf_counter() - t0) / len(items)
+
+        run(sched[:1])  # warm-up
+        barrier.wait(timeout=900)
+        alone = run(sched[1:]) if rank == 0 else None
+        barrier.wait(timeout=900)
+        results.put((rank, alone, run(sched[1:])))
+    except threading.BrokenBarrierError:
+        results.put((rank, None, "another measuring process stopped"))
+    except Exception as e:
+        barrier.abort()
+        results.put((rank, None, f"{type(e).__name__}: {e}"))
+
+
+def measure_contention(data_dir, feats, preset: str, scale: dict, work_dir: Path, jobs: int, threads: int = 1,
+                       steps: int = 3, seed: int = 0) -> dict | None:
+    """How much slower a training step is when ``jobs`` runs of ``preset`` step at once, as the
+    compare's ``--jobs`` pool runs them (memory bandwidth and caches are shared even when each run
+    has its own cores): ``jobs`` processes time the same ``steps`` steps, first one process alone,
+    then all together. ``slowdown`` = together / alone. None when a process failed (told why)."""
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(jobs), ctx.Queue()
+    procs = [ctx.Process(target=_contention_worker, daemon=True,
+                         args=(r, barrier, results, str(data_dir), str(feats), preset, scale, str(work_dir),
+                               threads, steps, seed)) for r in range(jobs)]
+    for p in procs:
+        p.start()
+    got, errors = {}, []
+    try:
+        while len(got) + len(errors) < jobs:  # every process answers once (a result or an error)
+            try:
+                rank, alone, together = results.get(timeout=5)
+                if isinstance(together, str):
+                    errors.append(together)
+                else:
+                    got[rank] = (alone, together)
+            except queue_mod.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):  # died without answering
+                    break
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+        shutil.rmtree(work_dir, ignore_errors=True)
+    if len(got) < jobs:
+        first = sorted(errors, key=lambda e: e.startswith("another"))  # the cause before its echoes
+        why = first[0] if first else f"process exit codes {[p.exitcode for p in procs]}"
+        print(f"  could not measure how parallel jobs slow each other ({why}); assuming they do not", flush=True)
+        return None
+    alone = got[0][0]
+    together = float(np.mean([t for _, t in got.values()]))
+    return {"preset": preset, "jobs": jobs, "threads": threads, "steps": steps, "step_s_alone": alone,
+            "step_s_together": together, "slowdown": together / alone}
+
+
 def estimate_run_s(cost: dict, scale: dict, test_sizes: dict[str, int], curve: bool = True) -> float:
     """Seconds of one run from measured costs: build + steps + checkpoints + test + curve points."""
     steps = scale["steps"]
@@ -897,6 +977,16 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
                   f"{c['mean_step_s']:.2f} s, eval {100 * np.mean(list(c['eval_s_per_example'].values())):.1f} s"
                   f" / 100 -> {_fmt_s(cpu_s)} per run on a free core", flush=True)
         shutil.rmtree(out / ".measure", ignore_errors=True)
+        contention = None
+        if jobs > 1 and len(todo) > 1:  # the heaviest preset, as many copies as the pool runs at once
+            heavy = max(estimates, key=lambda p: estimates[p]["mean_step_s"])
+            contention = measure_contention(data_dir, feats, heavy, scale, out / ".measure", min(jobs, len(todo)),
+                                            threads or torch_threads(), seed=seed)
+            if contention:
+                print(f"  {contention['jobs']} {heavy} runs stepping at once: "
+                      f"{contention['step_s_together']:.2f} s a step against {contention['step_s_alone']:.2f} s "
+                      f"alone (x{contention['slowdown']:.2f})", flush=True)
+        slowdown = contention["slowdown"] if contention else 1.0
         # the runs in the order the pool takes them (seed-major), each on the first free worker
         pending = set(todo)
         order = [(p, s) for s in seed_list for p in presets if (p, s) in pending]
@@ -905,17 +995,20 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
             return [estimates[p][f"{prefix}run_s" + ("" if s in curve_seed_set else "_without_curve")]
                     for p, s in order]
 
-        wall = makespan(durations(""), jobs)
+        wall = makespan(durations(""), jobs) * slowdown
         cores = os.cpu_count() or 1
         cpu_one = sum(durations("cpu_")) if (threads or torch_threads()) == 1 else None
         cpu_all = None if cpu_one is None else makespan(durations("cpu_"), cores)
         print(f"estimated duration: {_fmt_s(wall)} for {len(todo)} run(s) at this load"
-              + (f" on {jobs} parallel jobs (assuming they do not slow each other)" if jobs > 1 else "")
+              + (f" on {jobs} parallel jobs" + (f", each x{slowdown:.2f} slower beside the others (measured)"
+                                                   if contention else " (assuming they do not slow each other)")
+                 if jobs > 1 else "")
               + f"; measuring took {_fmt_s(time.perf_counter() - t0)}")
         if cpu_one is not None:
             print(f"from the CPU time (one thread per run): {_fmt_s(cpu_one)} on one free core, "
                   f"{_fmt_s(cpu_all)} on all {cores} free cores (--jobs {cores} --threads 1)")
         atomic_write_json(out / "estimate.json", {"presets": estimates, "runs": len(todo), "estimated_s": wall,
+                                                  "parallel_contention": contention,
                                                   "cpu_one_core_s": cpu_one,
                                                   "cpu_all_cores_s": cpu_all, "cores": cores,
                                                   "jobs": jobs, "scale": scale, "test_sizes": sizes,
