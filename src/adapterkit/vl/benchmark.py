@@ -668,12 +668,21 @@ class _Clocks:
         self.wall, self.cpu = time.perf_counter() - self.t, time.process_time() - self.c
 
 
+def _train_step(tr, orders: dict, seed: int, task: str, b: int) -> None:
+    """Batch ``b`` of ``task`` in epoch 0's order: the step a measurement times (measure_costs,
+    measure_contention), the same one the run takes."""
+    from adapterkit.vl.data import _seed
+
+    bs = tr.batch_sizes[task]
+    tr.train_step(task, orders[task][b * bs:(b + 1) * bs], _seed(seed, 0, task, b))
+
+
 def measure_costs(data_dir, feats, preset: str, scale: dict, work_dir: Path, seed: int = 0) -> dict:
     """Seconds of one preset's pieces on this machine, now: building the model, one training step
     of each task (after a warm-up step), one checkpoint, and one evaluation batch of each task.
     The wall seconds at the top level; the same pieces in this process's CPU seconds under ``cpu``
     (the cost on a free core when the run has one thread; a checkpoint's disk wait is not in it)."""
-    from adapterkit.vl.data import _seed, task_schedule
+    from adapterkit.vl.data import task_schedule
 
     work = Path(work_dir) / preset
     with _Clocks() as build:
@@ -687,9 +696,8 @@ def measure_costs(data_dir, feats, preset: str, scale: dict, work_dir: Path, see
             break
         if i > 0 and task in step_s:
             continue
-        bs = tr.batch_sizes[task]
         with _Clocks() as c:
-            tr.train_step(task, orders[task][b * bs:(b + 1) * bs], _seed(seed, 0, task, b))
+            _train_step(tr, orders, seed, task, b)
         if i > 0:  # the first step warms up (allocations, kernels)
             step_s[task], step_cpu[task] = c.wall, c.cpu
     tr.state["step"] = 1
@@ -721,7 +729,7 @@ def _contention_worker(rank, barrier, results, data_dir, feats, preset, scale, w
 
     import torch
 
-    from adapterkit.vl.data import _seed, task_schedule
+    from adapterkit.vl.data import task_schedule
 
     torch.set_num_threads(threads)
     try:
@@ -732,8 +740,7 @@ def _contention_worker(rank, barrier, results, data_dir, feats, preset, scale, w
         def run(items):
             t0 = time.perf_counter()
             for task, b in items:
-                bs = tr.batch_sizes[task]
-                tr.train_step(task, orders[task][b * bs:(b + 1) * bs], _seed(seed, 0, task, b))
+                _train_step(tr, orders, seed, task, b)
             return (time.perf_counter() - t0) / len(items)
 
         run(sched[:1])  # warm-up
