@@ -162,6 +162,18 @@ def quiet_hf_progress() -> None:
                            ("transformers.utils.logging", "disable_progress_bar")):
         if module in sys.modules:  # already imported: the variable was read, flip the switch
             getattr(sys.modules[module], switch)()
+    # Some loaders (transformers' GGUF de-quantisation) call tqdm directly, past both switches.
+    # tqdm reads TQDM_* defaults when it is imported: the variable covers processes started
+    # from here (compare workers); an imported tqdm gets the same default, which a caller's
+    # explicit disable=False still overrides.
+    os.environ["TQDM_DISABLE"] = "1"
+    std = sys.modules.get("tqdm.std")
+    if std is not None and not getattr(std.tqdm.__dict__["__init__"], "_adapterkit_quiet", False):
+        from functools import partialmethod
+
+        quiet_init = partialmethod(std.tqdm.__init__, disable=True)
+        quiet_init._adapterkit_quiet = True
+        std.tqdm.__init__ = quiet_init
 
 
 def _progress(iterable=None, **kw):
