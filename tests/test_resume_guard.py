@@ -148,3 +148,27 @@ def test_trained_weights_loaded_for_eval_must_match_the_model(data, trained, tmp
     tr = Trainer(load_config(tiny_config(data, max_steps=4)), out)
     with pytest.raises(CheckpointError, match=rf"{key}: shape \[1\]"):
         tr._load_best("final")
+
+
+def test_wall_time_counts_the_processes_before_a_resume(data, trained, tmp_path, capsys):
+    """A resumed run's wall_time_s is the time to its checkpoint (kept in the trainer state)
+    plus this process's, not this process's alone; a malformed record is refused."""
+    out = copy_run(trained, tmp_path / "run")
+    mgr = CheckpointManager(out)
+    state, step = mgr.load_latest()
+    first = json.loads((trained / "results.json").read_text())
+    assert 0 < state["trainer"]["train_s"] <= first["wall_time_s"]
+    state["trainer"]["train_s"] = 1000.0  # as if the processes before had trained for 1,000 s
+    mgr.save(step, state)
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(data, max_steps=6))
+    assert main(["train", str(cfg), "--output", str(out), "--allow-changes", "train.max_steps"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert 0 < res["wall_time_s_this_process"] < 1000
+    assert res["wall_time_s"] == pytest.approx(1000.0 + res["wall_time_s_this_process"])
+    state, _ = mgr.load_latest()
+    assert state["trainer"]["train_s"] > 1000.0  # the new checkpoint carries the total on
+
+    state["trainer"]["train_s"] = -5.0
+    mgr.save(6, state)
+    with pytest.raises(CheckpointError, match=r"'train_s' must be a non-negative number of seconds, got -5\.0"):
+        Trainer(load_config(tiny_config(data, max_steps=6)), out).fit()

@@ -296,7 +296,8 @@ class Engine:
         self.ckpt = CheckpointManager(self.out, keep_last=self.tcfg.keep_last, probe=_is_main(),
                                       min_free_bytes=estimate_checkpoint_bytes(self.named_trainable))
         self.state = {"epoch": 0, "pos": 0, "step": 0, "best": None, "best_step": None, "history": [],
-                      "resume_changes": []}
+                      "resume_changes": [], "train_s": 0.0}
+        self._t0, self._prior_s = time.time(), 0.0  # train_s: this process's time + the checkpoint's
         self.graph = None  # GraphedStep, made at the first step (after a resume has loaded the optimizer)
         self._graph_task = 0
         self.run_identity = json.loads(json.dumps(self._run_identity(), default=str))
@@ -427,7 +428,7 @@ class Engine:
                 "optimizer": opt,
                 "scheduler": self.scheduler.state_dict(),
                 "rng": capture_rng_state(),
-                "trainer": dict(self.state),
+                "trainer": {**self.state, "train_s": self._prior_s + time.time() - self._t0},
                 "extra": {"run": self.run_identity},
             }
             path = self.ckpt.save(step, state)
@@ -477,6 +478,10 @@ class Engine:
             raise CheckpointError(f"{where}: the trainer state's 'best' must be a finite number or null, got {best!r}")
         if best_step is not None and (isinstance(best_step, bool) or not isinstance(best_step, int)):
             raise CheckpointError(f"{where}: the trainer state's 'best_step' must be an integer or null")
+        train_s = ts.get("train_s", 0.0)  # absent in checkpoints of older adapterkit: unknown, 0
+        if isinstance(train_s, bool) or not isinstance(train_s, (int, float)) or not 0 <= train_s < math.inf:
+            raise CheckpointError(f"{where}: the trainer state's 'train_s' must be a non-negative number of "
+                                  f"seconds, got {train_s!r}")
         for k in ("history", "resume_changes"):
             if not isinstance(ts.get(k, []), list):
                 raise CheckpointError(f"{where}: the trainer state's {k!r} must be a list")
@@ -523,6 +528,7 @@ class Engine:
                     g["lr"] = float(g["lr"])
         self.scheduler.load_state_dict(sched)
         self.state.update(trainer_state)
+        self._prior_s = float(trainer_state.get("train_s", 0.0))  # the processes before this one, to the checkpoint
         self.state["resume_changes"] = list(self.state.get("resume_changes") or []) + changes
         self._last_ckpt = (step, path, self._largest_weight(self._weights() if self.sharded else None))
         if _is_main():
@@ -732,7 +738,8 @@ class Engine:
             return self._fit()
 
     def _fit(self) -> dict:
-        t0 = time.time()
+        t0 = self._t0 = time.time()
+        self._prior_s = 0.0
         self._resume()
         cfg = self.tcfg
         logf = None
@@ -795,7 +802,10 @@ class Engine:
             results = self.test()
         finally:
             self._eval_interruptible = False
-        results["wall_time_s"] = time.time() - t0
+        # the whole run's time: the processes before a resume (to the checkpoint it resumed from;
+        # the steps redone after it count once) and this one
+        results["wall_time_s_this_process"] = time.time() - t0
+        results["wall_time_s"] = self._prior_s + results["wall_time_s_this_process"]
         if _is_main():
             atomic_write_json(self.out / "results.json", results)
             self._clean_temps()

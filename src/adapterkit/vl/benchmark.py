@@ -283,7 +283,9 @@ def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True
     run = {"preset": preset, "seed": seed, "steps": res["steps"], "trainable": res["trainable"],
            "total": res["total"], "percent": res["percent"], "lr": res["lr"], "bf16": bool(scale.get("bf16", False)),
            **score_run(res, run_dir, data_dir), "curve": res.get("curve", []),
-           "curve_eval_s": res.get("curve_eval_s", 0.0), "wall_time_s": time.perf_counter() - t0}
+           "curve_eval_s": res.get("curve_eval_s", 0.0),
+           # + the time of the processes before a resume, which the trainer's checkpoint kept
+           "wall_time_s": time.perf_counter() - t0 + res["wall_time_s"] - res["wall_time_s_this_process"]}
     atomic_write_json(done, run)
     return run
 
