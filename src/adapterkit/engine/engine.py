@@ -296,8 +296,10 @@ class Engine:
         self.ckpt = CheckpointManager(self.out, keep_last=self.tcfg.keep_last, probe=_is_main(),
                                       min_free_bytes=estimate_checkpoint_bytes(self.named_trainable))
         self.state = {"epoch": 0, "pos": 0, "step": 0, "best": None, "best_step": None, "history": [],
-                      "resume_changes": [], "train_s": 0.0}
-        self._t0, self._prior_s = time.time(), 0.0  # train_s: this process's time + the checkpoint's
+                      "resume_changes": []}
+        # when the run started, had it never stopped: a resume moves it back by the checkpoint's
+        # train_s, so now - _started is the whole run's time (what every checkpoint records)
+        self._started = time.time()
         self.graph = None  # GraphedStep, made at the first step (after a resume has loaded the optimizer)
         self._graph_task = 0
         self.run_identity = json.loads(json.dumps(self._run_identity(), default=str))
@@ -428,7 +430,7 @@ class Engine:
                 "optimizer": opt,
                 "scheduler": self.scheduler.state_dict(),
                 "rng": capture_rng_state(),
-                "trainer": {**self.state, "train_s": self._prior_s + time.time() - self._t0},
+                "trainer": {**self.state, "train_s": time.time() - self._started},
                 "extra": {"run": self.run_identity},
             }
             path = self.ckpt.save(step, state)
@@ -528,7 +530,7 @@ class Engine:
                     g["lr"] = float(g["lr"])
         self.scheduler.load_state_dict(sched)
         self.state.update(trainer_state)
-        self._prior_s = float(trainer_state.get("train_s", 0.0))  # the processes before this one, to the checkpoint
+        self._started -= float(trainer_state.get("train_s", 0.0))  # the processes before this one
         self.state["resume_changes"] = list(self.state.get("resume_changes") or []) + changes
         self._last_ckpt = (step, path, self._largest_weight(self._weights() if self.sharded else None))
         if _is_main():
@@ -738,8 +740,7 @@ class Engine:
             return self._fit()
 
     def _fit(self) -> dict:
-        t0 = self._t0 = time.time()
-        self._prior_s = 0.0
+        t0 = self._started = time.time()
         self._resume()
         cfg = self.tcfg
         logf = None
@@ -804,8 +805,8 @@ class Engine:
             self._eval_interruptible = False
         # the whole run's time: the processes before a resume (to the checkpoint it resumed from;
         # the steps redone after it count once) and this one
-        results["wall_time_s_this_process"] = time.time() - t0
-        results["wall_time_s"] = self._prior_s + results["wall_time_s_this_process"]
+        end = time.time()
+        results["wall_time_s_this_process"], results["wall_time_s"] = end - t0, end - self._started
         if _is_main():
             atomic_write_json(self.out / "results.json", results)
             self._clean_temps()
