@@ -113,7 +113,16 @@ def test_summarize_writes_one_summary_over_runs_of_several_compares_and_runs_not
     bm.compare(["single_lora"], seeds=2, **kw)  # another: two seeds of a third preset
     assert sorted(json.loads((out / "compare.json").read_text())["presets"]) == ["single_lora"]
     n = len(trained)
+    import adapterkit.vl.datasets.fashionvl as fvl
+
+    def no_features(*a, **k):
+        raise AssertionError("a summary extracts no features")
+
+    built = []
+    monkeypatch.setattr(bm, "prepare", no_features)  # the runs' records need the examples only
+    monkeypatch.setattr(fvl, "build_fashionvl", lambda d, tiny=False, **k: built.append((Path(d), tiny)))
     s = bm.compare(["full_finetune", "single_adapter", "single_lora"], seeds=2, summarize_only=True, **kw)
+    assert built == [(data, True)]
     assert len(trained) == n  # nothing ran
     assert list(s["presets"]) == ["full_finetune", "single_adapter", "single_lora"]
     assert s["missing_runs"] == [{"preset": "full_finetune", "seed": 1}, {"preset": "single_adapter", "seed": 1}]

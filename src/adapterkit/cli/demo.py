@@ -40,6 +40,10 @@ def add_parser(sub):
     c.add_argument("--bf16", action="store_true", default=None,
                    help="bf16 autocast, frozen weights in bf16 (faster only on CPUs with AVX-512 BF16 or AMX; "
                    "without them bf16 is emulated and much slower; effect on the scores not measured)")
+    c.add_argument("--eval-batch-size", type=int, default=None, metavar="N",
+                   help="examples per generation batch (default: the scale's, 64)")
+    c.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                   help="steps between resumable checkpoints (default 100)")
     c.add_argument("--no-estimate", action="store_true", help="start without measuring the estimated duration")
     c.add_argument("--estimate-only", action="store_true", help="measure, print the estimated duration, stop")
     c.add_argument("--summarize", action="store_true",
@@ -66,7 +70,8 @@ def run_compare(args) -> int:
             args.seed, seeds=args.seeds, eval_examples=args.eval_examples, curve_every=args.curve_every,
             curve_examples=args.curve_examples, curve_seeds=args.curve_seeds, estimate=not args.no_estimate,
             estimate_only=args.estimate_only, jobs=args.jobs, lr=args.lr, threads=args.threads, bf16=args.bf16,
-            command="adapterkit " + shlex.join(sys.argv[1:]), summarize_only=args.summarize)
+            command="adapterkit " + shlex.join(sys.argv[1:]), summarize_only=args.summarize,
+            eval_batch_size=args.eval_batch_size, checkpoint_every=args.checkpoint_every)
     return 0
 
 

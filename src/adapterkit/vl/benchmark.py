@@ -52,8 +52,10 @@ SCALES = {
 DEMO_EVAL_EXAMPLES = 500
 
 
-def prepare(data_dir: str | Path, tiny: bool, resolution: int, grid: int = 2, seed: int = 0) -> tuple[Path, Path]:
-    """Build FashionVL (if missing) and its EfficientNet-Lite0 feature store (if missing or stale)."""
+def prepare(data_dir: str | Path, tiny: bool, resolution: int, grid: int = 2, seed: int = 0,
+            device: str = "cpu") -> tuple[Path, Path]:
+    """Build FashionVL (if missing) and its EfficientNet-Lite0 feature store (if missing or stale),
+    the features computed on ``device`` ("auto": a GPU where there is one)."""
     from adapterkit.vl.datasets.fashionvl import build_fashionvl, iter_fashionvl_images
     from adapterkit.vl.features import FeatureStore, extract_features
 
@@ -73,7 +75,8 @@ def prepare(data_dir: str | Path, tiny: bool, resolution: int, grid: int = 2, se
         if stale:
             shutil.rmtree(feats)
         print(f"[2/4] extracting EfficientNet-Lite0 features ({resolution}px, {grid}x{grid} grid) -> {feats}")
-        extract_features(images, "efficientnet-lite0", feats, batch_size=64, grid=grid, resolution=resolution)
+        extract_features(images, "efficientnet-lite0", feats, batch_size=64, grid=grid, resolution=resolution,
+                         device=device)
     return data_dir, feats
 
 
@@ -87,7 +90,8 @@ def run_config(data_dir, feats, preset: str, scale: dict, seed: int = 0, lr: flo
         "data": {"root": str(data_dir), "features": str(feats), "tasks": TASKS,
                  "max_eval_examples": scale["eval_examples"]},
         "train": {"epochs": 100, "max_steps": scale["steps"], "batch_size": scale["batch_size"],
-                  "task_batch_scale": {t: 1.0 for t in TASKS}, "seed": seed, "checkpoint_every": 100,
+                  "task_batch_scale": {t: 1.0 for t in TASKS}, "seed": seed,
+                  "checkpoint_every": scale.get("checkpoint_every", 100),
                   "max_text_len": 32, "max_target_len": 24, "eval_every_epoch": False, "warmup_ratio": 0.05,
                   "bf16": bool(scale.get("bf16", False)), **({"lr": lr} if lr else {})},
         "eval": cpu_eval,
@@ -914,7 +918,8 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
             curve_examples: int | None = None, curve_seeds: int | None = None, estimate: bool = True,
             estimate_only: bool = False, jobs: int = 1, lr: float | None = None, command: str | None = None,
             n_resamples: int = 2000, threads: int | None = None, bf16: bool | None = None,
-            summarize_only: bool = False) -> dict:
+            summarize_only: bool = False, eval_batch_size: int | None = None,
+            checkpoint_every: int | None = None) -> dict:
     """Every preset x ``seeds`` seeds (seed, seed+1, ...) on one budget; see the module doc.
 
     ``summarize_only``: run nothing; rewrite the summary (compare.json / .md / plots) from the
@@ -926,7 +931,9 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
     many of the seeds record a curve (default: all); ``jobs``: runs in parallel worker processes,
     each with ``threads`` (default cpu_count // jobs) threads (on a GPU, several small runs share the
     device); ``threads``: torch threads (on a CPU shared with other jobs, 1 is much faster than 2:
-    OpenMP threads that wait for a descheduled sibling stall every matmul)."""
+    OpenMP threads that wait for a descheduled sibling stall every matmul); ``eval_batch_size``: examples
+    per generation batch; ``checkpoint_every``: steps between resumable checkpoints (on a GPU, a full
+    fine-tuning checkpoint every 100 steps costs more than the steps)."""
     from adapterkit.vl.datasets.fashionvl import majority_baseline
     from adapterkit.vl.presets import get_preset
 
@@ -957,9 +964,22 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         scale["curve_examples"] = curve_examples
     if bf16 is not None:
         scale["bf16"] = bool(bf16)
+    for name, val in (("--eval-batch-size", eval_batch_size), ("--checkpoint-every", checkpoint_every)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {val!r}")
+    if eval_batch_size is not None:
+        scale["eval_batch_size"] = eval_batch_size
+    if checkpoint_every is not None:
+        scale["checkpoint_every"] = checkpoint_every
     seed_list = [seed + k for k in range(seeds)]
     curve_seed_set = set(seed_list[: seeds if curve_seeds is None else curve_seeds])
-    data_dir, feats = prepare(data_dir, scale["fashionvl_tiny"], scale["resolution"])
+    if summarize_only:  # the finished runs' records need the examples, not the features (e.g. runs of a GPU)
+        from adapterkit.vl.datasets.fashionvl import build_fashionvl
+
+        data_dir, feats = Path(data_dir), None
+        build_fashionvl(data_dir, tiny=scale["fashionvl_tiny"])
+    else:
+        data_dir, feats = prepare(data_dir, scale["fashionvl_tiny"], scale["resolution"])
     base = majority_baseline(data_dir)
     sizes = _test_sizes(data_dir, scale["eval_examples"])
     out = Path(out_dir)
