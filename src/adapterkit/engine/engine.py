@@ -769,6 +769,8 @@ class Engine:
                     bar.update(1)
                     if step % log_every == 0 or step == 1:
                         bar.set_postfix(task=task, loss=f"{loss:.3f}")
+                        if logf:  # the log on disk follows the run (a run without a bar can be watched)
+                            logf.flush()
                     if step % cfg.checkpoint_every == 0:
                         if logf:
                             logf.flush()
