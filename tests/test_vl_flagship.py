@@ -177,3 +177,15 @@ def test_causal_first_token_scores_read_the_last_position_of_left_padded_batches
         alone = m.first_token_scores(ids[i:i + 1, keep], mask[i:i + 1, keep], feats[i:i + 1], boxes[i:i + 1],
                                      order[i:i + 1], candidate_ids=[3, 4], task_ids=0)
         torch.testing.assert_close(scores[i:i + 1], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_frozen_lm_preset_trains_the_visual_projection_only():
+    """The frozen-LM baseline: no adapter, every language-model weight frozen, the visual
+    projection (and nothing else) trains."""
+    from adapterkit.vl.build import build_vl_model
+
+    model, _ = build_vl_model({"backbone": "tiny-llama", "corpus": ["a red shirt"], "feat_dim": 16}, "frozen_lm",
+                              ["vqa", "gqa"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("visual.") for n in trainable)
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("visual.")}

@@ -1,5 +1,6 @@
-"""Freeze policies as methods: ``layernorm`` (train only LayerNorms) and ``bitfit``
-(train only biases, Ben Zaken et al.). They attach no modules."""
+"""Freeze policies as methods: ``layernorm`` (train only LayerNorms), ``bitfit`` (train only
+biases, Ben Zaken et al.) and ``frozen`` (train nothing of the base model but what
+``trainable_modules`` names: the frozen-backbone / linear-probe baseline). They attach no modules."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ class BitFitConfig(AdapterConfig):
     train_biases: bool = True
 
 
+@dataclass
+class FrozenConfig(AdapterConfig):
+    method: str = "frozen"
+
+
 class PolicyOnly(AdapterSet):
     merge_note = "it trains base parameters in place; there is nothing separate to merge"
 
@@ -30,3 +36,4 @@ class PolicyOnly(AdapterSet):
 
 register_method("layernorm", LayerNormConfig, PolicyOnly)
 register_method("bitfit", BitFitConfig, PolicyOnly)
+register_method("frozen", FrozenConfig, PolicyOnly)

@@ -11,7 +11,7 @@ from adapterkit.errors import ConfigError, did_you_mean
 
 PRESET_ORDER = ("full_finetune", "multiple_adapters", "half_shared_adapters", "single_adapter", "hyperformer",
                 "multiple_compacters", "single_compacter", "multiple_lora", "single_lora", "multiple_prompts",
-                "single_prompt")
+                "single_prompt", "frozen_lm")
 
 
 @cache
