@@ -224,6 +224,9 @@ def test_estimate_from_measured_costs(tiny_data, tmp_path, capsys):
     sizes = {t: 100 for t in TASKS}
     assert bm.estimate_run_s(c, scale, sizes, curve=False) == pytest.approx(10 + 500 + 4 * 1 + 40)
     assert bm.estimate_run_s(c, scale, sizes, curve=True) == pytest.approx(10 + 500 + 4 + 40 + 6 * 4 * 10 * 0.1)
+    # checkpoints every 250 steps (--checkpoint-every): one in the loop + the end + the final weights
+    assert bm.estimate_run_s(c, {**scale, "checkpoint_every": 250}, sizes, curve=False) == pytest.approx(
+        10 + 500 + 3 * 1 + 40)
     res = bm.compare(["single_adapter"], out_dir=tmp_path / "c", data_dir=tiny_data[0], scale_name="tiny", steps=4,
                      estimate_only=True)
     printed = capsys.readouterr().out
@@ -296,3 +299,19 @@ def test_a_failed_slowdown_measurement_says_so_and_assumes_none(tmp_path, capsys
                                  tmp_path / "m", jobs=2) is None
     assert "could not measure how parallel jobs slow each other" in capsys.readouterr().out
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("kw, flag", [({"eval_batch_size": 0}, "--eval-batch-size"),
+                                      ({"checkpoint_every": -5}, "--checkpoint-every"),
+                                      ({"checkpoint_every": True}, "--checkpoint-every")])
+def test_compare_rejects_bad_batch_and_checkpoint_settings(tmp_path, kw, flag):
+    with pytest.raises(bm.ConfigError, match=flag):
+        bm.compare(["single_adapter"], out_dir=tmp_path / "c", data_dir=tmp_path / "d", scale_name="tiny", **kw)
+    assert not (tmp_path / "d").exists()  # refused before any data is built
+
+
+def test_compare_passes_eval_batch_and_checkpoint_settings_to_the_runs(tmp_path):
+    cfg = bm.run_config(tmp_path, tmp_path / "f", "single_adapter",
+                        {**bm.SCALES["tiny"], "eval_batch_size": 7, "checkpoint_every": 33})
+    assert cfg["eval"]["batch_size"] == 7 and cfg["train"]["checkpoint_every"] == 33
+    assert bm.run_config(tmp_path, tmp_path / "f", "single_adapter", bm.SCALES["tiny"])["train"]["checkpoint_every"] == 100

@@ -809,7 +809,7 @@ def measure_contention(data_dir, feats, preset: str, scale: dict, work_dir: Path
 def estimate_run_s(cost: dict, scale: dict, test_sizes: dict[str, int], curve: bool = True) -> float:
     """Seconds of one run from measured costs: build + steps + checkpoints + test + curve points."""
     steps = scale["steps"]
-    n_ckpt = steps // 100 + 2  # every 100 steps, the end of the loop, the final weights
+    n_ckpt = steps // scale.get("checkpoint_every", 100) + 2  # every K steps, the end of the loop, the final weights
     test = sum(test_sizes[t] * cost["eval_s_per_example"][t] for t in TASKS)
     points = (math.ceil(steps / scale["curve_every"]) + 1) if curve and scale.get("curve_every") else 0
     curve_s = points * sum(min(scale["curve_examples"], test_sizes.get("val_" + t, scale["curve_examples"]))
