@@ -87,7 +87,8 @@ run)
     el "de-quantising SmolLM2 once into $ADAPTERKIT_SMOLLM2_CACHE"
     $PY -c "from adapterkit.vl.build import load_smollm2; load_smollm2()" 2>&1 | grep -v -i "warn\|tensors" | tail -3
   fi
-  JOBS=${JOBS:-$(( $(echo "$PRESETS" | tr ',' '\n' | wc -l) * SEEDS ))}
+  total=$(( $(echo "$PRESETS" | tr ',' '\n' | wc -l) * SEEDS ))  # runs, all at once by default
+  JOBS=${JOBS:-$total}
   if [ -z "${STEPS:-}" ]; then
     # steps that leave the evaluation (test 1,000 x 4 tasks + 6 curve points, batch 128) and 60 s of
     # start-up and packing inside the deadline; the real model's step taken as 1.3 x the probe's,
@@ -111,7 +112,6 @@ PY
     --steps "$STEPS" --jobs "$JOBS" --bf16 --no-estimate --eval-batch-size 128 --checkpoint-every "$STEPS" \
     --curve-every "$CURVE" --curve-examples 50 --out "$RUNS" > "$OUT/compare.log" 2>&1 &
   CPID=$!
-  total=$(( $(echo "$PRESETS" | tr ',' '\n' | wc -l) * SEEDS ))
   pack() {  # the finished runs' run.json + the summary so far + the log, replaced whole
     (cd "$(dirname "$RUNS")" && find "$(basename "$RUNS")" \( -name run.json -o -name 'compare.*' -o -name curves.png \
       -o -name train_log.csv -o -name curve.json \) \

@@ -303,7 +303,9 @@ def test_a_failed_slowdown_measurement_says_so_and_assumes_none(tmp_path, capsys
 
 @pytest.mark.parametrize("kw, flag", [({"eval_batch_size": 0}, "--eval-batch-size"),
                                       ({"checkpoint_every": -5}, "--checkpoint-every"),
-                                      ({"checkpoint_every": True}, "--checkpoint-every")])
+                                      ({"checkpoint_every": True}, "--checkpoint-every"),
+                                      ({"seeds": 0}, "--seeds"), ({"jobs": True}, "--jobs"),
+                                      ({"threads": -1}, "--threads")])
 def test_compare_rejects_bad_batch_and_checkpoint_settings(tmp_path, kw, flag):
     with pytest.raises(bm.ConfigError, match=flag):
         bm.compare(["single_adapter"], out_dir=tmp_path / "c", data_dir=tmp_path / "d", scale_name="tiny", **kw)

@@ -941,12 +941,11 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         raise ConfigError("compare needs at least one preset")
     for p in presets:
         get_preset(p)  # an unknown name fails here, before any work
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ConfigError(f"--jobs must be a positive integer, got {jobs!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
+    for name, val, optional in (("--seeds", seeds, False), ("--jobs", jobs, False), ("--threads", threads, True),
+                                ("--eval-batch-size", eval_batch_size, True),
+                                ("--checkpoint-every", checkpoint_every, True)):
+        if (val is not None or not optional) and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {val!r}")
     if jobs > 1 and not threads:
         threads = max(1, (os.cpu_count() or 1) // jobs)
     if threads:  # the parent measures the costs with the threads a run will have
@@ -964,9 +963,6 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         scale["curve_examples"] = curve_examples
     if bf16 is not None:
         scale["bf16"] = bool(bf16)
-    for name, val in (("--eval-batch-size", eval_batch_size), ("--checkpoint-every", checkpoint_every)):
-        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
-            raise ConfigError(f"{name} must be a positive integer, got {val!r}")
     if eval_batch_size is not None:
         scale["eval_batch_size"] = eval_batch_size
     if checkpoint_every is not None:

@@ -104,36 +104,27 @@ def load_smollm2(dtype=torch.float32):
 
 def _cached_smollm2(pkg: Path, cache: Path, dtype):
     """The de-quantised model from ``cache``, keyed by the GGUF's size and modification time (a new
-    GGUF writes a new entry); a half-written entry is never read (it is renamed into place whole)."""
+    GGUF writes a new entry); the entry is built with :func:`adapterkit.safeio.atomic_dir`, so a
+    half-written one is never read."""
     import copy
-    import os
-    import shutil
-    import tempfile
+
+    from safetensors.torch import save_model
+
+    from adapterkit.safeio import atomic_dir
 
     st = (pkg / SMOLLM2_FILE).stat()
     entry = cache / f"smollm2-135m-fp32-{st.st_size}-{int(st.st_mtime)}"
     if not (entry / "config.json").exists():
         lm = tf.AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
         tok = tf.AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_FILE)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=cache))
-        try:
+        with atomic_dir(entry) as tmp:
             # (save_pretrained refuses a model loaded from a GGUF: its weights are plain fp32 by now)
-            from safetensors.torch import save_model
-
             cfg = copy.deepcopy(lm.config)
             if hasattr(cfg, "quantization_config"):
                 delattr(cfg, "quantization_config")
             cfg.save_pretrained(tmp)
             save_model(lm, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             tok.save_pretrained(tmp)
-            try:
-                os.replace(tmp, entry)
-            except OSError:  # another process put the same entry in place first
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if dtype == torch.float32:
             return lm, tok
     tok = tf.AutoTokenizer.from_pretrained(entry)
