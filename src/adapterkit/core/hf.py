@@ -159,3 +159,41 @@ def from_pretrained(base, adapter_dir: str | os.PathLike, *, model_class=None, *
         hf_kwargs["num_labels"] = info["num_labels"]
     model = model_class.from_pretrained(base, **hf_kwargs)
     return load_adapters(model, adapter_dir)
+
+
+# --- the LM head reads a contiguous input ---------------------------------------------------
+_HEAD_HOOKED = "_adapterkit_contiguous_head"
+
+
+def _contiguous_input(module, args):
+    x = args[0] if args else None
+    if x is not None and x.dim() > 2 and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
+
+
+def contiguous_lm_heads(model: nn.Module) -> int:
+    """Make every HF output head (``get_output_embeddings()``, a Linear) in ``model`` read a
+    contiguous input; returns how many heads it hooked (already hooked ones are skipped).
+
+    HF causal LMs slice the last position before the head (``hidden[:, -1:, :]`` under
+    ``logits_to_keep=1``, every prefill of ``generate``). On the CPU, torch 2.13 runs
+    ``linear`` on such a strided 3-D input as a batched matmul over the weight expanded per
+    row and copied: measured with one thread for a (32, 1, 576) slice of a (32, 13, 576)
+    tensor against SmolLM2's 49,252 x 576 head, 271 ms against 36 ms for the same input made
+    contiguous in fp32, and 5.6 s against 14 ms in bf16. The copy made here is one row per
+    example; the head's output is unchanged."""
+    n = 0
+    for m in model.modules():
+        get = getattr(m, "get_output_embeddings", None)
+        if not callable(get) or not hasattr(m, "config"):
+            continue
+        try:
+            head = get()
+        except (AttributeError, NotImplementedError):
+            continue
+        if isinstance(head, nn.Linear) and not getattr(head, _HEAD_HOOKED, False):
+            head.register_forward_pre_hook(_contiguous_input)
+            setattr(head, _HEAD_HOOKED, True)
+            n += 1
+    return n

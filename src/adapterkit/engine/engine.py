@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 import adapterkit
+from adapterkit.core.hf import contiguous_lm_heads
 from adapterkit.core.optim import TaskAwareAdamW
 from adapterkit.engine.checkpoint import (
     ABSENT,
@@ -250,6 +251,7 @@ class Engine:
         self.tasks = list(domain.tasks)
         self.model = domain.model.to(self.device)
         domain.model = self.model
+        contiguous_lm_heads(self.model)  # a strided head input is a per-row weight copy on the CPU
         if getattr(self.tcfg, "bf16", False):  # frozen weights in bf16: autocast reads them so anyway
             if self.device.type == "cpu" and not cpu_has_native_bf16():
                 warn("train.bf16 on a CPU without native bf16 (no AVX-512 BF16 or AMX): bf16 is emulated "
