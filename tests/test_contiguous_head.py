@@ -53,3 +53,13 @@ def test_the_engine_hooks_the_vl_models_head(tmp_path):
     tr = Trainer(load_config(tiny_config(data, max_steps=1)), tmp_path / "run")
     heads = [m for m in tr.model.modules() if getattr(m, "_adapterkit_contiguous_head", False)]
     assert len(heads) == 1 and heads[0] is tr.model.lm.get_output_embeddings()
+
+
+def test_merge_and_unload_takes_the_head_hook_away_too():
+    import adapterkit
+
+    model = adapterkit.add_adapters(tiny_model("llama"), {"method": "lora", "r": 2, "targets": ["q", "v"]})
+    assert contiguous_lm_heads(model) == 1
+    plain = adapterkit.merge_and_unload(model)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain.modules())
+    assert contiguous_lm_heads(plain) == 1  # and it can be hooked again

@@ -374,6 +374,7 @@ def _unload(model: nn.Module) -> None:
     from adapterkit.core import copying, hf
 
     hf.uninstall(model)
+    hf.remove_contiguous_lm_heads(model)
     copying.uninstall(model)
     for p in model.parameters():
         p.requires_grad_(True)

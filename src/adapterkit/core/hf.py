@@ -197,3 +197,12 @@ def contiguous_lm_heads(model: nn.Module) -> int:
             setattr(head, _HEAD_HOOKED, True)
             n += 1
     return n
+
+
+def remove_contiguous_lm_heads(model: nn.Module) -> None:
+    """Undo :func:`contiguous_lm_heads` (``merge_and_unload`` / ``remove_adapters`` leave no hook)."""
+    for m in model.modules():
+        if getattr(m, _HEAD_HOOKED, False):
+            for k in [k for k, f in m._forward_pre_hooks.items() if f is _contiguous_input]:
+                del m._forward_pre_hooks[k]
+            delattr(m, _HEAD_HOOKED)
