@@ -324,6 +324,21 @@ def test_cast_frozen_keeps_autocast_outputs_and_trainable_dtypes(family):
                for p in model.parameters() if p.requires_grad)
 
 
+def test_cast_frozen_keeps_torch_norm_layers_in_fp32():
+    """A frozen nn.LayerNorm stays fp32 (on the CPU, LayerNorm refuses fp32 input with bf16
+    weights: BART's layernorm_embedding reads the fp32 embeddings); the linears go to bf16."""
+    model = tiny_model("bart")
+    adapterkit.add_adapters(model, {"method": "lora", "r": 4, "train_layernorms": False})
+    adapterkit.cast_frozen(model, torch.bfloat16)
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            assert m.weight.dtype == torch.float32 and not m.weight.requires_grad, name
+    assert model.model.encoder.layers[0].fc1.weight.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = main_output(model(**tiny_inputs("bart"))).float()
+    assert torch.isfinite(out).all()
+
+
 def test_compacter_batched_weights_match_per_place_and_never_go_stale():
     """Compacter builds every place's H in one einsum per stack call: same outputs and
     gradients as building each place's own H, and an in-place update is always seen."""

@@ -425,10 +425,17 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mod
     no longer cast again on every forward, and its fp32 copy no longer takes memory. (A
     tied embedding / LM head is one parameter and is cast once.) Call it after
     ``add_adapters``; run the model under autocast afterwards.
+
+    torch's own normalisation layers (LayerNorm, GroupNorm, BatchNorm) keep fp32 parameters:
+    autocast does not cast for them, and on the CPU they refuse an fp32 input with bf16
+    weights (a frozen BART ``layernorm_embedding`` reads the fp32 embeddings) while accepting
+    a bf16 input with fp32 weights. (Norms written in the modelling code, such as Llama's
+    RMSNorm, cast their input themselves and are stored in ``dtype``.)
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"cast_frozen needs a floating-point dtype (torch.bfloat16, torch.float16), got {dtype!r}")
-    seen = set()
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+    seen = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
     for p in model.parameters():
         if id(p) in seen or p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
             continue

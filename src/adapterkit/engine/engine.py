@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 import adapterkit
+from adapterkit.core.fp32_attention import use_fp32_attention
 from adapterkit.core.hf import contiguous_lm_heads
 from adapterkit.core.optim import TaskAwareAdamW
 from adapterkit.engine.checkpoint import (
@@ -258,6 +259,8 @@ class Engine:
                               "there and much slower than fp32 (a FashionVL training step 22x, its evaluation 6x on "
                               "one such CPU); leave bf16 off on this machine")
             adapterkit.cast_frozen(self.model, torch.bfloat16)
+            if self.device.type == "cpu":  # the CPU's bf16 attention backward is several times slower than fp32's
+                use_fp32_attention(self.model)
         self.sharded = False
         if getattr(self.tcfg, "fsdp", False) and _dist():  # FSDP2: the frozen model (and adapters) sharded
             from adapterkit.engine import fsdp
