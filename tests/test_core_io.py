@@ -339,6 +339,29 @@ def test_cast_frozen_keeps_torch_norm_layers_in_fp32():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("family", ["llama", "bart"])
+def test_cast_frozen_keeps_the_residual_stream_fp32(family):
+    """A frozen embedding cast to bf16 still returns fp32 rows (as under plain autocast), so the
+    layers' hidden states stay fp32 and the adapters' small updates are not rounded to bf16."""
+    model = tiny_model(family)
+    adapterkit.add_adapters(model, {"method": "pfeiffer", "reduction_factor": 4})
+    _randomise(model)
+    inputs = tiny_inputs(family)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = main_output(model(**inputs)).float()
+    adapterkit.cast_frozen(model, torch.bfloat16)
+    adapterkit.cast_frozen(model, torch.bfloat16)  # twice: one hook per embedding
+    emb = model.get_input_embeddings()
+    assert emb.weight.dtype == torch.bfloat16 and len(emb._forward_hooks) == 1
+    seen = []
+    layers = model.model.layers if family == "llama" else model.model.encoder.layers
+    layers[-1].register_forward_hook(lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = main_output(model(**inputs)).float()
+    assert seen == [torch.float32]
+    torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+
+
 def test_compacter_batched_weights_match_per_place_and_never_go_stale():
     """Compacter builds every place's H in one einsum per stack call: same outputs and
     gradients as building each place's own H, and an in-place update is always seen."""
