@@ -73,3 +73,15 @@ def test_the_engine_switches_only_bf16_cpu_runs(tmp_path):
     assert fp.model.lm.config._attn_implementation == "sdpa"
     res = bf.fit()
     assert res["test"] and bf.state["step"] == 1
+
+
+def test_the_compare_suggests_bf16_only_for_fp32_on_a_native_bf16_cpu(monkeypatch):
+    from adapterkit.engine import engine
+    from adapterkit.vl import benchmark as bm
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    assert "--bf16" in bm.bf16_hint({"bf16": False})
+    assert bm.bf16_hint({"bf16": True}) is None
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    assert bm.bf16_hint({"bf16": False}) is None
