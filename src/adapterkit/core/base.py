@@ -417,6 +417,9 @@ def trainable_report(model: nn.Module) -> dict:
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
 
 
+_UPCAST = "_adapterkit_embedding_dtype"  # the dtype a cast frozen embedding returns
+
+
 def cast_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Store every frozen floating-point parameter in ``dtype``; trainable ones keep theirs.
 
@@ -456,9 +459,6 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mod
                 m.register_forward_hook(_upcast_embedding)
         p.data = p.data.to(dtype)
     return model
-
-
-_UPCAST = "_adapterkit_embedding_dtype"
 
 
 def _upcast_embedding(module, args, out):

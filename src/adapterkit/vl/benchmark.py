@@ -1046,8 +1046,9 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         if cpu_one is not None:
             print(f"from the CPU time (one thread per run): {_fmt_s(cpu_one)} on one free core, "
                   f"{_fmt_s(cpu_all)} on all {cores} free cores (--jobs {cores} --threads 1)")
-        if bf16_hint(scale):
-            print(bf16_hint(scale))
+        hint = bf16_hint(scale)
+        if hint:
+            print(hint)
         atomic_write_json(out / "estimate.json", {"presets": estimates, "runs": len(todo), "estimated_s": wall,
                                                   "parallel_contention": contention,
                                                   "cpu_one_core_s": cpu_one,
