@@ -189,3 +189,20 @@ def test_frozen_lm_preset_trains_the_visual_projection_only():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("visual.") for n in trainable)
     assert trainable == {n for n, _ in model.named_parameters() if n.startswith("visual.")}
+
+
+@pytest.mark.parametrize("backbone", ["tiny-bart", "tiny-llama"])
+def test_zero_init_adapter_starts_as_the_frozen_model(fixture_dir, tmp_path, backbone):
+    """single_adapter_zero_init (up projection zero) gives the frozen model's loss before any
+    step, the same seed's single_adapter (up projection N(0, 0.02)) does not."""
+    def first_loss(preset):
+        tr = Trainer(load_config(_cfg(fixture_dir, backbone, preset, max_steps=1)), tmp_path / preset)
+        tr.domain.train_mode()
+        rows = tr.domain.epoch_order("vqa", 0, 0)[:4]
+        batch = tr._move(tr.domain.train_batch("vqa", rows, 0, 0, 1))
+        with torch.no_grad():
+            return float(tr.domain.loss(batch, tr.tasks.index("vqa")))
+
+    frozen, zero, bert = (first_loss(p) for p in ("frozen_lm", "single_adapter_zero_init", "single_adapter"))
+    assert zero == pytest.approx(frozen, rel=1e-6, abs=1e-6)
+    assert bert != pytest.approx(frozen, rel=1e-6, abs=1e-6)
