@@ -6,6 +6,8 @@ apart (a setting that acts like another seed moves a run about as far), and the 
 correlation of the presets' mean scores.
 
     python scripts/fashionvl_paired.py runs/fashionvl_bf16 runs/fashionvl_seeds [--out docs/results/x]
+    python scripts/fashionvl_paired.py runs/fashionvl_zero_init runs/fashionvl_all \
+        --as-preset single_adapter_zero_init=single_adapter     # a preset of a against another of b
 """
 
 from __future__ import annotations
@@ -70,9 +72,23 @@ def main() -> None:
     ap.add_argument("a")
     ap.add_argument("b")
     ap.add_argument("--out", default=None, help="folder for paired.json and paired.md")
+    ap.add_argument("--as-preset", action="append", default=[], metavar="A_NAME=B_NAME",
+                    help="pair a's runs of preset A_NAME with b's of B_NAME (only the presets named so are paired)")
     a = ap.parse_args()
+    mapping = dict(item.split("=", 1) for item in a.as_preset)
+    if mapping:
+        load = B.load_runs
+
+        def renamed(folder):
+            runs = load(folder)
+            if str(folder) == str(a.a):
+                return {mapping[p]: r for p, r in runs.items() if p in mapping}
+            return {p: r for p, r in runs.items() if p in mapping.values()}
+        B.load_runs = renamed
     try:
         res = B.paired_folders(a.a, a.b)
+        if mapping:
+            res["as_preset"] = mapping
     except AdapterKitError as e:
         raise SystemExit(f"error: {e}") from None
     res["overall"] = overall(res)

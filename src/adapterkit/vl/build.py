@@ -106,7 +106,17 @@ def load_smollm2(dtype=torch.float32):
 def _cached_smollm2(pkg: Path, cache: Path, dtype):
     """The de-quantised model from ``cache``, keyed by the GGUF's size and modification time (a new
     GGUF writes a new entry); the entry is built with :func:`adapterkit.safeio.atomic_dir`, so a
-    half-written one is never read."""
+    half-written one is never read.
+
+    Reading the safetensors draws from torch's global random generator (the GGUF load does not);
+    the draw is undone, so a seed initialises the visual projection and the adapters alike with
+    and without the cache (before, a cached run of seed s started from other random weights than
+    the uncached run of seed s)."""
+    with torch.random.fork_rng(devices=[]):
+        return _read_cached_smollm2(pkg, cache, dtype)
+
+
+def _read_cached_smollm2(pkg: Path, cache: Path, dtype):
     import copy
 
     from safetensors.torch import save_model

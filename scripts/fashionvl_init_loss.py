@@ -1,0 +1,74 @@
+"""What the adapters do to a FashionVL model before any step: per preset, the losses of the
+first training batches (the same batches and seed for every preset) and the largest absolute
+output of the LM's attention / FFN output projections (where Houlsby adapters read and add).
+A preset whose adapters start as the identity gives frozen_lm's losses exactly.
+
+    python scripts/fashionvl_init_loss.py --presets frozen_lm,single_adapter,single_adapter_zero_init --threads 1
+
+Prints one JSON line per preset. Needs data_cache/fashionvl (``adapterkit demo`` or
+``adapterkit compare`` builds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", default="frozen_lm,single_adapter,single_adapter_zero_init,single_compacter,"
+                                         "single_lora,full_finetune")
+    ap.add_argument("--data", default="data_cache/fashionvl")
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from adapterkit.train.trainer import Trainer
+    from adapterkit.vl.benchmark import SCALES, run_config
+    from adapterkit.vl.data import _seed, task_schedule
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    feats = Path(args.data) / "features-effnet-lite0-112px-g2"
+    for preset in [p for p in args.presets.split(",") if p]:
+        work = Path(tempfile.mkdtemp(prefix="init-loss-"))
+        try:
+            tr = Trainer(run_config(args.data, feats, preset, SCALES["default"], seed=args.seed), work / "run")
+            tr.domain.train_mode()
+            sched = task_schedule(tr.num_batches, args.seed, 0)
+            orders = {t: tr.domain.epoch_order(t, args.seed, 0) for t in tr.tasks}
+            peak: dict[str, float] = {}
+
+            def record(name, peak=peak):
+                def hook(module, inputs, out):
+                    peak[name] = max(peak.get(name, 0.0), float(out.detach().abs().max()))
+                return hook
+
+            hooks = [m.register_forward_hook(record(n)) for n, m in tr.model.named_modules()
+                     if n.endswith(("mlp.down_proj", "self_attn.o_proj", "fc2", "out_proj", "wo", ".o"))]
+            losses = []
+            with torch.no_grad():
+                for task, b in sched[:args.batches]:
+                    bs = tr.batch_sizes[task]
+                    rows = orders[task][b * bs:(b + 1) * bs]
+                    batch = tr._move(tr.domain.train_batch(task, rows, _seed(args.seed, 0, task, b), 0, 1))
+                    losses.append({"task": task, "loss": round(float(tr.domain.loss(batch, tr.tasks.index(task))), 4)})
+            for h in hooks:
+                h.remove()
+            top = sorted(peak.items(), key=lambda kv: -kv[1])[:3]
+            print(json.dumps({"preset": preset, "seed": args.seed, "losses": losses,
+                              "largest_outputs": {k: round(v, 1) for k, v in top}}), flush=True)
+            del tr
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
