@@ -40,8 +40,8 @@ def add_parser(sub):
     c.add_argument("--bf16", action="store_true", default=None,
                    help="bf16 autocast, frozen weights in bf16 (faster only on CPUs with AVX-512 BF16 or AMX, "
                    "there about 1.8x; without them bf16 is emulated and much slower). It changes the scores: on "
-                   "FashionVL each run moved about as far as to another seed (6.5 points RMS over 24 runs; "
-                   "-1.7 [-4.4, +1.0] on average; docs/results/fashionvl_bf16)")
+                   "FashionVL a run from the same initial weights moved 4.7 and 7.6 points, both ways; over "
+                   "24 runs -1.7 [-4.4, +1.0] on average (docs/results/fashionvl_bf16)")
     c.add_argument("--eval-batch-size", type=int, default=None, metavar="N",
                    help="examples per generation batch (default: the scale's, 64)")
     c.add_argument("--checkpoint-every", type=int, default=None, metavar="K",

@@ -827,8 +827,8 @@ def bf16_hint(scale: dict) -> str | None:
     if scale.get("bf16") or torch.cuda.is_available() or not cpu_has_native_bf16():
         return None
     return ("note: this CPU computes bf16 natively (AVX-512 BF16 / AMX): --bf16 runs the FashionVL compare about 1.8x "
-            "faster on such a CPU, but it changes the scores (each run moves about as far as to another seed: 6.5 "
-            "points RMS over 24 FashionVL runs, no systematic shift shown): docs/results/fashionvl_bf16")
+            "faster on such a CPU, but it changes the scores (a run from the same initial weights moved 4.7 and 7.6 "
+            "points; over 24 FashionVL runs no systematic shift shown): docs/results/fashionvl_bf16")
 
 
 def _fmt_s(s: float) -> str:
