@@ -48,6 +48,17 @@ def test_paired_folders_differences_and_intervals(tmp_path):
         assert all(v["difference"] == 0 and v["interval"] == [0, 0] for v in row["tasks"].values())
     md = bm.paired_table(res)
     assert "| single_adapter | 0 |" in md and "all 2" in md
+    assert [row["same_start"] for row in r["seeds"]] == [None, None]  # records without digests
+
+
+def test_paired_folders_mark_runs_that_started_from_other_weights(tmp_path):
+    ra = [{**_fake_run("single_adapter", s, n=20), "init_digest": f"d{s}"} for s in (0, 1)]
+    rb = [{**_fake_run("single_adapter", s, n=20), "init_digest": d} for s, d in ((0, "d0"), (1, "other"))]
+    res = bm.paired_folders(_folder(tmp_path / "a", ra), _folder(tmp_path / "b", rb), n_resamples=100)
+    assert [row["same_start"] for row in res["presets"]["single_adapter"]["seeds"]] == [True, False]
+    md = bm.paired_table(res)
+    assert "| single_adapter | 0 |" in md and "| single_adapter | 1 (other start) |" in md
+    assert "two independent runs" in md
 
 
 def test_paired_folders_bad_input(tmp_path):

@@ -135,6 +135,10 @@ def test_same_seed_reproduces_and_another_seed_changes_the_run(tiny_compare, tin
     first = json.loads((seed0 / "run.json").read_text())
     assert again["per_example"] == first["per_example"]
     assert again["scores"] == first["scores"] and again["intervals"] == first["intervals"]
+    # the initial weights' digest: the same seed, the same start; another seed, another start
+    other = json.loads((seed1 / "run.json").read_text())
+    assert len(first["init_digest"]) == 64 and again["init_digest"] == first["init_digest"]
+    assert other["init_digest"] != first["init_digest"]
     assert json.loads((tmp_path / "again" / "predictions.json").read_text()) == \
         json.loads((seed0 / "predictions.json").read_text())
 

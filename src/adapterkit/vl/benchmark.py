@@ -163,10 +163,30 @@ def make_trainer(data_dir, feats, preset, scale, out_dir, seed=0, lr=None, curve
                curve_examples=scale.get("curve_examples", 100))
 
 
+def init_digest(model) -> str:
+    """SHA-256 of the trainable parameters (names, dtypes, shapes, values) as they are now: taken
+    before the first step, two runs with one digest start from the same weights. Runs meant as
+    pairs (one setting changed, same seed) are only pairs when their digests agree."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def run_preset(data_dir, feats, preset, scale, out_dir, seed=0, lr=None, curve=False) -> dict:
-    """Train and test one preset; the trainer's results dict (+ the curve when asked)."""
+    """Train and test one preset; the trainer's results dict (+ the curve when asked, and the
+    digest of the initial trainable weights)."""
     trainer = make_trainer(data_dir, feats, preset, scale, out_dir, seed, lr, curve)
+    digest = init_digest(trainer.model)  # built from the seed; a resume loads its checkpoint in fit()
     res = trainer.fit()
+    res["init_digest"] = digest
     res["lr"] = trainer.lr  # the learning rate used (the preset's own unless one was given)
     if trainer.curve_every:
         res["curve"] = trainer.curve
@@ -287,7 +307,7 @@ def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True
     run = {"preset": preset, "seed": seed, "steps": res["steps"], "trainable": res["trainable"],
            "total": res["total"], "percent": res["percent"], "lr": res["lr"], "bf16": bool(scale.get("bf16", False)),
            **score_run(res, run_dir, data_dir), "curve": res.get("curve", []),
-           "curve_eval_s": res.get("curve_eval_s", 0.0),
+           "curve_eval_s": res.get("curve_eval_s", 0.0), "init_digest": res.get("init_digest"),
            # + the time of the processes before a resume, which the trainer's checkpoint kept
            "wall_time_s": time.perf_counter() - t0 + res["wall_time_s"] - res["wall_time_s_this_process"]}
     atomic_write_json(done, run)
@@ -394,7 +414,10 @@ def paired_folders(a: str | Path, b: str | Path, n_resamples: int = 2000, seed: 
             d = paired_vs([x], [y], n_resamples, seed)  # the average and each task, paired over the examples
             tasks = {t: {"difference": v["difference"], "interval": v["example_interval"]} for t, v in d["tasks"].items()}
             tasks["average"] = {"difference": d["difference"], "interval": d["example_interval"]}
-            per_seed.append({"seed": x["seed"], "a": x["scores"], "b": y["scores"], "tasks": tasks})
+            da, db = x.get("init_digest"), y.get("init_digest")
+            per_seed.append({"seed": x["seed"], "a": x["scores"], "b": y["scores"], "tasks": tasks,
+                             # False: the two runs started from other weights (independent runs, not a pair)
+                             "same_start": None if da is None or db is None else da == db})
         pooled = paired_vs([x for x, _ in pairs], [y for _, y in pairs], n_resamples, seed)
         out["presets"][p] = {"seeds": per_seed, "pooled": pooled,
                              "test_sizes": pairs[0][0]["test_sizes"]}
@@ -410,7 +433,8 @@ def paired_table(res: dict) -> str:
              "| preset | seed | " + " | ".join(f"{c} a - b" for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for p, r in res["presets"].items():
         for row in r["seeds"]:
-            lines.append(f"| {p} | {row['seed']} | " + " | ".join(
+            mark = " (other start)" if row.get("same_start") is False else ""
+            lines.append(f"| {p} | {row['seed']}{mark} | " + " | ".join(
                 f"{row['tasks'][c]['difference']:+.2f}{_iv(row['tasks'][c]['interval'])}" for c in cols) + " |")
         pooled = r["pooled"]
         if len(r["seeds"]) > 1:
@@ -421,6 +445,9 @@ def paired_table(res: dict) -> str:
     sizes = next(iter(res["presets"].values()))["test_sizes"]
     lines += ["", "Differences in points (CIDEr-D for caption); [95% paired bootstrap over the same test examples]; "
               "test examples per task: " + ", ".join(f"{t} {sizes[t]}" for t in TASKS) + "."]
+    if any(row.get("same_start") is False for r in res["presets"].values() for row in r["seeds"]):
+        lines.append("(other start): the two runs' initial trainable weights differ (`init_digest`), so the row "
+                     "compares two independent runs, not one run with one setting changed.")
     return "\n".join(lines)
 
 

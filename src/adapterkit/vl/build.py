@@ -157,8 +157,13 @@ def build_backbone(spec: dict):
         cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
         if cfg.is_encoder_decoder:
             cfg.decoder_start_token_id = tok.eos_token_id if backbone == "tiny-bart" else tok.pad_token_id
-        torch.manual_seed(spec.get("init_seed", 0))
-        return cls(cfg), tok
+        # the stand-in "pretrained" LM is the same for every run (init_seed); the draw happens on a
+        # forked generator, so the run's seed still decides what is built after it (the visual
+        # projection, the adapters). (Before, the reseed made every tiny run start alike.)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.get("init_seed", 0))
+            lm = cls(cfg)
+        return lm, tok
     if backbone == "smollm2":
         lm, tok = load_smollm2()
         return lm, tok
