@@ -33,14 +33,13 @@ def _group(name: str) -> str:
 def _grads(tr, batches):
     """Per batch: (loss, {param name: grad}) of the trainer's model, without a step."""
     out = []
-    names = [n for n, p in tr.model.named_parameters() if p.requires_grad]
-    for tid, batch in batches:
+    for _, tid, batch in batches:
         tr.model.zero_grad(set_to_none=True)
         with tr._amp():
             loss = tr.domain.loss(tr._move(batch), tid).float()
         loss.backward()
         out.append((float(loss.detach()), {n: p.grad.detach().float().clone() for n, p in tr.model.named_parameters()
-                                  if p.requires_grad and p.grad is not None and n in names}))
+                                  if p.requires_grad and p.grad is not None}))
     return out
 
 
@@ -79,8 +78,7 @@ def main() -> None:
     import torch
 
     from adapterkit.train.trainer import Trainer
-    from adapterkit.vl.benchmark import SCALES, run_config
-    from adapterkit.vl.data import _seed, task_schedule
+    from adapterkit.vl.benchmark import SCALES, first_batches, run_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,14 +93,7 @@ def main() -> None:
                 cfg["train"]["seed"] = args.seed
                 tr = Trainer(cfg, work / f"{mode}{i}")
                 tr.domain.train_mode()
-                sched = task_schedule(tr.num_batches, args.seed, 0)
-                orders = {t: tr.domain.epoch_order(t, args.seed, 0) for t in tr.tasks}
-                batches = []
-                for task, b in sched[:args.batches]:
-                    bs = tr.batch_sizes[task]
-                    rows = orders[task][b * bs:(b + 1) * bs]
-                    batches.append((tr.tasks.index(task), tr.domain.train_batch(task, rows, _seed(args.seed, 0, task, b),
-                                                                                0, 1)))
+                batches = first_batches(tr, args.seed, args.batches)
                 res.append(_grads(tr, batches))
                 del tr
             rows = []

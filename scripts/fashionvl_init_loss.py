@@ -31,8 +31,7 @@ def main() -> None:
     import torch
 
     from adapterkit.train.trainer import Trainer
-    from adapterkit.vl.benchmark import SCALES, run_config
-    from adapterkit.vl.data import _seed, task_schedule
+    from adapterkit.vl.benchmark import SCALES, first_batches, run_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,8 +41,6 @@ def main() -> None:
         try:
             tr = Trainer(run_config(args.data, feats, preset, SCALES["default"], seed=args.seed), work / "run")
             tr.domain.train_mode()
-            sched = task_schedule(tr.num_batches, args.seed, 0)
-            orders = {t: tr.domain.epoch_order(t, args.seed, 0) for t in tr.tasks}
             peak: dict[str, float] = {}
 
             def record(name, peak=peak):
@@ -55,11 +52,8 @@ def main() -> None:
                      if n.endswith(("mlp.down_proj", "self_attn.o_proj", "fc2", "out_proj", "wo", ".o"))]
             losses = []
             with torch.no_grad():
-                for task, b in sched[:args.batches]:
-                    bs = tr.batch_sizes[task]
-                    rows = orders[task][b * bs:(b + 1) * bs]
-                    batch = tr._move(tr.domain.train_batch(task, rows, _seed(args.seed, 0, task, b), 0, 1))
-                    losses.append({"task": task, "loss": round(float(tr.domain.loss(batch, tr.tasks.index(task))), 4)})
+                for task, tid, batch in first_batches(tr, args.seed, args.batches):
+                    losses.append({"task": task, "loss": round(float(tr.domain.loss(tr._move(batch), tid)), 4)})
             for h in hooks:
                 h.remove()
             top = sorted(peak.items(), key=lambda kv: -kv[1])[:3]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from adapterkit.errors import AdapterKitError
 from adapterkit.safeio import atomic_write_json, atomic_write_text
+from adapterkit.stats import t_interval as stats_t_interval
 from adapterkit.vl import benchmark as B
 
 
@@ -39,11 +40,8 @@ def overall(res: dict) -> dict:
         mean_b.append(float(np.mean(b)))
 
     def t_interval(x):
-        x = np.asarray(x, dtype=float)
-        if len(x) < 2:
-            return None
-        h = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-        return [float(x.mean() - h), float(x.mean() + h)]
+        iv = stats_t_interval(x)
+        return None if iv.low is None else [iv.low, iv.high]
 
     rho = stats.spearmanr(mean_a, mean_b) if len(mean_a) > 2 else None
     return {"runs": len(runs), "presets": len(per_preset), "mean_difference": float(np.mean(runs)),
@@ -75,20 +73,12 @@ def main() -> None:
     ap.add_argument("--as-preset", action="append", default=[], metavar="A_NAME=B_NAME",
                     help="pair a's runs of preset A_NAME with b's of B_NAME (only the presets named so are paired)")
     a = ap.parse_args()
-    mapping = dict(item.split("=", 1) for item in a.as_preset)
-    if mapping:
-        load = B.load_runs
-
-        def renamed(folder):
-            runs = load(folder)
-            if str(folder) == str(a.a):
-                return {mapping[p]: r for p, r in runs.items() if p in mapping}
-            return {p: r for p, r in runs.items() if p in mapping.values()}
-        B.load_runs = renamed
     try:
-        res = B.paired_folders(a.a, a.b)
-        if mapping:
-            res["as_preset"] = mapping
+        mapping = dict(item.split("=", 1) for item in a.as_preset)
+    except ValueError:
+        raise SystemExit(f"error: --as-preset takes A_NAME=B_NAME, got {a.as_preset}") from None
+    try:
+        res = B.paired_folders(a.a, a.b, as_preset=mapping or None)
     except AdapterKitError as e:
         raise SystemExit(f"error: {e}") from None
     res["overall"] = overall(res)

@@ -395,12 +395,17 @@ def load_runs(folder: str | Path) -> dict[str, list[dict]]:
     return runs
 
 
-def paired_folders(a: str | Path, b: str | Path, n_resamples: int = 2000, seed: int = 0) -> dict:
+def paired_folders(a: str | Path, b: str | Path, n_resamples: int = 2000, seed: int = 0,
+                   as_preset: dict[str, str] | None = None) -> dict:
     """Two compare folders that differ in one setting (bf16 against fp32, another learning rate):
     per preset and seed both have, a - b per task and for the average with the paired bootstrap
-    interval over the same test examples, and over the seeds both have (seeds paired by number)."""
+    interval over the same test examples, and over the seeds both have (seeds paired by number).
+    ``as_preset`` {a's preset: b's preset} pairs presets of other names (only those)."""
     ra, rb = load_runs(a), load_runs(b)
-    out = {"a": str(a), "b": str(b), "presets": {}}
+    if as_preset:
+        ra = {as_preset[p]: r for p, r in ra.items() if p in as_preset}
+        rb = {p: r for p, r in rb.items() if p in as_preset.values()}
+    out = {"a": str(a), "b": str(b), "presets": {}, **({"as_preset": dict(as_preset)} if as_preset else {})}
     for p in sorted(set(ra) & set(rb)):
         b_by_seed = {r["seed"]: r for r in rb[p]}
         pairs = [(r, b_by_seed[r["seed"]]) for r in ra[p] if r["seed"] in b_by_seed]
@@ -699,6 +704,21 @@ class _Clocks:
 
     def __exit__(self, *exc):
         self.wall, self.cpu = time.perf_counter() - self.t, time.process_time() - self.c
+
+
+def first_batches(tr, seed: int, n: int) -> list[tuple[str, int, dict]]:
+    """The first ``n`` training batches of epoch 0 as a run of ``seed`` takes them: (task, task
+    index, the domain's batch), for probes that look at a fresh model (scripts/bf16_drift.py,
+    scripts/fashionvl_init_loss.py)."""
+    from adapterkit.vl.data import _seed, task_schedule
+
+    orders = {t: tr.domain.epoch_order(t, seed, 0) for t in tr.tasks}
+    out = []
+    for task, b in task_schedule(tr.num_batches, seed, 0)[:n]:
+        bs = tr.batch_sizes[task]
+        out.append((task, tr.tasks.index(task),
+                    tr.domain.train_batch(task, orders[task][b * bs:(b + 1) * bs], _seed(seed, 0, task, b), 0, 1)))
+    return out
 
 
 def _train_step(tr, orders: dict, seed: int, task: str, b: int) -> None:
