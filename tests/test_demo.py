@@ -72,6 +72,9 @@ def test_demo_tiny_mode_end_to_end(tmp_path):
     check = res["caption_check"]
     assert check["examples"] == TINY_TEST["caption"] and 1 <= check["distinct"] <= check["examples"]
     assert "caption check:" in out.stdout
+    # what decides the last bits (the thread count of the features and of the training) is recorded
+    assert res["versions"]["threads"] == 1
+    assert [e["threads"] for e in res["features_extracted_with"]] == [1]
 
 
 def test_compare_json_schema(tiny_compare):
@@ -321,3 +324,23 @@ def test_compare_passes_eval_batch_and_checkpoint_settings_to_the_runs(tmp_path)
                         {**bm.SCALES["tiny"], "eval_batch_size": 7, "checkpoint_every": 33})
     assert cfg["eval"]["batch_size"] == 7 and cfg["train"]["checkpoint_every"] == 33
     assert bm.run_config(tmp_path, tmp_path / "f", "single_adapter", bm.SCALES["tiny"])["train"]["checkpoint_every"] == 100
+
+
+def test_repeatability_script_same_threads_same_bits(tiny_data, tmp_path):
+    """scripts/repeatability.py: at one thread count the features and the first training steps
+    come out bitwise the same twice (it would say false otherwise); its JSON has both counts."""
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "repeatability.py"
+    out = subprocess.run([sys.executable, str(script), "--scale", "tiny", "--data", str(tiny_data[0]), "--threads", "1,2",
+                          "--images", "8", "--steps", "3", "--out", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, env={**os.environ, "ADAPTERKIT_NO_PROGRESS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert set(res["per_threads"]) == {"1", "2"}
+    for v in res["per_threads"].values():
+        assert v["features_repeat_equal"] and v["train_repeat_equal"]
+        assert len(v["first_run"]["losses"]) == 3 and all(np.isfinite(v["first_run"]["losses"]))
+        assert v["first_run"]["init_digest"] != v["first_run"]["final_digest"]  # the steps trained
+    assert res["between_threads"]["same_init"]
+    assert 0.0 <= res["between_threads"]["feature_values_differing"] <= 1.0

@@ -103,6 +103,37 @@ def test_writer_resume_and_refusals(tmp_path):
         FeatureStoreWriter(tmp_path / "f", ids, 2, 3).finalize()
 
 
+def test_store_records_who_extracted_it(tmp_path, monkeypatch):
+    """index.json names the torch version, thread count and processor of the rows (the last bits
+    of a feature depend on them); a resume under another thread count adds an entry from its row,
+    one under the same does not; a store written before the record reads as []."""
+    import adapterkit.vl.features as F
+
+    ids = [f"x{i}" for i in range(4)]
+    env = {"torch": torch.__version__, "threads": 2, "cpu": "x86_64"}
+    monkeypatch.setattr(F, "extraction_environment", lambda: dict(env))
+    w = FeatureStoreWriter(tmp_path / "p", ids, 1, 2)
+    w.write(np.ones((1, 1, 2)), np.zeros((1, 1, 4)))
+    w.close()
+    w = FeatureStoreWriter(tmp_path / "p", ids, 1, 2)  # same environment: no new entry
+    w.write(np.ones((1, 1, 2)), np.zeros((1, 1, 4)))
+    w.close()
+    env["threads"] = 1
+    w = FeatureStoreWriter(tmp_path / "p", ids, 1, 2)
+    w.write(np.ones((2, 1, 2)), np.zeros((2, 1, 4)))
+    store = w.finalize()
+    assert store.extracted_with == [{"from_row": 0, **{**env, "threads": 2}}, {"from_row": 2, **env}]
+    env["threads"] = 8  # opening the complete store again changes nothing
+    assert FeatureStoreWriter(tmp_path / "p", ids, 1, 2).finalize().extracted_with == store.extracted_with
+    index = json.loads((tmp_path / "p" / "index.json").read_text())
+    del index["extracted_with"]
+    (tmp_path / "p" / "index.json").write_text(json.dumps(index))
+    assert FeatureStore.open(tmp_path / "p").extracted_with == []
+    monkeypatch.undo()
+    real = F.extraction_environment()
+    assert real["threads"] == torch.get_num_threads() and real["torch"] == torch.__version__
+
+
 # ----------------------------------------------------------------------------- pooling / preprocessing
 
 

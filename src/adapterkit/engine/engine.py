@@ -1028,4 +1028,4 @@ def versions() -> dict:
 
     return {"adapterkit": adapterkit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-            else platform.processor() or "cpu"}
+            else platform.processor() or "cpu", "threads": torch.get_num_threads()}

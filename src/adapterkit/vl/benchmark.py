@@ -896,6 +896,14 @@ def _test_sizes(data_dir, eval_examples) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- demo and compare
 
+def _extracted_with(feats) -> list[dict]:
+    """The feature store's record of the torch version / threads / CPU that computed it (its last
+    bits, and so a run's scores, depend on them)."""
+    from adapterkit.vl.features import FeatureStore
+
+    return FeatureStore.open(feats).extracted_with
+
+
 def demo(out_dir="runs/demo", data_dir="data_cache/fashionvl", scale_name="default", preset="single_adapter",
          steps=None, seed=0, eval_examples: int | None = -1) -> dict:
     """One preset, one seed; ``eval_examples`` test examples per task (-1: the demo's default, None: all)."""
@@ -921,6 +929,7 @@ def demo(out_dir="runs/demo", data_dir="data_cache/fashionvl", scale_name="defau
     res["caption_check"] = scored["caption_check"]
     res["majority_baseline"] = base
     res["fashionvl_stats"] = stats
+    res["features_extracted_with"] = _extracted_with(feats)
     res["total_wall_time_s"] = time.time() - t0
     atomic_write_json(out / "results.json", res)
     plot_demo(res, base, out / "demo.png", res["intervals"])
@@ -1123,6 +1132,7 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         "curve": {"every": scale.get("curve_every", 0), "val_examples_per_task": scale.get("curve_examples"),
                   "seeds": sorted(curve_seed_set)},
         "command": command,
+        "features_extracted_with": _extracted_with(feats),
     }
     done: dict[tuple[str, int], dict] = {}
     if summarize_only:
