@@ -115,3 +115,26 @@ def test_two_processes_match_one(tmp_path, domain):
     assert len(l1) == len(l2) > 3
     for a, b in zip(l1, l2):
         assert abs(a - b) < 1e-4 * max(1.0, abs(a))
+
+
+def test_versions_name_the_processor_and_threads(monkeypatch, tmp_path):
+    """Runs record what their last bits depend on: the CPU's model name from /proc/cpuinfo (not
+    platform.processor(), empty on Linux) with torch's vector ISA, and the thread count."""
+    import builtins
+
+    import torch
+
+    from adapterkit.engine import engine as E
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Test CPU @ 2.0GHz\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(fake if f == "/proc/cpuinfo" else f, *a, **k))
+    assert E.cpu_name() == f"Intel(R) Xeon(R) Test CPU @ 2.0GHz ({cap})"
+    fake.write_text("processor\t: 0\n")  # no model name: the platform's word, never empty
+    assert E.cpu_name().endswith(f"({cap})") and len(E.cpu_name()) > len(cap) + 3
+    v = E.versions()
+    assert v["threads"] == torch.get_num_threads()
+    if not torch.cuda.is_available():
+        assert v["device"] == E.cpu_name()

@@ -1023,9 +1023,28 @@ def _jsonable(cfg):
     return json.loads(json.dumps(cfg, default=str))
 
 
+def cpu_name() -> str:
+    """The processor's model name ("AMD EPYC", "Intel(R) Xeon(R) Platinum ...") and the vector ISA
+    torch's kernels use on it ("AVX512"): two machines with one name and ISA run the same kernels.
+    (``platform.processor()`` is empty on most Linux machines.)"""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "cpu"
+    try:
+        return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+    except Exception:  # an older torch without the query
+        return name
+
+
 def versions() -> dict:
+    """What a run's numbers depend on besides its config: package versions, the device and the
+    thread count (a kernel's rounding depends on the processor and on how it splits its sums)."""
     import transformers
 
     return {"adapterkit": adapterkit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-            else platform.processor() or "cpu", "threads": torch.get_num_threads()}
+            else cpu_name(), "threads": torch.get_num_threads()}

@@ -201,12 +201,12 @@ class FeatureStore:
 
 def extraction_environment() -> dict:
     """What decides a feature's last bits besides the images and the backend: the torch version,
-    its intra-op thread count and the processor."""
-    import platform
-
+    its intra-op thread count and the processor (model name and vector ISA; on a GPU its name)."""
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
+    from adapterkit.engine.engine import cpu_name
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
     return {"torch": torch.__version__, "threads": int(torch.get_num_threads()), "cpu": device}
 
 
