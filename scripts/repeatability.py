@@ -77,8 +77,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import numpy as np
-    import torch
 
+    from adapterkit.engine.engine import versions
     from adapterkit.vl.benchmark import SCALES
     from adapterkit.vl.datasets.fashionvl import iter_fashionvl_images
 
@@ -91,7 +91,7 @@ def main() -> None:
     resolution = SCALES[args.scale]["resolution"]
     feats = Path(args.data) / f"features-effnet-lite0-{resolution}px-g2"
     res: dict = {"images": len(images), "steps": args.steps, "preset": args.preset, "seed": args.seed, "scale": args.scale,
-                 "torch": torch.__version__, "per_threads": {}}
+                 "versions": versions(), "per_threads": {}}
     arrays = {}
     for t in threads:
         d1, f1 = feature_digest(images, t, resolution)
