@@ -118,13 +118,18 @@ def base_named_parameters(model: nn.Module):
 
 def places_for(model: nn.Module, profile: dict | None, kind: str, config: AdapterConfig,
                patterns: list[str] | None = None, required: bool = True) -> list[Place]:
-    """Find places of ``kind`` (skipping the adapter container), filtered by ``config.layers``."""
+    """Find places of ``kind`` (skipping the adapter container), filtered by ``config.layers``
+    (negative indices count from the last layer: -1 is the top one, as in Python)."""
     found = [p for p in find_places(model, profile, kind, patterns) if not p.path.startswith(CONTAINER)]
+    layers = None
     if config.layers is not None:
-        found = [p for p in found if p.layer in set(config.layers)]
+        depth = 1 + max((p.layer for p in found if p.layer is not None), default=-1)
+        layers = {i + depth if i < 0 else i for i in config.layers}
+        found = [p for p in found if p.layer in layers]
     if required and not found:
         where = f"patterns {patterns}" if patterns else f'place "{kind}" of profile "{profile["name"] if profile else None}"'
-        raise ConfigError(f"no module of {type(model).__name__} matches {where}")
+        only = f" in layers {sorted(config.layers)}" if layers is not None else ""
+        raise ConfigError(f"no module of {type(model).__name__} matches {where}{only}")
     return found
 
 

@@ -74,7 +74,7 @@ class AdapterConfig:
       every bias (BitFit), and ``trainable_modules`` any module path regex (heads,
       visual embeddings...).
     - ``profile``: architecture profile name (auto-detected from ``config.model_type``).
-    - ``layers``: restrict to these layer indices (None = all).
+    - ``layers``: restrict to these layer indices (None = all; negative ones count from the top).
     """
 
     method: str = option("", help="the method name (one of the registered methods)")
@@ -88,7 +88,8 @@ class AdapterConfig:
     trainable_modules: list[str] = option(factory=list, help="module path regexes that also train (heads, "
                                                              "visual embeddings...)")
     profile: str | None = option(None, help="architecture profile name (null: from config.model_type)")
-    layers: list[int] | None = option(None, help="only these layer indices (null: every layer)")
+    layers: list[int] | None = option(None, help="only these layer indices (null: every layer; -1 is the last layer, "
+                                                  "-2 the one below...)")
 
     # -- helpers -------------------------------------------------------------
     def copies(self, part: str) -> int:
