@@ -81,6 +81,7 @@ def test_compare_json_schema(tiny_compare):
     out, summary = tiny_compare
     on_disk = json.loads((out / "compare.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
+    assert [e["threads"] for e in on_disk["protocol"]["features_extracted_with"]] == [1]  # the store's record
     assert on_disk["protocol"]["seeds"] == [0, 1]
     assert on_disk["protocol"]["test_examples_per_task"] == EVAL_N
     assert on_disk["protocol"]["command"] == "test"

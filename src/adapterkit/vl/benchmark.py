@@ -898,10 +898,16 @@ def _test_sizes(data_dir, eval_examples) -> dict[str, int]:
 
 def _extracted_with(feats) -> list[dict]:
     """The feature store's record of the torch version / threads / CPU that computed it (its last
-    bits, and so a run's scores, depend on them)."""
+    bits, and so a run's scores, depend on them); None where there is no readable store (a
+    ``--summarize`` of runs whose features are gone: the runs still summarize)."""
     from adapterkit.vl.features import FeatureStore
 
-    return FeatureStore.open(feats).extracted_with
+    if feats is None:  # a --summarize builds no features
+        return None
+    try:
+        return FeatureStore.open(feats).extracted_with
+    except DataError:
+        return None
 
 
 def demo(out_dir="runs/demo", data_dir="data_cache/fashionvl", scale_name="default", preset="single_adapter",
