@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 
 def _group(name: str) -> str:
@@ -77,41 +74,30 @@ def main() -> None:
 
     import torch
 
-    from adapterkit.train.trainer import Trainer
-    from adapterkit.vl.benchmark import SCALES, first_batches, run_config
+    from adapterkit.vl.benchmark import first_batches, scratch_trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    feats = Path(args.data) / "features-effnet-lite0-112px-g2"
     for preset in [p for p in args.presets.split(",") if p]:
-        work = Path(tempfile.mkdtemp(prefix="bf16-drift-"))
-        try:
-            res = []
-            for i, mode in enumerate((ref, other)):
-                cfg = run_config(args.data, feats, preset, SCALES["default"])
-                cfg["train"]["bf16"] = mode == "bf16"
-                cfg["train"]["seed"] = args.seed
-                tr = Trainer(cfg, work / f"{mode}{i}")
+        res = []
+        for mode in (ref, other):
+            with scratch_trainer(args.data, preset, seed=args.seed, bf16=mode == "bf16") as tr:
                 tr.domain.train_mode()
-                batches = first_batches(tr, args.seed, args.batches)
-                res.append(_grads(tr, batches))
-                del tr
-            rows = []
-            for (l32, g32), (l16, g16) in zip(*res):
-                groups: dict[str, list[tuple]] = {}
-                for n, g in g32.items():
-                    groups.setdefault(_group(n), []).append((g.flatten(), g16[n].flatten()))
-                row = {"loss_fp32": round(l32, 5), "loss_diff": round(l16 - l32, 5)}
-                for k, pairs in sorted(groups.items()):
-                    a = torch.cat([p[0] for p in pairs]).double()
-                    b = torch.cat([p[1] for p in pairs]).double()
-                    row[f"{k}_cos"] = round(float(torch.nn.functional.cosine_similarity(a, b, dim=0)), 4)
-                    row[f"{k}_relerr"] = round(float((b - a).norm() / a.norm().clamp_min(1e-30)), 4)
-                rows.append(row)
-            print(json.dumps({"preset": preset, "modes": [ref, other], "fp32_adapter_add": args.fp32_adapter_add,
-                              "batches": rows}), flush=True)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+                res.append(_grads(tr, first_batches(tr, args.seed, args.batches)))
+        rows = []
+        for (l32, g32), (l16, g16) in zip(*res):
+            groups: dict[str, list[tuple]] = {}
+            for n, g in g32.items():
+                groups.setdefault(_group(n), []).append((g.flatten(), g16[n].flatten()))
+            row = {"loss_fp32": round(l32, 5), "loss_diff": round(l16 - l32, 5)}
+            for k, pairs in sorted(groups.items()):
+                a = torch.cat([p[0] for p in pairs]).double()
+                b = torch.cat([p[1] for p in pairs]).double()
+                row[f"{k}_cos"] = round(float(torch.nn.functional.cosine_similarity(a, b, dim=0)), 4)
+                row[f"{k}_relerr"] = round(float((b - a).norm() / a.norm().clamp_min(1e-30)), 4)
+            rows.append(row)
+        print(json.dumps({"preset": preset, "modes": [ref, other], "fp32_adapter_add": args.fp32_adapter_add,
+                          "batches": rows}), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 
 def main() -> None:
@@ -30,16 +27,12 @@ def main() -> None:
 
     import torch
 
-    from adapterkit.train.trainer import Trainer
-    from adapterkit.vl.benchmark import SCALES, first_batches, run_config
+    from adapterkit.vl.benchmark import first_batches, scratch_trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    feats = Path(args.data) / "features-effnet-lite0-112px-g2"
     for preset in [p for p in args.presets.split(",") if p]:
-        work = Path(tempfile.mkdtemp(prefix="init-loss-"))
-        try:
-            tr = Trainer(run_config(args.data, feats, preset, SCALES["default"], seed=args.seed), work / "run")
+        with scratch_trainer(args.data, preset, seed=args.seed) as tr:
             tr.domain.train_mode()
             peak: dict[str, float] = {}
 
@@ -59,10 +52,6 @@ def main() -> None:
             top = sorted(peak.items(), key=lambda kv: -kv[1])[:3]
             print(json.dumps({"preset": preset, "seed": args.seed, "losses": losses,
                               "largest_outputs": {k: round(v, 1) for k, v in top}}), flush=True)
-            del tr
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 
@@ -35,27 +33,20 @@ def feature_digest(images, threads: int, resolution: int, grid: int = 2):
     return hashlib.sha256(f.tobytes()).hexdigest(), f
 
 
-def train_steps(data, feats, preset: str, seed: int, steps: int, threads: int, scale: str = "default") -> dict:
+def train_steps(data, preset: str, seed: int, steps: int, threads: int, scale: str = "default") -> dict:
     """Losses of the first ``steps`` steps of a fresh run and the trainable weights' digest after."""
     import torch
 
-    from adapterkit.engine.engine import batch_seed
-    from adapterkit.vl.benchmark import SCALES, init_digest, make_trainer
+    from adapterkit.vl.benchmark import _train_step, init_digest, scratch_trainer
     from adapterkit.vl.data import task_schedule
 
     torch.set_num_threads(threads)
-    work = Path(tempfile.mkdtemp(prefix="repeat-"))
-    try:
-        tr = make_trainer(data, feats, preset, dict(SCALES[scale]), work / "run", seed, curve=False)
+    with scratch_trainer(data, preset, seed=seed, scale_name=scale) as tr:
         start = init_digest(tr.model)
         orders = {t: tr.domain.epoch_order(t, seed, 0) for t in tr.tasks}
-        losses = []
-        for task, b in task_schedule(tr.num_batches, seed, 0)[:steps]:  # the run's first steps, as fit() takes them
-            bs = tr.batch_sizes[task]
-            losses.append(tr.train_step(task, orders[task][b * bs:(b + 1) * bs], batch_seed(seed, 0, task, b)))
+        # the run's first steps, as fit() takes them
+        losses = [_train_step(tr, orders, seed, task, b) for task, b in task_schedule(tr.num_batches, seed, 0)[:steps]]
         return {"init_digest": start, "final_digest": init_digest(tr.model), "losses": losses}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def first_difference(a: list, b: list) -> int | None:
@@ -89,7 +80,6 @@ def main() -> None:
             break
         images.append(item[1])
     resolution = SCALES[args.scale]["resolution"]
-    feats = Path(args.data) / f"features-effnet-lite0-{resolution}px-g2"
     res: dict = {"images": len(images), "steps": args.steps, "preset": args.preset, "seed": args.seed, "scale": args.scale,
                  "versions": versions(), "per_threads": {}}
     arrays = {}
@@ -97,7 +87,7 @@ def main() -> None:
         d1, f1 = feature_digest(images, t, resolution)
         d2, _ = feature_digest(images, t, resolution)
         arrays[t] = f1
-        r1, r2 = (train_steps(args.data, feats, args.preset, args.seed, args.steps, t, args.scale) for _ in range(2))
+        r1, r2 = (train_steps(args.data, args.preset, args.seed, args.steps, t, args.scale) for _ in range(2))
         res["per_threads"][str(t)] = {
             "features_repeat_equal": d1 == d2, "features_digest": d1,
             "train_repeat_equal": r1 == r2, "first_run": r1,

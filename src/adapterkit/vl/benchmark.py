@@ -19,6 +19,7 @@ predictions.json, final/) and ``run.json`` (per-example scores, intervals, curve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -52,6 +53,11 @@ SCALES = {
 DEMO_EVAL_EXAMPLES = 500
 
 
+def feature_dir(data_dir: str | Path, resolution: int, grid: int = 2) -> Path:
+    """Where :func:`prepare` keeps the EfficientNet-Lite0 features of ``data_dir``."""
+    return Path(data_dir) / f"features-effnet-lite0-{resolution}px-g{grid}"
+
+
 def prepare(data_dir: str | Path, tiny: bool, resolution: int, grid: int = 2, seed: int = 0,
             device: str = "cpu") -> tuple[Path, Path]:
     """Build FashionVL (if missing) and its EfficientNet-Lite0 feature store (if missing or stale),
@@ -62,7 +68,7 @@ def prepare(data_dir: str | Path, tiny: bool, resolution: int, grid: int = 2, se
     data_dir = Path(data_dir)
     print(f"[1/4] FashionVL from Fashion-MNIST photos -> {data_dir}")
     build_fashionvl(data_dir, seed=seed, tiny=tiny)
-    feats = data_dir / f"features-effnet-lite0-{resolution}px-g{grid}"
+    feats = feature_dir(data_dir, resolution, grid)
     images = iter_fashionvl_images(data_dir)
     try:
         store = FeatureStore.open(feats)
@@ -721,13 +727,29 @@ def first_batches(tr, seed: int, n: int) -> list[tuple[str, int, dict]]:
     return out
 
 
-def _train_step(tr, orders: dict, seed: int, task: str, b: int) -> None:
+def _train_step(tr, orders: dict, seed: int, task: str, b: int) -> float:
     """Batch ``b`` of ``task`` in epoch 0's order: the step a measurement times (measure_costs,
-    measure_contention), the same one the run takes."""
+    measure_contention), the same one the run takes; its loss."""
     from adapterkit.vl.data import _seed
 
     bs = tr.batch_sizes[task]
-    tr.train_step(task, orders[task][b * bs:(b + 1) * bs], _seed(seed, 0, task, b))
+    return tr.train_step(task, orders[task][b * bs:(b + 1) * bs], _seed(seed, 0, task, b))
+
+
+@contextlib.contextmanager
+def scratch_trainer(data_dir, preset: str, seed: int = 0, scale_name: str = "default", bf16: bool = False):
+    """A fresh trainer of ``preset`` on FashionVL at ``scale_name`` (the run a compare of ``seed``
+    builds, without the curve), in a temporary folder removed afterwards: for probes that look at
+    a new model (scripts/bf16_drift.py, scripts/fashionvl_init_loss.py, scripts/repeatability.py)."""
+    import tempfile
+
+    scale = {**SCALES[scale_name], "bf16": bf16}
+    work = Path(tempfile.mkdtemp(prefix=f"probe-{preset}-"))
+    try:
+        yield make_trainer(data_dir, feature_dir(data_dir, scale["resolution"]), preset, scale, work / "run", seed,
+                           curve=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def measure_costs(data_dir, feats, preset: str, scale: dict, work_dir: Path, seed: int = 0) -> dict:
@@ -896,7 +918,7 @@ def _test_sizes(data_dir, eval_examples) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- demo and compare
 
-def _extracted_with(feats) -> list[dict]:
+def _extracted_with(feats) -> list[dict] | None:
     """The feature store's record of the torch version / threads / CPU that computed it (its last
     bits, and so a run's scores, depend on them); None where there is no readable store (a
     ``--summarize`` of runs whose features are gone: the runs still summarize)."""
