@@ -83,3 +83,39 @@ def test_paired_folders_bad_input(tmp_path):
     script = Path(__file__).parents[1] / "scripts" / "fashionvl_paired.py"
     p = subprocess.run([sys.executable, str(script), str(a), str(b)], capture_output=True, text=True)
     assert p.returncode != 0 and p.stderr.strip().endswith("run in common") and "Traceback" not in p.stderr
+
+
+def _shifted(run, by):
+    """`run` with every example's score moved by `by` points (the average moves by `by`)."""
+    r = json.loads(json.dumps(run))
+    for t in bm.TASKS:
+        r["per_example"][t]["scores"] = [x + by for x in r["per_example"][t]["scores"]]
+        r["scores"][t] += by
+    r["scores"]["average"] += by
+    return r
+
+
+def test_vs_reference_reads_the_seed_interval_against_the_margin():
+    ref = [_fake_run("full_finetune", s, n=30) for s in range(4)]
+    # per-seed differences -0.5 +- 0.2: the t-interval lies inside +-2 -> within, no worse
+    near = [_shifted({**r, "preset": "single_adapter"}, d) for r, d in zip(ref, (-0.3, -0.7, -0.5, -0.5))]
+    m = bm.paired_vs(near, ref, n_resamples=200)["margin"]
+    assert m["equivalence"] == "within" and m["non_inferiority"] == "shown" and m["over"] == "seeds"
+    sd = np.std([-0.3, -0.7, -0.5, -0.5], ddof=1)
+    assert m["seed_sd"] == pytest.approx(sd) and m["seeds_needed_if_equal"] == 2
+    # differences -5 +- 0.2: wholly below -2 -> outside, ruled out
+    far = [_shifted({**r, "preset": "single_adapter"}, d) for r, d in zip(ref, (-4.8, -5.2, -5.0, -5.0))]
+    m = bm.paired_vs(far, ref, n_resamples=200)["margin"]
+    assert m["equivalence"] == "outside" and m["non_inferiority"] == "ruled out"
+    # differences spread +-6: the interval straddles both bounds; the seeds needed is the planning figure
+    wide = [_shifted({**r, "preset": "single_adapter"}, d) for r, d in zip(ref, (-6.0, 6.0, -3.0, 3.0))]
+    m = bm.paired_vs(wide, ref, n_resamples=200)["margin"]
+    assert m["equivalence"] == "undetermined" and m["non_inferiority"] == "undetermined"
+    from adapterkit.stats import seeds_for_margin
+
+    assert m["seeds_needed_if_equal"] == seeds_for_margin(np.std([-6.0, 6.0, -3.0, 3.0], ddof=1), 2.0) > 4
+    # one seed: read over the test examples only, and said so
+    one = bm.paired_vs(near[:1], ref[:1], n_resamples=200)["margin"]
+    assert one["over"].startswith("test examples only") and "seed_sd" not in one
+    cell = bm._margin_cell({"margin": m})
+    assert cell.startswith("; ±2 undetermined") and f"(n≈{m['seeds_needed_if_equal']})" in cell

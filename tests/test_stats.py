@@ -107,3 +107,35 @@ def test_bad_input_is_one_clear_error():
         stats.bootstrap_tasks({"average": [1.0]})
     with pytest.raises(ConfigError, match="level"):
         stats.t_interval([1.0, 2.0], level=1.5)
+
+
+def test_margin_verdict_reads_an_interval_against_plus_minus_the_margin():
+    v = stats.margin_verdict
+    assert v(-1.5, 1.9, 2)["equivalence"] == "within" and v(-1.5, 1.9, 2)["non_inferiority"] == "shown"
+    assert v(-2.5, 1.0, 2)["equivalence"] == "undetermined" and v(-2.5, 1.0, 2)["non_inferiority"] == "undetermined"
+    assert v(-1.0, 3.0, 2) == {"margin": 2.0, "equivalence": "undetermined", "non_inferiority": "shown"}
+    assert v(2.5, 4.0, 2)["equivalence"] == "outside" and v(2.5, 4.0, 2)["non_inferiority"] == "shown"
+    assert v(-6.0, -2.5, 2) == {"margin": 2.0, "equivalence": "outside", "non_inferiority": "ruled out"}
+    assert v(None, None, 2)["equivalence"] == "undetermined"  # one run: no interval
+    with pytest.raises(ConfigError, match="margin must be a positive"):
+        v(-1, 1, 0)
+    with pytest.raises(DataError, match="low end above"):
+        v(1, -1, 2)
+
+
+def test_seeds_for_margin_is_the_first_n_whose_t_half_width_fits():
+    from scipy.stats import t
+
+    def half(n, sd):
+        return t.ppf(0.975, n - 1) * sd / np.sqrt(n)
+
+    for sd, margin in ((6.0, 2.0), (1.0, 2.0), (3.3, 0.5)):
+        n = stats.seeds_for_margin(sd, margin)
+        assert half(n, sd) < margin and (n == 2 or half(n - 1, sd) >= margin)
+        # large n: the normal approximation (1.96 sd / margin)^2, a little above it from the t's tails
+        if n > 30:
+            assert (1.96 * sd / margin) ** 2 <= n <= (1.96 * sd / margin) ** 2 + 4
+    assert stats.seeds_for_margin(0.0, 2.0) == 2
+    assert stats.seeds_for_margin(1e6, 0.01, max_runs=100) is None
+    with pytest.raises(DataError, match="spread over seeds"):
+        stats.seeds_for_margin(float("nan"), 2.0)

@@ -7,6 +7,8 @@
 - `bootstrap_difference`: paired bootstrap of the difference of two systems' averages on
   the same examples (one resample of the examples is applied to both).
 - `t_interval`: mean and Student-t interval over independent runs (seeds).
+- `margin_verdict`: whether an interval of a difference lies within +-margin (equivalence), beyond
+  it, or neither; `seeds_for_margin`: how many runs a t-interval of a given spread needs to fit in it.
 
 Resampling is vectorised: one (resamples, n) index array per task, drawn in chunks that
 bound memory, never a Python loop over resamples or examples. A fixed `seed` gives the
@@ -31,6 +33,8 @@ __all__ = [
     "bootstrap_difference",
     "bootstrap_ratio",
     "t_interval",
+    "margin_verdict",
+    "seeds_for_margin",
 ]
 
 #: index elements drawn per chunk (int32 + float64 gathers: about 50 MB at 4M)
@@ -191,3 +195,48 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
         return Interval(mean, None, None, 1, level)
     half = _t_quantile((1.0 + level) / 2.0, n - 1) * float(arr.std(ddof=1)) / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n, level)
+
+
+def margin_verdict(low: float | None, high: float | None, margin: float) -> dict:
+    """Read an interval [low, high] of a difference (system - reference) against +-`margin`.
+
+    - equivalence: "within" when the whole interval lies inside (-margin, +margin) (the two
+      one-sided tests at the interval's level), "outside" when it lies wholly beyond one side,
+      "undetermined" when it straddles a bound;
+    - non_inferiority: "shown" when low > -margin (no worse than the reference by the margin),
+      "ruled out" when high < -margin, else "undetermined".
+
+    Without an interval (one run) both are "undetermined".
+    """
+    if not margin > 0:
+        raise ConfigError(f"the margin must be a positive number of points, got {margin!r}")
+    if low is None or high is None:
+        return {"margin": float(margin), "equivalence": "undetermined", "non_inferiority": "undetermined"}
+    if low > high:
+        raise DataError(f"interval [{low}, {high}] has its low end above its high end")
+    if -margin < low and high < margin:
+        eq = "within"
+    elif high <= -margin or low >= margin:
+        eq = "outside"
+    else:
+        eq = "undetermined"
+    ni = "shown" if low > -margin else ("ruled out" if high < -margin else "undetermined")
+    return {"margin": float(margin), "equivalence": eq, "non_inferiority": ni}
+
+
+def seeds_for_margin(sd: float, margin: float, level: float = 0.95, max_runs: int = 10_000) -> int | None:
+    """The fewest runs n >= 2 whose t-interval half-width t_{(1+level)/2, n-1} * sd / sqrt(n) is below
+    `margin`: how many seeds an interval of a difference with this seed spread needs to fit inside
+    +-margin when the difference itself is zero (a planning figure: a non-zero difference needs more).
+    None when even `max_runs` would not do."""
+    if not margin > 0:
+        raise ConfigError(f"the margin must be a positive number of points, got {margin!r}")
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"the interval level must be between 0 and 1 (e.g. 0.95), got {level!r}")
+    if not math.isfinite(sd) or sd < 0:
+        raise DataError(f"the spread over seeds must be a finite, non-negative number, got {sd!r}")
+    from scipy.stats import t
+
+    n = np.arange(2, max_runs + 1)
+    ok = t.ppf((1.0 + level) / 2.0, n - 1) * sd / np.sqrt(n) < margin
+    return int(n[ok][0]) if ok.any() else None

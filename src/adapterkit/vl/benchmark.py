@@ -35,6 +35,7 @@ from adapterkit.safeio import atomic_write_json, atomic_write_text
 
 TASKS = ["vqa", "gqa", "nlvr", "caption"]
 REFERENCE = "full_finetune"  # the preset the others are compared with (paired differences)
+MARGIN = 2.0  # points: "matches full fine-tuning" read as a difference of averages inside +-2
 
 SCALES = {
     # fashionvl sizes (None = package default), backbone, steps, batch, test examples per task (None = all),
@@ -352,11 +353,14 @@ def aggregate(runs: list[dict], n_resamples: int = 2000, seed: int = 0) -> dict:
     }
 
 
-def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, seed: int = 0) -> dict:
+def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, seed: int = 0,
+              margin: float = MARGIN) -> dict:
     """average(preset) - average(reference): paired bootstrap over the same test examples (seed-averaged
     scores) and, with two or more seeds, the t-interval of the per-seed differences (seeds paired by
-    their number: the same data order)."""
-    from adapterkit.stats import bootstrap_difference, t_interval
+    their number: the same data order). ``margin`` reads the average's interval against +-margin points
+    (over seeds where there are two or more, else over test examples only; see `stats.margin_verdict`),
+    with the seeds an interval of this spread would need to fit inside it."""
+    from adapterkit.stats import bootstrap_difference, margin_verdict, seeds_for_margin, t_interval
 
     def mean_scores(rs):
         return {t: np.mean([r["per_example"][t]["scores"] for r in rs], axis=0) for t in TASKS}
@@ -377,8 +381,15 @@ def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, s
     for t in TASKS:  # each task alone: where a difference of the average comes from
         dt = bootstrap_difference({t: a[t]}, {t: b[t]}, n_resamples=n_resamples, seed=seed)
         tasks[t] = {"difference": dt.mean, "example_interval": [dt.low, dt.high], "seed_interval": over_seeds(t)}
-    return {"difference": d.mean, "example_interval": [d.low, d.high], "seed_interval": over_seeds("average"),
-            "seeds_paired": len(paired), "tasks": tasks}
+    seed_iv = over_seeds("average")
+    verdict = margin_verdict(*(seed_iv or [d.low, d.high]), margin)
+    verdict["over"] = "seeds" if seed_iv else "test examples only (one seed: the seed-to-seed spread is unknown)"
+    if seed_iv:
+        sd = float(np.std([r["scores"]["average"] - ref_by_seed[r["seed"]]["average"] for r in paired], ddof=1))
+        verdict["seed_sd"] = sd
+        verdict["seeds_needed_if_equal"] = seeds_for_margin(sd, margin)
+    return {"difference": d.mean, "example_interval": [d.low, d.high], "seed_interval": seed_iv,
+            "seeds_paired": len(paired), "tasks": tasks, "margin": verdict}
 
 
 def load_runs(folder: str | Path) -> dict[str, list[dict]]:
@@ -524,6 +535,17 @@ def _check_cell(s: dict) -> str:
                      for c in checks)
 
 
+def _margin_cell(vs: dict) -> str:
+    """'; ±2 within / outside / undetermined (no worse) (n≈12)' for a vs-reference cell ('' before margins)."""
+    m = vs.get("margin")
+    if m is None:
+        return ""
+    need = m.get("seeds_needed_if_equal")
+    return (f"; ±{m['margin']:g} {m['equivalence']}" + (" (no worse)" if m["non_inferiority"] == "shown" else "")
+            + ("" if m["over"] == "seeds" else " (examples only)")
+            + ("" if "seed_sd" not in m else f" (n≈{need})" if need else " (n>10000)"))
+
+
 def compare_table(summary: dict) -> str:
     """Markdown: per preset and task, mean over seeds +- the t-interval's half-width over seeds, then
     the 95% bootstrap interval over test examples of the seed-averaged scores."""
@@ -542,7 +564,7 @@ def compare_table(summary: dict) -> str:
         vs = s.get("vs_reference")
         vs_txt = "-" if vs is None else (f"{vs['difference']:+.1f}{_iv(vs['example_interval'])}"
                                           + ("" if vs["seed_interval"] is None else
-                                             f"; seeds{_iv(vs['seed_interval'])}"))
+                                             f"; seeds{_iv(vs['seed_interval'])}") + _margin_cell(vs))
         lines.append(f"| {p} | {len(s['seeds'])} | {s['percent']:.2f} | " + " | ".join(cell(s, k) for k in cols)
                      + f" | {vs_txt} | {_check_cell(s)} | {s['wall_time_s']:.0f} |")
     lines.append("| majority answer | - | - | " + " | ".join(f"{_baseline_percent(base[t]):.1f}" for t in TASKS)
@@ -557,6 +579,14 @@ def compare_table(summary: dict) -> str:
         lines.append(f"vs {REFERENCE}: paired difference of averages on the seeds both have [95% bootstrap over "
                      "test examples of the seed-averaged scores]; seeds [95% t-interval of the per-seed "
                      "differences].")
+        m = next((s["vs_reference"]["margin"] for s in summary["presets"].values()
+                  if s.get("vs_reference") and "margin" in s["vs_reference"]), None)
+        if m is not None:
+            lines.append(f"±{m['margin']:g}: the interval over seeds (over test examples with one seed) read against "
+                         f"±{m['margin']:g} points: *within* (it lies inside: matches {REFERENCE} to that margin), "
+                         "*outside* (it lies beyond), *undetermined* (it straddles a bound); *no worse* when its low "
+                         f"end is above -{m['margin']:g}; n≈: the seeds an interval of this spread needs to fit "
+                         "inside were the difference zero.")
     per_task = [(p, s["vs_reference"]) for p, s in summary["presets"].items() if s.get("vs_reference")]
     if per_task:
         lines += ["", f"Per task, preset - {REFERENCE} on the seeds both have [95% paired bootstrap over test examples]; "
@@ -1160,6 +1190,7 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         "curve": {"every": scale.get("curve_every", 0), "val_examples_per_task": scale.get("curve_examples"),
                   "seeds": sorted(curve_seed_set)},
         "command": command,
+        "margin_points": MARGIN,  # vs_reference.margin reads each difference against +-this
         "features_extracted_with": _extracted_with(feats),
     }
     done: dict[tuple[str, int], dict] = {}
