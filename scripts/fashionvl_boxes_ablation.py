@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     data = Path(a.data)
-    feats = data / "features-effnet-lite0-112px-g2"
+    feats = B.feature_dir(data, B.SCALES["default"]["resolution"])
     scale = dict(B.SCALES["default"], eval_examples=500)
     cfg = B.run_config(data, feats, "single_adapter", scale, a.seed)
     cfg["data"]["zero_boxes"] = a.zero_boxes == "true"

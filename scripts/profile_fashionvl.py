@@ -41,14 +41,14 @@ def main() -> None:
     import torch
 
     from adapterkit.train.trainer import Trainer
-    from adapterkit.vl.benchmark import SCALES, TASKS, run_config
+    from adapterkit.vl.benchmark import SCALES, TASKS, feature_dir, run_config
     from adapterkit.vl.data import _seed, task_schedule
 
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.cpu_clock else time.perf_counter
     scale = {**SCALES["default"], "eval_examples": args.eval_examples}
-    feats = Path(args.data) / f"features-effnet-lite0-{args.resolution}px-g2"
+    feats = feature_dir(args.data, args.resolution)
     cfg = run_config(args.data, feats, args.preset, scale)
     for item in args.set:
         key, _, value = item.partition("=")
