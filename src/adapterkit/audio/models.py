@@ -205,12 +205,10 @@ def attach_audio_method(backbone: nn.Module, family: str, method: str, overrides
     mt = backbone.config.model_type
     d = int(backbone.config.hidden_size if hasattr(backbone.config, "hidden_size") else backbone.config.d_model)
     if method == "full":
-        for p in backbone.parameters():
-            p.requires_grad_(True)
+        backbone.requires_grad_(True)
         return True
     if method == "linear_probe":
-        for p in backbone.parameters():
-            p.requires_grad_(False)
+        backbone.requires_grad_(False)
         return False
     if method == "petl_adapter":
         cfg = petl_config(o, mt, d)

@@ -152,8 +152,7 @@ def _full_ft(ctx: BuildContext) -> Prepared:
 
 def add_frozen_bound(model: nn.Module) -> nn.Parameter:
     """Freeze every weight; add one scalar ``gate`` multiplying the token-embedding outputs."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     ref = next(model.parameters())
     gate = nn.Parameter(torch.ones((), device=ref.device))
     model.register_parameter("bench_gate", gate)

@@ -338,8 +338,7 @@ def apply_freeze_policy(model: nn.Module, profile: dict | None = None) -> None:
         if on and freeze:
             trainable.append(n)
     for s in container.sets.values():
-        for p in s.parameters():
-            p.requires_grad_(True)
+        s.requires_grad_(True)
         frozen = getattr(s, "frozen_parameters", None)
         if frozen:
             for p in frozen():
@@ -381,8 +380,7 @@ def _unload(model: nn.Module) -> None:
     hf.uninstall(model)
     hf.remove_contiguous_lm_heads(model)
     copying.uninstall(model)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model.requires_grad_(True)
 
 
 def merge_and_unload(model: nn.Module, task: str | int | None = None) -> nn.Module:

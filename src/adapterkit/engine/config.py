@@ -42,11 +42,7 @@ class TrainConfig:
     fsdp: bool = False                                      # multi-process runs: FSDP2-shard the model (docs/distributed.md)
 
     def validate(self):
-        for t, s in self.task_batch_scale.items():
-            if not isinstance(t, str):
-                raise ConfigError(f"train.task_batch_scale keys must be task names, got {t!r}")
-            if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 < s <= 1000:
-                raise ConfigError(f'train.task_batch_scale["{t}"] must be a number in (0, 1000], got {s!r}')
+        check_batch_scale_values(self.task_batch_scale)
 
 
 @dataclass
@@ -55,6 +51,15 @@ class EvalConfig:
     max_new_tokens: int = bounded(16, lo=1, hi=4096)        # generation tasks
     num_beams: int = bounded(1, lo=1, hi=64)                # generation tasks
     select_on: str = choice("val", "last", default="val")   # the weights tested: best on validation, or the last
+
+
+def check_batch_scale_values(scale: dict) -> None:
+    """``train.task_batch_scale`` maps task names to numbers in (0, 1000]."""
+    for t, s in scale.items():
+        if not isinstance(t, str):
+            raise ConfigError(f"train.task_batch_scale keys must be task names, got {t!r}")
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 < s <= 1000:
+            raise ConfigError(f'train.task_batch_scale["{t}"] must be a number in (0, 1000], got {s!r}')
 
 
 def check_batch_scale_tasks(scale: dict, tasks) -> None:

@@ -394,8 +394,7 @@ class Apollo(nn.Module):
         cfg = config if isinstance(config, ApolloConfig) else ApolloConfig.from_dict(config)
         cfg.validate()
         self.config, self.clip = cfg, clip
-        for p in clip.parameters():
-            p.requires_grad_(False)
+        clip.requires_grad_(False)
         n_text, n_image = len(clip.text_layers), len(clip.image_layers)
         if cfg.prompt_depth > min(n_text, n_image):
             raise ConfigError(f"prompt_depth {cfg.prompt_depth} exceeds the encoders' depth (text {n_text}, image "

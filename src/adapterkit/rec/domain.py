@@ -356,16 +356,14 @@ class RecRun:
             sdata = load_domain(c.source)
             smodel = build_model(m, sdata, text_model, tokenizer)
             if c.source_train.freeze_text:
-                for p in smodel.item_encoder.text.parameters():
-                    p.requires_grad_(False)
+                smodel.item_encoder.text.requires_grad_(False)
             self._say(f"source pre-training on {sdata.stats()}")
             Engine.seed_all(c.source_train.seed)
             res["source"], _ = self._stage("source", smodel, sdata, c.source_train, out, True,
                                            {**base_ident, "data": c.source})
             smodel.cpu()  # (with the shared text model) the target model is built on the CPU, as the source was
             source_state = {k: v.detach().clone() for k, v in smodel.state_dict().items()}
-            for p in text_model.parameters():
-                p.requires_grad_(True)
+            text_model.requires_grad_(True)
             del smodel
         tdata = load_domain(c.target)
         if source_state is None:  # fresh text model weights for training from scratch

@@ -299,8 +299,7 @@ def attach_rec_method(model: Adapter4Rec, method: str, adapter: dict | None, tra
     projection (Linear H -> d) always trains; LayerNorms of both encoders train when
     ``train_layernorms``."""
     if method in ("full", "scratch"):
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model.requires_grad_(True)
         return True
     if method not in REC_METHODS:
         extra = [m for m in registered_methods() if m not in REC_METHODS]
@@ -310,8 +309,7 @@ def attach_rec_method(model: Adapter4Rec, method: str, adapter: dict | None, tra
     for k in adapter:
         if k not in ("item", "user"):
             raise ConfigError(f'unknown key "adapter.{k}" for rec methods; allowed: ["item", "user"]')
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     if method != "frozen":
         item_cfg = _side(ITEM_DEFAULTS[method], adapter, "item")
         if item_cfg is not None:
@@ -330,8 +328,7 @@ def attach_rec_method(model: Adapter4Rec, method: str, adapter: dict | None, tra
         for n, p in model.user_encoder.named_parameters():
             if "norm" in n:
                 p.requires_grad_(True)
-    for p in model.item_encoder.proj.parameters():
-        p.requires_grad_(True)
+    model.item_encoder.proj.requires_grad_(True)
     return False
 
 

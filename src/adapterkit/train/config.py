@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterkit.core.config import _NAME, bounded, check_name, choice, dataclass_from_dict, option
-from adapterkit.engine.config import check_adapter_list, check_batch_scale_tasks
+from adapterkit.engine.config import check_adapter_list, check_batch_scale_tasks, check_batch_scale_values
 from adapterkit.errors import ConfigError, did_you_mean
 from adapterkit.safeio import MAX_CONFIG_NODES, MAX_DEPTH, check_nesting, loads_yaml
 
@@ -155,11 +155,7 @@ class TrainConfig:
                                    "adapters; docs/distributed.md)")
 
     def validate(self):
-        for t, s in self.task_batch_scale.items():
-            if not isinstance(t, str):
-                raise ConfigError(f"train.task_batch_scale keys must be task names, got {t!r}")
-            if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 < s <= 1000:
-                raise ConfigError(f'train.task_batch_scale["{t}"] must be a number in (0, 1000], got {s!r}')
+        check_batch_scale_values(self.task_batch_scale)
 
 
 @dataclass

@@ -103,12 +103,10 @@ def attach_method(backbone: nn.Module, kind: str, method: str, overrides: dict |
     Returns True when the whole backbone trains (full fine-tuning)."""
     overrides = dict(overrides or {})
     if method == "full":
-        for p in backbone.parameters():
-            p.requires_grad_(True)
+        backbone.requires_grad_(True)
         return True
     if method == "linear_probe":
-        for p in backbone.parameters():
-            p.requires_grad_(False)
+        backbone.requires_grad_(False)
         return False
     if kind == "cnn" and method not in CNN_METHODS:
         raise ConfigError(f'method "{method}" needs a transformer backbone (it hooks attention/MLP sub-layers); '
