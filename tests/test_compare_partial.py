@@ -4,6 +4,7 @@ run, listing what is still missing."""
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +186,24 @@ def test_a_corrupt_run_record_is_one_error_naming_it(tmp_path):
     rec.write_text('{"preset": "single_adapter", "scor')  # cut off mid-write by something else
     with pytest.raises(bm.DataError, match=r"seed0/run\.json: not a readable run record.*delete it"):
         bm.run_one(tmp_path, tmp_path, "single_adapter", {"steps": 2}, rec.parent)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"lr": -1.0}, "--lr must be a positive, finite learning rate, got -1.0"),
+    ({"lr": float("nan")}, "--lr must be a positive, finite"),
+    ({"steps": 0}, "--steps must be a positive integer, got 0"),
+    ({"seed": -1}, "--seed must be a non-negative integer, got -1"),
+    ({"curve_every": -5}, "--curve-every must be a non-negative integer, got -5"),
+    ({"curve_examples": 0}, "--curve-examples must be a positive integer"),
+    ({"curve_seeds": -1}, "--curve-seeds must be a non-negative integer"),
+])
+def test_bad_compare_arguments_fail_before_any_work(tmp_path, monkeypatch, kw, msg):
+    from adapterkit.errors import ConfigError
+
+    def no_work(*a, **k):
+        raise AssertionError("compare built data before checking its arguments")
+
+    monkeypatch.setattr(bm, "prepare", no_work)
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        bm.compare(["single_adapter"], out_dir=tmp_path / "out", data_dir=tmp_path / "fvl", **kw)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "fvl").exists()

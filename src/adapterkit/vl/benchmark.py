@@ -1069,11 +1069,16 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         raise ConfigError("compare needs at least one preset")
     for p in presets:
         get_preset(p)  # an unknown name fails here, before any work
-    for name, val, optional in (("--seeds", seeds, False), ("--jobs", jobs, False), ("--threads", threads, True),
-                                ("--eval-batch-size", eval_batch_size, True),
-                                ("--checkpoint-every", checkpoint_every, True)):
-        if (val is not None or not optional) and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
-            raise ConfigError(f"{name} must be a positive integer, got {val!r}")
+    for name, val, optional, lo in (("--seeds", seeds, False, 1), ("--jobs", jobs, False, 1),
+                                    ("--threads", threads, True, 1), ("--eval-batch-size", eval_batch_size, True, 1),
+                                    ("--checkpoint-every", checkpoint_every, True, 1), ("--steps", steps, True, 1),
+                                    ("--curve-examples", curve_examples, True, 1), ("--seed", seed, False, 0),
+                                    ("--curve-every", curve_every, True, 0), ("--curve-seeds", curve_seeds, True, 0)):
+        if (val is not None or not optional) and (isinstance(val, bool) or not isinstance(val, int) or val < lo):
+            raise ConfigError(f"{name} must be a {'positive' if lo else 'non-negative'} integer, got {val!r}")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+                           or lr <= 0):
+        raise ConfigError(f"--lr must be a positive, finite learning rate, got {lr!r}")
     if jobs > 1 and not threads:
         threads = max(1, (os.cpu_count() or 1) // jobs)
     if threads:  # the parent measures the costs with the threads a run will have
