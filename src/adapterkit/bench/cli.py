@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from adapterkit.cli.argtypes import nonnegative_int, positive_float, positive_int
 from adapterkit.errors import AdapterKitError
 
 GPU_DEFAULTS = {"shape": "bart-base", "batch": 64, "src": 128, "tgt": 16, "dtype": "bf16", "steps": 20, "warmup": 5}
@@ -25,22 +26,22 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--shape", default=None, help="bart-base | t5-base | tiny | custom (default: bart-base on GPU, tiny on CPU)")
     p.add_argument("--family", choices=["bart", "t5"], default=None, help="custom shape: model family")
-    p.add_argument("--d-model", type=int, default=None, help="custom shape: hidden width")
-    p.add_argument("--layers", type=int, default=None, help="custom shape: encoder and decoder layers each")
-    p.add_argument("--encoder-layers", type=int, default=None)
-    p.add_argument("--decoder-layers", type=int, default=None)
-    p.add_argument("--ffn", type=int, default=None, help="custom shape: FFN width")
-    p.add_argument("--heads", type=int, default=None, help="custom shape: attention heads")
-    p.add_argument("--vocab", type=int, default=None, help="custom shape: vocabulary size")
-    p.add_argument("--batch", type=int, default=None, help="batch size (GPU 64, CPU 8)")
-    p.add_argument("--src", type=int, default=None, help="source tokens (GPU 128, CPU 32)")
-    p.add_argument("--tgt", type=int, default=None, help="target tokens (GPU 16, CPU 8)")
+    p.add_argument("--d-model", type=positive_int, default=None, help="custom shape: hidden width")
+    p.add_argument("--layers", type=positive_int, default=None, help="custom shape: encoder and decoder layers each")
+    p.add_argument("--encoder-layers", type=positive_int, default=None)
+    p.add_argument("--decoder-layers", type=positive_int, default=None)
+    p.add_argument("--ffn", type=positive_int, default=None, help="custom shape: FFN width")
+    p.add_argument("--heads", type=positive_int, default=None, help="custom shape: attention heads")
+    p.add_argument("--vocab", type=positive_int, default=None, help="custom shape: vocabulary size")
+    p.add_argument("--batch", type=positive_int, default=None, help="batch size (GPU 64, CPU 8)")
+    p.add_argument("--src", type=positive_int, default=None, help="source tokens (GPU 128, CPU 32)")
+    p.add_argument("--tgt", type=positive_int, default=None, help="target tokens (GPU 16, CPU 8)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="autocast dtype (GPU bf16, CPU fp32)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per case (GPU 20, CPU 5)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per case (GPU 5, CPU 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per case (GPU 20, CPU 5)")
+    p.add_argument("--warmup", type=nonnegative_int, default=None, help="untimed warm-up steps per case (GPU 5, CPU 2)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--cases", default=None,
                    help="comma list of case names, globs (single_*), groups (adapterkit, peft, adapterhub, "
                         "baseline) or kinds (train, infer); references are added automatically")
@@ -57,7 +58,7 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "peers too), or both in one run (default: both on GPU, eager on CPU)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--markdown", default=None, help="write the markdown table here")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
+    p.add_argument("--profile", type=nonnegative_int, default=0, metavar="N",
                    help="after timing, print the top N ops (torch.profiler) of each adapterkit case")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--serve", action="store_true",
@@ -66,7 +67,7 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "tokens, --tgt = new tokens), against single-adapter, task-by-task and PEFT mixed batches")
     p.add_argument("--serve-tasks", default="1,4,16,64", help="--serve: comma list of task counts per batch")
     p.add_argument("--serve-methods", default="lora,houlsby", help="--serve: comma list (lora, houlsby)")
-    p.add_argument("--repeats", type=int, default=3, help="--serve: timed repeats per case (median reported)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="--serve: timed repeats per case (median reported)")
     p.add_argument("--sweep", action="store_true",
                    help="cost against work instead: step time and peak memory of full FT, the frozen floor, "
                         "adapterkit LoRA / bottleneck adapter and PEFT LoRA on Llama-shaped LMs while backbone "
@@ -80,7 +81,7 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--sweep-tasks", default=None, help="--sweep: tasks per mixed batch (default 1,2,4,8,16)")
     p.add_argument("--sweep-shape", default=None, help="--sweep: backbone of the batch, seq and tasks axes "
                                                         "(default llama-small)")
-    p.add_argument("--sweep-max-gib", type=float, default=None,
+    p.add_argument("--sweep-max-gib", type=positive_float, default=None,
                    help="--sweep: skip a case whose memory estimate exceeds this (default 8)")
     p.add_argument("--sweep-dir", default="bench_sweep",
                    help="--sweep: output folder (sweep.json, sweep.md, sweep_<axis>.png)")

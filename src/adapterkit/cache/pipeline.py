@@ -41,6 +41,7 @@ from adapterkit.cache.tip_adapter import (
     train_tip_adapter_f,
 )
 from adapterkit.cache.tipx import search_tipx, tipx_logits
+from adapterkit.cli.argtypes import nonnegative_int, positive_int
 from adapterkit.errors import ConfigError, DataError, did_you_mean
 from adapterkit.safeio import atomic_write_json
 
@@ -389,10 +390,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--caption-features", default=None, help="caps: feature store of caption features (same ids)"
     )
     p.add_argument(
-        "--shots", type=int, default=16, help="support examples per class (0 = all training examples)"
+        "--shots", type=nonnegative_int, default=16, help="support examples per class (0 = all training examples)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=20, help="training epochs for tip-f and dual")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--epochs", type=positive_int, default=20, help="training epochs for tip-f and dual")
     p.add_argument("--signature", choices=("classes", "features"), default="classes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="results JSON path")

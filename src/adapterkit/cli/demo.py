@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from adapterkit.cli.argtypes import nonnegative_int, positive_float, positive_int
+
 
 def add_parser(sub):
     d = sub.add_parser("demo", help="multi-task VL-Adapter on FashionVL (real photos, EfficientNet, SmolLM2)")
@@ -10,8 +12,8 @@ def add_parser(sub):
     d.add_argument("--scale", default="default", choices=["tiny", "default", "large"],
                    help="tiny: CI smoke run; default: fits 15 min on a 2-core CPU; large: GPU")
     d.add_argument("--preset", default="single_adapter")
-    d.add_argument("--steps", type=int, default=None)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=positive_int, default=None)
+    d.add_argument("--seed", type=nonnegative_int, default=0)
     d.add_argument("--eval-examples", type=_eval_n, default=-1, metavar="N|all",
                    help="test examples per task (default: 500 at the default scale, all otherwise)")
     d.set_defaults(_run=run_demo)
@@ -21,30 +23,30 @@ def add_parser(sub):
     c.add_argument("--out", default="runs/compare")
     c.add_argument("--data", default="data_cache/fashionvl")
     c.add_argument("--scale", default="default", choices=["tiny", "default", "large"])
-    c.add_argument("--steps", type=int, default=None)
-    c.add_argument("--seed", type=int, default=0, help="the first seed")
-    c.add_argument("--seeds", type=int, default=1, help="runs per preset (seeds SEED, SEED+1, ...)")
+    c.add_argument("--steps", type=positive_int, default=None)
+    c.add_argument("--seed", type=nonnegative_int, default=0, help="the first seed")
+    c.add_argument("--seeds", type=positive_int, default=1, help="runs per preset (seeds SEED, SEED+1, ...)")
     c.add_argument("--eval-examples", type=_eval_n, default=-1, metavar="N|all",
                    help="test examples per task (default: all of the test split)")
-    c.add_argument("--curve-every", type=int, default=None, metavar="K",
+    c.add_argument("--curve-every", type=nonnegative_int, default=None, metavar="K",
                    help="score the validation subset every K steps (0: no learning curve)")
-    c.add_argument("--curve-examples", type=int, default=None, metavar="N",
+    c.add_argument("--curve-examples", type=positive_int, default=None, metavar="N",
                    help="validation examples per task for the learning curve")
-    c.add_argument("--curve-seeds", type=int, default=None, metavar="N",
+    c.add_argument("--curve-seeds", type=nonnegative_int, default=None, metavar="N",
                    help="record the curve for the first N seeds only (default: every seed)")
-    c.add_argument("--lr", type=float, default=None, help="one learning rate for every preset (default: each "
+    c.add_argument("--lr", type=positive_float, default=None, help="one learning rate for every preset (default: each "
                    "preset's own)")
-    c.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (each gets cores / jobs threads)")
-    c.add_argument("--threads", type=int, default=None, help="torch threads per run (on a CPU shared with other "
+    c.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes (each gets cores / jobs threads)")
+    c.add_argument("--threads", type=positive_int, default=None, help="torch threads per run (on a CPU shared with other "
                    "jobs, 1 is much faster than 2)")
     c.add_argument("--bf16", action="store_true", default=None,
                    help="bf16 autocast, frozen weights in bf16 (faster only on CPUs with AVX-512 BF16 or AMX, "
                    "there about 1.8x; without them bf16 is emulated and much slower). It changes the scores: on "
                    "FashionVL a run from the same initial weights moved 4.7 and 7.6 points, both ways; over "
                    "24 runs -1.7 [-4.4, +1.0] on average (docs/results/fashionvl_bf16)")
-    c.add_argument("--eval-batch-size", type=int, default=None, metavar="N",
+    c.add_argument("--eval-batch-size", type=positive_int, default=None, metavar="N",
                    help="examples per generation batch (default: the scale's, 64)")
-    c.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+    c.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="K",
                    help="steps between resumable checkpoints (default 100)")
     c.add_argument("--no-estimate", action="store_true", help="start without measuring the estimated duration")
     c.add_argument("--estimate-only", action="store_true", help="measure, print the estimated duration, stop")
@@ -79,9 +81,7 @@ def run_compare(args) -> int:
 
 def _eval_n(text: str):
     """--eval-examples: a positive count, or "all" (None: the whole split; the option's metavar says so)."""
-    from adapterkit.cli.train import _positive_int
-
-    return None if text == "all" else _positive_int(text)
+    return None if text == "all" else positive_int(text)
 
 
 def run(args) -> int:  # pragma: no cover

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 
+from adapterkit.cli.argtypes import positive_int
+
 DOMAINS_HELP = """domains (the config's `domain:` key; docs/config.md lists every key of each):
   vl      VL-BART / VL-T5 multi-task V&L (the keys below); data ROOT/<task>/<split>.jsonl + a feature store
   text    any HF model: classification (a head per task) or generation; data ROOT/<task>/<split>.jsonl|csv
@@ -34,7 +36,7 @@ def add_parser(sub):
                        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config")
     t.add_argument("--output", default=None, help="the run directory (required unless --dry-run)")
-    t.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps (> 0)")
+    t.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (> 0)")
     t.add_argument("--allow-changes", default="", metavar="KEY[,KEY]",
                    help="resume although these keys differ from the checkpoint's run config "
                         "(only train.max_steps, train.epochs); any other difference is refused")
@@ -50,18 +52,6 @@ def add_parser(sub):
     e.add_argument("--split", default="test")
     e.set_defaults(_run=run_eval)
     return [t, e]
-
-
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
-    return n
 
 
 def _print_results(res):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from adapterkit.cli.argtypes import fraction, nonnegative_int, positive_int
 from adapterkit.pruning.mimi import prune_adapter_dir
 
 
@@ -16,9 +17,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "between rounds.")
     p.add_argument("in_dir", metavar="IN_DIR", help="adapter directory written by save_adapters")
     p.add_argument("--out", required=True, help="output adapter directory")
-    p.add_argument("--amount", type=float, default=0.5, help="fraction pruned per round (rho)")
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--min-keep", type=int, default=0,
+    p.add_argument("--amount", type=fraction, default=0.5, help="fraction pruned per round (rho)")
+    p.add_argument("--rounds", type=positive_int, default=1)
+    p.add_argument("--min-keep", type=nonnegative_int, default=0,
                    help="hidden units every adapter keeps at least (default 0: an adapter may be removed, as MiMi)")
     p.add_argument("--normalize", action="store_true",
                    help="divide each adapter's scores by their maximum (MiMi's weighted=1; its scripts use 0)")

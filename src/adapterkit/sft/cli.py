@@ -25,6 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adapterkit.cli.argtypes import (
+    nonnegative_float,
+    nonnegative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+)
 from adapterkit.errors import ConfigError, DataError
 from adapterkit.safeio import atomic_dir
 from adapterkit.sft.diff import SparseDiff, apply_sft, compose, remove_sft
@@ -45,41 +52,41 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q = sub.add_parser("diff", help="extract the K largest differences between two checkpoints")
     q.add_argument("--base", required=True)
     q.add_argument("--tuned", required=True)
-    q.add_argument("--k", type=int, required=True)
+    q.add_argument("--k", type=positive_int, required=True)
     q.add_argument("--out", required=True)
     q = sub.add_parser("train", help="LT-SFT of a text classifier on a JSONL/CSV file")
     q.add_argument("--model", required=True, help="HF encoder directory (with tokenizer)")
     q.add_argument("--data", required=True, help="JSONL or CSV file with text and label fields")
     q.add_argument("--text-field", default="text")
     q.add_argument("--label-field", default="label")
-    q.add_argument("--k", type=int, required=True, help="number of entries in the difference")
-    q.add_argument("--iterations", type=int, default=1, help="LT-SFT iterations (K/n entries each)")
-    q.add_argument("--epochs", type=float, default=1.0, help="epochs per phase")
-    q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--lr", type=float, default=5e-5)
-    q.add_argument("--l1", type=float, default=0.0, help="weight of the L1 pull towards the base weights")
-    q.add_argument("--max-length", type=int, default=64)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--k", type=positive_int, required=True, help="number of entries in the difference")
+    q.add_argument("--iterations", type=positive_int, default=1, help="LT-SFT iterations (K/n entries each)")
+    q.add_argument("--epochs", type=positive_float, default=1.0, help="epochs per phase")
+    q.add_argument("--batch-size", type=positive_int, default=16)
+    q.add_argument("--lr", type=positive_float, default=5e-5)
+    q.add_argument("--l1", type=nonnegative_float, default=0.0, help="weight of the L1 pull towards the base weights")
+    q.add_argument("--max-length", type=positive_int, default=64)
+    q.add_argument("--seed", type=nonnegative_int, default=0)
     q.add_argument("--out", required=True, help="output SFT directory")
     q = sub.add_parser("train-mlm", help="language SFT: LT-SFT with masked-LM on raw text")
     q.add_argument("--model", required=True, help="HF encoder directory (with tokenizer); an MLM head is optional")
     q.add_argument("--data", required=True, help=".txt (one text per line), JSONL or CSV file")
     q.add_argument("--text-field", default="text", help="text column of a JSONL/CSV file")
-    q.add_argument("--k", type=int, required=True, help="number of entries in the difference")
-    q.add_argument("--iterations", type=int, default=1, help="LT-SFT iterations (K/n entries each)")
-    q.add_argument("--steps", type=int, default=100, help="optimizer steps of each full phase")
-    q.add_argument("--sparse-steps", type=int, default=None, help="steps of each sparse phase (default: --steps)")
-    q.add_argument("--head-warmup-steps", type=int, default=None,
+    q.add_argument("--k", type=positive_int, required=True, help="number of entries in the difference")
+    q.add_argument("--iterations", type=positive_int, default=1, help="LT-SFT iterations (K/n entries each)")
+    q.add_argument("--steps", type=positive_int, default=100, help="optimizer steps of each full phase")
+    q.add_argument("--sparse-steps", type=positive_int, default=None, help="steps of each sparse phase (default: --steps)")
+    q.add_argument("--head-warmup-steps", type=nonnegative_int, default=None,
                    help="steps training a newly initialised MLM head alone first (default: --steps; 0: none)")
-    q.add_argument("--batch-size", type=int, default=8)
-    q.add_argument("--lr", type=float, default=5e-5)
-    q.add_argument("--l1", type=float, default=0.1, help="weight of the L1 pull towards the base weights")
-    q.add_argument("--mlm-probability", type=float, default=0.15)
-    q.add_argument("--max-length", type=int, default=128, help="chunk length (texts are concatenated and cut)")
+    q.add_argument("--batch-size", type=positive_int, default=8)
+    q.add_argument("--lr", type=positive_float, default=5e-5)
+    q.add_argument("--l1", type=nonnegative_float, default=0.1, help="weight of the L1 pull towards the base weights")
+    q.add_argument("--mlm-probability", type=open_fraction, default=0.15)
+    q.add_argument("--max-length", type=positive_int, default=128, help="chunk length (texts are concatenated and cut)")
     q.add_argument("--line-by-line", action="store_true", help="one padded sequence per text instead of chunks")
     q.add_argument("--train-decoder", action="store_true",
                    help="keep the output projection tied to the embeddings (the reference freezes a copy)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=nonnegative_int, default=0)
     q.add_argument("--out", required=True, help="output SFT directory")
     p.set_defaults(func=run)
     return p

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from adapterkit.cli.argtypes import positive_int
 from adapterkit.errors import ConfigError, DataError
 from adapterkit.vl.backends import grid_boxes
 from adapterkit.vl.features import FeatureStore, FeatureStoreWriter
@@ -303,7 +304,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output feature store folder")
     p.add_argument(
-        "--frames", type=int, default=None, help="resample every item to N tokens (video: 64, as the reference)"
+        "--frames", type=positive_int, default=None, help="resample every item to N tokens (video: 64, as the reference)"
     )
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "float32"])
     p.add_argument(

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.format import open_memmap
 
+from adapterkit.cli.argtypes import positive_int
 from adapterkit.errors import ConfigError, DataError, did_you_mean
 from adapterkit.safeio import atomic_write_text
 
@@ -600,9 +601,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=6,
         help="pool to GRIDxGRID tokens, or 'none' for one pooled vector (default 6)",
     )
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument(
-        "--resolution", type=int, default=None, help="backend input resolution in pixels (e.g. 112 or 224)"
+        "--resolution", type=positive_int, default=None, help="backend input resolution in pixels (e.g. 112 or 224)"
     )
     p.add_argument(
         "--model",

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from adapterkit.cli.argtypes import nonnegative_int, positive_int
 from adapterkit.errors import ConfigError, DataError, did_you_mean
 
 __all__ = [
@@ -864,13 +865,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=["build", "stats"], help="build the benchmark or print its statistics")
     p.add_argument("--out", required=True, metavar="DIR", help="benchmark folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny sizes (for tests and smoke runs)")
     p.add_argument(
-        "--n-train", type=int, default=None, help="train examples per task (default: per-task defaults)"
+        "--n-train", type=positive_int, default=None, help="train examples per task (default: per-task defaults)"
     )
-    p.add_argument("--n-val", type=int, default=None, help="val examples per task")
-    p.add_argument("--n-test", type=int, default=None, help="test examples per task")
+    p.add_argument("--n-val", type=positive_int, default=None, help="val examples per task")
+    p.add_argument("--n-test", type=positive_int, default=None, help="test examples per task")
     p.add_argument(
         "--source", default=None, help=f"Fashion-MNIST folder (default ${SOURCE_ENV} or {DEFAULT_SOURCE})"
     )
