@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from adapterkit.vl import benchmark as bm
-from adapterkit.vl.benchmark import pareto
+from adapterkit.vl.plots import pareto
 
 TASKS = ["vqa", "gqa", "nlvr", "caption"]
 TINY_TEST = {"vqa": 24, "gqa": 24, "nlvr": 20, "caption": 8}  # fashionvl.TINY_SIZES test column
@@ -124,8 +124,11 @@ def test_compare_json_schema(tiny_compare):
     assert "single_adapter" in md and "t-interval over seeds" in md and "majority answer" in md
     c = on_disk["presets"]["single_adapter"]["seeds"][0]["caption_check"]
     assert f"{c['distinct']} / {100 * c['most_common_share']:.0f}% / {c['most_common_alone_cider_d']:.1f}" in md
-    for f in ("compare.png", "curves.png"):
+    for f in ("compare.png", "curves.png", "differences.png"):
         assert (out / f).stat().st_size > 5000
+    m = vs["margin"]  # the difference read against the +-2 margin, over the 2 paired seeds
+    assert m["margin"] == on_disk["protocol"]["margin_points"] == bm.MARGIN and m["over"] == "seeds"
+    assert m["equivalence"] in ("within", "outside", "undetermined") and f"±{bm.MARGIN:g} {m['equivalence']}" in md
 
 
 def test_same_seed_reproduces_and_another_seed_changes_the_run(tiny_compare, tiny_data, tmp_path):

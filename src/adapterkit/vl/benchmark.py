@@ -14,7 +14,8 @@ evaluation batch per task of every preset and prints the estimated duration.
 
 Layout of a compare folder: ``<preset>/seed<k>/`` holds the trainer's output (results.json,
 predictions.json, final/) and ``run.json`` (per-example scores, intervals, curve, timings);
-``compare.json`` / ``compare.md`` / ``compare.png`` / ``curves.png`` summarise them.
+``compare.json`` / ``compare.md`` / ``compare.png`` / ``differences.png`` / ``curves.png`` summarise them
+(the figures: `adapterkit.vl.plots`).
 """
 
 from __future__ import annotations
@@ -608,125 +609,6 @@ def compare_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- plots
-
-def plot_demo(res: dict, baseline: dict, path: Path, intervals: dict | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    xs = np.arange(len(TASKS))
-    scores = np.array([res["test"][t][_main_key(res["test"][t])] for t in TASKS])
-    base = [_baseline_percent(baseline[t]) for t in TASKS]
-    yerr = None
-    if intervals:
-        yerr = np.array([[scores[i] - intervals[t][0], intervals[t][1] - scores[i]] for i, t in enumerate(TASKS)]).T
-    ax.bar(xs - 0.2, scores, 0.4, yerr=yerr, capsize=3, label=f"{res['preset']} ({res['percent']:.1f}% trained)")
-    ax.bar(xs + 0.2, base, 0.4, label="majority answer")
-    ax.set_xticks(list(xs), [f"{t}\n({'CIDEr-D' if t == 'caption' else 'acc.'})" for t in TASKS])
-    ax.set_ylabel("test score (95% bootstrap interval)")
-    ax.set_title("FashionVL: one shared adapter, four tasks")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def pareto(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points on the front (fewer trainable params, higher score)."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], float("-inf")
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
-def plot_compare(summary: dict, path: Path) -> None:
-    """Seed-mean test average against trainable parameters: black bars = 95% bootstrap interval over
-    test examples, orange bars (offset) = 95% t-interval over seeds, small dots = each seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(summary["presets"])
-    pres = [summary["presets"][n] for n in names]
-    pts = [(s["percent"], s["mean"]["average"]) for s in pres]
-    front = pareto(pts)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for n, s, (x, y) in zip(names, pres, pts):
-        lo, hi = s["example_interval"]["average"]
-        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", color="tab:blue", ecolor="black", capsize=3,
-                    zorder=3)
-        si = s["seed_interval"]["average"]
-        if si is not None:
-            ax.errorbar([x * 1.12], [y], yerr=[[y - si[0]], [si[1] - y]], fmt="none", ecolor="tab:orange",
-                        capsize=2, lw=1.2)
-        seeds = [r["scores"]["average"] for r in s["seeds"]]
-        if len(seeds) > 1:
-            ax.scatter([x * 0.9] * len(seeds), seeds, s=8, color="tab:gray", zorder=2)
-        ax.annotate(n, (x, y), fontsize=7, xytext=(5, 3), textcoords="offset points")
-    fx = sorted(pts[i] for i in front)
-    ax.plot([p[0] for p in fx], [p[1] for p in fx], "--", color="tab:red", label="Pareto front (means)")
-    ax.errorbar([], [], yerr=[], fmt="o", color="tab:blue", ecolor="black", capsize=3,
-                label="95% bootstrap over test examples")
-    if any(s["seed_interval"]["average"] is not None for s in pres):
-        ax.errorbar([], [], yerr=[], fmt="none", ecolor="tab:orange", capsize=2, label="95% t-interval over seeds")
-        ax.scatter([], [], s=8, color="tab:gray", label="each seed")
-    base = summary.get("majority_baseline")
-    if base:
-        ax.axhline(sum(100.0 * b["score"] for b in base.values()) / len(base), color="gray", lw=0.8, ls=":",
-                   label="majority answer")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (%)")
-    ax.set_ylabel("FashionVL test average")
-    n_seeds = len(summary["protocol"]["seeds"])
-    sizes = pres[0]["test_sizes"]
-    ax.set_title(f"FashionVL, {n_seeds} seed(s), test examples per task: "
-                 + ", ".join(f"{t} {sizes[t]}" for t in TASKS), fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
-    """Validation score against step: the average and each task, one line per preset (the mean over
-    seeds; a band from the lowest to the highest seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ["average"] + TASKS
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4))
-    for i, (name, per_seed) in enumerate(curves.items()):
-        per_seed = [c for c in per_seed if c]
-        if not per_seed:
-            continue
-        steps = sorted(set.intersection(*[{p["step"] for p in c} for c in per_seed]))
-        if not steps:
-            continue
-        color = plt.cm.tab10(i % 10)
-        for ax, k in zip(axes, keys):
-            vals = np.array([[{p["step"]: p[k] for p in c}[s] for s in steps] for c in per_seed])
-            ax.plot(steps, vals.mean(0), "o-", ms=3, color=color, label=name if k == "average" else None)
-            if len(per_seed) > 1:
-                ax.fill_between(steps, vals.min(0), vals.max(0), color=color, alpha=0.15, lw=0)
-    for ax, k in zip(axes, keys):
-        ax.set_title(k + (" (CIDEr-D)" if k == "caption" else ""), fontsize=9)
-        ax.set_xlabel("training step")
-    axes[0].set_ylabel("validation score (subset)")
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- cost estimate
 
 class _Clocks:
@@ -990,6 +872,8 @@ def demo(out_dir="runs/demo", data_dir="data_cache/fashionvl", scale_name="defau
     res["features_extracted_with"] = _extracted_with(feats)
     res["total_wall_time_s"] = time.time() - t0
     atomic_write_json(out / "results.json", res)
+    from adapterkit.vl.plots import plot_demo
+
     plot_demo(res, base, out / "demo.png", res["intervals"])
     print("[4/4] test results (FashionVL test split: photos never seen in training)")
     print(table(res, base, res["intervals"]))
@@ -1267,13 +1151,17 @@ def write_summary(out: Path, presets, seed_list, done: dict, protocol: dict, sca
     atomic_write_json(out / "compare.json", summary)
     md = compare_table(summary)
     atomic_write_text(out / "compare.md", md + "\n")
+    from adapterkit.vl.plots import plot_compare, plot_curves, plot_differences
+
     plot_compare(summary, out / "compare.png")
+    has_diff = plot_differences(summary, out / "differences.png")
     curves = {p: [r["curve"] for r in rs if r.get("curve")] for p, rs in runs.items()}
     if any(curves.values()):
         plot_curves(curves, out / "curves.png")
     if not quiet:
         print(md)
         print(f"results: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}"
+              + (f", {out / 'differences.png'}" if has_diff else "")
               + (f", {out / 'curves.png'}" if any(curves.values()) else ""))
     return summary
 
