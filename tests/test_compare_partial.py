@@ -207,3 +207,60 @@ def test_bad_compare_arguments_fail_before_any_work(tmp_path, monkeypatch, kw, m
     with pytest.raises(ConfigError, match=re.escape(msg)):
         bm.compare(["single_adapter"], out_dir=tmp_path / "out", data_dir=tmp_path / "fvl", **kw)
     assert not (tmp_path / "out").exists() and not (tmp_path / "fvl").exists()
+
+
+def test_reuse_copies_the_finished_runs_of_another_compare_and_runs_the_rest(tmp_path, monkeypatch):
+    data = _fake_data(tmp_path, monkeypatch)
+    trained = []
+
+    def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True):
+        done = Path(run_dir) / "run.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        trained.append((preset, seed))
+        run = _fake_run(preset, seed)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(run))
+        (done.parent / "train_log.csv").write_text("step,loss\n")
+        (done.parent / "checkpoints").mkdir()  # large files stay where they are
+        return run
+
+    monkeypatch.setattr(bm, "run_one", run_one)
+    kw = dict(data_dir=data, scale_name="tiny", steps=2, curve_every=0, estimate=False, command="test")
+    presets = ["full_finetune", "single_adapter"]
+    bm.compare(presets, out_dir=tmp_path / "a", seeds=2, **kw)
+    assert len(trained) == 4
+    s = bm.compare(presets, out_dir=tmp_path / "b", seeds=3, reuse=[tmp_path / "a"], **kw)
+    assert trained[4:] == [("full_finetune", 2), ("single_adapter", 2)]  # only the new seed ran
+    for p in presets:
+        for k in (0, 1):
+            got = tmp_path / "b" / p / f"seed{k}"
+            assert (got / "run.json").read_bytes() == (tmp_path / "a" / p / f"seed{k}" / "run.json").read_bytes()
+            assert (got / "train_log.csv").is_file() and not (got / "checkpoints").exists()
+            assert not list(got.glob(".*reuse-tmp"))
+    assert [r["seed"] for r in s["presets"]["single_adapter"]["seeds"]] == [0, 1, 2]
+    want = {f"{p} seed {k}": str(tmp_path / "a") for p in presets for k in (0, 1)}
+    assert s["protocol"]["reused_from"] == want
+    # the same command again: nothing to copy or run, the provenance stays
+    s = bm.compare(presets, out_dir=tmp_path / "b", seeds=3, reuse=[tmp_path / "a"], **kw)
+    assert len(trained) == 6 and s["protocol"]["reused_from"] == want
+    # another budget, another test size, no folder, the --out itself: one clear error, nothing copied
+    with pytest.raises(bm.ConfigError, match="was made with .*'steps': 2.*asks for .*'steps': 3"):
+        bm.compare(presets, out_dir=tmp_path / "c", seeds=1, reuse=[tmp_path / "a"], **{**kw, "steps": 3})
+    monkeypatch.setattr(bm, "_test_sizes", lambda d, n: {t: 7 for t in bm.TASKS})
+    with pytest.raises(bm.ConfigError, match="was tested on .* examples per task"):
+        bm.compare(presets, out_dir=tmp_path / "c", seeds=1, reuse=[tmp_path / "a"], **kw)
+    assert not (tmp_path / "c").exists()
+    bad = tmp_path / "a2"  # a folder whose second record has another budget: the first is not copied either
+    for p in presets:
+        (bad / p / "seed0").mkdir(parents=True)
+        rec = json.loads((tmp_path / "a" / p / "seed0" / "run.json").read_text())
+        (bad / p / "seed0" / "run.json").write_text(json.dumps({**rec, "steps": 9} if p == "single_adapter" else rec))
+    monkeypatch.setattr(bm, "_test_sizes", lambda d, n: {t: 5 for t in bm.TASKS})
+    with pytest.raises(bm.ConfigError, match="single_adapter/seed0/run.json was made with"):
+        bm.compare(presets, out_dir=tmp_path / "c", seeds=1, reuse=[bad], **kw)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(bm.DataError, match="no such compare folder"):
+        bm.compare(presets, out_dir=tmp_path / "c", seeds=1, reuse=[tmp_path / "nope"], **kw)
+    with pytest.raises(bm.ConfigError, match="is the --out folder itself"):
+        bm.compare(presets, out_dir=tmp_path / "b", seeds=1, reuse=[tmp_path / "b"], **kw)

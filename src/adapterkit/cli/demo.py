@@ -53,6 +53,9 @@ def add_parser(sub):
     c.add_argument("--summarize", action="store_true",
                    help="run nothing: rewrite compare.json / .md / plots in --out from the finished runs of these "
                    "presets and seeds (runs several compares added), listing the missing ones")
+    c.add_argument("--reuse", nargs="+", default=None, metavar="DIR",
+                   help="copy the finished runs of these presets and seeds (same budget) from other compare "
+                   "folders into --out before running the rest (more seeds or presets on top of a compare)")
     c.set_defaults(_run=run_compare)
     return [d, c]
 
@@ -75,7 +78,7 @@ def run_compare(args) -> int:
             curve_examples=args.curve_examples, curve_seeds=args.curve_seeds, estimate=not args.no_estimate,
             estimate_only=args.estimate_only, jobs=args.jobs, lr=args.lr, threads=args.threads, bf16=args.bf16,
             command="adapterkit " + shlex.join(sys.argv[1:]), summarize_only=args.summarize,
-            eval_batch_size=args.eval_batch_size, checkpoint_every=args.checkpoint_every)
+            eval_batch_size=args.eval_batch_size, checkpoint_every=args.checkpoint_every, reuse=args.reuse)
     return 0
 
 

@@ -322,6 +322,55 @@ def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True
     return run
 
 
+#: the small files of a finished run that --reuse copies (run.json, written last, marks it finished)
+REUSED_FILES = ("results.json", "predictions.json", "curve.json", "train_log.csv", "run.json")
+
+
+def reuse_runs(out: Path, sources, presets, seed_list, scale: dict, lr, sizes: dict) -> dict[str, str]:
+    """Copy the finished (preset, seed) runs this compare asks for and ``out`` lacks from the compare
+    folders ``sources`` (the first that has each), checked against this budget (steps, bf16, lr) and
+    these test sizes: extending a compare with more seeds or presets reuses the runs it has. Only the
+    small records travel (REUSED_FILES), never the checkpoints. Returns {"<preset> seed <k>": source}."""
+    reused: dict[str, str] = {}
+    srcs = [Path(d) for d in sources or []]
+    for d in srcs:
+        if not d.is_dir():
+            raise DataError(f"--reuse {d}: no such compare folder")
+        if d.resolve() == out.resolve():
+            raise ConfigError(f"--reuse {d} is the --out folder itself")
+    want = {"steps": scale["steps"], "bf16": bool(scale.get("bf16", False)), **({"lr": lr} if lr else {})}
+    plan = []
+    for p in presets:
+        for s in seed_list:
+            dst = out / p / f"seed{s}"
+            if (dst / "run.json").exists():
+                continue
+            src = next((d / p / f"seed{s}" for d in srcs if (d / p / f"seed{s}" / "run.json").is_file()), None)
+            if src is None:
+                continue
+            try:
+                run = json.loads((src / "run.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"{src / 'run.json'}: not a readable run record ({e})") from None
+            have = {k: run.get(k) for k in want}
+            if have != want:
+                raise ConfigError(f"--reuse: {src / 'run.json'} was made with {have}, this compare asks for {want}")
+            if run.get("test_sizes") != sizes:
+                raise ConfigError(f"--reuse: {src / 'run.json'} was tested on {run.get('test_sizes')} examples per "
+                                  f"task, this compare on {sizes}")
+            plan.append((p, s, src, dst))
+    for p, s, src, dst in plan:  # every record checked first: a mismatch copies nothing
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in REUSED_FILES:  # each file whole or not at all; run.json last
+            if (src / name).is_file():
+                tmp = dst / f".{name}.reuse-tmp"
+                shutil.copyfile(src / name, tmp)
+                os.replace(tmp, dst / name)
+        reused[f"{p} seed {s}"] = str(src.parent.parent)
+        print(f"reused {p} seed {s} from {src.parent.parent}", flush=True)
+    return reused
+
+
 # ----------------------------------------------------------------------------- aggregation
 
 def aggregate(runs: list[dict], n_resamples: int = 2000, seed: int = 0) -> dict:
@@ -931,12 +980,15 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
             estimate_only: bool = False, jobs: int = 1, lr: float | None = None, command: str | None = None,
             n_resamples: int = 2000, threads: int | None = None, bf16: bool | None = None,
             summarize_only: bool = False, eval_batch_size: int | None = None,
-            checkpoint_every: int | None = None) -> dict:
+            checkpoint_every: int | None = None, reuse=None) -> dict:
     """Every preset x ``seeds`` seeds (seed, seed+1, ...) on one budget; see the module doc.
 
     ``summarize_only``: run nothing; rewrite the summary (compare.json / .md / plots) from the
     finished runs in ``out_dir`` of these presets and seeds (e.g. runs added by several compares
     with other preset lists), listing the missing ones.
+
+    ``reuse``: compare folders whose finished runs of these presets and seeds (same budget and test
+    sizes) are copied in before anything runs (`reuse_runs`; recorded in ``reused.json``).
 
     ``eval_examples``: test examples per task (-1: the scale's setting, None: the whole split);
     ``curve_every`` / ``curve_examples``: the validation curve (0 turns it off); ``curve_seeds``: how
@@ -996,6 +1048,12 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
     base = majority_baseline(data_dir)
     sizes = _test_sizes(data_dir, scale["eval_examples"])
     out = Path(out_dir)
+    reused = json.loads((out / "reused.json").read_text()) if (out / "reused.json").is_file() else {}
+    if reuse:
+        new = reuse_runs(out, reuse, presets, seed_list, scale, lr, sizes)
+        if new:
+            reused.update(new)
+            atomic_write_json(out / "reused.json", reused)
     todo = [(p, s) for p in presets for s in seed_list if not (out / p / f"seed{s}" / "run.json").exists()]
     estimates: dict[str, dict] = {}
     wall = None
@@ -1080,6 +1138,7 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
                   "seeds": sorted(curve_seed_set)},
         "command": command,
         "margin_points": MARGIN,  # vs_reference.margin reads each difference against +-this
+        "reused_from": reused or None,  # --reuse: "<preset> seed <k>" -> the compare folder it came from
         "features_extracted_with": _extracted_with(feats),
     }
     done: dict[tuple[str, int], dict] = {}
