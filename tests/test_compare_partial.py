@@ -247,6 +247,9 @@ def test_reuse_copies_the_finished_runs_of_another_compare_and_runs_the_rest(tmp
     # another budget, another test size, no folder, the --out itself: one clear error, nothing copied
     with pytest.raises(bm.ConfigError, match="was made with .*'steps': 2.*asks for .*'steps': 3"):
         bm.compare(presets, out_dir=tmp_path / "c", seeds=1, reuse=[tmp_path / "a"], **{**kw, "steps": 3})
+    monkeypatch.setattr(bm, "_test_sizes", lambda d, n: {**{t: 5 for t in bm.TASKS}, "val_vqa": 9})
+    bm.compare(presets, out_dir=tmp_path / "d", seeds=1, reuse=[tmp_path / "a"], **kw)  # val sizes do not count
+    assert len(trained) == 6
     monkeypatch.setattr(bm, "_test_sizes", lambda d, n: {t: 7 for t in bm.TASKS})
     with pytest.raises(bm.ConfigError, match="was tested on .* examples per task"):
         bm.compare(presets, out_dir=tmp_path / "c", seeds=1, reuse=[tmp_path / "a"], **kw)

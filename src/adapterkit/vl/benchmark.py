@@ -355,9 +355,10 @@ def reuse_runs(out: Path, sources, presets, seed_list, scale: dict, lr, sizes: d
             have = {k: run.get(k) for k in want}
             if have != want:
                 raise ConfigError(f"--reuse: {src / 'run.json'} was made with {have}, this compare asks for {want}")
-            if run.get("test_sizes") != sizes:
+            test = {t: sizes.get(t) for t in TASKS}  # (sizes also counts the validation curve's examples)
+            if {t: (run.get("test_sizes") or {}).get(t) for t in TASKS} != test:
                 raise ConfigError(f"--reuse: {src / 'run.json'} was tested on {run.get('test_sizes')} examples per "
-                                  f"task, this compare on {sizes}")
+                                  f"task, this compare on {test}")
             plan.append((p, s, src, dst))
     for p, s, src, dst in plan:  # every record checked first: a mismatch copies nothing
         dst.mkdir(parents=True, exist_ok=True)
