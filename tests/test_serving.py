@@ -78,7 +78,8 @@ def test_serve_cli_rejects_non_positive_threads(threads, capsys):
     from adapterkit.bench.cli import main
 
     before = torch.get_num_threads()
-    rc = main(["--serve", "--threads", threads, "--serve-tasks", "1", "--repeats", "1"])
-    assert rc == 2
-    assert f"--threads must be >= 1, got {threads}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's one line, before anything runs
+        main(["--serve", "--threads", threads, "--serve-tasks", "1", "--repeats", "1"])
+    assert e.value.code == 2
+    assert f"argument --threads: must be a positive integer, got {threads}" in capsys.readouterr().err
     assert torch.get_num_threads() == before  # nothing was changed before the error
