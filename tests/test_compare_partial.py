@@ -40,6 +40,28 @@ def _fake_run(preset, seed, n=5):
             "test_sizes": {t: n for t in bm.TASKS}, "per_example": per, "curve": [], "wall_time_s": 1.0}
 
 
+def _fake_runs(monkeypatch, extra_files=False) -> list:
+    """bm.run_one replaced by one that writes a _fake_run record (reused when it exists); returns the
+    list of (preset, seed) it trained. ``extra_files``: also a train log and a checkpoints folder."""
+    trained = []
+
+    def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True):
+        done = Path(run_dir) / "run.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        trained.append((preset, seed))
+        run = _fake_run(preset, seed)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(run))
+        if extra_files:
+            (done.parent / "train_log.csv").write_text("step,loss\n")
+            (done.parent / "checkpoints").mkdir()  # large files stay where they are
+        return run
+
+    monkeypatch.setattr(bm, "run_one", run_one)
+    return trained
+
+
 def _fake_data(tmp_path, monkeypatch) -> Path:
     """compare without the real FashionVL: its data folder, test sizes and majority baseline faked."""
     data = tmp_path / "fvl"
@@ -95,19 +117,7 @@ def test_stopped_compare_leaves_a_partial_summary(tmp_path, monkeypatch):
 
 def test_summarize_writes_one_summary_over_runs_of_several_compares_and_runs_nothing(tmp_path, monkeypatch):
     data = _fake_data(tmp_path, monkeypatch)
-    trained = []
-
-    def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True):
-        done = Path(run_dir) / "run.json"
-        if done.exists():
-            return json.loads(done.read_text())
-        trained.append((preset, seed))
-        run = _fake_run(preset, seed)
-        done.parent.mkdir(parents=True)
-        done.write_text(json.dumps(run))
-        return run
-
-    monkeypatch.setattr(bm, "run_one", run_one)
+    trained = _fake_runs(monkeypatch)
     out = tmp_path / "cmp"
     kw = dict(out_dir=out, data_dir=data, scale_name="tiny", steps=2, curve_every=0, estimate=False, command="test")
     bm.compare(["full_finetune", "single_adapter"], seeds=1, **kw)  # one compare: seed 0 of both
@@ -211,21 +221,7 @@ def test_bad_compare_arguments_fail_before_any_work(tmp_path, monkeypatch, kw, m
 
 def test_reuse_copies_the_finished_runs_of_another_compare_and_runs_the_rest(tmp_path, monkeypatch):
     data = _fake_data(tmp_path, monkeypatch)
-    trained = []
-
-    def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True):
-        done = Path(run_dir) / "run.json"
-        if done.exists():
-            return json.loads(done.read_text())
-        trained.append((preset, seed))
-        run = _fake_run(preset, seed)
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps(run))
-        (done.parent / "train_log.csv").write_text("step,loss\n")
-        (done.parent / "checkpoints").mkdir()  # large files stay where they are
-        return run
-
-    monkeypatch.setattr(bm, "run_one", run_one)
+    trained = _fake_runs(monkeypatch, extra_files=True)
     kw = dict(data_dir=data, scale_name="tiny", steps=2, curve_every=0, estimate=False, command="test")
     presets = ["full_finetune", "single_adapter"]
     bm.compare(presets, out_dir=tmp_path / "a", seeds=2, **kw)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from adapterkit.errors import ConfigError, DataError
-from adapterkit.safeio import atomic_write_json, atomic_write_text
+from adapterkit.safeio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 TASKS = ["vqa", "gqa", "nlvr", "caption"]
 REFERENCE = "full_finetune"  # the preset the others are compared with (paired differences)
@@ -293,19 +293,28 @@ def _refresh_caption_check(run: dict, run_dir: Path, data_dir) -> dict:
     return run
 
 
+def _read_run(path: Path, hint: str = "") -> dict:
+    """A run.json, or one DataError naming it (``hint`` says what to do about it)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable run record ({e}){hint}") from None
+
+
+def _budget(scale: dict, lr) -> dict:
+    """What a finished run must share with this compare to be reused: steps, bf16, and lr if one is set."""
+    return {"steps": scale["steps"], "bf16": bool(scale.get("bf16", False)), **({"lr": lr} if lr else {})}
+
+
 def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True) -> dict:
     """Train, test and score one (preset, seed); cached in ``run_dir/run.json``."""
     run_dir = Path(run_dir)
     done = run_dir / "run.json"
     if done.exists():
-        try:
-            run = json.loads(done.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{done}: not a readable run record ({e}); delete it to run this (preset, seed) "
-                            "again") from None
+        run = _read_run(done, "; delete it to run this (preset, seed) again")
         if "item_recall_interval" not in (run.get("caption_check") or {}) and (run_dir / "predictions.json").exists():
             run = _refresh_caption_check(run, run_dir, data_dir)  # a record from before the check grew
-        want = {"steps": scale["steps"], "bf16": bool(scale.get("bf16", False)), **({"lr": lr} if lr else {})}
+        want = _budget(scale, lr)
         have = {k: run.get(k) for k in want}
         if have != want:
             raise ConfigError(f"{done} was made with {have}, this compare asks for {want}; use another --out")
@@ -338,7 +347,7 @@ def reuse_runs(out: Path, sources, presets, seed_list, scale: dict, lr, sizes: d
             raise DataError(f"--reuse {d}: no such compare folder")
         if d.resolve() == out.resolve():
             raise ConfigError(f"--reuse {d} is the --out folder itself")
-    want = {"steps": scale["steps"], "bf16": bool(scale.get("bf16", False)), **({"lr": lr} if lr else {})}
+    want = _budget(scale, lr)
     plan = []
     for p in presets:
         for s in seed_list:
@@ -348,10 +357,7 @@ def reuse_runs(out: Path, sources, presets, seed_list, scale: dict, lr, sizes: d
             src = next((d / p / f"seed{s}" for d in srcs if (d / p / f"seed{s}" / "run.json").is_file()), None)
             if src is None:
                 continue
-            try:
-                run = json.loads((src / "run.json").read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{src / 'run.json'}: not a readable run record ({e})") from None
+            run = _read_run(src / "run.json")
             have = {k: run.get(k) for k in want}
             if have != want:
                 raise ConfigError(f"--reuse: {src / 'run.json'} was made with {have}, this compare asks for {want}")
@@ -364,9 +370,7 @@ def reuse_runs(out: Path, sources, presets, seed_list, scale: dict, lr, sizes: d
         dst.mkdir(parents=True, exist_ok=True)
         for name in REUSED_FILES:  # each file whole or not at all; run.json last
             if (src / name).is_file():
-                tmp = dst / f".{name}.reuse-tmp"
-                shutil.copyfile(src / name, tmp)
-                os.replace(tmp, dst / name)
+                atomic_write_bytes(dst / name, (src / name).read_bytes())
         reused[f"{p} seed {s}"] = str(src.parent.parent)
         print(f"reused {p} seed {s} from {src.parent.parent}", flush=True)
     return reused
@@ -424,8 +428,11 @@ def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, s
     ref_by_seed = {r["seed"]: r["scores"] for r in ref_runs}
     paired = [r for r in runs if r["seed"] in ref_by_seed]
 
+    def diffs(k):
+        return [r["scores"][k] - ref_by_seed[r["seed"]][k] for r in paired]
+
     def over_seeds(k):
-        iv = t_interval([r["scores"][k] - ref_by_seed[r["seed"]][k] for r in paired]) if paired else None
+        iv = t_interval(diffs(k)) if paired else None
         return None if iv is None or iv.low is None else [iv.low, iv.high]
 
     tasks = {}
@@ -436,7 +443,7 @@ def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, s
     verdict = margin_verdict(*(seed_iv or [d.low, d.high]), margin)
     verdict["over"] = "seeds" if seed_iv else "test examples only (one seed: the seed-to-seed spread is unknown)"
     if seed_iv:
-        sd = float(np.std([r["scores"]["average"] - ref_by_seed[r["seed"]]["average"] for r in paired], ddof=1))
+        sd = float(np.std(diffs("average"), ddof=1))
         verdict["seed_sd"] = sd
         verdict["seeds_needed_if_equal"] = seeds_for_margin(sd, margin)
     return {"difference": d.mean, "example_interval": [d.low, d.high], "seed_interval": seed_iv,
@@ -450,10 +457,7 @@ def load_runs(folder: str | Path) -> dict[str, list[dict]]:
         raise DataError(f"{folder}: no such compare folder")
     runs: dict[str, list[dict]] = {}
     for f in sorted(folder.glob("*/seed*/run.json")):
-        try:
-            r = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{f}: not a readable run record ({e})") from None
+        r = _read_run(f)
         missing = [k for k in ("preset", "seed", "scores", "per_example", "test_sizes") if k not in r]
         if missing:
             raise DataError(f"{f}: not a run record of adapterkit compare (no {', '.join(missing)})")
