@@ -263,3 +263,13 @@ def test_reuse_copies_the_finished_runs_of_another_compare_and_runs_the_rest(tmp
         bm.compare(presets, out_dir=tmp_path / "c", seeds=1, reuse=[tmp_path / "nope"], **kw)
     with pytest.raises(bm.ConfigError, match="is the --out folder itself"):
         bm.compare(presets, out_dir=tmp_path / "b", seeds=1, reuse=[tmp_path / "b"], **kw)
+
+
+def test_a_corrupt_reused_record_is_one_error_naming_it(tmp_path, monkeypatch):
+    data = _fake_data(tmp_path, monkeypatch)
+    _fake_runs(monkeypatch)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "reused.json").write_text("{trunc")
+    with pytest.raises(bm.DataError, match="reused.json is not valid JSON"):
+        bm.compare(["single_adapter"], out_dir=tmp_path / "out", data_dir=data, scale_name="tiny", steps=2,
+                   curve_every=0, estimate=False, command="test")

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from adapterkit.errors import ConfigError, DataError
-from adapterkit.safeio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from adapterkit.safeio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json_file
 
 TASKS = ["vqa", "gqa", "nlvr", "caption"]
 REFERENCE = "full_finetune"  # the preset the others are compared with (paired differences)
@@ -1053,7 +1053,7 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
     base = majority_baseline(data_dir)
     sizes = _test_sizes(data_dir, scale["eval_examples"])
     out = Path(out_dir)
-    reused = json.loads((out / "reused.json").read_text()) if (out / "reused.json").is_file() else {}
+    reused = (read_json_file(out / "reused.json", error=DataError) if (out / "reused.json").is_file() else {})
     if reuse:
         new = reuse_runs(out, reuse, presets, seed_list, scale, lr, sizes)
         if new:
