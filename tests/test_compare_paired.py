@@ -119,3 +119,21 @@ def test_vs_reference_reads_the_seed_interval_against_the_margin():
     assert one["over"].startswith("test examples only") and "seed_sd" not in one
     cell = bm._margin_cell({"margin": m})
     assert cell.startswith("; ±2 undetermined") and f"(n≈{m['seeds_needed_if_equal']})" in cell
+
+
+def test_each_task_is_read_against_the_margin_on_its_own():
+    ref = [_fake_run("full_finetune", s, n=30) for s in range(4)]
+    moved = []
+    for r, d in zip(ref, (-5.8, -6.2, -6.0, -6.0)):  # vqa alone 6 points lower on every seed
+        x = json.loads(json.dumps({**r, "preset": "single_adapter"}))
+        x["per_example"]["vqa"]["scores"] = [v + d for v in x["per_example"]["vqa"]["scores"]]
+        x["scores"]["vqa"] += d
+        x["scores"]["average"] += d / len(bm.TASKS)
+        moved.append(x)
+    vs = bm.paired_vs(moved, ref, n_resamples=200)
+    assert vs["tasks"]["vqa"]["margin"]["equivalence"] == "outside"
+    assert vs["tasks"]["vqa"]["margin"]["non_inferiority"] == "ruled out"
+    for t in bm.TASKS[1:]:  # the others did not move: zero difference on every seed
+        assert vs["tasks"][t]["margin"]["equivalence"] == "within", t
+    assert vs["margin"]["equivalence"] == "within"  # -1.5 +- 0.05 on the average
+    assert bm._margin_cell(vs["tasks"]["vqa"]).startswith("; ±2 outside")

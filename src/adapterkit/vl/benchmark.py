@@ -435,19 +435,24 @@ def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, s
         iv = t_interval(diffs(k)) if paired else None
         return None if iv is None or iv.low is None else [iv.low, iv.high]
 
+    def read_margin(k, seed_iv, example_iv):
+        verdict = margin_verdict(*(seed_iv or example_iv), margin)
+        verdict["over"] = "seeds" if seed_iv else "test examples only (one seed: the seed-to-seed spread is unknown)"
+        if seed_iv:
+            sd = float(np.std(diffs(k), ddof=1))
+            verdict["seed_sd"] = sd
+            verdict["seeds_needed_if_equal"] = seeds_for_margin(sd, margin)
+        return verdict
+
     tasks = {}
     for t in TASKS:  # each task alone: where a difference of the average comes from
         dt = bootstrap_difference({t: a[t]}, {t: b[t]}, n_resamples=n_resamples, seed=seed)
-        tasks[t] = {"difference": dt.mean, "example_interval": [dt.low, dt.high], "seed_interval": over_seeds(t)}
+        t_iv = over_seeds(t)
+        tasks[t] = {"difference": dt.mean, "example_interval": [dt.low, dt.high], "seed_interval": t_iv,
+                    "margin": read_margin(t, t_iv, [dt.low, dt.high])}
     seed_iv = over_seeds("average")
-    verdict = margin_verdict(*(seed_iv or [d.low, d.high]), margin)
-    verdict["over"] = "seeds" if seed_iv else "test examples only (one seed: the seed-to-seed spread is unknown)"
-    if seed_iv:
-        sd = float(np.std(diffs("average"), ddof=1))
-        verdict["seed_sd"] = sd
-        verdict["seeds_needed_if_equal"] = seeds_for_margin(sd, margin)
     return {"difference": d.mean, "example_interval": [d.low, d.high], "seed_interval": seed_iv,
-            "seeds_paired": len(paired), "tasks": tasks, "margin": verdict}
+            "seeds_paired": len(paired), "tasks": tasks, "margin": read_margin("average", seed_iv, [d.low, d.high])}
 
 
 def load_runs(folder: str | Path) -> dict[str, list[dict]]:
@@ -645,13 +650,13 @@ def compare_table(summary: dict) -> str:
     per_task = [(p, s["vs_reference"]) for p, s in summary["presets"].items() if s.get("vs_reference")]
     if per_task:
         lines += ["", f"Per task, preset - {REFERENCE} on the seeds both have [95% paired bootstrap over test examples]; "
-                  "seeds [95% t-interval of the per-seed differences]:", "",
+                  "seeds [95% t-interval of the per-seed differences]; ±" f"{MARGIN:g} read as for the average:", "",
                   "| preset | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
         for p, vs in per_task:
             lines.append(f"| {p} | " + " | ".join(
                 f"{vs['tasks'][t]['difference']:+.1f}{_iv(vs['tasks'][t]['example_interval'])}"
                 + ("" if vs["tasks"][t]["seed_interval"] is None else f"; seeds{_iv(vs['tasks'][t]['seed_interval'])}")
-                for t in TASKS) + " |")
+                + _margin_cell(vs["tasks"][t]) for t in TASKS) + " |")
         lines.append("")
     lines.append("Caption check, per seed: distinct test captions / the most common one's share / the CIDEr-D that "
                  "caption alone scores given for every image (a caption score near it is the template's, not the "
