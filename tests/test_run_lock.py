@@ -135,3 +135,22 @@ def test_lock_is_reentrant_in_one_process(tmp_path):
         info = json.loads((tmp_path / "train.lock").read_text())
         assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
     assert not (tmp_path / "train.lock").exists()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_empty_output(tmp_path):
+    from adapterkit.engine.lock import LOCK_NAME, RunLock
+
+    out = tmp_path / "new" / "run"
+    with pytest.raises(RuntimeError):
+        with RunLock(out):
+            assert out.is_dir() and (out / LOCK_NAME).exists()
+            raise RuntimeError("config rejected")
+    assert not out.exists() and not (tmp_path / "new").exists()  # both folders it made are gone
+    with RunLock(out):
+        (out / "log.txt").write_text("step 1\n")
+    assert (out / "log.txt").read_text() == "step 1\n"  # anything written stays
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with RunLock(existing):
+        pass
+    assert existing.is_dir()  # a folder the user made is never removed

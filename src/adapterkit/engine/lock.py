@@ -83,6 +83,7 @@ class RunLock:
         self.cleared_stale: dict[str, Any] | None = None
         self.note: str | None = None
         self.held = False
+        self._created: list[Path] = []  # the folders acquire() made, deepest first
 
     # -- acquire / release ------------------------------------------------------------------
 
@@ -90,6 +91,11 @@ class RunLock:
         """Take the lock, or raise :class:`CheckpointError` naming its holder."""
         if self.held:
             return self
+        created = []  # the folders this acquire makes, deepest first: a run that fails before
+        d = self.output_dir.absolute()  # writing anything leaves no empty output behind
+        while not d.exists() and d != d.parent:
+            created.append(d)
+            d = d.parent
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -102,10 +108,26 @@ class RunLock:
                 entry[1] += 1
                 self._key, self.held = key, True
                 return self
-            self._lock_file()
+            try:
+                self._lock_file()
+            except BaseException:
+                self._created = created
+                self._remove_empty_created()
+                raise
             self._key, self.held = key, True
+            self._created = created
             _HELD[key] = [self, 1]
         return self
+
+    def _remove_empty_created(self) -> None:
+        """Remove the folders :meth:`acquire` made that are still empty (rmdir never removes a
+        folder with anything in it: a run's checkpoints, logs or results stay)."""
+        for d in self._created:
+            try:
+                d.rmdir()
+            except OSError:
+                break  # not empty (or gone): its parents are not empty either
+        self._created = []
 
     def _lock_file(self) -> None:
         self._owner_pid = os.getpid()
@@ -165,12 +187,14 @@ class RunLock:
 
     def _unlock(self) -> None:
         fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        if self._owner_pid == os.getpid():  # a forked child must not remove its parent's lock
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-        os.close(fd)
+        mine = getattr(self, "_owner_pid", None) == os.getpid()  # a forked child must not touch its parent's
+        if fd is not None:
+            if mine:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+            os.close(fd)
+        if mine:
+            self._remove_empty_created()
 
     def __enter__(self) -> RunLock:
         return self.acquire()
