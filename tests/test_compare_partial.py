@@ -24,8 +24,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-class Stopped(Exception):
-    pass
+class Stopped(BaseException):
+    """A compare stopped from outside (like Ctrl-C: not an Exception, so no run failure)."""
 
 
 def _fake_run(preset, seed, n=5):
@@ -45,7 +45,7 @@ def _fake_runs(monkeypatch, extra_files=False) -> list:
     list of (preset, seed) it trained. ``extra_files``: also a train log and a checkpoints folder."""
     trained = []
 
-    def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True):
+    def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True, keep_checkpoints=False):
         done = Path(run_dir) / "run.json"
         if done.exists():
             return json.loads(done.read_text())
@@ -77,7 +77,7 @@ def test_stopped_compare_leaves_a_partial_summary(tmp_path, monkeypatch):
     data = _fake_data(tmp_path, monkeypatch)
     order, stop_at = [], [3]
 
-    def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True):
+    def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True, keep_checkpoints=False):
         done = Path(run_dir) / "run.json"
         if done.exists():
             return json.loads(done.read_text())
@@ -273,3 +273,72 @@ def test_a_corrupt_reused_record_is_one_error_naming_it(tmp_path, monkeypatch):
     with pytest.raises(bm.DataError, match="reused.json is not valid JSON"):
         bm.compare(["single_adapter"], out_dir=tmp_path / "out", data_dir=data, scale_name="tiny", steps=2,
                    curve_every=0, estimate=False, command="test")
+
+
+def test_a_failed_run_is_reported_the_others_go_on_and_one_error_names_it(tmp_path, monkeypatch, capsys):
+    from adapterkit.errors import AdapterKitError, CheckpointError
+
+    data = _fake_data(tmp_path, monkeypatch)
+    trained = _fake_runs(monkeypatch)
+    fake = bm.run_one
+    fail = {("full_finetune", 0)}
+
+    def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True, keep_checkpoints=False):
+        if (preset, seed) in fail:
+            raise CheckpointError("cannot write checkpoint: No space left on device")
+        return fake(data_dir, feats, preset, scale, run_dir, seed, lr, curve)
+
+    monkeypatch.setattr(bm, "run_one", run_one)
+    out = tmp_path / "cmp"
+    kw = dict(out_dir=out, data_dir=data, scale_name="tiny", steps=2, seeds=2, curve_every=0, estimate=False,
+              command="test")
+    with pytest.raises(AdapterKitError, match=r"1 of 4 run\(s\) failed: full_finetune seed 0: CheckpointError: "
+                       "cannot write checkpoint: No space left on device. The 3 finished are kept"):
+        bm.compare(["single_adapter", "full_finetune"], **kw)
+    assert trained == [("single_adapter", 0), ("single_adapter", 1), ("full_finetune", 1)]  # the rest ran
+    err = capsys.readouterr().err
+    assert "full_finetune seed 0: FAILED (CheckpointError: cannot write checkpoint" in err
+    assert "Traceback" not in err  # an adapterkit error is its message; a bug would print its traceback
+    s = json.loads((out / "compare.json").read_text())
+    assert s["missing_runs"] == [{"preset": "full_finetune", "seed": 0}]
+    fail.clear()  # the same command again retries only the failed run
+    done = bm.compare(["single_adapter", "full_finetune"], **kw)
+    assert trained[3:] == [("full_finetune", 0)] and done["complete"] is True
+
+
+def test_a_finished_run_drops_its_resumable_checkpoints_unless_kept(tmp_path, monkeypatch):
+    calls = []
+
+    def run_preset(data_dir, feats, preset, scale, run_dir, seed, lr, curve):
+        ck = Path(run_dir) / "checkpoints" / "step-000002"
+        ck.mkdir(parents=True)
+        (ck / "optimizer.safetensors").write_bytes(b"x" * 10)
+        (Path(run_dir) / "final").mkdir()
+        calls.append(run_dir)
+        return {"steps": 2, "trainable": 1, "total": 2, "percent": 50.0, "lr": 1e-3, "wall_time_s": 1.0,
+                "wall_time_s_this_process": 1.0}
+
+    monkeypatch.setattr(bm, "run_preset", run_preset)
+    monkeypatch.setattr(bm, "score_run", lambda res, run_dir, data_dir: {"scores": {"average": 1.0}})
+    for keep in (False, True):
+        run_dir = tmp_path / f"keep{keep}"
+        run = bm.run_one(tmp_path, tmp_path, "single_adapter", {"steps": 2}, run_dir, keep_checkpoints=keep)
+        assert json.loads((run_dir / "run.json").read_text()) == run
+        assert (run_dir / "final").is_dir()  # the trained weights stay
+        assert (run_dir / "checkpoints").exists() is keep
+
+
+def test_failed_runs_in_worker_processes_are_each_reported_and_the_compare_ends(tmp_path, monkeypatch, capsys):
+    """--jobs: a run that fails in a worker must not leave the compare waiting silently for the
+    rest (it used to leave the pool's with-block, which waits for every queued run, unreported)."""
+    from adapterkit.errors import AdapterKitError
+
+    data = _fake_data(tmp_path, monkeypatch)  # the workers' real run_one finds no FashionVL there
+    kw = dict(out_dir=tmp_path / "cmp", data_dir=data, scale_name="tiny", steps=2, seeds=2, curve_every=0,
+              estimate=False, command="test", jobs=2, threads=1)
+    with pytest.raises(AdapterKitError, match=r"4 of 4 run\(s\) failed: single_adapter seed 0, full_finetune seed 0, "
+                       r"single_adapter seed 1, full_finetune seed 1: ConfigError: data.root .* is not a directory\. "
+                       "None finished; run the same command again"):
+        bm.compare(["single_adapter", "full_finetune"], **kw)
+    err = capsys.readouterr().err
+    assert all(f"{p} seed {s}: FAILED (" in err for p in ("single_adapter", "full_finetune") for s in (0, 1))

@@ -48,6 +48,9 @@ def add_parser(sub):
                    help="examples per generation batch (default: the scale's, 64)")
     c.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="K",
                    help="steps between resumable checkpoints (default 100)")
+    c.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished run's resumable checkpoints (default: removed once the run is recorded; "
+                   "a full fine-tuning run's are about 5 GB; the trained weights stay in final/)")
     c.add_argument("--no-estimate", action="store_true", help="start without measuring the estimated duration")
     c.add_argument("--estimate-only", action="store_true", help="measure, print the estimated duration, stop")
     c.add_argument("--summarize", action="store_true",
@@ -78,7 +81,8 @@ def run_compare(args) -> int:
             curve_examples=args.curve_examples, curve_seeds=args.curve_seeds, estimate=not args.no_estimate,
             estimate_only=args.estimate_only, jobs=args.jobs, lr=args.lr, threads=args.threads, bf16=args.bf16,
             command="adapterkit " + shlex.join(sys.argv[1:]), summarize_only=args.summarize,
-            eval_batch_size=args.eval_batch_size, checkpoint_every=args.checkpoint_every, reuse=args.reuse)
+            eval_batch_size=args.eval_batch_size, checkpoint_every=args.checkpoint_every, reuse=args.reuse,
+            keep_checkpoints=args.keep_checkpoints)
     return 0
 
 

@@ -26,12 +26,14 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 
-from adapterkit.errors import ConfigError, DataError
+from adapterkit.errors import AdapterKitError, ConfigError, DataError
 from adapterkit.safeio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json_file
 
 TASKS = ["vqa", "gqa", "nlvr", "caption"]
@@ -306,8 +308,12 @@ def _budget(scale: dict, lr) -> dict:
     return {"steps": scale["steps"], "bf16": bool(scale.get("bf16", False)), **({"lr": lr} if lr else {})}
 
 
-def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True) -> dict:
-    """Train, test and score one (preset, seed); cached in ``run_dir/run.json``."""
+def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True, keep_checkpoints=False) -> dict:
+    """Train, test and score one (preset, seed); cached in ``run_dir/run.json``.
+
+    Once the record is written the resumable checkpoints (``run_dir/checkpoints``: the weights and
+    the optimizer state every ``checkpoint_every`` steps, about 5 GB for a full fine-tuning run of
+    SmolLM2-135M) are removed unless ``keep_checkpoints``; the trained weights stay in ``final/``."""
     run_dir = Path(run_dir)
     done = run_dir / "run.json"
     if done.exists():
@@ -328,6 +334,8 @@ def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True
            # + the time of the processes before a resume, which the trainer's checkpoint kept
            "wall_time_s": time.perf_counter() - t0 + res["wall_time_s"] - res["wall_time_s_this_process"]}
     atomic_write_json(done, run)
+    if not keep_checkpoints:  # only a run that stopped part-way resumes from them
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return run
 
 
@@ -981,7 +989,7 @@ def _run_job(job: dict) -> dict:
 
     quiet_hf_progress()
     return run_one(job["data_dir"], job["feats"], job["preset"], job["scale"], job["run_dir"], job["seed"],
-                   job["lr"], job["curve"])
+                   job["lr"], job["curve"], job.get("keep_checkpoints", False))
 
 
 def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fashionvl", scale_name="default",
@@ -990,7 +998,7 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
             estimate_only: bool = False, jobs: int = 1, lr: float | None = None, command: str | None = None,
             n_resamples: int = 2000, threads: int | None = None, bf16: bool | None = None,
             summarize_only: bool = False, eval_batch_size: int | None = None,
-            checkpoint_every: int | None = None, reuse=None) -> dict:
+            checkpoint_every: int | None = None, reuse=None, keep_checkpoints: bool = False) -> dict:
     """Every preset x ``seeds`` seeds (seed, seed+1, ...) on one budget; see the module doc.
 
     ``summarize_only``: run nothing; rewrite the summary (compare.json / .md / plots) from the
@@ -1007,7 +1015,12 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
     device); ``threads``: torch threads (on a CPU shared with other jobs, 1 is much faster than 2:
     OpenMP threads that wait for a descheduled sibling stall every matmul); ``eval_batch_size``: examples
     per generation batch; ``checkpoint_every``: steps between resumable checkpoints (on a GPU, a full
-    fine-tuning checkpoint every 100 steps costs more than the steps)."""
+    fine-tuning checkpoint every 100 steps costs more than the steps); ``keep_checkpoints``: keep each
+    finished run's resumable checkpoints (by default they are removed once its record is written).
+
+    A run that fails is reported when it fails and the others go on; the compare then writes the
+    summary of the finished runs and raises one error naming the failed ones (rerun the same
+    command to retry them: finished runs are kept, an interrupted one resumes)."""
     from adapterkit.vl.datasets.fashionvl import majority_baseline
     from adapterkit.vl.presets import get_preset
 
@@ -1136,7 +1149,8 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
     # seed-major order (every preset's seed 0, then every preset's seed 1, ...): a compare stopped
     # part-way leaves paired seeds of every preset, not all seeds of the first presets only
     jobs_list = [dict(data_dir=str(data_dir), feats=str(feats), preset=p, scale=scale, seed=s, lr=lr,
-                      run_dir=str(out / p / f"seed{s}"), curve=s in curve_seed_set) for s in seed_list for p in presets]
+                      run_dir=str(out / p / f"seed{s}"), curve=s in curve_seed_set, keep_checkpoints=keep_checkpoints)
+                 for s in seed_list for p in presets]
     protocol = {
         "seeds": seed_list, "steps": scale["steps"], "batch_size": scale["batch_size"],
         "test_examples_per_task": scale["eval_examples"] or "all", "bf16": scale.get("bf16", False),
@@ -1170,24 +1184,58 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
             write_summary(out, presets, seed_list, done, protocol, scale, base, wall, t_start, n_resamples,
                           quiet=True)
 
+    failed: dict[tuple[str, int], str] = {}
+
+    def failed_run(j, e):  # said at once; the other runs go on
+        failed[(j["preset"], j["seed"])] = f"{type(e).__name__}: {e}"
+        if not isinstance(e, AdapterKitError):  # a bug: its traceback (a worker's comes as the cause)
+            traceback.print_exception(e, file=sys.stderr)
+        print(f"{j['preset']} seed {j['seed']}: FAILED ({type(e).__name__}: {e}); the other runs go on",
+              file=sys.stderr, flush=True)
+
     if jobs > 1:
         import concurrent.futures as cf
         import multiprocessing as mp
 
-        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"),
-                                    initializer=_exit_with_parent) as pool:
+        pool = cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent)
+        try:
             futs = {pool.submit(_run_job, {**j, "threads": threads}): j for j in jobs_list}
             for f in cf.as_completed(futs):
-                r = f.result()
+                try:
+                    r = f.result()
+                except Exception as e:  # noqa: BLE001 - every failure is reported, then raised below
+                    failed_run(futs[f], e)
+                    continue
                 finished(futs[f], r, f"{r['wall_time_s']:.0f} s, {_fmt_s(time.perf_counter() - t_start)} so far")
+        except BaseException:  # Ctrl-C or a failing summary: the queued runs must not start
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     else:
         for k, j in enumerate(jobs_list):
             cached = (Path(j["run_dir"]) / "run.json").exists()
             if not cached:
                 print(f"== {j['preset']} seed {j['seed']} ({k + 1}/{len(jobs_list)})", flush=True)
-            r = run_one(j["data_dir"], j["feats"], j["preset"], scale, j["run_dir"], j["seed"], lr, j["curve"])
+            try:
+                r = run_one(j["data_dir"], j["feats"], j["preset"], scale, j["run_dir"], j["seed"], lr, j["curve"],
+                            keep_checkpoints)
+            except Exception as e:  # noqa: BLE001 - every failure is reported, then raised below
+                failed_run(j, e)
+                continue
             finished(j, r, "cached" if cached else f"{r['wall_time_s']:.0f} s, "
                      f"{_fmt_s(time.perf_counter() - t_start)} so far")
+    if failed:
+        if done:
+            write_summary(out, presets, seed_list, done, protocol, scale, base, wall, t_start, n_resamples,
+                          quiet=True)
+        by_error: dict[str, list[str]] = {}  # in the compare's order; runs failing alike named together
+        for j in jobs_list:
+            if (j["preset"], j["seed"]) in failed:
+                by_error.setdefault(failed[(j["preset"], j["seed"])], []).append(f"{j['preset']} seed {j['seed']}")
+        raise AdapterKitError(f"{len(failed)} of {len(jobs_list)} run(s) failed: "
+                              + "; ".join(f"{', '.join(names)}: {m}" for m, names in by_error.items())
+                              + (f". The {len(done)} finished are kept (summary in {out})" if done else
+                                 ". None finished") + "; run the same command again to retry the failed ones")
     return write_summary(out, presets, seed_list, done, protocol, scale, base, wall, t_start, n_resamples)
 
 
