@@ -4,6 +4,7 @@ FashionVL); the real SmolLM2 run is marked slow."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -243,6 +244,33 @@ def test_estimate_from_measured_costs(tiny_data, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "estimated duration" in printed and res["estimated_s"] > 0
     assert not (tmp_path / "c" / "single_adapter").exists()  # nothing trained
+    # the disk: the measured checkpoint holds the trainable weights and Adam's two moments of them
+    assert 0 < cost["weights_bytes"] < cost["checkpoint_bytes"]
+    assert cost["checkpoint_bytes"] > 2.5 * cost["weights_bytes"]
+    assert re.search(r"disk: about [0-9.]+ GB \(.* kept, up to .* at once\); [0-9.]+ GB free", printed)
+    assert res["disk"]["needed_bytes"] == res["disk"]["kept_bytes"] + res["disk"]["in_flight_bytes"] > 0
+
+
+def test_disk_need_counts_the_kept_weights_and_the_checkpoints_in_flight():
+    est = {"full_finetune": {"weights_bytes": 500, "checkpoint_bytes": 1500},
+           "single_adapter": {"weights_bytes": 10, "checkpoint_bytes": 30}}
+    order = [("full_finetune", 0), ("single_adapter", 0), ("full_finetune", 1), ("single_adapter", 1)]
+    d = bm.disk_need(est, order, jobs=2)
+    assert d["kept_bytes"] == 2 * 500 + 2 * 10  # every run's final/ weights
+    assert d["in_flight_bytes"] == 2 * bm.CHECKPOINTS_AT_ONCE * 1500  # two runs at once, the heaviest's
+    kept = bm.disk_need(est, order, jobs=2, keep_checkpoints=True)
+    assert kept["kept_bytes"] == d["kept_bytes"] + 3 * (2 * 1500 + 2 * 30)
+    assert bm.disk_need(est, order[:1], jobs=4)["in_flight_bytes"] == bm.CHECKPOINTS_AT_ONCE * 1500
+
+
+def test_compare_refuses_to_start_without_the_disk_it_needs(tiny_data, tmp_path, monkeypatch):
+    from adapterkit.errors import DataError
+
+    monkeypatch.setattr(bm, "_free_bytes", lambda p: 1000)  # the measuring itself still writes its checkpoint
+    with pytest.raises(DataError, match=r"needs about [0-9.]+ GB of disk and 0.0 GB are free"):
+        bm.compare(["single_adapter"], out_dir=tmp_path / "c", data_dir=tiny_data[0], scale_name="tiny", steps=4,
+                   curve_every=0)
+    assert not (tmp_path / "c" / "single_adapter").exists()  # refused before any run
 
 
 def test_makespan_is_the_pools_wall_time_not_the_total_over_workers():

@@ -51,8 +51,9 @@ def add_parser(sub):
     c.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished run's resumable checkpoints (default: removed once the run is recorded; "
                    "a full fine-tuning run's are about 5 GB; the trained weights stay in final/)")
-    c.add_argument("--no-estimate", action="store_true", help="start without measuring the estimated duration")
-    c.add_argument("--estimate-only", action="store_true", help="measure, print the estimated duration, stop")
+    c.add_argument("--no-estimate", action="store_true",
+                   help="start without measuring the estimated duration and the disk it needs")
+    c.add_argument("--estimate-only", action="store_true", help="measure, print the estimated duration and disk, stop")
     c.add_argument("--summarize", action="store_true",
                    help="run nothing: rewrite compare.json / .md / plots in --out from the finished runs of these "
                    "presets and seeds (runs several compares added), listing the missing ones")

@@ -757,6 +757,10 @@ def measure_costs(data_dir, feats, preset: str, scale: dict, work_dir: Path, see
     tr.state["step"] = 1
     with _Clocks() as ckpt:
         tr._save_checkpoint()
+    files = [f for f in (work / "checkpoints").rglob("*") if f.is_file()]
+    ckpt_bytes = sum(f.stat().st_size for f in files)  # the weights and the optimizer state (Adam's moments)
+    weights_bytes = sum(f.stat().st_size for f in files if f.name.endswith(".safetensors")
+                        and not f.name.startswith(("optimizer", "rng")))  # what final/ keeps
     tr.curve_examples = tr.cfg.eval.batch_size  # one eval batch of each task, from the validation split
     eval_s, eval_cpu = {}, {}
     for task in TASKS:
@@ -772,7 +776,28 @@ def measure_costs(data_dir, feats, preset: str, scale: dict, work_dir: Path, see
                 "checkpoint_s": ck, "eval_s_per_example": ev}
 
     return {**pieces(build.wall, step_s, ckpt.wall, eval_s), "load_average": os.getloadavg()[0],
+            "checkpoint_bytes": ckpt_bytes, "weights_bytes": weights_bytes,
             "cpu": pieces(build.cpu, step_cpu, ckpt.cpu, eval_cpu)}
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+#: checkpoints a run holds at once: the trainer keeps 3 and writes the next before removing the oldest
+CHECKPOINTS_AT_ONCE = 4
+
+
+def disk_need(estimates: dict, order: list, jobs: int, keep_checkpoints: bool = False) -> dict:
+    """Bytes a compare writes, from the measured checkpoint of each preset (``measure_costs``): every
+    run's ``final/`` weights stay (and, with ``keep_checkpoints``, its last 3 checkpoints), and the
+    ``jobs`` runs in flight hold up to CHECKPOINTS_AT_ONCE checkpoints each (the heaviest preset's,
+    an upper bound)."""
+    kept = sum(estimates[p]["weights_bytes"] + (3 * estimates[p]["checkpoint_bytes"] if keep_checkpoints else 0)
+               for p, _ in order)
+    in_flight = min(jobs, len(order)) * CHECKPOINTS_AT_ONCE * max(
+        (estimates[p]["checkpoint_bytes"] for p, _ in order), default=0)
+    return {"kept_bytes": kept, "in_flight_bytes": in_flight, "needed_bytes": kept + in_flight}
 
 
 def _contention_worker(rank, barrier, results, data_dir, feats, preset, scale, work_dir, threads, steps, seed):
@@ -1133,14 +1158,24 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
         hint = bf16_hint(scale)
         if hint:
             print(hint)
+        disk = {**disk_need(estimates, order, jobs, keep_checkpoints), "free_bytes": _free_bytes(out)}
+        gb = 1e9
+        print(f"disk: about {disk['needed_bytes'] / gb:.1f} GB ({disk['kept_bytes'] / gb:.1f} GB of the runs' "
+              f"weights{' and checkpoints' if keep_checkpoints else ''} kept, up to {disk['in_flight_bytes'] / gb:.1f}"
+              f" GB of checkpoints at once); {disk['free_bytes'] / gb:.1f} GB free in {out}", flush=True)
         atomic_write_json(out / "estimate.json", {"presets": estimates, "runs": len(todo), "estimated_s": wall,
                                                   "parallel_contention": contention,
                                                   "cpu_one_core_s": cpu_one,
                                                   "cpu_all_cores_s": cpu_all, "cores": cores,
                                                   "jobs": jobs, "scale": scale, "test_sizes": sizes,
-                                                  "load_average": os.getloadavg()[0]})
+                                                  "load_average": os.getloadavg()[0], "disk": disk})
         if estimate_only:
-            return {"estimate": estimates, "estimated_s": wall}
+            return {"estimate": estimates, "estimated_s": wall, "disk": disk}
+        if disk["needed_bytes"] > disk["free_bytes"]:
+            raise DataError(f"{out}: this compare needs about {disk['needed_bytes'] / gb:.1f} GB of disk and "
+                            f"{disk['free_bytes'] / gb:.1f} GB are free: free some, use another --out, or run "
+                            "fewer seeds or jobs at once" + ("" if not keep_checkpoints else
+                                                             " (or drop --keep-checkpoints)"))
     elif estimate_only:
         print("nothing to run: every (preset, seed) has a run.json")
         return {"estimate": {}, "estimated_s": 0.0}
