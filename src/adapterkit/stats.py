@@ -175,10 +175,12 @@ def bootstrap_difference(a: Mapping[str, Sequence[float]], b: Mapping[str, Seque
     return _percentile(point, boots.mean(axis=0), sum(d.size for d in diffs), level)
 
 
-def _t_quantile(q: float, df: int) -> float:
+def _t_quantile(q: float, df):
+    """Student-t quantile: a float for one ``df``, an array for an array of them."""
     from scipy.stats import t
 
-    return float(t.ppf(q, df))
+    out = t.ppf(q, df)
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
@@ -235,8 +237,6 @@ def seeds_for_margin(sd: float, margin: float, level: float = 0.95, max_runs: in
         raise ConfigError(f"the interval level must be between 0 and 1 (e.g. 0.95), got {level!r}")
     if not math.isfinite(sd) or sd < 0:
         raise DataError(f"the spread over seeds must be a finite, non-negative number, got {sd!r}")
-    from scipy.stats import t
-
     n = np.arange(2, max_runs + 1)
-    ok = t.ppf((1.0 + level) / 2.0, n - 1) * sd / np.sqrt(n) < margin
+    ok = _t_quantile((1.0 + level) / 2.0, n - 1) * sd / np.sqrt(n) < margin
     return int(n[ok][0]) if ok.any() else None
