@@ -308,6 +308,13 @@ def _budget(scale: dict, lr) -> dict:
     return {"steps": scale["steps"], "bf16": bool(scale.get("bf16", False)), **({"lr": lr} if lr else {})}
 
 
+def _check_budget(path: Path, run: dict, scale: dict, lr) -> None:
+    want = _budget(scale, lr)
+    have = {k: run.get(k) for k in want}
+    if have != want:
+        raise ConfigError(f"{path} was made with {have}, this compare asks for {want}; use another --out")
+
+
 def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True, keep_checkpoints=False) -> dict:
     """Train, test and score one (preset, seed); cached in ``run_dir/run.json``.
 
@@ -320,10 +327,7 @@ def run_one(data_dir, feats, preset, scale, run_dir, seed=0, lr=None, curve=True
         run = _read_run(done, "; delete it to run this (preset, seed) again")
         if "item_recall_interval" not in (run.get("caption_check") or {}) and (run_dir / "predictions.json").exists():
             run = _refresh_caption_check(run, run_dir, data_dir)  # a record from before the check grew
-        want = _budget(scale, lr)
-        have = {k: run.get(k) for k in want}
-        if have != want:
-            raise ConfigError(f"{done} was made with {have}, this compare asks for {want}; use another --out")
+        _check_budget(done, run, scale, lr)
         return run
     t0 = time.perf_counter()
     res = run_preset(data_dir, feats, preset, scale, run_dir, seed, lr, curve)
@@ -1219,9 +1223,15 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
             write_summary(out, presets, seed_list, done, protocol, scale, base, wall, t_start, n_resamples,
                           quiet=True)
 
+    for j in jobs_list:  # a finished run of another budget: refused before any run starts
+        rec = Path(j["run_dir"]) / "run.json"
+        if rec.is_file():
+            _check_budget(rec, _read_run(rec, "; delete it to run this (preset, seed) again"), scale, lr)
     failed: dict[tuple[str, int], str] = {}
 
-    def failed_run(j, e):  # said at once; the other runs go on
+    def failed_run(j, e):  # said at once; the other runs go on (a ConfigError is this compare's: it stops it)
+        if isinstance(e, ConfigError):
+            raise e
         failed[(j["preset"], j["seed"])] = f"{type(e).__name__}: {e}"
         if not isinstance(e, AdapterKitError):  # a bug: its traceback (a worker's comes as the cause)
             traceback.print_exception(e, file=sys.stderr)
