@@ -84,6 +84,7 @@ class RunLock:
         self.note: str | None = None
         self.held = False
         self._created: list[Path] = []  # the folders acquire() made, deepest first
+        self._owner_pid: int | None = None  # the process that took the lock file
 
     # -- acquire / release ------------------------------------------------------------------
 
@@ -187,7 +188,7 @@ class RunLock:
 
     def _unlock(self) -> None:
         fd, self._fd = self._fd, None
-        mine = getattr(self, "_owner_pid", None) == os.getpid()  # a forked child must not touch its parent's
+        mine = self._owner_pid == os.getpid()  # a forked child must not touch its parent's
         if fd is not None:
             if mine:
                 with contextlib.suppress(OSError):

@@ -740,6 +740,7 @@ def measure_costs(data_dir, feats, preset: str, scale: dict, work_dir: Path, see
     of each task (after a warm-up step), one checkpoint, and one evaluation batch of each task.
     The wall seconds at the top level; the same pieces in this process's CPU seconds under ``cpu``
     (the cost on a free core when the run has one thread; a checkpoint's disk wait is not in it)."""
+    from adapterkit.engine.checkpoint import ADAPTER_FILE
     from adapterkit.vl.data import task_schedule
 
     work = Path(work_dir) / preset
@@ -763,8 +764,7 @@ def measure_costs(data_dir, feats, preset: str, scale: dict, work_dir: Path, see
         tr._save_checkpoint()
     files = [f for f in (work / "checkpoints").rglob("*") if f.is_file()]
     ckpt_bytes = sum(f.stat().st_size for f in files)  # the weights and the optimizer state (Adam's moments)
-    weights_bytes = sum(f.stat().st_size for f in files if f.name.endswith(".safetensors")
-                        and not f.name.startswith(("optimizer", "rng")))  # what final/ keeps
+    weights_bytes = sum(f.stat().st_size for f in files if f.name == ADAPTER_FILE)  # what final/ keeps
     tr.curve_examples = tr.cfg.eval.batch_size  # one eval batch of each task, from the validation split
     eval_s, eval_cpu = {}, {}
     for task in TASKS:
@@ -1018,7 +1018,7 @@ def _run_job(job: dict) -> dict:
 
     quiet_hf_progress()
     return run_one(job["data_dir"], job["feats"], job["preset"], job["scale"], job["run_dir"], job["seed"],
-                   job["lr"], job["curve"], job.get("keep_checkpoints", False))
+                   job["lr"], job["curve"], job["keep_checkpoints"])
 
 
 def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fashionvl", scale_name="default",
@@ -1263,7 +1263,7 @@ def compare(presets: list[str], out_dir="runs/compare", data_dir="data_cache/fas
                 print(f"== {j['preset']} seed {j['seed']} ({k + 1}/{len(jobs_list)})", flush=True)
             try:
                 r = run_one(j["data_dir"], j["feats"], j["preset"], scale, j["run_dir"], j["seed"], lr, j["curve"],
-                            keep_checkpoints)
+                            j["keep_checkpoints"])
             except Exception as e:  # noqa: BLE001 - every failure is reported, then raised below
                 failed_run(j, e)
                 continue
