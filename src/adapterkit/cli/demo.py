@@ -50,7 +50,7 @@ def add_parser(sub):
                    help="steps between resumable checkpoints (default 100)")
     c.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished run's resumable checkpoints (default: removed once the run is recorded; "
-                   "a full fine-tuning run's are about 5 GB; the trained weights stay in final/)")
+                   "a FashionVL full fine-tuning run's were 4.6 GB; the trained weights stay in final/)")
     c.add_argument("--no-estimate", action="store_true",
                    help="start without measuring the estimated duration and the disk it needs")
     c.add_argument("--estimate-only", action="store_true", help="measure, print the estimated duration and disk, stop")
