@@ -77,7 +77,11 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path, domain):
     p.write_text(yaml.safe_dump(_config(domain, tmp_path)))
     r = subprocess.run(_cmd(p, tmp_path / "clean"), env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    kill_after_checkpoints(_cmd(p, tmp_path / "crash"), tmp_path / "crash" / "checkpoints", ENV)
+    scratch = tmp_path / "scratch"  # the killed run's TMPDIR: a run given --output needs no temporary folder
+    scratch.mkdir()
+    kill_after_checkpoints(_cmd(p, tmp_path / "crash"), tmp_path / "crash" / "checkpoints",
+                           {**ENV, "TMPDIR": str(scratch)})
+    assert not list(scratch.glob("adapterkit-run-*"))  # a SIGKILL skips cleanup: none may have been made
     done = subprocess.run(_cmd(p, tmp_path / "crash"), env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from step" in done.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import tempfile
 
 import numpy as np
 import pytest
@@ -190,8 +191,11 @@ def _image_folder(root, rng):
 
 
 @pytest.mark.parametrize("method", ["adaptformer", "vpt_deep", "linear_probe"])
-def test_end_to_end_image_folder(tmp_path, method):
+def test_end_to_end_image_folder(tmp_path, method, monkeypatch):
     _image_folder(tmp_path / "data", np.random.default_rng(0))
+    scratch = tmp_path / "scratch"  # where tempfile would put a temporary run folder
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     cfg = {"data": {"source": "image_folder", "train_dir": str(tmp_path / "data/train"),
                     "test_dir": str(tmp_path / "data/test")},
            "model": {"backbone": "vit", "vit": {"image_size": 16, "patch_size": 8, "hidden_size": 32,
@@ -205,6 +209,7 @@ def test_end_to_end_image_folder(tmp_path, method):
     assert len(res["history"]) == 3 and all(math.isfinite(h["train_loss"]) for h in res["history"])
     saved = json.loads((tmp_path / "out/results.json").read_text())
     assert saved["results"]["method"] == method
+    assert not list(scratch.glob("adapterkit-run-*"))  # the run folder was given: no temporary one
 
     from adapterkit.engine.engine import read_trained
 

@@ -11,6 +11,7 @@ resume, validation selection on a held-out part of the training set, torchrun ru
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -149,8 +150,11 @@ def train_classifier(model: nn.Module, backbone: nn.Module, full: bool, train: t
     ident = {"settings": {k: v for k, v in t.items() if k not in ("eval_batch_size", "eval_each_epoch",
                                                                  "checkpoint_every")}, **(identity or {})}
     ident = _jsonable(ident)
-    with tempfile.TemporaryDirectory(prefix="adapterkit-run-") as tmp:
-        out = Path(output_dir) if output_dir else Path(tmp)
+    # a temporary run folder only when none is given: a run killed mid-way (SIGKILL skips the
+    # cleanup) left an empty /tmp/adapterkit-run-* behind on every run, even with output_dir set
+    with (contextlib.nullcontext(str(output_dir)) if output_dir else
+          tempfile.TemporaryDirectory(prefix="adapterkit-run-")) as tmp:
+        out = Path(tmp)
         dom = ClassifierDomain(model, backbone, full, splits, prepare, t.get("label_smoothing", 0.0), identity=ident)
         eng = Engine(dom, tc, ec, out, name="classify", config=None, max_steps=max_steps, allow_changes=allow_changes,
                      lr=lr)
