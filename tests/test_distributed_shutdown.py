@@ -55,3 +55,33 @@ def test_cli_main_leaves_the_group_after_success_only():
     """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:2] == ["after success False", "after failure True"], r.stdout
+
+
+def _entry_with(code: int, group: bool) -> subprocess.CompletedProcess:
+    return _run(f"""
+        import atexit
+        from unittest import mock
+        import adapterkit.cli as cli
+        if not {group}:
+            torch.distributed.destroy_process_group()
+        atexit.register(lambda: print("interpreter teardown ran", flush=True))
+        run = mock.Mock(side_effect=lambda a: print("the run's output") or {code})
+        with mock.patch.object(cli, "build_parser") as bp:
+            bp.return_value.parse_args.return_value = mock.Mock(version=False, _run=run, command="x")
+            cli.entry()
+    """)
+
+
+def test_entry_of_a_finished_rank_skips_the_interpreter_teardown():
+    # a rank that left its group ends through os._exit: its output is flushed, the code kept, and
+    # the C++ teardown where gloo's threads abort (SIGABRT) never runs (nor do atexit handlers)
+    r = _entry_with(0, group=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["the run's output"], r.stdout
+
+
+def test_entry_without_a_group_or_after_failure_exits_normally():
+    r = _entry_with(0, group=False)
+    assert r.returncode == 0 and r.stdout.splitlines() == ["the run's output", "interpreter teardown ran"], r
+    r = _entry_with(3, group=True)  # a failed run keeps its group (no teardown of a group another rank waits on)
+    assert r.returncode == 3 and "interpreter teardown ran" in r.stdout, r

@@ -1,5 +1,3 @@
-import sys
+from adapterkit.cli import entry
 
-from adapterkit.cli import main
-
-sys.exit(main())
+entry()

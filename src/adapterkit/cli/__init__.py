@@ -77,5 +77,19 @@ def main(argv=None) -> int:
     return code
 
 
+def entry() -> None:
+    """The ``adapterkit`` console script and ``python -m adapterkit.cli``: :func:`main`, then exit
+    with its code. A torchrun / accelerate rank whose run finished leaves through
+    :func:`adapterkit.engine.distributed.exit_now` (gloo's threads can abort the interpreter's
+    teardown, and torchrun then reports the finished run as failed)."""
+    code = main()
+    if "torch" in sys.modules:
+        from adapterkit.engine import distributed
+
+        if distributed.left_group():
+            distributed.exit_now(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

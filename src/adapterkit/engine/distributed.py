@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
+
+_left_group = False
 
 
 def _dist() -> bool:
@@ -38,8 +41,34 @@ def shutdown_distributed() -> None:
     active exception", SIGABRT from gloo's worker threads), failing a run that had finished.
     Call it only after success: destroying the group while another rank still waits in a
     collective can deadlock."""
+    global _left_group
     if _dist():
+        torch.distributed.barrier()  # no rank tears its group down while another still writes
         torch.distributed.destroy_process_group()
+        _left_group = True
+
+
+def left_group() -> bool:
+    """Has :func:`shutdown_distributed` left a process group in this process? Then the process
+    should end through :func:`exit_now`: destroying the group is not enough, a gloo thread still
+    joinable when the interpreter's static destructors run aborts the finished process
+    ("terminate called without an active exception", SIGABRT; a two-process CLI run in a
+    fresh-clone CI on 2026-12-07, after destroy_process_group)."""
+    return _left_group
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code`` without the interpreter's C++ teardown: flush stdio and the
+    logging handlers, then ``os._exit``. Only for a process whose work is finished and written."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said there
+            pass
+    os._exit(code)
 
 
 def _barrier() -> None:
