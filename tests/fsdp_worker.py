@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 import transformers
@@ -15,6 +14,7 @@ import transformers
 import adapterkit
 from adapterkit.core.optim import TaskAwareAdamW
 from adapterkit.engine import fsdp
+from adapterkit.engine.distributed import exit_now, shutdown_distributed
 
 ROWS, SEQ, VOCAB = 8, 12, 96
 
@@ -172,21 +172,14 @@ def main(argv=None):
         adapterkit.save_adapters(model, a.out + ".adapters", state_dict=adapters)
         torch.save({"state": state, "opt": ostate, "facts": facts, "losses": losses}, a.out)
     if a.mode == "fsdp":
-        # every rank waits for rank 0's writes before the group goes: a rank that tore its gloo
-        # group down while rank 0 was still saving aborted now and then ("terminate called
-        # without an active exception", SIGABRT, about 1 run in 3 on the 2-core CI machine)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        shutdown_distributed()  # every rank waits for rank 0's writes, then the group goes
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     main()
-    # The work is done and written; leave without the interpreter's C++ teardown. A gloo thread
-    # still joinable when static destructors run aborts the process ("terminate called without an
-    # active exception", SIGABRT), even after the barrier and destroy_process_group above: 2 of 3
-    # fresh-clone CI runs on 2026-12-07. An error in main() still exits non-zero before this.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # the work is done and written: leave as the CLI's finished ranks do, without the interpreter's
+    # C++ teardown, where gloo's threads aborted (SIGABRT) even after shutdown_distributed. An error
+    # in main() still exits non-zero before this.
+    exit_now(0)

@@ -38,6 +38,7 @@ import platform
 import random
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -152,6 +153,18 @@ def lock_output(output_dir):
         yield lock
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def run_folder(output_dir, prefix: str = "adapterkit-run-"):
+    """The folder a run writes to: ``output_dir`` when one is given, else a temporary folder that
+    is removed afterwards. No temporary folder is made when one is given: a run killed by SIGKILL
+    skips the cleanup, and every such run used to leave an empty one behind."""
+    if output_dir:
+        yield Path(output_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 def quiet_hf_progress() -> None:

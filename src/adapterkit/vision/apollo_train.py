@@ -19,7 +19,6 @@ rate at 1e-5 for that epoch.
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -180,6 +179,7 @@ def train_apollo(model: Apollo, train: tuple[torch.Tensor, torch.Tensor], tests:
     else defines the run (e.g. which projection heads), compared when a run folder is resumed.
     """
     from adapterkit.engine import Engine
+    from adapterkit.engine.engine import run_folder
 
     unknown = [k for k in (settings or {}) if k not in DEFAULT_SETTINGS]
     if unknown:
@@ -205,8 +205,7 @@ def train_apollo(model: Apollo, train: tuple[torch.Tensor, torch.Tensor], tests:
     bs = int(s["eval_batch_size"])
     if zero_shot:
         out["zero_shot"] = {name: _zero_shot(model, dom, x, y, names, bs) for name, (x, y, names) in tests.items()}
-    with tempfile.TemporaryDirectory(prefix="adapterkit-apollo-") as tmp:
-        folder = Path(output_dir) if output_dir else Path(tmp)
+    with run_folder(output_dir, prefix="adapterkit-apollo-") as folder:
         eng = Engine(dom, tc, ec, folder, name="apollo", config={"apollo": ident["apollo"], "train": s},
                      max_steps=s["max_steps"], lr=float(s["lr"]))
         res = eng.fit()

@@ -11,11 +11,9 @@ resume, validation selection on a held-out part of the training set, torchrun ru
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import math
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -136,6 +134,7 @@ def train_classifier(model: nn.Module, backbone: nn.Module, full: bool, train: t
     """Train ``model`` (logits = model(prepare(x, training))) with cross-entropy on the engine
     (its run folder: ``output_dir``, else a temporary one); return the metrics."""
     from adapterkit.engine import Engine
+    from adapterkit.engine.engine import run_folder
     from adapterkit.vision.common import learning_rate
 
     if len(train[1]) == 0:
@@ -150,11 +149,7 @@ def train_classifier(model: nn.Module, backbone: nn.Module, full: bool, train: t
     ident = {"settings": {k: v for k, v in t.items() if k not in ("eval_batch_size", "eval_each_epoch",
                                                                  "checkpoint_every")}, **(identity or {})}
     ident = _jsonable(ident)
-    # a temporary run folder only when none is given: a run killed mid-way (SIGKILL skips the
-    # cleanup) left an empty /tmp/adapterkit-run-* behind on every run, even with output_dir set
-    with (contextlib.nullcontext(str(output_dir)) if output_dir else
-          tempfile.TemporaryDirectory(prefix="adapterkit-run-")) as tmp:
-        out = Path(tmp)
+    with run_folder(output_dir) as out:
         dom = ClassifierDomain(model, backbone, full, splits, prepare, t.get("label_smoothing", 0.0), identity=ident)
         eng = Engine(dom, tc, ec, out, name="classify", config=None, max_steps=max_steps, allow_changes=allow_changes,
                      lr=lr)
