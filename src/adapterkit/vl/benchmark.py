@@ -417,7 +417,46 @@ def aggregate(runs: list[dict], n_resamples: int = 2000, seed: int = 0) -> dict:
         "test_avg": over_seeds["average"].mean,
         "caption_collapsed_seeds": [r["seed"] for r in runs if caption_collapsed(r.get("caption_check"))],
         "wall_time_s": float(np.mean([r["wall_time_s"] for r in runs])),
+        "curve_tail": curve_tail(runs),
     }
+
+
+CURVE_TAIL = 0.25  # the share of the steps at the end of training that curve_tail reads
+
+
+def curve_tail(runs: list[dict], frac: float = CURVE_TAIL) -> dict | None:
+    """How much the validation curve still moved over the last ``frac`` of the steps: per run, the
+    score at its last point minus the score at its latest point at or before step (1 - frac) * last;
+    over the runs that have a curve, the mean rise and its 95% t-interval, per task and for the
+    average. ``reading``: "rising" (the average's interval lies above 0), "falling" (below 0), else
+    "no change shown" (a flat curve and a noisy one read alike: see the interval's width). None
+    when no run has a curve of two or more points."""
+    from adapterkit.stats import t_interval
+
+    if not 0.0 < frac < 1.0:
+        raise ConfigError(f"the share of the curve's steps must be between 0 and 1, got {frac!r}")
+    rises: list[dict] = []
+    spans = set()
+    for r in runs:
+        pts = sorted(r.get("curve") or [], key=lambda c: c["step"])
+        if len(pts) < 2:
+            continue
+        last = pts[-1]
+        start = [c for c in pts[:-1] if c["step"] <= (1.0 - frac) * last["step"]]
+        first = start[-1] if start else pts[0]
+        spans.add((first["step"], last["step"]))
+        rises.append({k: float(last[k]) - float(first[k]) for k in TASKS + ["average"] if k in last and k in first})
+    if not rises:
+        return None
+    keys = [k for k in TASKS + ["average"] if all(k in x for x in rises)]
+    ivs = {k: t_interval([x[k] for x in rises]) for k in keys}
+    avg = ivs.get("average")
+    reading = ("no change shown" if avg is None or avg.low is None else
+               "rising" if avg.low > 0 else "falling" if avg.high < 0 else "no change shown")
+    lo, hi = next(iter(spans)) if len(spans) == 1 else (None, None)  # runs of other lengths: no one span
+    return {"frac": frac, "from_step": lo, "to_step": hi, "runs": len(rises), "reading": reading,
+            "rise": {k: v.mean for k, v in ivs.items()},
+            "seed_interval": {k: None if v.low is None else [v.low, v.high] for k, v in ivs.items()}}
 
 
 def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, seed: int = 0,
@@ -669,6 +708,21 @@ def compare_table(summary: dict) -> str:
                 f"{vs['tasks'][t]['difference']:+.1f}{_iv(vs['tasks'][t]['example_interval'])}"
                 + ("" if vs["tasks"][t]["seed_interval"] is None else f"; seeds{_iv(vs['tasks'][t]['seed_interval'])}")
                 + _margin_cell(vs["tasks"][t]) for t in TASKS) + " |")
+        lines.append("")
+    tails = [(p, s["curve_tail"]) for p, s in summary["presets"].items() if s.get("curve_tail")]
+    if tails:
+        spans = {(c["from_step"], c["to_step"]) for _, c in tails}
+        span = (f" (step {next(iter(spans))[0]} -> {next(iter(spans))[1]})" if len(spans) == 1 and None not in
+                next(iter(spans)) else "")
+        keys = ["average"] + TASKS
+        lines += ["", f"Validation curve over the last {100 * tails[0][1]['frac']:.0f}% of the steps{span}: the rise "
+                  "of the score, mean over the seeds with a curve [95% t-interval over them]; *rising* / *falling*: "
+                  "the average's interval lies above / below 0, else *no change shown*:", "",
+                  "| preset | seeds | " + " | ".join(keys) + " | reading |", "|---" * (len(keys) + 3) + "|"]
+        for p, c in tails:
+            lines.append(f"| {p} | {c['runs']} | " + " | ".join(
+                "-" if k not in c["rise"] else f"{c['rise'][k]:+.1f}{_iv(c['seed_interval'][k])}" for k in keys)
+                + f" | {c['reading']} |")
         lines.append("")
     lines.append("Caption check, per seed: distinct test captions / the most common one's share / the CIDEr-D that "
                  "caption alone scores given for every image (a caption score near it is the template's, not the "
