@@ -712,8 +712,8 @@ def compare_table(summary: dict) -> str:
     tails = [(p, s["curve_tail"]) for p, s in summary["presets"].items() if s.get("curve_tail")]
     if tails:
         spans = {(c["from_step"], c["to_step"]) for _, c in tails}
-        span = (f" (step {next(iter(spans))[0]} -> {next(iter(spans))[1]})" if len(spans) == 1 and None not in
-                next(iter(spans)) else "")
+        a, b = next(iter(spans)) if len(spans) == 1 else (None, None)  # presets of other lengths: no one span
+        span = "" if a is None else f" (step {a} -> {b})"
         keys = ["average"] + TASKS
         lines += ["", f"Validation curve over the last {100 * tails[0][1]['frac']:.0f}% of the steps{span}: the rise "
                   "of the score, mean over the seeds with a curve [95% t-interval over them]; *rising* / *falling*: "
