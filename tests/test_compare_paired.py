@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_compare_partial import _fake_run
 
-from adapterkit.errors import DataError
+from adapterkit.errors import ConfigError, DataError
 from adapterkit.vl import benchmark as bm
 
 
@@ -137,3 +137,52 @@ def test_each_task_is_read_against_the_margin_on_its_own():
         assert vs["tasks"][t]["margin"]["equivalence"] == "within", t
     assert vs["margin"]["equivalence"] == "within"  # -1.5 +- 0.05 on the average
     assert bm._margin_cell(vs["tasks"]["vqa"]).startswith("; ±2 outside")
+
+
+def _task_shifted(run, by: dict):
+    """`run` with each task's example scores moved by by[task] points (its score and average follow)."""
+    r = json.loads(json.dumps(run))
+    for t, d in by.items():
+        r["per_example"][t]["scores"] = [x + d for x in r["per_example"][t]["scores"]]
+        r["scores"][t] += d
+    r["scores"]["average"] = float(np.mean([r["scores"][t] for t in bm.TASKS]))
+    return r
+
+
+def test_paired_vs_over_a_subset_of_tasks(tmp_path):
+    """Averaged over vqa, gqa, nlvr only, a preset that differs by -0.6/0/+0.3 on those tasks and by
+    +-40 CIDEr-D on captions reads within +-2 over seeds; over all four tasks it does not."""
+    ref = [_fake_run("full_finetune", s, n=30) for s in range(4)]
+    caption = (40.0, -40.0, 30.0, -30.0)
+    vqa = (-0.6, -0.2, -1.0, -0.6)
+    runs = [_task_shifted({**r, "preset": "single_adapter"}, {"vqa": v, "nlvr": 0.3, "caption": c})
+            for r, v, c in zip(ref, vqa, caption)]
+    three = ["vqa", "gqa", "nlvr"]
+    sub = bm.paired_vs(runs, ref, n_resamples=300, tasks=three)
+    per_seed = [(v + 0.0 + 0.3) / 3 for v in vqa]  # the closed form of each seed's 3-task difference
+    assert sub["difference"] == pytest.approx(np.mean(per_seed))
+    from adapterkit.stats import t_interval
+
+    want = t_interval(per_seed)
+    assert sub["seed_interval"] == pytest.approx([want.low, want.high])
+    assert sub["margin"]["equivalence"] == "within" and list(sub["tasks"]) == three
+    full = bm.paired_vs(runs, ref, n_resamples=300)
+    assert full["margin"]["equivalence"] == "undetermined" and list(full["tasks"]) == bm.TASKS
+    assert bm.paired_vs(runs, ref, n_resamples=300, tasks=bm.TASKS) == full  # the default is all four
+    for bad in (["vqa", "foo"], [], ["vqa", "vqa"]):
+        with pytest.raises(ConfigError, match="choose distinct tasks among vqa, gqa, nlvr, caption"):
+            bm.paired_vs(runs, ref, tasks=bad)
+    # the script over a folder: the same reading, a table, and one clear error for a bad reference
+    # (the reference has a fifth seed the preset lacks: only the four seeds both have are paired)
+    folder = _folder(tmp_path / "c", ref + [_fake_run("full_finetune", 4, n=30)] + runs)
+    script = Path(__file__).parents[1] / "scripts" / "fashionvl_task_subset.py"
+    p = subprocess.run([sys.executable, str(script), str(folder), "--tasks", "vqa,gqa,nlvr", "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path / "out" / "task_subset.json").read_text())
+    assert res["presets"]["single_adapter"]["vs_reference"]["difference"] == pytest.approx(np.mean(per_seed))
+    assert "| single_adapter | 4 |" in p.stdout and "within (no worse)" in p.stdout
+    p = subprocess.run([sys.executable, str(script), str(folder), "--tasks", "vqa", "--reference", "nope"],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "no finished run of the reference preset 'nope'" in p.stderr
+    assert "Traceback" not in p.stderr

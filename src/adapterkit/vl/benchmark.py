@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -459,28 +460,44 @@ def curve_tail(runs: list[dict], frac: float = CURVE_TAIL) -> dict | None:
             "seed_interval": {k: None if v.low is None else [v.low, v.high] for k, v in ivs.items()}}
 
 
+def task_names(tasks: Sequence[str] | None = None) -> list[str]:
+    """The tasks an average is taken over: all four by default, else distinct names among TASKS."""
+    names = list(TASKS if tasks is None else tasks)
+    if not names or len(set(names)) != len(names) or any(t not in TASKS for t in names):
+        raise ConfigError(f"tasks to average over: {names!r}; choose distinct tasks among {', '.join(TASKS)}")
+    return names
+
+
 def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, seed: int = 0,
-              margin: float = MARGIN) -> dict:
+              margin: float = MARGIN, tasks: Sequence[str] | None = None) -> dict:
     """average(preset) - average(reference): paired bootstrap over the same test examples (seed-averaged
     scores) and, with two or more seeds, the t-interval of the per-seed differences (seeds paired by
     their number: the same data order). ``margin`` reads the average's interval against +-margin points
     (over seeds where there are two or more, else over test examples only; see `stats.margin_verdict`),
-    with the seeds an interval of this spread would need to fit inside it."""
+    with the seeds an interval of this spread would need to fit inside it. ``tasks``: the tasks the
+    average is taken over (default all four; e.g. the three answer tasks without captioning)."""
     from adapterkit.stats import bootstrap_difference, margin_verdict, seeds_for_margin, t_interval
 
-    def mean_scores(rs):
-        return {t: np.mean([r["per_example"][t]["scores"] for r in rs], axis=0) for t in TASKS}
+    names = task_names(tasks)
 
-    for t in TASKS:
+    def mean_scores(rs):
+        return {t: np.mean([r["per_example"][t]["scores"] for r in rs], axis=0) for t in names}
+
+    def score(r, k):  # a run's score on task k, or its average over the chosen tasks
+        if k != "average" or names == TASKS:
+            return r["scores"][k]
+        return float(np.mean([r["scores"][t] for t in names]))
+
+    for t in names:
         if runs[0]["per_example"][t]["uids"] != ref_runs[0]["per_example"][t]["uids"]:
             raise DataError(f"{t}: the two presets were tested on different examples; cannot pair them")
     a, b = mean_scores(runs), mean_scores(ref_runs)
     d = bootstrap_difference(a, b, n_resamples=n_resamples, seed=seed)
-    ref_by_seed = {r["seed"]: r["scores"] for r in ref_runs}
+    ref_by_seed = {r["seed"]: r for r in ref_runs}
     paired = [r for r in runs if r["seed"] in ref_by_seed]
 
     def diffs(k):
-        return [r["scores"][k] - ref_by_seed[r["seed"]][k] for r in paired]
+        return [score(r, k) - score(ref_by_seed[r["seed"]], k) for r in paired]
 
     def over_seeds(k):
         iv = t_interval(diffs(k)) if paired else None
@@ -495,15 +512,15 @@ def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, s
             verdict["seeds_needed_if_equal"] = seeds_for_margin(sd, margin)
         return verdict
 
-    tasks = {}
-    for t in TASKS:  # each task alone: where a difference of the average comes from
+    per_task = {}
+    for t in names:  # each task alone: where a difference of the average comes from
         dt = bootstrap_difference({t: a[t]}, {t: b[t]}, n_resamples=n_resamples, seed=seed)
         t_iv = over_seeds(t)
-        tasks[t] = {"difference": dt.mean, "example_interval": [dt.low, dt.high], "seed_interval": t_iv,
+        per_task[t] = {"difference": dt.mean, "example_interval": [dt.low, dt.high], "seed_interval": t_iv,
                     "margin": read_margin(t, t_iv, [dt.low, dt.high])}
     seed_iv = over_seeds("average")
     return {"difference": d.mean, "example_interval": [d.low, d.high], "seed_interval": seed_iv,
-            "seeds_paired": len(paired), "tasks": tasks, "margin": read_margin("average", seed_iv, [d.low, d.high])}
+            "seeds_paired": len(paired), "tasks": per_task, "margin": read_margin("average", seed_iv, [d.low, d.high])}
 
 
 def load_runs(folder: str | Path) -> dict[str, list[dict]]:
