@@ -19,29 +19,23 @@ from adapterkit.stats import t_interval
 from adapterkit.vl import benchmark as B
 
 
-def subset(folder, tasks: list[str], reference: str = "full_finetune", n_resamples: int = 2000,
-           margin: float = B.MARGIN) -> dict:
+def subset(folder, tasks: list[str], reference: str = "full_finetune", n_resamples: int = 2000) -> dict:
     tasks = B.task_names(tasks)
     runs = B.load_runs(folder)
     if reference not in runs:
         raise DataError(f"{folder}: no finished run of the reference preset {reference!r} "
                         f"(presets there: {', '.join(runs) or 'none'})")
-    out = {"folder": str(folder), "tasks": tasks, "reference": reference, "margin": margin, "presets": {}}
+    out = {"folder": str(folder), "tasks": tasks, "reference": reference, "margin": B.MARGIN, "presets": {}}
     for name, rs in runs.items():
-        avgs = [sum(r["scores"][t] for t in tasks) / len(tasks) for r in rs]
+        avgs = [B.task_average(r, tasks) for r in rs]
         iv = t_interval(avgs)
         row = {"seeds": [r["seed"] for r in rs], "averages": avgs, "mean": iv.mean,
                "seed_interval": None if iv.low is None else [iv.low, iv.high]}
-        ref = [r for r in runs[reference] if r["seed"] in row["seeds"]]  # the seeds both have, only
-        if name != reference and ref:
-            mine = [r for r in rs if r["seed"] in {x["seed"] for x in ref}]
-            row["vs_reference"] = B.paired_vs(mine, ref, n_resamples=n_resamples, margin=margin, tasks=tasks)
+        vs = None if name == reference else B.vs_reference(rs, runs[reference], n_resamples, tasks=tasks)
+        if vs is not None:
+            row["vs_reference"] = vs
         out["presets"][name] = row
     return out
-
-
-def _iv(iv, sign: str = "+") -> str:
-    return "-" if iv is None else f"[{iv[0]:{sign}.1f}, {iv[1]:{sign}.1f}]"
 
 
 def table(res: dict) -> str:
@@ -50,15 +44,14 @@ def table(res: dict) -> str:
              "| preset | seeds | mean [95% t over seeds] | minus reference [95% paired over test examples] | "
              "over seeds | ±2 |", "|---|---|---|---|---|---|"]
     for name, r in res["presets"].items():
-        mean = f"{r['mean']:.1f} {_iv(r['seed_interval'], '')}"
+        mean = f"{r['mean']:.1f}{B._iv(r['seed_interval'])}"
         vs = r.get("vs_reference")
         if vs is None:
             lines.append(f"| {name} | {len(r['seeds'])} | {mean} | - | - | - |")
             continue
-        m = vs["margin"]
-        verdict = m["equivalence"] + (" (no worse)" if m["non_inferiority"] == "shown" else "")
-        lines.append(f"| {name} | {len(r['seeds'])} | {mean} | {vs['difference']:+.1f} {_iv(vs['example_interval'])} "
-                     f"| {_iv(vs['seed_interval'])} ({vs['seeds_paired']} seeds) | {verdict} |")
+        lines.append(f"| {name} | {len(r['seeds'])} | {mean} | {vs['difference']:+.1f}{B._iv(vs['example_interval'])} "
+                     f"| {B._iv(vs['seed_interval']).strip() or '-'} ({vs['seeds_paired']} seeds) "
+                     f"| {B._margin_cell(vs).removeprefix('; ')} |")
     lines += ["", "±2: the interval over seeds (over test examples with one seed) read against ±2 points, as in "
               "`adapterkit compare`: within / outside / undetermined; no worse when its low end is above -2."]
     return "\n".join(lines) + "\n"

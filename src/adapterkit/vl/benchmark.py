@@ -468,6 +468,25 @@ def task_names(tasks: Sequence[str] | None = None) -> list[str]:
     return names
 
 
+def task_average(run: dict, tasks: Sequence[str] | None = None) -> float:
+    """A run's average score over `tasks` (all four: the average it recorded)."""
+    names = task_names(tasks)
+    if names == TASKS:
+        return run["scores"]["average"]
+    return float(np.mean([run["scores"][t] for t in names]))
+
+
+def vs_reference(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000,
+                 tasks: Sequence[str] | None = None) -> dict | None:
+    """`paired_vs` on the seeds both sides have (a partial compare may have more of one); None when
+    they share no seed."""
+    common = {r["seed"] for r in runs} & {r["seed"] for r in ref_runs}
+    if not common:
+        return None
+    return paired_vs([r for r in runs if r["seed"] in common], [r for r in ref_runs if r["seed"] in common],
+                     n_resamples, tasks=tasks)
+
+
 def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, seed: int = 0,
               margin: float = MARGIN, tasks: Sequence[str] | None = None) -> dict:
     """average(preset) - average(reference): paired bootstrap over the same test examples (seed-averaged
@@ -484,9 +503,7 @@ def paired_vs(runs: list[dict], ref_runs: list[dict], n_resamples: int = 2000, s
         return {t: np.mean([r["per_example"][t]["scores"] for r in rs], axis=0) for t in names}
 
     def score(r, k):  # a run's score on task k, or its average over the chosen tasks
-        if k != "average" or names == TASKS:
-            return r["scores"][k]
-        return float(np.mean([r["scores"][t] for t in names]))
+        return task_average(r, names) if k == "average" else r["scores"][k]
 
     for t in names:
         if runs[0]["per_example"][t]["uids"] != ref_runs[0]["per_example"][t]["uids"]:
@@ -1375,12 +1392,9 @@ def write_summary(out: Path, presets, seed_list, done: dict, protocol: dict, sca
         for p, rs in runs.items():
             if p == REFERENCE:
                 continue
-            ref_seeds = {r["seed"] for r in runs[REFERENCE]}
-            paired = [r for r in rs if r["seed"] in ref_seeds]
-            if paired:  # the same seeds on both sides (a partial compare may have more of one)
-                mine = {r["seed"] for r in paired}
-                summary["presets"][p]["vs_reference"] = paired_vs(
-                    paired, [r for r in runs[REFERENCE] if r["seed"] in mine], n_resamples)
+            vs = vs_reference(rs, runs[REFERENCE], n_resamples)
+            if vs is not None:
+                summary["presets"][p]["vs_reference"] = vs
     atomic_write_json(out / "compare.json", summary)
     md = compare_table(summary)
     atomic_write_text(out / "compare.md", md + "\n")
